@@ -130,8 +130,10 @@ class _Sender:
         so the client knows its copy is incomplete.  ``done`` is left to be
         cancelled when the connection is gone.
         """
+        transport = self.request.channel.transport if self.request.channel else None
         self._close()
-        self.request.channel.transport.abortConnection()
+        if transport is not None:
+            transport.abortConnection()
 
     def _release(self) -> None:
         """Undo whatever the sender registered."""
@@ -145,6 +147,7 @@ class _ChunkSender(_Sender):
     paused = False
 
     def start(self) -> Deferred:
+        self.request.write(b"")  # the headers go out now, even before any byte exists
         self.request.registerProducer(self, True)
         self._resume()
         return self.done
@@ -160,7 +163,7 @@ class _ChunkSender(_Sender):
         self._close()
 
     def _release(self) -> None:
-        if self.request.producer is self:
+        if self.request.producer is self and self.request.channel is not None:
             self.request.unregisterProducer()
 
     def _resume(self) -> None:
@@ -250,6 +253,7 @@ class _SendfileSender(_Sender):
             self.log.error("Blob file ended early at byte {pos}", pos=self.pos)
             return self._abort()
         self.pos += sent
+        self.request.sentLength += sent
         self.metrics.served_bytes.inc(sent)
         if self.pos >= self.end:
             self._finish()

@@ -16,6 +16,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.interfaces import ISSLTransport
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from regcache.auth import Credentials
@@ -29,13 +31,35 @@ from regcache.tags import TagMap
 from regcache.upstream import Timeouts, Upstream
 
 
+class Channel(HTTPChannel):
+    """
+    Answers a TLS ClientHello on a plain-HTTP port at once, as Go's server
+    does.  skopeo, podman and containerd try HTTPS first against an
+    "insecure" registry; without an answer they wait ten seconds for the
+    handshake to time out before falling back to HTTP.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16" and not ISSLTransport.providedBy(self.transport):
+                self.transport.write(
+                    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+                )
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
 class RegcacheSite(Site):
     """
     A Site whose access log is one structured event per request, and which
     counts requests into the one Metrics object.
     """
 
-    log = Logger()
+    protocol = Channel
 
     def __init__(self, resource, metrics, reactor):
         super().__init__(resource, reactor=reactor)
