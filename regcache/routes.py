@@ -11,6 +11,7 @@ import os
 
 from klein import Klein
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException
 
 from regcache import __version__, body
@@ -36,8 +37,22 @@ def merged_accept(request) -> list:
     return types
 
 
+def sized(request, body) -> bytes:
+    """
+    A small body with its Content-Length, so it is not sent chunked: some
+    clients read error bodies only from a sized response.
+    """
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    request.setHeader("Content-Length", str(len(body)))
+    return body
+
+
 class RegistryRoutes:
     app = Klein()
+    # A doubled slash must reach the name check and be refused, not be
+    # redirected by werkzeug to a path the client never asked for.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(self, mirror, policy, metrics, reactor, ready=lambda: True):
@@ -52,27 +67,27 @@ class RegistryRoutes:
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request):
         request.setHeader("Content-Type", "text/plain; charset=utf-8")
-        return f"regcache {__version__}: a pull-through registry cache. The API is under /v2/.\n"
+        return sized(request, f"regcache {__version__}: a pull-through registry cache. The API is under /v2/.\n")
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request):
         request.setHeader("Content-Type", "text/plain")
-        return b"ok\n"
+        return sized(request, b"ok\n")
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     def readyz(self, request):
         request.setHeader("Content-Type", "text/plain")
         if not self.ready():
             request.setResponseCode(503)
-            return b"not ready\n"
-        return b"ready\n"
+            return sized(request, b"not ready\n")
+        return sized(request, b"ready\n")
 
     @app.route("/metrics", methods=["GET"])
     def metrics_page(self, request):
         from regcache.metrics import CONTENT_TYPE
 
         request.setHeader("Content-Type", CONTENT_TYPE)
-        return self.metrics.render()
+        return sized(request, self.metrics.render())
 
     # The registry API
 
@@ -82,8 +97,7 @@ class RegistryRoutes:
         if request.method not in (b"GET", b"HEAD"):
             raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror")
         request.setHeader("Content-Type", "application/json")
-        request.setHeader("Content-Length", "2")
-        return b"{}"
+        return sized(request, b"{}")
 
     @app.route("/v2/<path:rest>", methods=ALL_METHODS)
     async def api(self, request, rest):
@@ -158,7 +172,7 @@ class RegistryRoutes:
         request.setHeader("Content-Type", "application/json")
         if link:
             request.responseHeaders.setRawHeaders(b"Link", link)
-        return data
+        return sized(request, data)
 
     # Errors
 
@@ -172,15 +186,22 @@ class RegistryRoutes:
         if error.code == "UNAUTHORIZED" and not request.responseHeaders.hasHeader(b"www-authenticate"):
             request.setHeader("WWW-Authenticate", 'Basic realm="regcache"')
         request.error_code = error.code
-        return error.body()
+        return sized(request, error.body())
 
     @app.handle_errors(HTTPException)
     def http_error(self, request, failure):
+        """
+        What the router itself refused.  Under /v2/ every well-formed path
+        routes, so an unrouted one is a malformed name (``//etc/passwd``).
+        """
         code = failure.value.code
-        request.setResponseCode(code)
-        request.setHeader("Content-Type", "application/json")
-        oci = "UNSUPPORTED" if code == 405 else "NAME_UNKNOWN"
-        return json.dumps({"errors": [{"code": oci, "message": failure.value.description or ""}]}).encode()
+        if code == 405:
+            error = RegistryError("UNSUPPORTED", "method not supported")
+        elif request.path.startswith(b"/v2/"):
+            error = RegistryError("NAME_INVALID", "not a valid registry path")
+        else:
+            error = RegistryError("NAME_UNKNOWN", "not found", status=code)
+        return self.registry_error(request, Failure(error))
 
     @app.handle_errors(Exception)
     def unexpected(self, request, failure):
@@ -188,4 +209,4 @@ class RegistryRoutes:
                          method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
         request.setResponseCode(500)
         request.setHeader("Content-Type", "application/json")
-        return json.dumps({"errors": [{"code": "UNKNOWN", "message": "internal error"}]}).encode()
+        return sized(request, json.dumps({"errors": [{"code": "UNKNOWN", "message": "internal error"}]}))
