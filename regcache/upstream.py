@@ -334,6 +334,7 @@ class Upstream:
         return response, authorization
 
     async def _send(self, method: str, url: str, headers: Headers, kind: str):
+        started = self.clock.seconds()
         try:
             d = self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
             response = await d.addTimeout(self.timeouts.header, self.clock)
@@ -345,8 +346,10 @@ class Upstream:
             raise UpstreamError(f"{method} {kind}: {e.__class__.__name__}: {e}") from None
         self._count(method, kind, str(response.code))
         self.metrics.observe_ratelimit(self.key, response.headers, self.clock.seconds())
-        self.log.debug(
-            "upstream {method} {url} {code}", method=method, url=url, code=response.code, kind=kind
+        self.log.info(
+            "upstream {method} {url} {status} in {took:.3f}s",
+            method=method, url=url.split("?")[0], status=response.code, kind=kind,
+            took=self.clock.seconds() - started, upstream=self.key, event="upstream",
         )
         return response
 
