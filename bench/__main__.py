@@ -1,0 +1,303 @@
+"""
+``python -m bench`` (or ``bench/run``): the whole side-by-side comparison of
+regcache with distribution's proxy (the reference) and nginx, in one run.
+
+Everything runs on this machine, on 127.0.0.1: a token-auth upstream behind
+a switch, the two mirrors against it, nginx serving the same blob file.  Each
+measurement is repeated and its median kept; mirrors take turns inside each
+repetition, so a slow moment of the machine hits both and the ratios stay
+honest.  Results go to ``bench/results/`` as JSON and markdown, and the
+table is printed.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+
+from bench import images as image_builder
+from bench import measure, report, servers
+
+MIRRORS = ("regcache", "reference")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.reps = args.reps
+        self.dir = os.path.join(args.workdir, "run")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        self.upstream = None
+        self.warm = {}  # label -> the long-lived Mirror of the warm phases
+        self.instances = []
+        self.r = {"meta": {}, "direct": {}, "nginx": {}, "regcache": {}, "reference": {}}
+        self.n = 0
+
+    # Helpers
+
+    def storage(self, label: str) -> str:
+        self.n += 1
+        return os.path.join(self.dir, f"{label}-{self.n}")
+
+    def start(self, label: str, **options):
+        cls = servers.Regcache if label == "regcache" else servers.Reference
+        m = cls(label, self.dir, self.upstream.url).start(self.storage(label), **options)
+        self.instances.append(m)
+        return m
+
+    def retire(self, m, keep_storage: bool = False) -> dict:
+        usage = m.stop()
+        self.r[m.label].setdefault("instances", []).append(usage)
+        if not keep_storage and not self.args.keep:
+            shutil.rmtree(m.storage, ignore_errors=True)
+        return usage
+
+    def add(self, where: dict, key: str, value) -> None:
+        where.setdefault(key, []).append(value)
+
+    def attempt(self, what: str, f, *args, **kw):
+        """Run one measurement; a failure is recorded, not fatal."""
+        try:
+            return f(*args, **kw)
+        except Exception as e:
+            log(f"  {what} failed: {e}")
+            self.r["meta"].setdefault("failures", []).append(f"{what}: {e}")
+            return None
+
+    # Phases
+
+    def setup(self) -> None:
+        t = time.monotonic()
+        self.images = image_builder.build(self.args.workdir, self.args.large_mib)
+        self.large = self.images["large"]
+        self.large_layer = self.large.layers[0]
+        log(f"images ready in {time.monotonic() - t:.1f}s; starting the upstream")
+        self.upstream = servers.Upstream(self.dir).start()
+        for image in self.images.values():
+            servers.push(self.upstream, image)
+        self.r["meta"].update({
+            "large_mib": self.args.large_mib, "reps": self.reps, "duration_s": self.args.duration,
+            "connections": self.args.connections, "clients": self.args.clients, "cores": os.cpu_count(),
+            "images": {k: {"digest": v.digest, "bytes": v.size} for k, v in self.images.items()},
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        })
+        log(f"upstream ready with 4 images in {time.monotonic() - t:.1f}s")
+
+    def pulls(self) -> None:
+        """Cold then warm pull of every image, and a direct pull from the upstream for scale."""
+        for rep in range(self.reps):
+            log(f"pulls, repetition {rep + 1}/{self.reps}")
+            d = self.r["direct"].setdefault("pull", {})
+            for name, image in self.images.items():
+                self.add(d, name, self.attempt(f"direct pull {name}", measure.pull, self.upstream.host, image))
+            for label in MIRRORS:
+                m = self.start(label)
+                cold = self.r[label].setdefault("cold", {})
+                warm = self.r[label].setdefault("warm", {})
+                since = self.upstream.log_offset()
+                for name, image in self.images.items():
+                    self.add(cold, name, self.attempt(f"{label} cold {name}", measure.pull, m.host, image))
+                    if name == "large":
+                        time.sleep(0.5)  # let the upstream's log catch up
+                        self.add(self.r[label], "single_serves",
+                                 self.upstream.blob_serves(self.large_layer["digest"], since)["gets"])
+                    self.add(warm, name, self.attempt(f"{label} warm {name}", measure.pull, m.host, image))
+                if rep == self.reps - 1:
+                    self.warm[label] = m  # kept running for the warm phases
+                else:
+                    self.retire(m)
+
+    def concurrent(self) -> None:
+        """8 cold pulls of the large image at once, on a fresh mirror each time."""
+        for rep in range(self.reps):
+            log(f"8 concurrent cold pulls, repetition {rep + 1}/{self.reps}")
+            for label in MIRRORS:
+                m = self.start(label)
+                since = self.upstream.log_offset()
+                c = self.r[label].setdefault("concurrent", {})
+                self.add(c, "wall", self.attempt(f"{label} 8 concurrent", measure.concurrent_pulls,
+                                                 m.host, self.large, self.args.clients))
+                serves = self._settled_serves(since)
+                self.add(c, "gets", serves["gets"])
+                self.add(c, "amplification_bytes", serves["bytes"] / self.large_layer["size"])
+                usage = self.retire(m)
+                self.add(c, "rss_mib", usage.get("rss_mib"))
+                self.add(c, "cpu_s", usage.get("cpu_s"))
+
+    def _settled_serves(self, since: int) -> dict:
+        """Upstream serves of the large blob, once the count stops moving (fills may lag clients)."""
+        last, deadline = None, time.monotonic() + 15
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            now = self.upstream.blob_serves(self.large_layer["digest"], since)
+            if now == last:
+                break
+            last = now
+        return now
+
+    def throughput(self) -> None:
+        """Warm blob throughput, 1 and 8 curl streams, for both mirrors and nginx."""
+        blob = self.large_layer
+        path = f"/v2/{self.large.name}/blobs/{blob['digest']}"
+        nginx = servers.Nginx(self.dir, servers._blob_file(self.upstream.storage, blob["digest"])).start()
+        targets = {"nginx": nginx.url}
+        targets.update({label: self.warm[label].url + path for label in MIRRORS})
+        try:
+            for rep in range(self.reps):
+                log(f"warm blob throughput, repetition {rep + 1}/{self.reps}")
+                for label, url in targets.items():
+                    before = self._usage(label)
+                    for n in (1, self.args.clients):
+                        got = self.attempt(f"{label} {n} streams", measure.streams, url, n, blob["size"])
+                        self.add(self.r[label], f"stream{n}", got)
+                    self._add_cpu(label, "cpu_streams", before)
+        finally:
+            nginx.stop()
+
+    def manifests(self) -> None:
+        """Requests/s and p99 of cached manifest GET and HEAD, by digest and by tag."""
+        secs, conns = self.args.duration, self.args.connections
+        for rep in range(self.reps):
+            log(f"manifest load, repetition {rep + 1}/{self.reps}")
+            for label in MIRRORS:
+                m = self.warm[label]
+                image = self.images["small"]
+                before = self._usage(label)
+                for by, ref in (("digest", image.digest), ("tag", image.tag)):
+                    url = f"{m.url}/v2/{image.name}/manifests/{ref}"
+                    # One request first: the tag's check (and the cache's
+                    # entry for this Accept list) happens outside the load.
+                    self.attempt(f"{label} warm-up {by}", measure.get, url)
+                    load = self.r[label].setdefault("manifest", {})
+                    self.add(load, f"get_{by}", self.attempt(f"{label} GET by {by}", measure.wrk, url, secs, conns))
+                    self.add(load, f"head_{by}", self.attempt(f"{label} HEAD by {by}", measure.ab_head, url, secs, conns))
+                self._add_cpu(label, "cpu_manifests", before)
+
+    def outage(self) -> None:
+        """
+        A cached tag pull while the upstream is stopped (refused) and
+        black-holed, inside and outside regcache's revalidation window.
+        regcache restarts on its warm storage with a short window
+        (``--tag-ttl``), so "outside" comes within seconds.
+        """
+        ttl = self.args.outage_ttl
+        old = self.warm["regcache"]
+        self.retire(old, keep_storage=True)
+        m = servers.Regcache("regcache", self.dir, self.upstream.url)
+        m.start(old.storage, tag_ttl=f"{ttl}s")
+        self.instances.append(m)
+        self.warm["regcache"] = m
+        small = self.images["small"]
+        for label in MIRRORS:
+            m = self.warm[label]
+            out = self.r[label].setdefault("outage", {})
+            for mode in ("refuse", "blackhole"):
+                log(f"{label}: cached tag pull with the upstream {mode}")
+                self.upstream.switch("forward")
+                if label == "regcache":
+                    time.sleep(ttl + 0.5)  # so the next pull revalidates: the window starts now
+                self.attempt(f"{label} pull before {mode}", measure.pull, m.host, small)
+                checked = time.monotonic()
+                self.upstream.switch(mode)
+                out[f"{mode}_inside"] = self._timed_pull(m, small)
+                if label == "regcache":
+                    time.sleep(max(checked + ttl + 0.5 - time.monotonic(), 0))
+                    out[f"{mode}_outside"] = self._timed_pull(m, small)
+                else:
+                    out[f"{mode}_outside"] = out[f"{mode}_inside"]  # no window: every tag pull goes upstream
+            self.upstream.switch("forward")
+        self.r["meta"]["outage_tag_ttl_s"] = ttl
+        self.r["meta"]["regcache_header_timeout_s"] = 10.0
+
+    def _timed_pull(self, m, image) -> dict:
+        t = time.monotonic()
+        try:
+            measure.pull(m.host, image, timeout=60, name="outage")
+            return {"seconds": time.monotonic() - t, "ok": True}
+        except measure.PullFailed as e:
+            return {"seconds": time.monotonic() - t, "ok": False, "error": str(e)[:200]}
+
+    def _usage(self, label: str) -> dict:
+        if label == "nginx":
+            return {}
+        return self.warm[label].process.usage()
+
+    def _add_cpu(self, label: str, key: str, before: dict) -> None:
+        if label != "nginx":
+            self.add(self.r[label], key, self._usage(label)["cpu_s"] - before["cpu_s"])
+
+    def finish(self) -> None:
+        for label in MIRRORS:
+            if label in self.warm:
+                self.r[label]["warm_instance"] = self.warm[label].process.usage()
+                self.retire(self.warm[label])
+        self.r["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def cleanup(self) -> None:
+        for m in self.instances:
+            if m.process is not None:
+                m.process.stop()
+        if self.upstream is not None:
+            self.upstream.stop()
+        shutil.rmtree(measure.SCRATCH, ignore_errors=True)
+        if not self.args.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (median kept)")
+    p.add_argument("--large-mib", type=int, default=512, help="size of the large image's layer")
+    p.add_argument("--duration", type=int, default=3, help="seconds of each manifest load")
+    p.add_argument("--connections", type=int, default=32, help="connections of each manifest load")
+    p.add_argument("--clients", type=int, default=8, help="concurrent pulls and streams")
+    p.add_argument("--outage-ttl", type=float, default=5, help="regcache --tag-ttl in the outage phase")
+    p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
+    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
+    p.add_argument("--phases", default="pulls,concurrent,throughput,manifests,outage")
+    args = p.parse_args(argv)
+    phases = args.phases.split(",")
+    run = Run(args)
+    started = time.monotonic()
+    try:
+        run.setup()
+        for phase in ("pulls", "concurrent", "throughput", "manifests", "outage"):
+            if phase in phases:
+                if phase in ("throughput", "manifests", "outage") and not run.warm:
+                    run.warm = {label: run.start(label) for label in MIRRORS}
+                    for label, m in run.warm.items():
+                        for image in run.images.values():
+                            measure.pull(m.host, image, full_hash=False)
+                getattr(run, phase)()
+        run.finish()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        run.cleanup()
+    run.r["meta"]["wall_s"] = time.monotonic() - started
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "latest.json"), "w") as f:
+        json.dump(run.r, f, indent=1)
+    table = report.markdown(run.r)
+    with open(os.path.join(args.results, "latest.md"), "w") as f:
+        f.write(table)
+    print(table)
+    log(f"done in {run.r['meta']['wall_s']:.0f}s; results in {args.results}/latest.json and latest.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""
+The bench's results as markdown: the issue's targets, each a ratio of two
+medians from the same run marked met or not met, then every figure measured.
+"""
+
+from typing import List, Optional
+
+from bench.measure import median
+
+GB = 1e9
+
+
+def _m(values) -> Optional[float]:
+    return median([v for v in values or [] if v is not None])
+
+
+def _stream(r: dict, n: int) -> Optional[float]:
+    return _m([s["sum"] for s in r.get(f"stream{n}", []) if s])
+
+
+def _load(r: dict, key: str, field: str = "rps") -> Optional[float]:
+    return _m([x[field] for x in r.get("manifest", {}).get(key, []) if x])
+
+
+def _ratio(a, b) -> Optional[float]:
+    if a is None or b in (None, 0):
+        return None
+    return a / b
+
+
+def _peak_rss(r: dict) -> Optional[float]:
+    values = [u.get("rss_mib") for u in r.get("instances", [])]
+    values.append((r.get("warm_instance") or {}).get("rss_mib"))
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def targets(res: dict) -> List[dict]:
+    """Every target of the issue: value, what it is compared with, ratio, met."""
+    rc, ref, direct, nginx = res["regcache"], res["reference"], res["direct"], res["nginx"]
+    rows = []
+
+    def row(figure, target, ratio, ok, detail):
+        rows.append({"figure": figure, "target": target, "ratio": ratio,
+                     "met": None if ratio is None and ok is None else bool(ok), "detail": detail})
+
+    conc = rc.get("concurrent", {})
+    gets, ref_gets = _m(conc.get("gets")), _m(ref.get("concurrent", {}).get("gets"))
+    row("amplification, 8 concurrent cold pulls", "1.0 (reference: 9)", gets,
+        gets is not None and gets <= 1.0,
+        f"upstream served the blob {_fmt(gets)}× to regcache, {_fmt(ref_gets)}× to the reference")
+
+    wall, ref_wall = _m(conc.get("wall")), _m(ref.get("concurrent", {}).get("wall"))
+    r = _ratio(wall, ref_wall)
+    row("8-concurrent cold wall time", "≤ 0.5× reference", r, r is not None and r <= 0.5,
+        f"{_fmt(wall)} s vs {_fmt(ref_wall)} s")
+
+    cold, dpull = _m(rc.get("cold", {}).get("large")), _m(direct.get("pull", {}).get("large"))
+    r = _ratio(cold, dpull)
+    row("cold pull of the large image, 1 client", "≤ 1.05× direct from upstream", r,
+        r is not None and r <= 1.05, f"{_fmt(cold)} s vs {_fmt(dpull)} s direct")
+
+    s8, ref8, ng8 = _stream(rc, 8), _stream(ref, 8), _stream(nginx, 8)
+    r1, r2 = _ratio(s8, ref8), _ratio(s8, ng8)
+    row("warm 8-stream throughput vs reference", "≥ 1.0×", r1, r1 is not None and r1 >= 1.0,
+        f"{_gb(s8)} vs {_gb(ref8)} GB/s")
+    row("warm 8-stream throughput vs nginx", "≥ 0.9×", r2, r2 is not None and r2 >= 0.9,
+        f"{_gb(s8)} vs {_gb(ng8)} GB/s")
+
+    s1, ng1 = _stream(rc, 1), _stream(nginx, 1)
+    r = _ratio(s1, ng1)
+    row("warm 1-stream throughput vs nginx", "≥ 0.9×", r, r is not None and r >= 0.9,
+        f"{_gb(s1)} vs {_gb(ng1)} GB/s (reference {_gb(_stream(ref, 1))})")
+
+    for key, label, goal in (("get_digest", "GET by digest", 2), ("head_digest", "HEAD by digest", 2),
+                             ("get_tag", "GET by tag (in window)", 5), ("head_tag", "HEAD by tag (in window)", 5)):
+        a, b = _load(rc, key), _load(ref, key)
+        r = _ratio(a, b)
+        row(f"cached manifest {label}, req/s", f"≥ {goal}× reference", r, r is not None and r >= goal,
+            f"{_fmt(a, 0)} vs {_fmt(b, 0)} req/s; p99 {_fmt(_load(rc, key, 'p99_ms'))} vs "
+            f"{_fmt(_load(ref, key, 'p99_ms'))} ms")
+
+    a, b = _peak_rss(rc), _peak_rss(ref)
+    r = _ratio(a, b)
+    row("peak RSS", "≤ 1.0× reference", r, r is not None and r <= 1.0, f"{_fmt(a, 0)} vs {_fmt(b, 0)} MiB")
+
+    out, ref_out = rc.get("outage", {}), ref.get("outage", {})
+    timeout = res["meta"].get("regcache_header_timeout_s", 10.0)
+    for mode, name in (("blackhole", "black-holed"), ("refuse", "stopped")):
+        inside, outside = out.get(f"{mode}_inside"), out.get(f"{mode}_outside")
+        theirs = ref_out.get(f"{mode}_inside")
+        ref_text = _outcome(theirs)
+        if inside:
+            row(f"cached tag pull, upstream {name}, inside window", "≤ 1 s", None,
+                inside["ok"] and inside["seconds"] <= 1.0, f"{_outcome(inside)}; reference {ref_text}")
+        if outside:
+            row(f"cached tag pull, upstream {name}, outside window", f"≤ {timeout + 0.1:g} s", None,
+                outside["ok"] and outside["seconds"] <= timeout + 0.1, f"{_outcome(outside)}; reference {ref_text}")
+    return rows
+
+
+def _outcome(o: Optional[dict]) -> str:
+    if not o:
+        return "not measured"
+    return f"{o['seconds']:.2f} s, " + ("ok" if o["ok"] else "failed")
+
+
+def _fmt(v, digits=2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _gb(v) -> str:
+    return "–" if v is None else f"{v / GB:.2f}"
+
+
+def markdown(res: dict) -> str:
+    meta = res["meta"]
+    lines = [
+        f"Run of {meta.get('started', '?')}: {meta.get('reps')} repetitions (medians), "
+        f"large layer {meta.get('large_mib')} MiB, {meta.get('cores')} cores, "
+        f"{meta.get('wall_s', 0):.0f} s in all.",
+        "",
+        "| figure | target | ratio | met | measured (regcache vs other) |",
+        "|---|---|---|---|---|",
+    ]
+    for t in targets(res):
+        met = "–" if t["met"] is None else ("**met**" if t["met"] else "not met")
+        lines.append(f"| {t['figure']} | {t['target']} | {_fmt(t['ratio'])} | {met} | {t['detail']} |")
+    lines += ["", "All figures (medians):", "",
+              "| measurement | regcache | reference | direct / nginx |", "|---|---|---|---|"]
+    rc, ref = res["regcache"], res["reference"]
+    for name in ("small", "medium", "large", "multi"):
+        lines.append(f"| cold pull {name} (s) | {_fmt(_m(rc.get('cold', {}).get(name)))} | "
+                     f"{_fmt(_m(ref.get('cold', {}).get(name)))} | {_fmt(_m(res['direct'].get('pull', {}).get(name)))} |")
+    for name in ("small", "medium", "large", "multi"):
+        lines.append(f"| warm pull {name} (s) | {_fmt(_m(rc.get('warm', {}).get(name)))} | "
+                     f"{_fmt(_m(ref.get('warm', {}).get(name)))} | |")
+    lines.append(f"| upstream serves of the large blob, 1 cold pull | {_fmt(_m(rc.get('single_serves')), 0)} | "
+                 f"{_fmt(_m(ref.get('single_serves')), 0)} | |")
+    for key, label, digits in (("wall", "8 concurrent cold pulls, wall (s)", 2),
+                               ("gets", "8 concurrent: upstream serves of the blob", 0),
+                               ("amplification_bytes", "8 concurrent: upstream bytes / blob size", 2),
+                               ("rss_mib", "8 concurrent: peak RSS (MiB)", 0),
+                               ("cpu_s", "8 concurrent: CPU seconds of the mirror", 1)):
+        lines.append(f"| {label} | {_fmt(_m(rc.get('concurrent', {}).get(key)), digits)} | "
+                     f"{_fmt(_m(ref.get('concurrent', {}).get(key)), digits)} | |")
+    for n in (1, meta.get("clients", 8)):
+        lines.append(f"| warm blob, {n} stream(s), GB/s (sum) | {_gb(_stream(rc, n))} | {_gb(_stream(ref, n))} | "
+                     f"{_gb(_stream(res['nginx'], n))} |")
+    lines.append(f"| CPU seconds per throughput repetition | {_fmt(_m(rc.get('cpu_streams')), 1)} | "
+                 f"{_fmt(_m(ref.get('cpu_streams')), 1)} | |")
+    for key in ("get_digest", "head_digest", "get_tag", "head_tag"):
+        lines.append(f"| manifest {key.replace('_', ' by ')}: req/s, p99 ms, errors | "
+                     f"{_fmt(_load(rc, key), 0)}, {_fmt(_load(rc, key, 'p99_ms'), 1)}, {_fmt(_load(rc, key, 'errors'), 0)} | "
+                     f"{_fmt(_load(ref, key), 0)}, {_fmt(_load(ref, key, 'p99_ms'), 1)}, {_fmt(_load(ref, key, 'errors'), 0)} | |")
+    lines.append(f"| CPU seconds per manifest-load repetition | {_fmt(_m(rc.get('cpu_manifests')), 1)} | "
+                 f"{_fmt(_m(ref.get('cpu_manifests')), 1)} | |")
+    lines.append(f"| peak RSS of any instance (MiB) | {_fmt(_peak_rss(rc), 0)} | {_fmt(_peak_rss(ref), 0)} | |")
+    for key in ("refuse_inside", "refuse_outside", "blackhole_inside", "blackhole_outside"):
+        lines.append(f"| tag pull, upstream {key.replace('_', ', ')} window | "
+                     f"{_outcome(rc.get('outage', {}).get(key))} | {_outcome(ref.get('outage', {}).get(key))} | |")
+    failures = meta.get("failures")
+    if failures:
+        lines += ["", "Failures:", ""] + [f"- {f}" for f in failures]
+    return "\n".join(lines) + "\n"
