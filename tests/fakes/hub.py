@@ -220,10 +220,12 @@ def _iso(seconds: float) -> str:
 
 class _Sender:
     """
-    Streams ``length`` bytes of an open file to a request as a pull producer,
-    shaped by a fault.  ``done`` fires when the response may be finished; it
-    never fires when the fault cuts or stalls the connection (Klein cancels
-    it when the client goes away).
+    Streams ``length`` bytes of an open file to a request as a push producer
+    (the transport pauses it when its buffer fills), shaped by a fault.
+    ``done`` fires when the response may be finished; it never fires when the
+    fault cuts or stalls the connection (Klein cancels it when the client
+    goes away).  A push producer, because Twisted runs pull producers through
+    the global cooperator, which never turns under StubTreq.
     """
 
     def __init__(self, request, f, length: int, fault: Optional[Fault], clock: IReactorTime, on_bytes):
@@ -238,24 +240,42 @@ class _Sender:
             self.limit = min(length, fault.after if fault.after is not None else length // 2)
         self.chunk = fault.chunk if self.kind == "drip" else CHUNK
         self.sent = 0
-        self.stopped = False
+        self.paused = False
+        self.finished = False
         self.timer = None
         self.done: Deferred = Deferred(lambda d: self.stopProducing())
 
     def start(self) -> Deferred:
-        if self.kind == "drip":
-            self._drip()
-        else:
-            self.request.registerProducer(self, False)
+        self.request.registerProducer(self, True)
+        self.resumeProducing()
         return self.done
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.kind == "drip":
+            if self.timer is None and not self.finished:
+                self._drip()
+            return
+        while not self.paused and not self.finished:
+            self._send_one()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.finished = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.f.close()
 
     def _drip(self) -> None:
         self.timer = None
-        if not self.stopped and self._send_one():
-            self.timer = self.clock.callLater(self.fault.interval, self._drip)
+        if not self.finished and not self.paused:
+            self._send_one()
+            if not self.finished:
+                self.timer = self.clock.callLater(self.fault.interval, self._drip)
 
-    def _send_one(self) -> bool:
-        """Write one chunk; False once the body (or its cut-off part) is out."""
+    def _send_one(self) -> None:
         want = min(self.chunk, self.limit - self.sent)
         data = self.f.read(want) if want > 0 else b""
         if data:
@@ -266,28 +286,14 @@ class _Sender:
             self.request.write(data)
         if self.sent >= self.limit or not data:
             self._end()
-            return False
-        return True
-
-    def resumeProducing(self) -> None:
-        if not self.stopped:
-            self._send_one()
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.f.close()
 
     def _end(self) -> None:
-        self.stopped = True
+        self.finished = True
         self.f.close()
-        if self.kind != "drip":
-            self.request.unregisterProducer()
+        self.request.unregisterProducer()
         transport = self.request.channel.transport if self.request.channel else None
+        if transport is None:
+            return
         if self.kind == "reset":
             self._abort(transport)
         elif self.kind == "short":
