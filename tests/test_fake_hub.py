@@ -1,8 +1,7 @@
+# -*- test-case-name: tests.test_fake_hub -*-
 """
 The fixtures every other test trusts: the images are real and stable, and the
 fake Hub answers the way Docker Hub does (PROTOCOL.md §2, §3, §6).
-
-test-case-name: tests.test_fake_hub
 """
 
 import hashlib
@@ -25,8 +24,8 @@ from twisted.web.http_headers import Headers
 
 from tests.fakes import images as img
 from tests.fakes.hub import FakeHub, accepted_types
-from tests.fakes.images import (DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, MiB, export_dir,
-                                moved_images, sha256_file, standard_images)
+from tests.fakes.images import (DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, export_dir,
+                                export_oci_layout, moved_images, sha256_file, standard_images)
 
 SIZES = dict(large_size=256 * 1024, small_size=64 * 1024, multi_sizes=(16 * 1024,) * 6)
 ALL_TYPES = [DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX]
@@ -61,7 +60,8 @@ class ImagesTests(SynchronousTestCase):
         reuses the files instead of rewriting them.
         """
         a = standard_images(images_dir(), **SIZES)
-        other = Path(self.mktemp())
+        other = Path(tempfile.mkdtemp(prefix="fake-hub-images-"))
+        self.addCleanup(shutil.rmtree, other, True)
         b = standard_images(other, **SIZES)
         self.assertEqual({k: v.digest for k, v in a.items()}, {k: v.digest for k, v in b.items()})
         layer = b["library/small:1"].layers[0].path
@@ -551,6 +551,22 @@ def test_skopeo_copies_from_fake(hub_process, tmp_path):
     assert sorted(stats["cdn_blob_gets"].values()) == [1, 1]
 
 
+def test_fault_over_http(hub_process):
+    """The subprocess takes faults on its control port: one 503, then normal service."""
+    hub_process.reset()
+    token = json.load(urllib.request.urlopen(
+        hub_process.auth_url + "/token?service=registry.docker.io&scope=repository:library/small:pull"))["token"]
+    request = urllib.request.Request(hub_process.registry_url + "/v2/library/small/manifests/1",
+                                     headers={"Authorization": "Bearer " + token, "Accept": DOCKER_MANIFEST})
+    hub_process.fault("status", scope="manifests", status=503, times=1)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    assert e.value.code == 503
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Docker-Content-Digest"] == hub_process.images["library/small:1"]
+    assert hub_process.stats()["manifest_gets"] == {"library/small": 2}
+
+
 @needs_tools
 def test_down_and_up(hub_process):
     """'down' refuses connections on the registry port; 'up' serves again on the same port."""
@@ -582,6 +598,12 @@ def test_real_registry_round_trip(tmp_path):
             registry.push_dir(export_dir(image, tmp_path / name.replace("/", "_")), name)
             raw = registry.inspect_raw(name)
             assert "sha256:" + hashlib.sha256(raw).hexdigest() == image.digest
+        multi = images["library/multi:1"]
+        layout = export_oci_layout(multi, tmp_path / "multi-layout")
+        subprocess.run(["skopeo", "copy", "-q", "--preserve-digests", "--dest-tls-verify=false",
+                        f"oci:{layout}:1", f"docker://{registry.host}/library/multi:1"], check=True, timeout=60)
+        raw = registry.inspect_raw("library/multi:1")
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == multi.digest
 
 
 @needs_tools

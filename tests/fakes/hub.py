@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fake_hub -*-
 """
 A fake Docker Hub: registry, token realm and blob CDN in one Klein app.
 
@@ -429,6 +430,7 @@ class FakeHub:
     def fault(self, kind: str, scope: str = "all", **params: Any) -> Fault:
         f = Fault(kind, scope, **params)
         self.faults.append(f)
+        self.log.info("fault set: {fault}", fault=asdict(f))
         return f
 
     def clear_faults(self) -> None:
@@ -580,7 +582,9 @@ class FakeHub:
         else:
             self._stats.bump("manifest_heads", repo)
             self._stats.bump("manifest_heads_by_ref", ref_key)
-        fault = self._take_fault("manifests", request.path.decode("latin-1"))
+        # A HEAD has no body to spoil, so it must not use up a body fault.
+        kinds = KINDS if get else ("status", "hang")
+        fault = self._take_fault("manifests", request.path.decode("latin-1"), kinds)
         if fault is not None and fault.kind == "status":
             return self._status_fault(request, fault)
         if fault is not None and fault.kind == "hang":

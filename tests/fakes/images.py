@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fake_hub -*-
 """
 Deterministic test images: real, unpackable images whose bytes never change.
 
@@ -403,7 +404,9 @@ def export_dir(image: Image, dest: Path) -> Path:
 def export_oci_layout(image: Image, dest: Path) -> Path:
     """
     Write ``image`` as an OCI image layout, tagged ``image.tag``; use it as
-    ``oci:DEST:TAG``.
+    ``oci:DEST:TAG``.  skopeo 1.9 only finds OCI-typed manifests in a layout
+    ("no descriptor found for reference"), so export Docker images with
+    ``export_dir`` for skopeo.
     """
     dest = Path(dest)
     blobs = dest / "blobs" / "sha256"

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fake_hub -*-
 """
 A real registry (Debian's ``docker-registry``, i.e. distribution 2.8) as a
 subprocess, for tests and benchmarks that want a real upstream or a reference

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fake_hub -*-
 """
 The fake Docker Hub as a subprocess, and a stdlib-only handle on it.
 
