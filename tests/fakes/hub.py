@@ -21,7 +21,7 @@ matches none is matched by its local port, then refused with 404.
 In memory::
 
     hub = FakeHub(images.values(), clock=task.Clock())
-    treq = StubTreq(hub.app.resource())
+    treq = StubTreq(hub.resource())
     treq.get(hub.registry_url + "/v2/")            # http://registry.fake/v2/
 
 On loopback, ``LoopbackHub(hub, reactor).start()`` listens on four ephemeral
@@ -34,6 +34,14 @@ with HTTP Basic; ``POST /token`` takes the OAuth2 password and refresh_token
 grants that containerd tries first.  Anonymous tokens grant pull on public
 repos; a user's token also grants that user's private repos.  Tokens expire
 ``token_ttl`` seconds after issue on the injected clock.
+
+**Details a mirror may trip on.**  Manifests by digest are served as stored
+whatever the Accept (Accept only steers tag lookups).  ``If-None-Match`` with
+the Etag gets a 304.  CDN URLs are signed and expire ``cdn_url_ttl`` seconds
+(default 1200) after the redirect: later, the CDN answers 403.  The CDN sends
+no ``Docker-Content-Digest``, like Hub's.  On loopback, a TLS ClientHello on
+any port gets Go's "HTTP request to an HTTPS server" 400 at once, so clients
+that try https first fall back to http without a 10 s handshake timeout.
 
 **Faults** (``FakeHub.fault`` or ``POST /_fake/fault``), each with a ``scope``
 of ``manifests`` (registry manifest GET/HEAD), ``blobs`` (CDN GETs), ``token``
@@ -75,6 +83,7 @@ until cleared).  Kinds:
 **Stats** (``FakeHub.stats()``; per-key dicts are keyed by repo or digest)::
 
     {"pings": n, "token_requests": n, "tokens_issued": n, "unauthorized": n,
+     "token_scopes": {"repository:library/small:pull": n},
      "manifest_gets": {repo: n}, "manifest_gets_total": n,
      "manifest_gets_by_ref": {"repo:tag" or "repo@digest": n},
      "manifest_heads": {repo: n}, "manifest_heads_total": n,
@@ -182,7 +191,8 @@ class _Stats:
                      "cdn_bytes_sent", "cdn_authorization"):
             out[name] = self.counters[name]
         for name in ("manifest_gets", "manifest_gets_by_ref", "manifest_heads", "manifest_heads_by_ref",
-                     "registry_blob_gets", "registry_blob_heads", "cdn_blob_gets", "cdn_range_gets"):
+                     "registry_blob_gets", "registry_blob_heads", "cdn_blob_gets", "cdn_range_gets",
+                     "token_scopes"):
             out[name] = dict(self.by.get(name, {}))
         for name in ("manifest_gets", "manifest_heads", "registry_blob_gets", "cdn_blob_gets"):
             out[name + "_total"] = self.counters[name + "_total"]
@@ -457,6 +467,10 @@ class FakeHub:
                 return f
         return None
 
+    def resource(self):
+        """The Klein resource: for StubTreq, RequestTraversalAgent or a Site."""
+        return self.app.resource()
+
     # -- URLs --------------------------------------------------------------
 
     def url(self, role: str) -> str:
@@ -726,7 +740,10 @@ class FakeHub:
             if self.users.get(name) != password or not name:
                 return _json(request, 401, {"details": "incorrect username or password"})
             user = name
-        token, _ = self._grant(user, self._scopes(request.args.get(b"scope", [])))
+        scopes = self._scopes(request.args.get(b"scope", []))
+        for scope in scopes:
+            self._stats.bump("token_scopes", scope)
+        token, _ = self._grant(user, scopes)
         return self._token_answer(request, token)
 
     def _oauth(self, request) -> bytes:
@@ -745,6 +762,8 @@ class FakeHub:
         else:
             return _json(request, 400, {"error": "unsupported_grant_type"})
         scopes = [s for v in form.get("scope", []) for s in v.split()]
+        for scope in scopes:
+            self._stats.bump("token_scopes", scope)
         token, _ = self._grant(user, scopes)
         extra = {"scope": " ".join(scopes)}
         if one("access_type") == "offline":
