@@ -98,9 +98,12 @@ class Mirror:
             cache = "hit"
         else:
             known = entry
+            # With a copy to fall back on, fail fast: a stale answer now beats
+            # a fresh one after retries.  Without one, retrying is all there is.
+            retry = self._stand_in(key, known, accept, want_body) is None
             try:
                 entry = await self._tag_checks.run(
-                    key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, accept, key, known))
+                    key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, accept, key, known, retry))
                 )
                 cache = "revalidated" if known is not None and known.digest == entry.digest else "miss"
             except UpstreamNotFound:
@@ -144,10 +147,8 @@ class Mirror:
             return entry
         return None
 
-    async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known) -> TagEntry:
-        # With a copy to fall back on, fail fast: a stale answer now beats a
-        # fresh one after retries.  Without one, retrying is all there is.
-        info = await route.upstream.head_manifest(route.name, tag, accept, retry=known is None)
+    async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known, retry: bool) -> TagEntry:
+        info = await route.upstream.head_manifest(route.name, tag, accept, retry=retry)
         now = self.clock.seconds()
         if info is None:
             # Upstream answered the HEAD but named no digest: only a GET can
