@@ -1,0 +1,176 @@
+"""
+Upstream authentication: the WWW-Authenticate challenge, and bearer tokens
+fetched from the registry's token realm and cached per (scope, credential).
+
+Docker Hub hands out tokens good for 300 s.  Fetching one per request would
+double the upstream round trips (distribution's proxy does it for every tag
+request), so a token is reused until shortly before it expires, and one fetch
+is shared by every request that needs the same token at the same time.
+"""
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+from urllib.parse import urlencode, urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from regcache.errors import UpstreamError
+from regcache.inflight import SingleFlight
+
+_PARAM = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str
+    params: Dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def realm(self) -> str:
+        return self.params.get("realm", "")
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.params.get("error")
+
+
+def parse_challenge(header: Optional[str]) -> Optional[Challenge]:
+    """
+    Parse ``Bearer realm="…",service="…",scope="…"`` (or ``Basic realm=…``).
+    Returns None for a header that is absent or not a challenge.
+    """
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", scheme):
+        return None
+    params: Dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        m = _PARAM.match(rest, pos)
+        if not m or m.end() == pos:
+            break
+        value = m.group(2) if m.group(2) is not None else m.group(3)
+        params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+        pos = m.end()
+    return Challenge(scheme.lower(), params)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+    def basic(self) -> bytes:
+        raw = f"{self.username}:{self.password}".encode("utf-8")
+        return b"Basic " + base64.b64encode(raw)
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float
+
+
+#: Refresh this long before a token's stated expiry, so a request never
+#: leaves with a token that expires on the way.
+MARGIN = 15.0
+
+
+class TokenCache:
+    """
+    Bearer tokens per (realm, service, scope, user), valid until shortly
+    before they expire.
+    """
+
+    log = Logger()
+
+    def __init__(self, http, clock, credentials: Optional[Credentials], timeout: float):
+        self._http = http
+        self._clock = clock
+        self._credentials = credentials
+        self._timeout = timeout
+        self._tokens: Dict[Tuple, _Token] = {}
+        self._flights = SingleFlight()
+        self.fetches = 0
+
+    def _key(self, challenge: Challenge, scope: str) -> Tuple:
+        user = self._credentials.username if self._credentials else None
+        return (challenge.realm, challenge.params.get("service", ""), scope, user)
+
+    def cached(self, challenge: Challenge, scope: str) -> Optional[str]:
+        token = self._tokens.get(self._key(challenge, scope))
+        if token is not None and token.expires > self._clock.seconds():
+            return token.value
+        return None
+
+    def invalidate(self, challenge: Challenge, scope: str) -> None:
+        self._tokens.pop(self._key(challenge, scope), None)
+
+    async def authorization(self, challenge: Challenge, scope: str) -> bytes:
+        """
+        The Authorization header value for a request answered by this
+        challenge: a (possibly cached) bearer token, or Basic credentials.
+        """
+        if challenge.scheme == "basic":
+            if not self._credentials:
+                raise UpstreamError("upstream wants Basic credentials and none are configured", 401)
+            return self._credentials.basic()
+        if challenge.scheme != "bearer" or not challenge.realm:
+            raise UpstreamError(f"unsupported upstream challenge {challenge.scheme!r}", 401)
+        value = self.cached(challenge, scope)
+        if value is None:
+            value = await self._shared_fetch(challenge, scope)
+        return b"Bearer " + value.encode("ascii")
+
+    def _shared_fetch(self, challenge: Challenge, scope: str) -> Deferred:
+        return self._flights.run(
+            self._key(challenge, scope), lambda: Deferred.fromCoroutine(self._fetch(challenge, scope))
+        )
+
+    async def _fetch(self, challenge: Challenge, scope: str) -> str:
+        realm = urlsplit(challenge.realm)
+        if realm.scheme not in ("http", "https") or not realm.hostname:
+            raise UpstreamError(f"bad token realm {challenge.realm!r}")
+        query = []
+        if challenge.params.get("service"):
+            query.append(("service", challenge.params["service"]))
+        if scope:
+            query.append(("scope", scope))
+        url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
+        headers = {}
+        if self._credentials:
+            headers[b"Authorization"] = [self._credentials.basic()]
+        self.fetches += 1
+        try:
+            response = await self._http.get(url, headers=headers).addTimeout(self._timeout, self._clock)
+            body = await response.content()
+        except UpstreamError:
+            raise
+        except Exception as e:
+            raise UpstreamError(f"token realm unreachable: {e.__class__.__name__}") from None
+        if response.code != 200:
+            # Wrong credentials are an operator's problem: say so loudly,
+            # but let policy keep serving what the cache holds.
+            self.log.error(
+                "Token realm {realm} answered {code} for scope {scope}",
+                realm=challenge.realm, code=response.code, scope=scope,
+            )
+            raise UpstreamError(f"token realm answered {response.code}", response.code if response.code >= 500 or response.code == 429 else None)
+        try:
+            doc = json.loads(body)
+            value = doc.get("token") or doc.get("access_token")
+            expires_in = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamError("token realm sent no usable token") from None
+        if not isinstance(value, str) or not value or not value.isprintable():
+            raise UpstreamError("token realm sent no usable token")
+        # Expiry counts from when the token arrived here, not issued_at, so a
+        # skewed upstream clock cannot make regcache reuse a dead token.
+        lifetime = max(expires_in - MARGIN, expires_in / 2)
+        self._tokens[self._key(challenge, scope)] = _Token(value, self._clock.seconds() + lifetime)
+        return value

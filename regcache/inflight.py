@@ -1,0 +1,349 @@
+"""
+Work in flight, shared: one upstream download per blob, one upstream check
+per tag, one token fetch per scope, however many clients ask at once.
+
+The shared work is never handed to a caller directly.  Each caller gets a
+Deferred of its own, so a client that hangs up (Klein cancels its Deferred)
+cancels only its own wait, never the download the others depend on.
+
+A Fill writes a blob into the store while any number of readers follow the
+growing file at their own pace.  The disk is the one consumer the download
+waits for; a slow reader only falls behind in the file, it never slows the
+download or grows memory.
+"""
+
+import os
+from typing import Callable, Dict, Hashable, List, Optional
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from regcache.errors import IntegrityError, UpstreamError
+from regcache.reference import Digest
+from regcache.headers import content_length, header
+
+
+class SingleFlight:
+    """
+    Run at most one ``work`` per key at a time; every caller for that key
+    gets its own Deferred of the shared result.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._waiting: Dict[Hashable, List[Deferred]] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._waiting
+
+    def run(self, key: Hashable, work: Callable[[], Deferred]) -> Deferred:
+        waiters = self._waiting.get(key)
+        first = waiters is None
+        if first:
+            waiters = self._waiting[key] = []
+        d: Deferred = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
+        waiters.append(d)
+        if first:
+            try:
+                shared = work()
+            except Exception:
+                shared = fail()
+            shared.addBoth(self._deliver, key)
+        return d
+
+    def _deliver(self, result, key: Hashable) -> None:
+        for d in self._waiting.pop(key, []):
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+class _FillProtocol(Protocol):
+    """
+    Receives one upstream response body into a Fill, skipping ``skip`` bytes
+    first (an upstream that ignored our Range), and ends the response if it
+    stalls for ``idle`` seconds.
+    """
+
+    def __init__(self, fill: "Fill", skip: int, clock, idle: float):
+        self.fill = fill
+        self.skip = skip
+        self.done: Deferred = Deferred()
+        self._clock = clock
+        self._idle = idle
+        self._timer = None
+        self._error: Optional[Exception] = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        self._error = UpstreamError(f"upstream blob body stalled for {self._idle:g}s")
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._idle)
+        if self.skip:
+            cut = min(self.skip, len(data))
+            self.skip -= cut
+            data = data[cut:]
+            if not data:
+                return
+        try:
+            self.fill._append(data)
+        except Exception as e:
+            self._error = e
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._error is not None:
+            self.done.errback(self._error)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(UpstreamError(f"upstream blob body broke off: {reason.value!r}"))
+
+
+class Fill:
+    """
+    One download of one blob from upstream into the store.
+
+    Readers learn the size as soon as upstream answers (``wait_started``),
+    then read up to ``readable()`` and ``subscribe`` to hear of more.  The
+    last byte is held back until the whole blob matched its digest: a client
+    that got every byte of a Content-Length response would believe it got a
+    good blob, so on a mismatch it must still be missing one when the
+    connection is aborted.
+    """
+
+    log = Logger()
+
+    #: Resumes in a row without a byte of progress before the fill gives up.
+    MAX_STALLED_RESUMES = 3
+
+    def __init__(self, upstream, name: str, digest: Digest, store, clock, metrics):
+        self.upstream = upstream
+        self.name = name
+        self.digest = digest
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self.size: Optional[int] = None
+        self.written = 0
+        self.verified = False
+        self.landed = False
+        self.failure: Optional[Exception] = None
+        self.resumes = 0
+        self._writer = None
+        self._listeners: List[Callable[[], None]] = []
+        self._started: List[Deferred] = []
+
+    # For readers
+
+    def wait_started(self) -> Deferred:
+        """
+        A Deferred of the blob's size, fired once upstream answered.
+        """
+        if self.failure is not None:
+            return fail(self.failure)
+        if self.size is not None:
+            return succeed(self.size)
+        d: Deferred = Deferred(lambda d: self._started.remove(d) if d in self._started else None)
+        self._started.append(d)
+        return d
+
+    def readable(self) -> int:
+        if self.verified:
+            return self.size
+        if self.size is None:
+            return 0
+        return min(self.written, self.size - 1)
+
+    def reader(self) -> Optional[int]:
+        """
+        A descriptor of the growing file for one reader, or None once the
+        file has moved into the store (open it there instead).
+        """
+        if self._writer is None or self._writer.closed:
+            return None
+        return self._writer.reader()
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    def _fire_started(self) -> None:
+        started, self._started = self._started, []
+        for d in started:
+            if self.failure is not None:
+                d.errback(self.failure)
+            else:
+                d.callback(self.size)
+
+    # The download
+
+    def _append(self, data: bytes) -> None:
+        if self.size is not None and self.written + len(data) > self.size:
+            raise IntegrityError(f"upstream sent more than {self.size} bytes for {self.digest}")
+        self._writer.write(data)
+        self.written += len(data)
+        self.metrics.upstream_bytes.labels(self.upstream.key).inc(len(data))
+        self._notify()
+
+    async def run(self) -> None:
+        self._writer = self.store.new_writer(self.digest)
+        try:
+            await self._download()
+            if not self._writer.matches(self.size):
+                raise IntegrityError(
+                    f"blob from upstream does not match {self.digest} ({self.written} bytes)"
+                )
+            self.verified = True
+            self._fire_started()
+            self._notify()
+            await self._writer.commit()
+            self.landed = True
+            self.metrics.fills.labels("landed").inc()
+        except BaseException as e:
+            self.failure = e
+            self._writer.discard()
+            self.metrics.fills.labels("failed").inc()
+            self._fire_started()
+            self._notify()
+            raise
+        finally:
+            self._writer.close()
+
+    async def _download(self) -> None:
+        stalled = 0
+        while True:
+            response = await self.upstream.open_blob(self.name, self.digest, self.written)
+            total, skip = self._extent(response)
+            if self.size is None and total is not None:
+                self.size = total
+                self._fire_started()
+            elif total is not None and total != self.size:
+                raise IntegrityError(f"upstream changed the size of {self.digest}")
+            before = self.written
+            reader = _FillProtocol(self, skip, self.clock, self.upstream.timeouts.idle)
+            response.deliverBody(reader)
+            try:
+                await reader.done
+            except UpstreamError as e:
+                stalled = 0 if self.written > before else stalled + 1
+                if stalled >= self.MAX_STALLED_RESUMES or self.size is None:
+                    raise
+                self.resumes += 1
+                self.log.warn(
+                    "Resuming {digest} at byte {offset} after: {error}",
+                    digest=str(self.digest), offset=self.written, error=str(e),
+                )
+                continue
+            if self.size is None:
+                self.size = self.written
+                return
+            if self.written >= self.size:
+                return
+            stalled = 0 if self.written > before else stalled + 1
+            if stalled >= self.MAX_STALLED_RESUMES:
+                raise UpstreamError(f"upstream keeps ending {self.digest} early")
+
+    def _extent(self, response):
+        """
+        (total size or None, bytes to skip) of an upstream blob response,
+        checking that a 206 starts where the fill stands.
+        """
+        if response.code == 206:
+            value = header(response.headers, b"content-range") or ""
+            try:
+                unit, _, rest = value.partition(" ")
+                span, _, total = rest.partition("/")
+                start = int(span.split("-")[0])
+            except ValueError:
+                raise UpstreamError(f"upstream sent a bad Content-Range {value[:80]!r}", 502)
+            if unit != "bytes" or start != self.written:
+                raise UpstreamError(f"upstream resumed at the wrong place: {value[:80]!r}", 502)
+            if total.isdigit():
+                return int(total), 0
+            length = content_length(response.headers)
+            return (start + length if length is not None else self.size), 0
+        length = content_length(response.headers)
+        # A 200 to a resume is the whole blob again: skip what we have.
+        return length, self.written
+
+
+class Fills:
+    """
+    The blob downloads under way, one per digest.
+    """
+
+    log = Logger()
+
+    def __init__(self, store, clock, metrics):
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self._fills: Dict[Digest, Fill] = {}
+        self._running: Dict[Digest, Deferred] = {}
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def get(self, digest: Digest) -> Optional[Fill]:
+        return self._fills.get(digest)
+
+    def start(self, upstream, name: str, digest: Digest) -> Fill:
+        fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics)
+        self._fills[digest] = fill
+        started = self.clock.seconds()
+        d = Deferred.fromCoroutine(fill.run())
+        self._running[digest] = d
+        d.addBoth(self._ended, fill, started)
+        return fill
+
+    def _ended(self, result, fill: Fill, started: float) -> None:
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+            self._running.pop(fill.digest, None)
+        took = self.clock.seconds() - started
+        if isinstance(result, Failure):
+            self.log.warn(
+                "Blob fill failed: {digest} from {upstream} after {written} bytes, {took:.3f}s: {error}",
+                digest=str(fill.digest), upstream=fill.upstream.key, written=fill.written,
+                took=took, error=result.getErrorMessage(), event="fill", outcome="failed",
+            )
+        else:
+            self.log.info(
+                "Blob fill landed: {digest} from {upstream}, {size} bytes in {took:.3f}s, {resumes} resumes",
+                digest=str(fill.digest), upstream=fill.upstream.key, size=fill.size,
+                took=took, resumes=fill.resumes, event="fill", outcome="landed",
+            )
+
+    def drain(self) -> Deferred:
+        """
+        A Deferred that fires when every fill under way has ended.
+        """
+        from twisted.internet.defer import DeferredList
+
+        waits = []
+        for d in self._running.values():
+            w: Deferred = Deferred()
+            d.addBoth(lambda r, w=w: (w.callback(None), r)[1])
+            waits.append(w)
+        return DeferredList(waits)

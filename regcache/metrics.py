@@ -1,0 +1,108 @@
+"""
+Every counter regcache keeps, in one place, exposed for Prometheus.
+
+Each component is handed the one Metrics object and records into it; nothing
+else keeps counts.  The registry is per instance, not prometheus-client's
+global one, so tests and several mirrors in one process never share numbers.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+@dataclass
+class RateLimit:
+    """
+    The latest rate-limit headers an upstream sent.
+    """
+
+    limit: Optional[int] = None
+    remaining: Optional[int] = None
+    window: Optional[int] = None
+    source: Optional[str] = None
+    seen: Optional[float] = None
+
+
+_RL = re.compile(r"\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
+
+
+def _parse_rl(value: Optional[str]):
+    if not value:
+        return None, None
+    m = _RL.match(value)
+    if not m:
+        return None, None
+    return int(m.group(1)), int(m.group(2)) if m.group(2) else None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "regcache_requests", "Client requests answered", ["route", "method", "status"], registry=r
+        )
+        self.cache = Counter(
+            "regcache_cache_lookups",
+            "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, join, stale)",
+            ["kind", "result"], registry=r,
+        )
+        self.upstream_requests = Counter(
+            "regcache_upstream_requests", "Requests sent upstream",
+            ["upstream", "method", "kind", "status"], registry=r,
+        )
+        self.upstream_pulls = Counter(
+            "regcache_upstream_pulls",
+            "Manifest GETs sent upstream: what Docker Hub counts as pulls",
+            ["upstream"], registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "regcache_upstream_blob_bytes", "Blob bytes received from upstream", ["upstream"], registry=r
+        )
+        self.served_bytes = Counter(
+            "regcache_served_blob_bytes", "Blob bytes sent to clients", registry=r
+        )
+        self.fills = Counter(
+            "regcache_blob_fills", "Blob downloads into the cache by outcome", ["result"], registry=r
+        )
+        self.ratelimit_limit = Gauge(
+            "regcache_upstream_ratelimit_limit", "Latest ratelimit-limit from upstream", ["upstream"], registry=r
+        )
+        self.ratelimit_remaining = Gauge(
+            "regcache_upstream_ratelimit_remaining", "Latest ratelimit-remaining from upstream",
+            ["upstream"], registry=r,
+        )
+        self.ratelimits: Dict[str, RateLimit] = {}
+
+    def observe_ratelimit(self, upstream: str, headers, now: float) -> None:
+        """
+        Keep the latest rate-limit headers of an upstream answer.  Names are
+        matched case-insensitively (twisted Headers does that) and the
+        ``;w=`` window is kept.
+        """
+        limit, window = _parse_rl(_first(headers, b"ratelimit-limit"))
+        remaining, rwindow = _parse_rl(_first(headers, b"ratelimit-remaining"))
+        if limit is None and remaining is None:
+            return
+        rl = self.ratelimits.setdefault(upstream, RateLimit())
+        rl.limit, rl.remaining, rl.window = limit, remaining, window or rwindow
+        rl.source = _first(headers, b"docker-ratelimit-source")
+        rl.seen = now
+        if limit is not None:
+            self.ratelimit_limit.labels(upstream).set(limit)
+        if remaining is not None:
+            self.ratelimit_remaining.labels(upstream).set(remaining)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _first(headers, name: bytes) -> Optional[str]:
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None

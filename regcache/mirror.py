@@ -1,0 +1,204 @@
+"""
+The pull-through logic: what to answer from the cache, what to ask upstream,
+and what to do when upstream fails.
+
+Digests are local-first: content never changes, so a cached digest is served
+with no upstream call, outage or not.  Tags are policy-first: fresh within
+the revalidation window, then checked with a HEAD (free on Docker Hub), and
+served stale when that check fails.  A manifest GET upstream, the request
+Docker Hub counts as a pull, happens only for a digest regcache does not
+hold.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from regcache.body import Source
+from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
+from regcache.inflight import SingleFlight
+from regcache.reference import Digest, check_tag, is_digest
+from regcache.store import Manifest
+from regcache.tags import TagEntry, TagKey, accept_key
+from regcache.upstream import MANIFEST_TYPES
+
+STALE_WARNING = '110 regcache "Response is Stale"'
+
+
+@dataclass
+class ManifestAnswer:
+    digest: Digest
+    media_type: str
+    size: int
+    body: Optional[bytes]
+    cache: str
+    warning: Optional[str] = None
+
+
+@dataclass
+class BlobAnswer:
+    size: int
+    fd: int
+    source: object
+    cache: str
+
+
+class Mirror:
+    log = Logger()
+
+    def __init__(self, store, tags, fills, policy, metrics, clock):
+        self.store = store
+        self.tags = tags
+        self.fills = fills
+        self.policy = policy
+        self.metrics = metrics
+        self.clock = clock
+        self._tag_checks = SingleFlight()
+        self._manifest_gets = SingleFlight()
+
+    # Manifests
+
+    async def manifest(self, route, reference: str, accept: List[str], want_body: bool) -> ManifestAnswer:
+        if is_digest(reference):
+            m, cache = await self._by_digest(route, Digest.parse(reference), accept)
+            return ManifestAnswer(m.digest, m.media_type, m.size, m.body, cache)
+        return await self._by_tag(route, check_tag(reference), accept, want_body)
+
+    async def _by_digest(self, route, digest: Digest, accept: List[str]):
+        m = self.store.manifest(digest)
+        if m is not None:
+            self.metrics.cache.labels("manifest", "hit").inc()
+            return m, "hit"
+        self.metrics.cache.labels("manifest", "miss").inc()
+        # Content is pinned by the digest, so ask with every type: an Accept
+        # that leaves one out only risks a needless 404.
+        wanted = _merge(accept, MANIFEST_TYPES)
+        m = await self._manifest_gets.run(
+            digest, lambda: Deferred.fromCoroutine(self._fetch_manifest(route, digest, wanted))
+        )
+        return m, "miss"
+
+    async def _fetch_manifest(self, route, digest: Digest, accept: List[str]) -> Manifest:
+        try:
+            m = await route.upstream.get_manifest(route.name, str(digest), accept, digest, retry=True)
+        except UpstreamNotFound:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}@{digest}")
+        except UpstreamError as e:
+            raise self.policy.failure(e, f"manifest {digest}")
+        await self.store.put_manifest(m)
+        return m
+
+    async def _by_tag(self, route, tag: str, accept: List[str], want_body: bool) -> ManifestAnswer:
+        key = TagKey(route.upstream.key, route.name, tag, accept_key(accept))
+        entry = self.tags.get(key)
+        warning = None
+        if entry is not None and self.policy.fresh(entry):
+            cache = "hit"
+        else:
+            known = entry
+            try:
+                entry = await self._tag_checks.run(
+                    key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, accept, key, known))
+                )
+                cache = "revalidated" if known is not None and known.digest == entry.digest else "miss"
+            except UpstreamNotFound:
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}:{tag}")
+            except UpstreamError as e:
+                usable = self.policy.stale_allowed(known) and (
+                    not want_body or self.store.manifest(known.parsed_digest) is not None
+                )
+                if not usable:
+                    raise self.policy.failure(e, f"{route.name}:{tag}")
+                self.log.warn(
+                    "Serving {name}:{tag} from cache ({digest}, checked {age:.0f}s ago): upstream failed: {error}",
+                    name=route.name, tag=tag, digest=known.digest,
+                    age=self.clock.seconds() - known.checked, error=str(e),
+                )
+                entry, cache, warning = known, "stale", STALE_WARNING
+        self.metrics.cache.labels("tag", cache).inc()
+        digest = entry.parsed_digest
+        body = None
+        if want_body or entry.size < 0:
+            m, _ = await self._by_digest(route, digest, accept)
+            body = m.body if want_body else None
+            return ManifestAnswer(digest, m.media_type, m.size, body, cache, warning)
+        return ManifestAnswer(digest, entry.media_type, entry.size, None, cache, warning)
+
+    async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known) -> TagEntry:
+        # With a copy to fall back on, fail fast: a stale answer now beats a
+        # fresh one after retries.  Without one, retrying is all there is.
+        info = await route.upstream.head_manifest(route.name, tag, accept, retry=known is None)
+        now = self.clock.seconds()
+        if info is None:
+            # Upstream answered the HEAD but named no digest: only a GET can
+            # tell.  Docker Hub always names it, so this costs no pulls there.
+            m = await route.upstream.get_manifest(route.name, tag, accept)
+            await self.store.put_manifest(m)
+            digest, media_type, size = m.digest, m.media_type, m.size
+        else:
+            digest, media_type, size = info.digest, info.media_type, info.size
+        if known is not None and known.digest == str(digest):
+            self.tags.touch(key, now)
+            return known
+        if size is None:
+            size = -1
+        entry = TagEntry(str(digest), media_type, size, now)
+        self.tags.put(key, entry)
+        if known is not None:
+            self.log.info("Tag {name}:{tag} moved from {old} to {new}",
+                          name=route.name, tag=tag, old=known.digest, new=str(digest))
+        return entry
+
+    # Blobs
+
+    async def blob(self, route, digest: Digest) -> BlobAnswer:
+        for _ in range(3):
+            opened = self.store.open_blob(digest)
+            if opened is not None:
+                fd, size = opened
+                self.metrics.cache.labels("blob", "hit").inc()
+                return BlobAnswer(size, fd, Source(size), "hit")
+            fill = self.fills.get(digest)
+            cache = "join" if fill is not None else "miss"
+            if fill is None:
+                fill = self.fills.start(route.upstream, route.name, digest)
+            try:
+                size = await fill.wait_started()
+            except UpstreamNotFound:
+                raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {digest}")
+            except UpstreamError as e:
+                raise self.policy.failure(e, f"blob {digest}")
+            except IntegrityError as e:
+                raise RegistryError("UNAVAILABLE", f"upstream sent a bad blob: {e}", status=502)
+            except OSError as e:
+                raise RegistryError("UNAVAILABLE", f"cache cannot store the blob: {e.strerror}", status=503)
+            fd = fill.reader()
+            if fd is not None:
+                self.metrics.cache.labels("blob", cache).inc()
+                return BlobAnswer(size, fd, fill, cache)
+            # The fill moved into the store meanwhile: open it there.
+        raise RegistryError("UNAVAILABLE", f"blob {digest} could not be opened", status=503)
+
+    # Tag lists
+
+    async def tags_list(self, route, client_name: str, query: bytes):
+        try:
+            code, headers, body = await route.upstream.tags_list(route.name, query)
+        except UpstreamNotFound:
+            raise RegistryError("NAME_UNKNOWN", f"repository unknown: {client_name}")
+        except UpstreamError as e:
+            raise self.policy.failure(e, "the tag list")
+        link = headers.getRawHeaders(b"link")
+        if link and route.name != client_name:
+            link = [v.replace(f"/v2/{route.name}/".encode(), f"/v2/{client_name}/".encode()) for v in link]
+        return code, link, body
+
+
+def _merge(first, second) -> List[str]:
+    seen = list(first)
+    for t in second:
+        if t not in seen:
+            seen.append(t)
+    return seen

@@ -1,0 +1,212 @@
+"""
+The HTTP face of regcache: the registry v2 pull routes on a Klein app.
+
+Handlers only translate: the request into a route and a domain call on the
+Mirror, the answer into status, headers and body, and every RegistryError
+into OCI error JSON in one handler.  Nothing here decides what is cached.
+"""
+
+import json
+import os
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from werkzeug.exceptions import HTTPException
+
+from regcache import __version__, body
+from regcache.errors import RegistryError
+from regcache.reference import Digest, check_name, split_path
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+PUSH_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
+ALL_METHODS = ["GET", "HEAD"] + PUSH_METHODS
+
+
+def merged_accept(request) -> list:
+    """
+    Every media type of every Accept header, in order, without parameters:
+    dockerd sends one header per type, containerd one comma-joined header.
+    """
+    types = []
+    for line in request.requestHeaders.getRawHeaders(b"accept", []):
+        for part in line.decode("latin-1").split(","):
+            t = part.split(";")[0].strip()
+            if t and t not in types:
+                types.append(t)
+    return types
+
+
+def sized(request, body) -> bytes:
+    """
+    A small body with its Content-Length, so it is not sent chunked: some
+    clients read error bodies only from a sized response.
+    """
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    request.setHeader("Content-Length", str(len(body)))
+    return body
+
+
+class RegistryRoutes:
+    app = Klein()
+    # A doubled slash must reach the name check and be refused, not be
+    # redirected by werkzeug to a path the client never asked for.
+    app.url_map.merge_slashes = False
+    log = Logger()
+
+    def __init__(self, mirror, policy, metrics, reactor, ready=lambda: True):
+        self.mirror = mirror
+        self.policy = policy
+        self.metrics = metrics
+        self.reactor = reactor
+        self.ready = ready
+
+    # Probes and metrics
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request):
+        request.setHeader("Content-Type", "text/plain; charset=utf-8")
+        return sized(request, f"regcache {__version__}: a pull-through registry cache. The API is under /v2/.\n")
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request):
+        request.setHeader("Content-Type", "text/plain")
+        return sized(request, b"ok\n")
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    def readyz(self, request):
+        request.setHeader("Content-Type", "text/plain")
+        if not self.ready():
+            request.setResponseCode(503)
+            return sized(request, b"not ready\n")
+        return sized(request, b"ready\n")
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_page(self, request):
+        from regcache.metrics import CONTENT_TYPE
+
+        request.setHeader("Content-Type", CONTENT_TYPE)
+        return sized(request, self.metrics.render())
+
+    # The registry API
+
+    @app.route("/v2/", methods=ALL_METHODS)
+    def base(self, request):
+        request.setHeader(*API_VERSION)
+        if request.method not in (b"GET", b"HEAD"):
+            raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror")
+        request.setHeader("Content-Type", "application/json")
+        return sized(request, b"{}")
+
+    @app.route("/v2/<path:rest>", methods=ALL_METHODS)
+    async def api(self, request, rest):
+        request.setHeader(*API_VERSION)
+        # Route on the raw path: Klein has percent-decoded ``rest``, and an
+        # encoded slash or dot must not slip into a name.
+        raw = request.path.decode("latin-1")
+        if "%" in raw or "\\" in raw:
+            raise RegistryError("NAME_INVALID", "encoded characters are not allowed in registry paths")
+        parts = split_path(raw[len("/v2/"):])
+        if parts is None:
+            raise RegistryError("NAME_INVALID", "not a registry v2 pull path", status=404)
+        name, kind, reference = parts
+        check_name(name)
+        if request.method not in (b"GET", b"HEAD") or (kind == "tags" and request.method != b"GET"):
+            raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
+        ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
+        route = self.policy.route(name, ns)
+        if kind == "manifests":
+            return await self._manifest(request, route, reference)
+        if kind == "blobs":
+            return await self._blob(request, route, reference)
+        if reference:
+            raise RegistryError("NAME_INVALID", "not a registry v2 pull path", status=404)
+        return await self._tags(request, route, name)
+
+    async def _manifest(self, request, route, reference):
+        answer = await self.mirror.manifest(
+            route, reference, merged_accept(request), want_body=request.method == b"GET"
+        )
+        request.cache_result = answer.cache
+        request.setHeader("Content-Type", answer.media_type)
+        request.setHeader("Docker-Content-Digest", str(answer.digest))
+        request.setHeader("Etag", f'"{answer.digest}"')
+        request.setHeader("Content-Length", str(answer.size))
+        if answer.warning:
+            request.setHeader("Warning", answer.warning)
+        if request.method == b"HEAD":
+            return b""
+        return answer.body
+
+    async def _blob(self, request, route, reference):
+        digest = Digest.parse(reference)
+        answer = await self.mirror.blob(route, digest)
+        request.cache_result = answer.cache
+        size = answer.size
+        try:
+            span = body.parse_range(request.getHeader(b"range"), size)
+        except body.Unsatisfiable:
+            os.close(answer.fd)
+            request.setResponseCode(416)
+            request.setHeader("Content-Range", f"bytes */{size}")
+            request.setHeader("Content-Length", "0")
+            return b""
+        request.setHeader("Content-Type", "application/octet-stream")
+        request.setHeader("Docker-Content-Digest", str(digest))
+        request.setHeader("Etag", f'"{digest}"')
+        request.setHeader("Accept-Ranges", "bytes")
+        start, end = span if span else (0, size)
+        if span:
+            request.setResponseCode(206)
+            request.setHeader("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        request.setHeader("Content-Length", str(end - start))
+        if request.method == b"HEAD" or start == end:
+            os.close(answer.fd)
+            return b""
+        return await body.send(request, answer.fd, start, end, answer.source, self.reactor, self.metrics)
+
+    async def _tags(self, request, route, name):
+        code, link, data = await self.mirror.tags_list(route, name, request.uri.partition(b"?")[2])
+        request.setResponseCode(code)
+        request.setHeader("Content-Type", "application/json")
+        if link:
+            request.responseHeaders.setRawHeaders(b"Link", link)
+        return sized(request, data)
+
+    # Errors
+
+    @app.handle_errors(RegistryError)
+    def registry_error(self, request, failure):
+        error = failure.value
+        request.setResponseCode(error.status)
+        request.setHeader("Content-Type", "application/json")
+        for k, v in error.headers.items():
+            request.setHeader(k, v)
+        if error.code == "UNAUTHORIZED" and not request.responseHeaders.hasHeader(b"www-authenticate"):
+            request.setHeader("WWW-Authenticate", 'Basic realm="regcache"')
+        request.error_code = error.code
+        return sized(request, error.body())
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request, failure):
+        """
+        What the router itself refused.  Under /v2/ every well-formed path
+        routes, so an unrouted one is a malformed name (``//etc/passwd``).
+        """
+        code = failure.value.code
+        if code == 405:
+            error = RegistryError("UNSUPPORTED", "method not supported")
+        elif request.path.startswith(b"/v2/"):
+            error = RegistryError("NAME_INVALID", "not a valid registry path")
+        else:
+            error = RegistryError("NAME_UNKNOWN", "not found", status=code)
+        return self.registry_error(request, Failure(error))
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request, failure):
+        self.log.failure("Unexpected error answering {method} {path}", failure,
+                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
+        request.setResponseCode(500)
+        request.setHeader("Content-Type", "application/json")
+        return sized(request, json.dumps({"errors": [{"code": "UNKNOWN", "message": "internal error"}]}))

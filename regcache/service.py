@@ -1,0 +1,144 @@
+"""
+Wiring: builds the object graph from a Config and a reactor, and the
+service that twistd runs.
+
+This is the one module (with tap.py) that knows every component; the rest
+receive what they use.  It also gives each request one structured log event.
+"""
+
+import time
+
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.interfaces import ISSLTransport
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Site
+
+from regcache.auth import Credentials
+from regcache.inflight import Fills
+from regcache.metrics import Metrics
+from regcache.mirror import Mirror
+from regcache.policy import Policy
+from regcache.routes import RegistryRoutes
+from regcache.store import Store
+from regcache.tags import TagMap
+from regcache.upstream import Timeouts, Upstream
+
+
+class Channel(HTTPChannel):
+    """
+    Answers a TLS ClientHello on a plain-HTTP port at once, as Go's server
+    does.  skopeo, podman and containerd try HTTPS first against an
+    "insecure" registry; without an answer they wait ten seconds for the
+    handshake to time out before falling back to HTTP.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16" and not ISSLTransport.providedBy(self.transport):
+                self.transport.write(
+                    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+                )
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class RegcacheSite(Site):
+    """
+    A Site whose access log is one structured event per request, and which
+    counts requests into the one Metrics object.
+    """
+
+    protocol = Channel
+
+    def __init__(self, resource, metrics, reactor):
+        super().__init__(resource, reactor=reactor)
+        self.metrics = metrics
+        self.displayTracebacks = False
+
+    def log(self, request):  # noqa: F811 - twisted.web calls Site.log(request)
+        path = request.path.decode("latin-1")
+        route = "v2" if path.startswith("/v2/") else path
+        for kind in ("manifests", "blobs", "tags"):
+            if f"/{kind}/" in path or path.endswith("/tags/list"):
+                route = kind if kind != "tags" or path.endswith("/tags/list") else route
+                break
+        method = request.method.decode("latin-1")
+        self.metrics.requests.labels(route, method, str(request.code)).inc()
+        Logger(namespace="regcache.access").info(
+            "{method} {path} {status} {length} {cache}",
+            method=method, path=path, status=request.code, length=request.sentLength,
+            cache=getattr(request, "cache_result", "-"), error=getattr(request, "error_code", None),
+            client=request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else None,
+        )
+
+
+class FillDrain(Service):
+    """
+    On shutdown, wait (briefly) for blob downloads under way, so a rolling
+    restart does not throw away a nearly finished fill.
+    """
+
+    def __init__(self, fills, reactor, grace: float = 10.0):
+        self.fills = fills
+        self.reactor = reactor
+        self.grace = grace
+
+    def stopService(self):
+        super().stopService()
+        if not len(self.fills):
+            return None
+        return self.fills.drain().addTimeout(self.grace, self.reactor).addErrback(lambda _: None)
+
+
+def build(config, reactor) -> MultiService:
+    """
+    The whole regcache service for one Config.  Raises ValueError or OSError
+    with a message fit for the operator when the config cannot be served.
+    """
+    top = MultiService()
+    metrics = Metrics()
+
+    pool = ThreadPool(minthreads=1, maxthreads=4, name="regcache-io")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def run(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    store = Store(config.storage, run, reactor.seconds)
+    removed = store.prepare()
+    if removed:
+        Logger().info("Removed {n} unfinished downloads left by an earlier run", n=removed)
+
+    http_pool = HTTPConnectionPool(reactor, persistent=True)
+    http_pool.maxPersistentPerHost = 8
+    http = HTTPClient(Agent(reactor, connectTimeout=config.connect_timeout, pool=http_pool))
+    credentials = Credentials(config.username, config.password) if config.username else None
+    timeouts = Timeouts(connect=config.connect_timeout, header=config.header_timeout, idle=config.idle_timeout)
+    upstream = Upstream(config.upstream, http, reactor, metrics, credentials, timeouts)
+
+    policy = Policy([upstream], reactor, config.tag_ttl, config.max_stale)
+    fills = Fills(store, reactor, metrics)
+    mirror = Mirror(store, TagMap(config.storage), fills, policy, metrics, reactor)
+    routes = RegistryRoutes(mirror, policy, metrics, reactor)
+    site = RegcacheSite(routes.app.resource(), metrics, reactor)
+
+    endpoint = serverFromString(reactor, config.listen)
+    StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    FillDrain(fills, reactor).setServiceParent(top)
+    Logger().info(
+        "regcache serving {listen}, caching {upstream} in {storage}",
+        listen=config.listen, upstream=config.upstream, storage=config.storage,
+    )
+    return top

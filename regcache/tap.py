@@ -1,0 +1,55 @@
+"""
+The twistd plugin's options and service maker, and the ``regcache`` command.
+
+This is the edge of the program: the only place (with service.py, which it
+calls) that touches the global reactor or the process environment.
+"""
+
+import os
+import sys
+
+from twisted.python import usage
+
+from regcache import config as settings
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A pull-through cache for Docker Hub and other OCI registries. Every option can also be "
+        "set in the environment (names in brackets); the command line wins, then the environment, "
+        "then the default."
+    )
+    optParameters = [
+        [s.name, None, None, f"{s.help} [{', '.join(s.env)}]" + (f" (default: {s.default})" if s.default else "")]
+        for s in settings.SETTINGS
+    ]
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    from regcache.service import build
+
+    cli = {s.name: options[s.name] for s in settings.SETTINGS}
+    try:
+        config = settings.load(cli, os.environ)
+        return build(config, reactor)
+    except settings.ConfigError as e:
+        raise SystemExit(f"regcache: {e}")
+    except ValueError as e:
+        raise SystemExit(f"regcache: --listen: {e}")
+    except OSError as e:
+        raise SystemExit(f"regcache: --storage: cannot use {e.filename or ''}: {e.strerror}")
+
+
+def main(argv=None):
+    """
+    ``regcache [options]``: run the server in the foreground, as
+    ``twistd -n --pidfile= regcache [options]`` would.
+    """
+    from twisted.scripts.twistd import run
+
+    argv = sys.argv[1:] if argv is None else argv
+    sys.argv = ["twistd", "-n", "--pidfile=", "regcache", *argv]
+    run()

@@ -1,0 +1,413 @@
+"""
+The client for one upstream registry.
+
+An Upstream is one object among possibly many: it knows its URL, its
+credentials and tokens, its rate-limit state and its timeouts, and nothing
+about the cache.  It speaks the pull API the way Docker Hub really answers it:
+bearer challenges, 401 insufficient_scope for a missing repo, 307s of blobs to
+a CDN host that must not see our Authorization, and 429s with rate-limit
+headers.
+
+Bodies are never buffered whole except manifests and tag lists, which are
+small and bounded; a blob response is handed back unread for the caller to
+stream.
+"""
+
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+from urllib.parse import urljoin, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
+from regcache.errors import UpstreamError, UpstreamNotFound
+from regcache.reference import Digest
+from regcache.headers import content_length, header, media_type_of, retry_after
+from regcache.store import MAX_MANIFEST, Manifest
+
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+)
+
+DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
+
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    header: float = 10.0
+    idle: float = 15.0
+    #: Attempts for an idempotent request that may be retried.
+    attempts: int = 3
+    #: No retry starts later than this after the first attempt.
+    retry_budget: float = 10.0
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    digest: Digest
+    media_type: str
+    size: Optional[int]
+
+
+class _Collect(Protocol):
+    """
+    Collect a small body, refusing one larger than ``limit``, and giving up
+    on a body that stalls for ``idle`` seconds.
+    """
+
+    def __init__(self, limit: int, clock, idle: float):
+        self.limit = limit
+        self.chunks: List[bytes] = []
+        self.size = 0
+        self.done: Deferred = Deferred()
+        self._clock = clock
+        self._idle = idle
+        self._timer = None
+        self.too_large = False
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.too_large = True
+            self.chunks = []
+            self.transport.stopProducing()
+            return
+        self.chunks.append(data)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+
+    def connectionLost(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        from twisted.web.client import ResponseDone
+
+        if self.too_large:
+            self.done.errback(UpstreamError(f"upstream body larger than {self.limit} bytes", 502))
+        elif reason.check(ResponseDone):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(UpstreamError(f"upstream body broke off: {reason.value!r}"))
+
+
+class Upstream:
+    """
+    One upstream registry.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        http,
+        clock,
+        metrics,
+        credentials: Optional[Credentials] = None,
+        timeouts: Timeouts = Timeouts(),
+        jitter=random.random,
+    ):
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        self.host = parts.netloc
+        self.is_docker_hub = parts.hostname in DOCKER_HUB_HOSTS
+        #: The name the cache files this upstream's tags under.
+        self.key = "docker.io" if self.is_docker_hub else parts.netloc
+        self.http = http
+        self.clock = clock
+        self.metrics = metrics
+        self.timeouts = timeouts
+        self.credentials = credentials
+        self.tokens = TokenCache(http, clock, credentials, timeouts.header)
+        self._challenge: Optional[Challenge] = None
+        self._jitter = jitter
+        self._cooldown_until = 0.0
+        self._cooldown = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.url}>"
+
+    def repository(self, name: str) -> str:
+        """
+        The upstream's name for a repository: Docker Hub keeps official
+        images under ``library/``.
+        """
+        if self.is_docker_hub and "/" not in name:
+            return "library/" + name
+        return name
+
+    # The pull API
+
+    async def head_manifest(self, name: str, reference: str, accept, retry: bool = False) -> Optional[ManifestInfo]:
+        """
+        Resolve a reference with a HEAD, which Docker Hub does not count as a
+        pull.  Returns None when upstream answered 200 but named no digest
+        (the caller may then GET); any failure raises, and is never turned
+        into a counted GET here.
+        """
+        response, _ = await self._request(
+            "HEAD", f"/v2/{name}/manifests/{reference}", "manifest", name, _accept(accept), retry
+        )
+        await self._drain(response)
+        self._expect(response, (200,), "manifest")
+        digest = header(response.headers, b"docker-content-digest")
+        media_type = media_type_of(response.headers)
+        if not digest or not media_type:
+            return None
+        try:
+            parsed = Digest.parse(digest)
+        except Exception:
+            raise UpstreamError(f"upstream sent a bad Docker-Content-Digest: {digest[:100]!r}", 502)
+        return ManifestInfo(parsed, media_type, content_length(response.headers))
+
+    async def get_manifest(
+        self, name: str, reference: str, accept, expect: Optional[Digest] = None, retry: bool = False
+    ) -> Manifest:
+        """
+        GET a manifest (a counted pull on Docker Hub) and check its bytes
+        against the digest asked for, or the one upstream announced.
+        """
+        response, _ = await self._request(
+            "GET", f"/v2/{name}/manifests/{reference}", "manifest", name, _accept(accept), retry
+        )
+        if response.code != 200:
+            await self._drain(response)
+            self._expect(response, (200,), "manifest")
+        body = await self._collect(response, MAX_MANIFEST)
+        announced = header(response.headers, b"docker-content-digest")
+        if expect is None and announced:
+            try:
+                expect = Digest.parse(announced)
+            except Exception:
+                raise UpstreamError(f"upstream sent a bad Docker-Content-Digest: {announced[:100]!r}", 502)
+        digest = Digest.of(body, expect.algorithm if expect else "sha256")
+        if expect is not None and digest != expect:
+            raise UpstreamError(f"manifest from upstream does not match {expect}", 502)
+        media_type = media_type_of(response.headers) or _sniff_media_type(body)
+        return Manifest(body, media_type, digest)
+
+    async def open_blob(self, name: str, digest: Digest, offset: int = 0):
+        """
+        Start a blob download, following redirects to a CDN here rather than
+        passing them to the client, and sending Authorization only to the
+        origin that asked for it.  Returns the response with its body unread:
+        200 for the whole blob, or 206 from ``offset`` when resuming.
+        """
+        extra = {b"Range": [b"bytes=%d-" % offset]} if offset else {}
+        response, authorization = await self._request(
+            "GET", f"/v2/{name}/blobs/{digest}", "blob", name, extra, retry=True
+        )
+        url = self.url + f"/v2/{name}/blobs/{digest}"
+        hops = 0
+        while response.code in REDIRECTS:
+            location = header(response.headers, b"location")
+            await self._drain(response)
+            hops += 1
+            if not location or hops > 5:
+                raise UpstreamError("upstream blob redirect without a usable Location", 502)
+            target = urljoin(url, location)
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise UpstreamError("upstream redirected to a non-HTTP URL", 502)
+            if _origin(target) != _origin(url):
+                authorization = None
+            url = target
+            headers = Headers(extra)
+            if authorization:
+                headers.setRawHeaders(b"Authorization", [authorization])
+            response = await self._send("GET", url, headers, "blob-redirect")
+        if response.code not in (200, 206):
+            await self._drain(response)
+            self._expect(response, (200, 206), "blob")
+        return response
+
+    async def tags_list(self, name: str, query: bytes):
+        """
+        Forward a tag list request; returns (status, headers, body).
+        """
+        path = f"/v2/{name}/tags/list" + ("?" + query.decode("ascii") if query else "")
+        response, _ = await self._request("GET", path, "tags", name, {}, retry=True)
+        if response.code == 404:
+            await self._drain(response)
+            raise UpstreamNotFound(name)
+        body = await self._collect(response, 16 * 1024 * 1024)
+        return response.code, response.headers, body
+
+    # Plumbing
+
+    def _expect(self, response, codes, kind: str) -> None:
+        if response.code in codes:
+            return
+        if response.code == 404:
+            raise UpstreamNotFound(kind)
+        raise UpstreamError(f"upstream answered {response.code} for a {kind}", response.code)
+
+    async def _request(self, method: str, path: str, kind: str, name: str, extra, retry: bool = False):
+        """
+        One authenticated request, as (response, Authorization sent),
+        retried with jittered backoff when the caller allows it and the
+        failure is one a retry can cure (a transport error or a 5xx).
+        """
+        if not retry:
+            return await self._authenticated(method, path, kind, name, extra)
+        start = self.clock.seconds()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._authenticated(method, path, kind, name, extra)
+            except UpstreamError as e:
+                delay = 0.2 * (2 ** (attempt - 1)) * (0.5 + self._jitter())
+                if (
+                    e.rate_limited
+                    or e.status == 401
+                    or attempt >= self.timeouts.attempts
+                    or self.clock.seconds() + delay - start > self.timeouts.retry_budget
+                    or (e.status is not None and e.status < 500)
+                ):
+                    raise
+                self.log.info(
+                    "Retrying {method} {path} in {delay:.2f}s after: {error}",
+                    method=method, path=path, delay=delay, error=str(e),
+                )
+                await deferLater(self.clock, delay, lambda: None)
+
+    async def _authenticated(self, method: str, path: str, kind: str, name: str, extra):
+        if kind == "manifest":
+            self._check_cooldown()
+        scope = f"repository:{name}:pull"
+        url = self.url + path
+        headers = Headers(extra)
+        authorization = None
+        if self._challenge is not None:
+            authorization = await self.tokens.authorization(self._challenge, scope)
+            headers.setRawHeaders(b"Authorization", [authorization])
+        response = await self._send(method, url, headers, kind)
+        if response.code == 401:
+            challenge = parse_challenge(header(response.headers, b"www-authenticate"))
+            await self._drain(response)
+            if challenge is None:
+                raise UpstreamError("upstream answered 401 without a challenge", 401)
+            if authorization is not None and challenge.error == "insufficient_scope":
+                # Docker Hub's answer for a repo that is missing or private.
+                raise UpstreamNotFound(name)
+            if authorization is not None:
+                self.tokens.invalidate(challenge, scope)
+            self._challenge = challenge
+            authorization = await self.tokens.authorization(challenge, scope)
+            headers.setRawHeaders(b"Authorization", [authorization])
+            response = await self._send(method, url, headers, kind)
+            if response.code == 401:
+                again = parse_challenge(header(response.headers, b"www-authenticate"))
+                await self._drain(response)
+                if again is not None and again.error == "insufficient_scope":
+                    raise UpstreamNotFound(name)
+                self.log.error("Upstream {upstream} refused regcache's credentials", upstream=self.url)
+                raise UpstreamError("upstream refused our credentials", 401)
+        if response.code == 429:
+            await self._drain(response)
+            wait = self._start_cooldown(retry_after(response.headers))
+            raise UpstreamError("upstream rate limit (429)", 429, retry_after=wait)
+        if kind == "manifest" and response.code < 400:
+            self._cooldown = 0.0
+        if response.code >= 500:
+            await self._drain(response)
+            raise UpstreamError(f"upstream answered {response.code}", response.code)
+        return response, authorization
+
+    async def _send(self, method: str, url: str, headers: Headers, kind: str):
+        started = self.clock.seconds()
+        try:
+            d = self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
+            response = await d.addTimeout(self.timeouts.header, self.clock)
+        except (TimeoutError, CancelledError):
+            self._count(method, kind, "timeout")
+            raise UpstreamError(f"{method} {kind}: no answer within {self.timeouts.header:g}s") from None
+        except Exception as e:
+            self._count(method, kind, "error")
+            raise UpstreamError(f"{method} {kind}: {e.__class__.__name__}: {e}") from None
+        self._count(method, kind, str(response.code))
+        self.metrics.observe_ratelimit(self.key, response.headers, self.clock.seconds())
+        self.log.info(
+            "upstream {method} {url} {status} in {took:.3f}s",
+            method=method, url=url.split("?")[0], status=response.code, kind=kind,
+            took=self.clock.seconds() - started, upstream=self.key, event="upstream",
+        )
+        return response
+
+    def _count(self, method: str, kind: str, status: str) -> None:
+        self.metrics.upstream_requests.labels(self.key, method, kind, status).inc()
+        if method == "GET" and kind == "manifest":
+            self.metrics.upstream_pulls.labels(self.key).inc()
+
+    async def _collect(self, response, limit: int) -> bytes:
+        reader = _Collect(limit, self.clock, self.timeouts.idle)
+        response.deliverBody(reader)
+        return await reader.done
+
+    async def _drain(self, response) -> None:
+        try:
+            await self._collect(response, 1024 * 1024)
+        except UpstreamError:
+            pass
+
+    # Rate-limit cool-down
+
+    def _start_cooldown(self, suggested: Optional[float]) -> float:
+        """
+        After a 429, leave upstream's manifest endpoint alone for a while,
+        doubling the pause while it keeps answering 429.
+        """
+        self._cooldown = min(max(self._cooldown * 2, 5.0), 300.0)
+        wait = suggested if suggested is not None else self._cooldown
+        self._cooldown_until = self.clock.seconds() + wait
+        self.log.warn("Upstream {upstream} is rate limiting; pausing manifest requests for {wait:g}s",
+                      upstream=self.url, wait=wait)
+        return wait
+
+    def _check_cooldown(self) -> None:
+        left = self._cooldown_until - self.clock.seconds()
+        if left > 0:
+            raise UpstreamError("upstream rate limit (cooling down)", 429, retry_after=left)
+
+
+def _accept(types) -> dict:
+    return {b"Accept": [", ".join(types).encode("latin-1")]} if types else {}
+
+
+def _origin(url: str):
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _sniff_media_type(body: bytes) -> str:
+    import json
+
+    try:
+        value = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        value = None
+    if isinstance(value, str) and value:
+        return value
+    # containerd maps text/plain to schema1, which is what an untyped
+    # manifest most likely is.
+    return "application/vnd.docker.distribution.manifest.v1+prettyjws"

@@ -1,0 +1,229 @@
+# test-case-name: tests.test_inflight
+"""
+One upstream download per blob, shared by every client that asks while it
+runs, streamed to each of them as it arrives.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from regcache.inflight import SingleFlight
+from tests.support import FedBody, Rig, blob
+
+MiB = 1024 * 1024
+
+
+def blob_path(digest):
+    return f"/v2/library/app/blobs/{digest}"
+
+
+class FanOutTests(SynchronousTestCase):
+    def setUp(self):
+        self.rig = Rig()
+        self.data, self.digest = blob(3 * MiB)
+
+    def start(self, n=1):
+        clients = [self.rig.client(blob_path(self.digest)) for _ in range(n)]
+        body = FedBody(200, {b"Content-Length": [str(len(self.data)).encode()]})
+        self.rig.upstream.answer(0, body)
+        return clients, body
+
+    def test_concurrent_clients_share_one_download(self):
+        """
+        Clients asking for the same missing blob at the same time cause one
+        upstream request, and each receives the whole blob.
+        """
+        clients, body = self.start(4)
+        self.assertEqual(len(self.rig.upstream.calls), 1)
+        body.feed(self.data)
+        body.end()
+        for c in clients:
+            self.assertEqual(c.status(), 200)
+            self.assertEqual(c.body(), self.data)
+            self.assertFalse(c.aborted())
+        self.assertEqual(self.rig.blob_file(self.digest), self.data)
+        self.assertEqual(self.rig.temp_files(), [])
+
+    def test_clients_get_length_and_bytes_before_the_download_ends(self):
+        """
+        Content-Length is the upstream's, sent at once, and bytes flow to a
+        client as they arrive rather than after the blob is stored.
+        """
+        (c,), body = self.start(1)
+        self.assertEqual(c.header("Content-Length"), str(len(self.data)))
+        body.feed(self.data[:MiB])
+        self.assertEqual(c.body(), self.data[:MiB])
+        self.assertIsNone(self.rig.blob_file(self.digest))
+
+    def test_joiner_mid_download_reads_back_then_follows(self):
+        """
+        A client arriving half-way gets the bytes already written from disk,
+        then the rest live, and no second upstream request is made.
+        """
+        (first,), body = self.start(1)
+        body.feed(self.data[: 2 * MiB])
+        late = self.rig.client(blob_path(self.digest))
+        self.assertEqual(late.body(), self.data[: 2 * MiB])
+        body.feed(self.data[2 * MiB :])
+        body.end()
+        self.assertEqual(late.body(), self.data)
+        self.assertEqual(first.body(), self.data)
+        self.assertEqual(len(self.rig.upstream.calls), 1)
+
+    def test_slow_client_is_paused_and_slows_nobody(self):
+        """
+        A client whose connection is full stops receiving while the download
+        and a fast client go on; it catches up from disk when it drains.
+        """
+        (slow, fast), body = self.start(2)
+        body.feed(self.data[:MiB])
+        slow.slow_down()
+        got = len(slow.body())
+        body.feed(self.data[MiB:])
+        body.end()
+        self.assertEqual(len(slow.body()), got)
+        self.assertEqual(fast.body(), self.data)
+        self.assertEqual(self.rig.blob_file(self.digest), self.data)
+        slow.speed_up()
+        self.assertEqual(slow.body(), self.data)
+
+    def test_client_hanging_up_does_not_stop_the_download(self):
+        """
+        The download outlives a client that disconnects: the blob still
+        lands in the cache, and other clients are unaffected.
+        """
+        (leaver, stayer), body = self.start(2)
+        body.feed(self.data[:MiB])
+        leaver.hang_up()
+        body.feed(self.data[MiB:])
+        body.end()
+        self.assertEqual(stayer.body(), self.data)
+        self.assertEqual(self.rig.blob_file(self.digest), self.data)
+
+    def test_digest_mismatch_aborts_everyone_and_stores_nothing(self):
+        """
+        Bytes that do not match the digest are never stored, and no client
+        ever receives the full length: every connection is aborted.
+        """
+        (a, b), body = self.start(2)
+        bad = bytearray(self.data)
+        bad[-1] ^= 0xFF
+        body.feed(bytes(bad))
+        body.end()
+        for c in (a, b):
+            self.assertTrue(c.aborted())
+            self.assertLess(len(c.body()), len(self.data))
+        self.assertIsNone(self.rig.blob_file(self.digest))
+        self.assertEqual(self.rig.temp_files(), [])
+
+    def test_next_request_after_a_failure_starts_over(self):
+        """
+        A failed fill is forgotten: the next request goes upstream again and
+        can succeed.
+        """
+        (a,), body = self.start(1)
+        body.feed(b"\0" * len(self.data))
+        body.end()
+        again = self.rig.client(blob_path(self.digest))
+        self.assertEqual(len(self.rig.upstream.calls), 2)
+        good = FedBody(200, {b"Content-Length": [str(len(self.data)).encode()]})
+        self.rig.upstream.answer(1, good)
+        good.feed(self.data)
+        good.end()
+        self.assertEqual(again.body(), self.data)
+
+    def test_upstream_death_mid_body_is_resumed_with_range(self):
+        """
+        A download that breaks mid-body asks upstream for the rest with
+        Range, and the waiting clients see one continuous body.
+        """
+        (c,), body = self.start(1)
+        body.feed(self.data[:MiB])
+        body.die()
+        name, digest, offset, _ = self.rig.upstream.calls[1]
+        self.assertEqual(offset, MiB)
+        rest = FedBody(206, {
+            b"Content-Length": [str(len(self.data) - MiB).encode()],
+            b"Content-Range": [f"bytes {MiB}-{len(self.data) - 1}/{len(self.data)}".encode()],
+        })
+        self.rig.upstream.answer(1, rest)
+        rest.feed(self.data[MiB:])
+        rest.end()
+        self.assertEqual(c.body(), self.data)
+        self.assertFalse(c.aborted())
+        self.assertEqual(self.rig.blob_file(self.digest), self.data)
+
+    def test_upstream_death_without_progress_aborts_clients(self):
+        """
+        When upstream keeps failing without sending a byte more, the fill
+        gives up: clients are aborted and nothing is stored.
+        """
+        (c,), body = self.start(1)
+        body.feed(self.data[:MiB])
+        body.die()
+        for i in range(1, 4):
+            again = FedBody(206, {
+                b"Content-Length": [str(len(self.data) - MiB).encode()],
+                b"Content-Range": [f"bytes {MiB}-{len(self.data) - 1}/{len(self.data)}".encode()],
+            })
+            self.rig.upstream.answer(i, again)
+            again.die()
+        self.assertTrue(c.aborted())
+        self.assertIsNone(self.rig.blob_file(self.digest))
+        self.assertEqual(self.rig.temp_files(), [])
+
+    def test_upstream_sending_too_much_is_refused(self):
+        """
+        More bytes than the announced length fail the fill.
+        """
+        (c,), body = self.start(1)
+        body.feed(self.data + b"extra")
+        body.end()
+        self.assertTrue(c.aborted())
+        self.assertIsNone(self.rig.blob_file(self.digest))
+
+    def test_unknown_blob_is_a_404(self):
+        """
+        An upstream 404 reaches the client as BLOB_UNKNOWN and nothing is
+        cached.
+        """
+        c = self.rig.client(blob_path(self.digest))
+        self.rig.upstream.missing(0)
+        self.assertEqual(c.status(), 404)
+        self.assertIn(b"BLOB_UNKNOWN", c.body())
+
+    def test_cached_blob_needs_no_upstream(self):
+        """
+        Once stored, a blob is served from disk with no upstream call.
+        """
+        (c,), body = self.start(1)
+        body.feed(self.data)
+        body.end()
+        again = self.rig.client(blob_path(self.digest))
+        self.assertEqual(again.body(), self.data)
+        self.assertEqual(len(self.rig.upstream.calls), 1)
+
+
+class SingleFlightTests(SynchronousTestCase):
+    def test_callers_share_work_but_cancel_alone(self):
+        """
+        Concurrent callers share one piece of work; one caller cancelling
+        its Deferred leaves the work and the other callers alone.
+        """
+        from twisted.internet.defer import CancelledError, Deferred
+
+        work = []
+        flight = SingleFlight()
+
+        def start():
+            d = Deferred()
+            work.append(d)
+            return d
+
+        a = flight.run("k", start)
+        b = flight.run("k", start)
+        self.assertEqual(len(work), 1)
+        a.cancel()
+        self.failureResultOf(a, CancelledError)
+        work[0].callback("result")
+        self.assertEqual(self.successResultOf(b), "result")
+        self.assertNotIn("k", flight)

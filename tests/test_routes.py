@@ -1,0 +1,157 @@
+# test-case-name: tests.test_routes
+"""
+The HTTP surface: probes, the v2 base, refusals that happen before anything
+touches the disk or the upstream, and Range on cached blobs.
+"""
+
+import json
+import os
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import Rig, blob
+
+
+def cache_blob(rig, data, digest):
+    w = rig.store.new_writer(digest)
+    w.write(data)
+    assert w.matches(len(data))
+    w.commit()
+    w.close()
+
+
+def error_code(client):
+    return json.loads(client.body())["errors"][0]["code"]
+
+
+class ProbeTests(SynchronousTestCase):
+    def setUp(self):
+        self.rig = Rig()
+
+    def test_root_and_health(self):
+        """The seed's probes hit /; /healthz and /readyz answer 200 too."""
+        for path in ("/", "/healthz", "/readyz"):
+            self.assertEqual(self.rig.client(path).status(), 200, path)
+
+    def test_v2_base(self):
+        """GET and HEAD /v2/ answer 200 with the API version header."""
+        for method in ("GET", "HEAD"):
+            c = self.rig.client("/v2/", method)
+            self.assertEqual(c.status(), 200)
+            self.assertEqual(c.header("Docker-Distribution-API-Version"), "registry/2.0")
+
+    def test_metrics_count_requests(self):
+        """/metrics exposes the request counter in Prometheus text format."""
+        self.rig.client("/v2/")
+        text = self.rig.client("/metrics").body().decode()
+        self.assertIn('regcache_requests_total{method="GET",route="v2",status="200"} 1.0', text)
+
+
+class RefusalTests(SynchronousTestCase):
+    def setUp(self):
+        self.rig = Rig()
+        self.before = sorted(os.walk(self.rig.root))
+
+    def assertUntouched(self):
+        self.assertEqual(self.rig.upstream.calls, [])
+        self.assertEqual(sorted(os.walk(self.rig.root)), self.before)
+
+    def test_push_methods_are_unsupported(self):
+        """Pushes get 405 UNSUPPORTED: regcache is read-only."""
+        for method, path in [
+            ("PUT", "/v2/library/a/manifests/1"),
+            ("POST", "/v2/library/a/blobs/uploads/"),
+            ("PATCH", "/v2/library/a/blobs/uploads/x"),
+            ("DELETE", "/v2/library/a/blobs/sha256:" + "a" * 64),
+            ("POST", "/v2/"),
+        ]:
+            c = self.rig.client(path, method)
+            self.assertEqual(c.status(), 405, (method, path))
+            self.assertEqual(error_code(c), "UNSUPPORTED")
+        self.assertUntouched()
+
+    def test_traversal_and_bad_names(self):
+        """Traversal, encoded slashes and bad names are a 400 before any disk or upstream work."""
+        for path in [
+            "/v2/../etc/blobs/sha256:" + "a" * 64,
+            "/v2/library%2f..%2fx/blobs/sha256:" + "a" * 64,
+            "/v2//etc/passwd/manifests/latest",
+            "/v2/Library/A/manifests/latest",
+            "/v2/a/b/../c/manifests/latest",
+        ]:
+            c = self.rig.client(path)
+            self.assertEqual(c.status(), 400, path)
+            self.assertEqual(error_code(c), "NAME_INVALID")
+        self.assertUntouched()
+
+    def test_bad_digest_and_tag(self):
+        """A malformed digest is DIGEST_INVALID, a malformed tag a 400."""
+        c = self.rig.client("/v2/library/a/blobs/sha256:../../x")
+        self.assertEqual((c.status(), error_code(c)), (400, "DIGEST_INVALID"))
+        c = self.rig.client("/v2/library/a/manifests/sha256:" + "A" * 64)
+        self.assertEqual((c.status(), error_code(c)), (400, "DIGEST_INVALID"))
+        c = self.rig.client("/v2/library/a/manifests/.bad")
+        self.assertEqual(c.status(), 400)
+        self.assertUntouched()
+
+    def test_unknown_paths_get_oci_json(self):
+        """A /v2/ path that is not part of the pull API gets an OCI error, not HTML."""
+        c = self.rig.client("/v2/library/a/nothing")
+        self.assertEqual(c.status(), 404)
+        self.assertIn("errors", json.loads(c.body()))
+
+
+class RangeTests(SynchronousTestCase):
+    """
+    The distribution-spec conformance table (PROTOCOL.md §6) on a cached
+    2048-byte blob.
+    """
+
+    def setUp(self):
+        self.rig = Rig()
+        self.data, self.digest = blob(2048)
+        cache_blob(self.rig, self.data, self.digest)
+        self.path = f"/v2/library/a/blobs/{self.digest}"
+
+    def get(self, value, method="GET"):
+        return self.rig.client(self.path, method, {"Range": value} if value else {})
+
+    def test_conformance_table(self):
+        """Single ranges get an exact 206; past-the-end and inverted ranges a 416."""
+        for value, status, content_range, body in [
+            ("bytes=500-1499", 206, "bytes 500-1499/2048", self.data[500:1500]),
+            ("bytes=500-", 206, "bytes 500-2047/2048", self.data[500:]),
+            ("bytes=-500", 206, "bytes 1548-2047/2048", self.data[-500:]),
+            ("bytes=2000-5000", 206, "bytes 2000-2047/2048", self.data[2000:]),
+            ("bytes=500-0", 416, "bytes */2048", b""),
+            ("bytes=5000-10000", 416, "bytes */2048", b""),
+        ]:
+            c = self.get(value)
+            self.assertEqual(c.status(), status, value)
+            self.assertEqual(c.header("Content-Range"), content_range, value)
+            self.assertEqual(c.body(), body, value)
+            if status == 206:
+                self.assertEqual(c.header("Content-Length"), str(len(body)))
+
+    def test_multi_range_gets_the_whole_blob(self):
+        """Several ranges are answered with a 200 and the full body, never a 416."""
+        c = self.get("bytes=0-10,20-30")
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.body(), self.data)
+
+    def test_head_and_get_headers(self):
+        """HEAD and GET both carry length, digest and Accept-Ranges; HEAD has no body."""
+        for method in ("HEAD", "GET"):
+            c = self.get(None, method)
+            self.assertEqual(c.status(), 200)
+            self.assertEqual(c.header("Content-Length"), "2048")
+            self.assertEqual(c.header("Docker-Content-Digest"), str(self.digest))
+            self.assertEqual(c.header("Accept-Ranges"), "bytes")
+        self.assertEqual(self.get(None, "HEAD").body(), b"")
+
+    def test_ns_is_tolerated(self):
+        """containerd's ?ns= query does not change what is served."""
+        c = self.rig.client(self.path + "?ns=docker.io")
+        self.assertEqual(c.body(), self.data)
+        self.assertEqual(self.rig.upstream.calls, [])
