@@ -703,3 +703,17 @@ def test_notes_point_nodes_at_a_reachable_address_without_ingress():
     assert "clusterIP" in notes
     _, notes = render({"service": {"type": "NodePort"}})
     assert "nodePort" in notes
+
+
+# --- Logs -----------------------------------------------------------------
+
+
+def test_logs_are_json_by_default_and_plain_text_on_request():
+    """
+    By default the container runs the image's twistd command with the JSON
+    logger; logFormat text keeps the image's own entrypoint.
+    """
+    ctr = container(render({})[0])
+    assert ctr["command"] == ["twistd", "-n", "--pidfile=", "--logger=regcache.logs.json", "regcache"]
+    assert "args" not in ctr
+    assert "command" not in container(render({"logFormat": "text"})[0])

@@ -13,6 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -197,3 +198,20 @@ def test_build_context_is_enough_to_build_the_package(tmp_path):
     built = tmp_path / "build" / "lib"
     assert (built / "twisted" / "plugins" / "regcache_plugin.py").exists()
     assert (built / "regcache" / "__init__.py").exists()
+
+
+def test_image_check_runs_the_command_the_chart_runs():
+    """
+    .ci/image-check is valid bash and runs the container with the chart's
+    command, so what it proves is what Kubernetes runs.
+    """
+    script = ROOT / ".ci" / "image-check"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    entrypoint = re.search(r"--entrypoint '(\[.*?\])'", script.read_text()).group(1)
+    values = yaml.safe_load((ROOT / "chart" / "regcache" / "values.yaml").read_text())
+    assert values["logFormat"] == "json"
+    template = (ROOT / "chart" / "regcache" / "templates" / "_helpers.tpl").read_text()
+    chart_command = re.search(r"command: (\[.*?\])", template).group(1)
+    assert json.loads(entrypoint) == json.loads(chart_command)
+    assert json.loads(entrypoint)[:3] == ENTRYPOINT[:3] and json.loads(entrypoint)[-1] == "regcache"

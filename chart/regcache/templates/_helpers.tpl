@@ -135,6 +135,10 @@ spec:
     - name: {{ $root.Chart.Name }}
       image: "{{ $root.Values.image.repository }}:{{ $root.Values.image.tag | default $root.Chart.AppVersion }}"
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- if eq $root.Values.logFormat "json" }}
+      # The image's entrypoint plus a JSON logger: one object per line.
+      command: ["twistd", "-n", "--pidfile=", "--logger=regcache.logs.json", "regcache"]
+      {{- end }}
       securityContext:
         {{- toYaml $root.Values.securityContext | nindent 8 }}
       ports:
