@@ -11,6 +11,7 @@ that has a checker, so a new snippet cannot slip in unchecked.
 
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,12 +31,12 @@ FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 PARSERS = {"json": json.loads, "toml": tomllib.loads, "yaml": yaml.safe_load}
 
 
-def snippets():
+def snippets(docs=DOCS):
     """
-    (doc, line, language, file, text) for every fenced block in docs/.
+    (doc, line, language, file, text) for every fenced block in these files.
     """
     found = []
-    for doc in DOCS:
+    for doc in docs:
         source = doc.read_text()
         for match in FENCE.finditer(source):
             info = match.group(1).split()
@@ -347,3 +348,46 @@ def test_checkers_reject_what_clients_would_not_read(check, config, target):
     """
     with pytest.raises((AssertionError, KeyError, TypeError)):
         run_checker(check, config, target)
+
+
+def helm_commands():
+    """
+    (snippet id, --set expressions) for each `helm install|upgrade` of the
+    local chart in the shell snippets of docs/ and the README.
+    """
+    found = []
+    shell = SHELL_SNIPPETS + [s for s in snippets([ROOT / "README.md"]) if s[2] in ("sh", "bash")]
+    for snippet in shell:
+        for line in snippet[4].replace("\\\n", " ").splitlines():
+            words = shlex.split(line)
+            if words[:2] in (["helm", "install"], ["helm", "upgrade"]) and "./chart/regcache" in words:
+                sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+                found.append((snippet_id(snippet), sets))
+    return found
+
+
+@pytest.mark.parametrize("where, sets", helm_commands(), ids=[c[0] for c in helm_commands()])
+def test_documented_helm_commands_render_valid_objects(where, sets):
+    """
+    The --set values of each documented `helm install` pass the chart's
+    schema, render, and every object validates for Kubernetes (a --set
+    that replaced a list half-way, say, would fail here).
+    """
+    import kubernetes_validate
+
+    values = helm.parse_set_string(",".join(sets))
+    chart = helm.Chart.load(ROOT / "chart" / "regcache")
+    rendered = chart.render(values=values, name="regcache", namespace="regcache")
+    objects = [o for path, text in rendered.items() if path.endswith(".yaml")
+               for o in yaml.safe_load_all(text) if o]
+    assert any(o["kind"] == "Deployment" for o in objects)
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+
+
+def test_the_install_command_is_documented():
+    """
+    docs/kubernetes.md shows `helm install regcache ./chart/regcache --set ...`,
+    the command the README's deploy section uses.
+    """
+    assert any(where.startswith("kubernetes.md") and sets for where, sets in helm_commands())
