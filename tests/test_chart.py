@@ -717,3 +717,20 @@ def test_logs_are_json_by_default_and_plain_text_on_request():
     assert ctr["command"] == ["twistd", "-n", "--pidfile=", "--logger=regcache.logs.json", "regcache"]
     assert "args" not in ctr
     assert "command" not in container(render({"logFormat": "text"})[0])
+
+
+def test_helm_test_gets_v2_through_the_service_with_regcache_image():
+    """
+    `helm test` runs a hook Pod from regcache's own image (no Docker Hub
+    pull) that GETs /v2/ through the Service, as locked down as the server.
+    """
+    objects, _ = render(SEED)
+    pod = only(objects, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (ctr,) = pod["spec"]["containers"]
+    assert ctr["image"] == container(objects)["image"]
+    assert f"http://{RELEASE}:5000/v2/" in ctr["command"][-1]
+    compile(ctr["command"][-1], "test-connection", "exec")
+    assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["imagePullSecrets"] == pod_spec(objects)["imagePullSecrets"]
