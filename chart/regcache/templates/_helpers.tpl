@@ -76,6 +76,20 @@ The Secret holding the upstream credentials, or "" when there are none.
 {{- end }}
 
 {{/*
+The pod's imagePullSecrets: the listed ones, plus the chart-made one.
+*/}}
+{{- define "regcache.imagePullSecrets" -}}
+{{- $pullSecrets := .Values.imagePullSecrets }}
+{{- if .Values.imageCredentials.create }}
+{{- $pullSecrets = append $pullSecrets (dict "name" (include "regcache.imagePullSecretName" .)) }}
+{{- end }}
+{{- with $pullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
 REGCACHE_MAX_SIZE: cache.maxSize if set, else maxSizePercent of
 persistence.size, in MiB, so eviction starts before the volume is full and
 writes fail.  The schema only lets plain Kubernetes quantities through.
@@ -119,13 +133,8 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
 spec:
-  {{- $pullSecrets := $root.Values.imagePullSecrets }}
-  {{- if $root.Values.imageCredentials.create }}
-  {{- $pullSecrets = append $pullSecrets (dict "name" (include "regcache.imagePullSecretName" $root)) }}
-  {{- end }}
-  {{- with $pullSecrets }}
-  imagePullSecrets:
-    {{- toYaml . | nindent 4 }}
+  {{- with include "regcache.imagePullSecrets" $root }}
+  {{- . | nindent 2 }}
   {{- end }}
   serviceAccountName: {{ include "regcache.serviceAccountName" $root }}
   automountServiceAccountToken: {{ $root.Values.serviceAccount.automount }}
