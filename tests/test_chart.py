@@ -642,6 +642,7 @@ def test_external_name_service_refuses_scale_out():
     ({"replicas": 2}, "replicas"),
     ({"upstream": {"url": "registry-1.docker.io"}}, "/upstream/url"),
     ({"upstream": {"url": "https://mirror.example/v2?x=1"}}, "/upstream/url"),
+    ({"upstream": {"url": "https://user:pw@mirror.example"}}, "/upstream/url"),
     ({"upstream": {"password": "token-without-user"}}, "/upstream/username"),
     ({"cache": {"tagTTL": "a minute"}}, "/cache/tagTTL"),
     ({"cache": {"maxSizePercent": 120}}, "/cache/maxSizePercent"),
@@ -668,7 +669,8 @@ def test_schema_accepts_what_the_docs_show():
     _chart().validate_schema({
         "replicaCount": 3,
         "image": {"repository": "registry.example.com/regcache", "tag": "0.1.0"},
-        "upstream": {"existingSecret": "hub", "connectTimeout": "3s"},
+        "upstream": {"existingSecret": "hub", "connectTimeout": "3s",
+                     "url": "https://artifactory.example/api/docker/hub"},
         "cache": {"maxStale": "unlimited", "maxSize": "", "tagTTL": "90"},
         "service": {"type": "NodePort", "nodePort": 30500},
         "persistence": {"size": "1.5Ti", "storageClass": "-"},
