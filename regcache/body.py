@@ -180,7 +180,7 @@ class _ChunkSender(_Sender):
                 self.log.error("Blob file ended early at byte {pos}", pos=self.pos)
                 return self._abort()
             self.pos += len(data)
-            self.metrics.served_bytes.inc(len(data))
+            self.metrics.served_bytes.labels("read").inc(len(data))
             self.request.write(data)
 
 
@@ -254,7 +254,7 @@ class _SendfileSender(_Sender):
             return self._abort()
         self.pos += sent
         self.request.sentLength += sent
-        self.metrics.served_bytes.inc(sent)
+        self.metrics.served_bytes.labels("sendfile").inc(sent)
         if self.pos >= self.end:
             self._finish()
 

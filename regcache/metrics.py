@@ -66,8 +66,12 @@ class Metrics:
             "regcache_upstream_blob_bytes", "Blob bytes received from upstream", ["upstream"], registry=r
         )
         self.served_bytes = Counter(
-            "regcache_served_blob_bytes", "Blob bytes sent to clients", registry=r
+            "regcache_served_blob_bytes",
+            "Blob bytes sent to clients, by sender: sendfile (plain TCP) or read (TLS and other transports)",
+            ["sender"], registry=r,
         )
+        for sender in ("sendfile", "read"):
+            self.served_bytes.labels(sender)
         self.fills = Counter(
             "regcache_blob_fills", "Blob downloads into the cache by outcome", ["result"], registry=r
         )

@@ -1,0 +1,248 @@
+# test-case-name: tests.integration.test_serving
+"""
+The two ways regcache sends a cached blob, on real sockets: ``sendfile`` on a
+plain TCP listener, and the ``pread`` producer on TLS (where the kernel
+cannot copy file to socket).  Both must send exactly the same bytes, for the
+whole blob and for ranges, and both must stop sending to a client that stops
+reading instead of buffering the blob in memory.
+
+The blob is put straight into the storage directory: a file under ``blobs/``
+is a cached blob, so no upstream is needed (regcache is pointed at a closed
+port).
+"""
+
+import datetime
+import hashlib
+import http.client
+import os
+import re
+import socket
+import ssl
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.integration.procs import Regcache, closed_port, free_port
+
+MiB = 1024 * 1024
+#: Not a multiple of any chunk or sendfile size, so every edge is exercised.
+SIZE = 8 * MiB + 12345
+#: For backpressure: far larger than any socket buffer.
+BIG = 96 * MiB
+
+
+def _blob(size: int, seed: bytes):
+    data = hashlib.shake_256(seed).digest(size)
+    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _cache(storage, data: bytes, digest: str) -> None:
+    hexd = digest.split(":")[1]
+    d = storage / "blobs" / "sha256" / hexd[:2]
+    d.mkdir(parents=True, exist_ok=True)
+    (d / hexd).write_bytes(data)
+
+
+def _self_signed(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = tmp_path / "tls.key", tmp_path / "tls.crt"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class Server:
+    """One regcache process on a plain or a TLS listener."""
+
+    def __init__(self, storage, tls=None):
+        self.tls = tls
+        self.port = free_port()
+        listen = f"tcp:{self.port}:interface=127.0.0.1"
+        if tls:
+            key, cert = tls
+            listen = f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        # The later --listen wins over the plain one procs.Regcache puts first.
+        self.proc = Regcache(str(storage), f"http://127.0.0.1:{closed_port()}", ["--listen", listen],
+                             port=self.port)
+        self.context = ssl.create_default_context()
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE
+
+    def start(self) -> "Server":
+        self.proc.start(wait=False)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.request("/readyz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if self.proc.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"regcache did not start: {self.proc.log()[-2000:]}")
+            time.sleep(0.05)
+
+    def connection(self, timeout: float = 60):
+        if self.tls:
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=self.context)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, path: str, headers=None, method: str = "GET"):
+        c = self.connection()
+        try:
+            c.request(method, path, headers=headers or {})
+            r = c.getresponse()
+            return r.status, r.headers, r.read()
+        finally:
+            c.close()
+
+    def raw_socket(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        # A small receive buffer, so "the client stopped reading" is reached
+        # after little data whatever the kernel's autotuning would allow.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        if self.tls:
+            s = self.context.wrap_socket(s)
+        return s
+
+    def served(self, sender: str) -> float:
+        _, _, text = self.request("/metrics")
+        m = re.search(rf'^regcache_served_blob_bytes_total{{sender="{sender}"}} (\S+)$', text.decode(), re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.proc.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    storage = tmp_path / "store"
+    small, small_digest = _blob(SIZE, b"serving")
+    big, big_digest = _blob(BIG, b"backpressure")
+    _cache(storage, small, small_digest)
+    _cache(storage, big, big_digest)
+    return storage, {"small": (small, small_digest), "big": (big, big_digest)}
+
+
+@pytest.fixture
+def servers(tmp_path, blobs):
+    storage, _ = blobs
+    plain = Server(storage).start()
+    tls = Server(storage, _self_signed(tmp_path)).start()
+    yield {"sendfile": plain, "read": tls}
+    plain.stop()
+    tls.stop()
+
+
+RANGES = [
+    ("bytes=0-0", 0, 1),
+    ("bytes=0-", 0, SIZE),
+    ("bytes=100-", 100, SIZE),
+    ("bytes=-1000", SIZE - 1000, SIZE),
+    ("bytes=1048576-2097151", MiB, 2 * MiB),
+    (f"bytes={SIZE - 1}-{SIZE + 50}", SIZE - 1, SIZE),
+    ("bytes=262143-8388608", 256 * 1024 - 1, 8 * MiB + 1),
+]
+
+
+def test_sendfile_and_fallback_send_identical_bytes(servers, blobs):
+    """
+    The whole blob and every range come out byte-identical over plain TCP
+    (sendfile) and over TLS (pread producer), and each listener really used
+    its own sender.
+    """
+    _, cached = blobs
+    data, digest = cached["small"]
+    path = f"/v2/library/app/blobs/{digest}"
+    for sender, server in servers.items():
+        status, headers, body = server.request(path)
+        assert status == 200, sender
+        assert headers["Content-Length"] == str(SIZE)
+        assert body == data, sender
+        for spec, start, end in RANGES:
+            status, headers, body = server.request(path, {"Range": spec})
+            assert status == 206, (sender, spec)
+            assert headers["Content-Range"] == f"bytes {start}-{end - 1}/{SIZE}", (sender, spec)
+            assert body == data[start:end], (sender, spec)
+        status, headers, _ = server.request(path, {"Range": f"bytes={SIZE}-"})
+        assert status == 416 and headers["Content-Range"] == f"bytes */{SIZE}", sender
+    assert servers["sendfile"].served("sendfile") > 0
+    assert servers["sendfile"].served("read") == 0
+    assert servers["read"].served("read") > 0
+    assert servers["read"].served("sendfile") == 0
+
+
+def test_many_requests_on_one_keepalive_connection(servers, blobs):
+    """
+    Bodies sent behind the transport's back (sendfile) leave the HTTP
+    connection usable: several blobs and ranges in a row on one connection.
+    """
+    _, cached = blobs
+    data, digest = cached["small"]
+    path = f"/v2/library/app/blobs/{digest}"
+    for sender, server in servers.items():
+        c = server.connection()
+        try:
+            for spec, start, end in RANGES[:4] + RANGES[:4]:
+                c.request("GET", path, headers={"Range": spec})
+                r = c.getresponse()
+                assert r.status == 206 and r.read() == data[start:end], (sender, spec)
+            c.request("GET", path)
+            r = c.getresponse()
+            assert r.read() == data, sender
+        finally:
+            c.close()
+
+
+@pytest.mark.parametrize("sender", ["sendfile", "read"])
+def test_client_that_stops_reading_gets_backpressure(servers, blobs, sender):
+    """
+    A client that asks for a big blob and reads nothing makes the sender
+    pause: only what the socket buffers hold is sent, the server's memory
+    does not grow by the blob, and once the client reads, it gets every byte.
+    """
+    server = servers[sender]
+    _, cached = blobs
+    data, digest = cached["big"]
+    before_rss, before_sent = server.rss_mib(), server.served(sender)
+    s = server.raw_socket()
+    try:
+        s.sendall(f"GET /v2/library/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # Give the server every chance to overrun the client: it would take
+        # a fraction of this to push the whole blob out.
+        time.sleep(1.5)
+        sent = server.served(sender) - before_sent
+        assert sent < BIG / 4, f"{sender}: {sent} of {BIG} bytes sent to a client that reads nothing"
+        assert server.rss_mib() - before_rss < 32, f"{sender}: server memory grew with the blob"
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += s.recv(65536)
+        head, body = received.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200")
+        h = hashlib.sha256(body)
+        got = len(body)
+        while got < BIG:
+            chunk = s.recv(1024 * 1024)
+            assert chunk, f"connection closed after {got} of {BIG} bytes"
+            h.update(chunk)
+            got += len(chunk)
+        assert got == BIG and "sha256:" + h.hexdigest() == digest
+    finally:
+        s.close()
