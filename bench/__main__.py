@@ -63,6 +63,14 @@ class Run:
     def add(self, where: dict, key: str, value) -> None:
         where.setdefault(key, []).append(value)
 
+    def settle(self) -> None:
+        """
+        Flush dirty pages and pause, so writeback left by one phase (regcache
+        fsyncs its fills, distribution does not) is not charged to the next.
+        """
+        os.sync()
+        time.sleep(1)
+
     def attempt(self, what: str, f, *args, **kw):
         """Run one measurement; a failure is recorded, not fatal."""
         try:
@@ -84,7 +92,7 @@ class Run:
         for image in self.images.values():
             servers.push(self.upstream, image)
         self.r["meta"].update({
-            "large_mib": self.args.large_mib, "reps": self.reps, "duration_s": self.args.duration,
+            "large_mib": self.args.large_mib, "reps": self.reps, "heavy_reps": self.args.heavy_reps, "duration_s": self.args.duration,
             "connections": self.args.connections, "clients": self.args.clients, "cores": os.cpu_count(),
             "images": {k: {"digest": v.digest, "bytes": v.size} for k, v in self.images.items()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -94,6 +102,7 @@ class Run:
     def pulls(self) -> None:
         """Cold then warm pull of every image, and a direct pull from the upstream for scale."""
         for rep in range(self.reps):
+            self.settle()
             log(f"pulls, repetition {rep + 1}/{self.reps}")
             d = self.r["direct"].setdefault("pull", {})
             for name, image in self.images.items():
@@ -117,9 +126,11 @@ class Run:
 
     def concurrent(self) -> None:
         """8 cold pulls of the large image at once, on a fresh mirror each time."""
-        for rep in range(self.reps):
-            log(f"8 concurrent cold pulls, repetition {rep + 1}/{self.reps}")
+        reps = self.args.heavy_reps
+        for rep in range(reps):
+            log(f"8 concurrent cold pulls, repetition {rep + 1}/{reps}")
             for label in MIRRORS:
+                self.settle()
                 m = self.start(label)
                 since = self.upstream.log_offset()
                 c = self.r[label].setdefault("concurrent", {})
@@ -128,6 +139,11 @@ class Run:
                 serves = self._settled_serves(since)
                 self.add(c, "gets", serves["gets"])
                 self.add(c, "amplification_bytes", serves["bytes"] / self.large_layer["size"])
+                # The same 8 pulls again, now warm: what the clients alone
+                # cost on this machine, the floor for any mirror.
+                self.settle()
+                self.add(c, "warm_wall", self.attempt(f"{label} 8 concurrent warm", measure.concurrent_pulls,
+                                                      m.host, self.large, self.args.clients))
                 usage = self.retire(m)
                 self.add(c, "rss_mib", usage.get("rss_mib"))
                 self.add(c, "cpu_s", usage.get("cpu_s"))
@@ -151,6 +167,7 @@ class Run:
         targets = {"nginx": nginx.url}
         targets.update({label: self.warm[label].url + path for label in MIRRORS})
         try:
+            self.settle()
             for rep in range(self.reps):
                 log(f"warm blob throughput, repetition {rep + 1}/{self.reps}")
                 for label, url in targets.items():
@@ -165,8 +182,10 @@ class Run:
     def manifests(self) -> None:
         """Requests/s and p99 of cached manifest GET and HEAD, by digest and by tag."""
         secs, conns = self.args.duration, self.args.connections
-        for rep in range(self.reps):
-            log(f"manifest load, repetition {rep + 1}/{self.reps}")
+        reps = self.args.heavy_reps
+        self.settle()
+        for rep in range(reps):
+            log(f"manifest load, repetition {rep + 1}/{reps}")
             for label in MIRRORS:
                 m = self.warm[label]
                 image = self.images["small"]
@@ -254,7 +273,9 @@ class Run:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (median kept)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions of pulls and streams (median kept)")
+    p.add_argument("--heavy-reps", type=int, default=3,
+                   help="repetitions of the 8-concurrent pulls and the manifest loads")
     p.add_argument("--large-mib", type=int, default=512, help="size of the large image's layer")
     p.add_argument("--duration", type=int, default=3, help="seconds of each manifest load")
     p.add_argument("--connections", type=int, default=32, help="connections of each manifest load")
@@ -277,7 +298,9 @@ def main(argv=None) -> int:
                     for label, m in run.warm.items():
                         for image in run.images.values():
                             measure.pull(m.host, image, full_hash=False)
+                t = time.monotonic()
                 getattr(run, phase)()
+                run.r["meta"].setdefault("phase_s", {})[phase] = round(time.monotonic() - t, 1)
         run.finish()
     except KeyboardInterrupt:
         log("interrupted")

@@ -52,8 +52,9 @@ def targets(res: dict) -> List[dict]:
 
     wall, ref_wall = _m(conc.get("wall")), _m(ref.get("concurrent", {}).get("wall"))
     r = _ratio(wall, ref_wall)
+    floor = _m(conc.get("warm_wall"))
     row("8-concurrent cold wall time", "≤ 0.5× reference", r, r is not None and r <= 0.5,
-        f"{_fmt(wall)} s vs {_fmt(ref_wall)} s")
+        f"{_fmt(wall)} s vs {_fmt(ref_wall)} s; the same 8 pulls warm take {_fmt(floor)} s")
 
     cold, dpull = _m(rc.get("cold", {}).get("large")), _m(direct.get("pull", {}).get("large"))
     r = _ratio(cold, dpull)
@@ -116,7 +117,8 @@ def _gb(v) -> str:
 def markdown(res: dict) -> str:
     meta = res["meta"]
     lines = [
-        f"Run of {meta.get('started', '?')}: {meta.get('reps')} repetitions (medians), "
+        f"Run of {meta.get('started', '?')}: medians of {meta.get('reps')} repetitions "
+        f"({meta.get('heavy_reps')} for 8-concurrent pulls and manifest loads), "
         f"large layer {meta.get('large_mib')} MiB, {meta.get('cores')} cores, "
         f"{meta.get('wall_s', 0):.0f} s in all.",
         "",
@@ -138,6 +140,7 @@ def markdown(res: dict) -> str:
     lines.append(f"| upstream serves of the large blob, 1 cold pull | {_fmt(_m(rc.get('single_serves')), 0)} | "
                  f"{_fmt(_m(ref.get('single_serves')), 0)} | |")
     for key, label, digits in (("wall", "8 concurrent cold pulls, wall (s)", 2),
+                               ("warm_wall", "8 concurrent warm pulls, wall (s): the clients' floor", 2),
                                ("gets", "8 concurrent: upstream serves of the blob", 0),
                                ("amplification_bytes", "8 concurrent: upstream bytes / blob size", 2),
                                ("rss_mib", "8 concurrent: peak RSS (MiB)", 0),
