@@ -113,8 +113,10 @@ class Run:
                 warm = self.r[label].setdefault("warm", {})
                 since = self.upstream.log_offset()
                 for name, image in self.images.items():
+                    before = m.process.usage()
                     self.add(cold, name, self.attempt(f"{label} cold {name}", measure.pull, m.host, image))
                     if name == "large":
+                        self.add(self.r[label], "cpu_cold_large", m.process.usage()["cpu_s"] - before["cpu_s"])
                         time.sleep(0.5)  # let the upstream's log catch up
                         self.add(self.r[label], "single_serves",
                                  self.upstream.blob_serves(self.large_layer["digest"], since)["gets"])
@@ -133,10 +135,12 @@ class Run:
                 self.settle()
                 m = self.start(label)
                 since = self.upstream.log_offset()
+                upstream_cpu = self.upstream.cpu_s()
                 c = self.r[label].setdefault("concurrent", {})
                 self.add(c, "wall", self.attempt(f"{label} 8 concurrent", measure.concurrent_pulls,
                                                  m.host, self.large, self.args.clients))
                 serves = self._settled_serves(since)
+                self.add(c, "upstream_cpu_s", self.upstream.cpu_s() - upstream_cpu)
                 self.add(c, "gets", serves["gets"])
                 self.add(c, "amplification_bytes", serves["bytes"] / self.large_layer["size"])
                 # The same 8 pulls again, now warm: what the clients alone

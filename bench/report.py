@@ -137,6 +137,8 @@ def markdown(res: dict) -> str:
     for name in ("small", "medium", "large", "multi"):
         lines.append(f"| warm pull {name} (s) | {_fmt(_m(rc.get('warm', {}).get(name)))} | "
                      f"{_fmt(_m(ref.get('warm', {}).get(name)))} | |")
+    lines.append(f"| CPU seconds of the mirror, 1 cold pull of the large image | {_fmt(_m(rc.get('cpu_cold_large')))} | "
+                 f"{_fmt(_m(ref.get('cpu_cold_large')))} | |")
     lines.append(f"| upstream serves of the large blob, 1 cold pull | {_fmt(_m(rc.get('single_serves')), 0)} | "
                  f"{_fmt(_m(ref.get('single_serves')), 0)} | |")
     for key, label, digits in (("wall", "8 concurrent cold pulls, wall (s)", 2),
@@ -144,7 +146,8 @@ def markdown(res: dict) -> str:
                                ("gets", "8 concurrent: upstream serves of the blob", 0),
                                ("amplification_bytes", "8 concurrent: upstream bytes / blob size", 2),
                                ("rss_mib", "8 concurrent: peak RSS (MiB)", 0),
-                               ("cpu_s", "8 concurrent: CPU seconds of the mirror", 1)):
+                               ("cpu_s", "8 concurrent: CPU seconds of the mirror", 1),
+                               ("upstream_cpu_s", "8 concurrent: CPU seconds of the upstream (registry, tokens, switch)", 1)):
         lines.append(f"| {label} | {_fmt(_m(rc.get('concurrent', {}).get(key)), digits)} | "
                      f"{_fmt(_m(ref.get('concurrent', {}).get(key)), digits)} | |")
     for n in (1, meta.get("clients", 8)):

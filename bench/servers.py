@@ -214,6 +214,10 @@ class Upstream:
         wait_http(f"http://127.0.0.1:{self.token_switch_port}/token", registry.proc)
         return self
 
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the upstream registry, its token server and the switch."""
+        return sum(p.usage().get("cpu_s", 0.0) for p in self.processes)
+
     def switch(self, mode: str) -> None:
         from bench.switch import set_mode
 
