@@ -204,6 +204,39 @@ class Run:
                     self.add(load, f"head_{by}", self.attempt(f"{label} HEAD by {by}", measure.ab_head, url, secs, conns))
                 self._add_cpu(label, "cpu_manifests", before)
 
+    def mixed(self) -> None:
+        """
+        Cached manifest GETs while 8 streams of the large blob run: does a
+        busy blob path starve the small requests?  (Not a target of the
+        issue; it is what a mirror under real load looks like.)
+        """
+        import threading
+
+        blob = self.large_layer
+        small = self.images["small"]
+        reps = self.args.heavy_reps
+        for rep in range(reps):
+            log(f"manifest load during blob streams, repetition {rep + 1}/{reps}")
+            for label in MIRRORS:
+                m = self.warm[label]
+                blob_url = f"{m.url}/v2/{self.large.name}/blobs/{blob['digest']}"
+                stop = threading.Event()
+
+                def streams():
+                    deadline = time.monotonic() + self.args.duration + 30
+                    while not stop.is_set() and time.monotonic() < deadline:
+                        self.attempt(f"{label} streams under load", measure.streams, blob_url,
+                                     self.args.clients, blob["size"])
+
+                t = threading.Thread(target=streams)
+                t.start()
+                time.sleep(0.5)
+                url = f"{m.url}/v2/{small.name}/manifests/{small.digest}"
+                got = self.attempt(f"{label} GET during streams", measure.wrk, url, self.args.duration, 4)
+                stop.set()
+                t.join()
+                self.add(self.r[label].setdefault("manifest", {}), "get_digest_busy", got)
+
     def outage(self) -> None:
         """
         A cached tag pull while the upstream is stopped (refused) and
@@ -288,16 +321,16 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
-    p.add_argument("--phases", default="pulls,concurrent,throughput,manifests,outage")
+    p.add_argument("--phases", default="pulls,concurrent,throughput,manifests,mixed,outage")
     args = p.parse_args(argv)
     phases = args.phases.split(",")
     run = Run(args)
     started = time.monotonic()
     try:
         run.setup()
-        for phase in ("pulls", "concurrent", "throughput", "manifests", "outage"):
+        for phase in ("pulls", "concurrent", "throughput", "manifests", "mixed", "outage"):
             if phase in phases:
-                if phase in ("throughput", "manifests", "outage") and not run.warm:
+                if phase in ("throughput", "manifests", "mixed", "outage") and not run.warm:
                     run.warm = {label: run.start(label) for label in MIRRORS}
                     for label, m in run.warm.items():
                         for image in run.images.values():

@@ -155,8 +155,10 @@ def markdown(res: dict) -> str:
                      f"{_gb(_stream(res['nginx'], n))} |")
     lines.append(f"| CPU seconds per throughput repetition | {_fmt(_m(rc.get('cpu_streams')), 1)} | "
                  f"{_fmt(_m(ref.get('cpu_streams')), 1)} | |")
-    for key in ("get_digest", "head_digest", "get_tag", "head_tag"):
-        lines.append(f"| manifest {key.replace('_', ' by ')}: req/s, p99 ms, errors | "
+    for key in ("get_digest", "head_digest", "get_tag", "head_tag", "get_digest_busy"):
+        name = "manifest GET by digest, 4 connections, during 8 blob streams" if key == "get_digest_busy" \
+            else f"manifest {key.replace('_', ' by ')}"
+        lines.append(f"| {name}: req/s, p99 ms, errors | "
                      f"{_fmt(_load(rc, key), 0)}, {_fmt(_load(rc, key, 'p99_ms'), 1)}, {_fmt(_load(rc, key, 'errors'), 0)} | "
                      f"{_fmt(_load(ref, key), 0)}, {_fmt(_load(ref, key, 'p99_ms'), 1)}, {_fmt(_load(ref, key, 'errors'), 0)} | |")
     lines.append(f"| CPU seconds per manifest-load repetition | {_fmt(_m(rc.get('cpu_manifests')), 1)} | "
