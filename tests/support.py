@@ -96,6 +96,22 @@ def blob(size: int, seed: bytes = b"x"):
     return data, Digest("sha256", hashlib.sha256(data).hexdigest())
 
 
+def conformance_cases(data: bytes):
+    """
+    PROTOCOL.md §6's Range table on ``data`` (2048 bytes there): (Range,
+    status, Content-Range, body) for each row.
+    """
+    n = len(data)
+    return [
+        ("bytes=500-1499", 206, f"bytes 500-1499/{n}", data[500:1500]),
+        ("bytes=500-", 206, f"bytes 500-{n - 1}/{n}", data[500:]),
+        ("bytes=-500", 206, f"bytes {n - 500}-{n - 1}/{n}", data[-500:]),
+        ("bytes=2000-5000", 206, f"bytes 2000-{n - 1}/{n}", data[2000:]),
+        ("bytes=500-0", 416, f"bytes */{n}", b""),
+        ("bytes=5000-10000", 416, f"bytes */{n}", b""),
+    ]
+
+
 class Rig:
     """
     The real routes, mirror, fills and store over a hand-fed upstream, on a
