@@ -142,6 +142,12 @@ class RegistryRoutes:
     async def _blob(self, request, route, reference):
         digest = Digest.parse(reference)
         answer = await self.mirror.blob(route, digest)
+        try:
+            return await self._send_blob(request, digest, answer)
+        finally:
+            answer.release()
+
+    async def _send_blob(self, request, digest, answer):
         request.cache_result = answer.cache
         size = answer.size
         try:

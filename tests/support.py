@@ -6,9 +6,13 @@ They let a test stop time between any two chunks of a download and look at
 what every client has received, which no real network allows.
 """
 
+import contextlib
+import errno
 import hashlib
 import os
+import subprocess
 import tempfile
+import unittest
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -118,8 +122,8 @@ class Rig:
     MemoryReactorClock.
     """
 
-    def __init__(self, upstream=None):
-        self.root = tempfile.mkdtemp(prefix="regcache-test-")
+    def __init__(self, upstream=None, root=None):
+        self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
         self.metrics = Metrics()
         self.store = Store(self.root, inline, self.reactor.seconds)
@@ -190,3 +194,36 @@ class Client:
 
     def hang_up(self):
         self.channel.connectionLost(Failure(ConnectionError("client went away")))
+
+
+@contextlib.contextmanager
+def small_filesystem(size: str):
+    """
+    A tmpfs of ``size`` (e.g. ``"256k"``) mounted on a fresh directory for
+    the block, unmounted after.  Needs root; skips the test with the reason
+    when mounting is impossible here.
+    """
+    path = tempfile.mkdtemp(prefix="regcache-smallfs-")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        os.rmdir(path)
+        raise unittest.SkipTest(f"cannot mount a {size} tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+        os.rmdir(path)
+
+
+def fill_up(path: str) -> None:
+    """Write a filler file until the filesystem at ``path`` is full."""
+    fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
