@@ -89,7 +89,7 @@ class Mirror:
 
     async def _fetch_manifest(self, route, digest: Digest, accept: List[str]) -> Manifest:
         try:
-            m = await route.upstream.get_manifest(route.name, str(digest), accept, digest)
+            m = await route.upstream.get_manifest(route.name, str(digest), accept, digest, retry=True)
         except UpstreamNotFound:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}@{digest}")
         except UpstreamError as e:
@@ -134,7 +134,9 @@ class Mirror:
         return ManifestAnswer(digest, entry.media_type, entry.size, None, cache, warning)
 
     async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known) -> TagEntry:
-        info = await route.upstream.head_manifest(route.name, tag, accept)
+        # With a copy to fall back on, fail fast: a stale answer now beats a
+        # fresh one after retries.  Without one, retrying is all there is.
+        info = await route.upstream.head_manifest(route.name, tag, accept, retry=known is None)
         now = self.clock.seconds()
         if info is None:
             # Upstream answered the HEAD but named no digest: only a GET can

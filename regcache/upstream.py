@@ -157,7 +157,7 @@ class Upstream:
 
     # The pull API
 
-    async def head_manifest(self, name: str, reference: str, accept) -> Optional[ManifestInfo]:
+    async def head_manifest(self, name: str, reference: str, accept, retry: bool = False) -> Optional[ManifestInfo]:
         """
         Resolve a reference with a HEAD, which Docker Hub does not count as a
         pull.  Returns None when upstream answered 200 but named no digest
@@ -165,7 +165,7 @@ class Upstream:
         into a counted GET here.
         """
         response, _ = await self._request(
-            "HEAD", f"/v2/{name}/manifests/{reference}", "manifest", name, _accept(accept)
+            "HEAD", f"/v2/{name}/manifests/{reference}", "manifest", name, _accept(accept), retry
         )
         await self._drain(response)
         self._expect(response, (200,), "manifest")
@@ -179,13 +179,15 @@ class Upstream:
             raise UpstreamError(f"upstream sent a bad Docker-Content-Digest: {digest[:100]!r}", 502)
         return ManifestInfo(parsed, media_type, content_length(response.headers))
 
-    async def get_manifest(self, name: str, reference: str, accept, expect: Optional[Digest] = None) -> Manifest:
+    async def get_manifest(
+        self, name: str, reference: str, accept, expect: Optional[Digest] = None, retry: bool = False
+    ) -> Manifest:
         """
         GET a manifest (a counted pull on Docker Hub) and check its bytes
         against the digest asked for, or the one upstream announced.
         """
         response, _ = await self._request(
-            "GET", f"/v2/{name}/manifests/{reference}", "manifest", name, _accept(accept)
+            "GET", f"/v2/{name}/manifests/{reference}", "manifest", name, _accept(accept), retry
         )
         if response.code != 200:
             await self._drain(response)
@@ -260,8 +262,9 @@ class Upstream:
 
     async def _request(self, method: str, path: str, kind: str, name: str, extra, retry: bool = False):
         """
-        One authenticated request, retried with jittered backoff when it is
-        idempotent and the failure is one a retry can cure.
+        One authenticated request, as (response, Authorization sent),
+        retried with jittered backoff when the caller allows it and the
+        failure is one a retry can cure (a transport error or a 5xx).
         """
         if not retry:
             return await self._authenticated(method, path, kind, name, extra)
@@ -331,6 +334,7 @@ class Upstream:
         return response, authorization
 
     async def _send(self, method: str, url: str, headers: Headers, kind: str):
+        started = self.clock.seconds()
         try:
             d = self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
             response = await d.addTimeout(self.timeouts.header, self.clock)
@@ -342,8 +346,10 @@ class Upstream:
             raise UpstreamError(f"{method} {kind}: {e.__class__.__name__}: {e}") from None
         self._count(method, kind, str(response.code))
         self.metrics.observe_ratelimit(self.key, response.headers, self.clock.seconds())
-        self.log.debug(
-            "upstream {method} {url} {code}", method=method, url=url, code=response.code, kind=kind
+        self.log.info(
+            "upstream {method} {url} {status} in {took:.3f}s",
+            method=method, url=url.split("?")[0], status=response.code, kind=kind,
+            took=self.clock.seconds() - started, upstream=self.key, event="upstream",
         )
         return response
 

@@ -1,0 +1,1 @@
+"""Test fixtures: deterministic images, a fake Docker Hub, a real docker-registry."""

@@ -1,0 +1,3 @@
+from tests.fakes.serve import main
+
+main()

@@ -1,0 +1,109 @@
+"""
+Real processes for integration tests: regcache under twistd, on loopback.
+
+pytest holds no reactor: every server a test talks to is a subprocess, and
+the test talks to it with plain sockets, urllib, skopeo or ctr.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: where client fallbacks are sent to die."""
+    return free_port()
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout}s")
+            time.sleep(0.05)
+
+
+class Regcache:
+    """
+    ``twistd -n regcache`` as a subprocess on 127.0.0.1, its log in a file
+    under the storage's parent directory.
+    """
+
+    def __init__(self, storage: str, upstream: str, args: List[str] = (), env=None, port: int = None):
+        self.storage = storage
+        self.upstream = upstream
+        self.args = list(args)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = f"127.0.0.1:{self.port}"
+        self.log_path = storage.rstrip("/") + ".log"
+        self.env = dict(os.environ, **(env or {}))
+        self.env["PYTHONPATH"] = REPO + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, wait: bool = True) -> "Regcache":
+        cmd = [
+            TWISTD, "-n", "--pidfile=", "-l", self.log_path, "regcache",
+            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--storage", self.storage, "--upstream", self.upstream, *self.args,
+        ]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if wait:
+            wait_http(self.url + "/readyz", proc=self.proc)
+        return self
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def restart(self) -> "Regcache":
+        self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def get(self, path: str, method: str = "GET", headers=None, timeout: float = 60):
+        """(status, headers, body) of one request; errors are answers too."""
+        req = urllib.request.Request(self.url + path, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
