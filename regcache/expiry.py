@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -88,7 +88,12 @@ class Index:
         self.referrers: Dict[Digest, Set[Digest]] = {}
         self.pins: Dict[Digest, int] = {}
         self.stored = 0
+        #: Bytes downloads under way will take: what each announced, or what
+        #: it wrote if that is more.  Counted from the start, so room is
+        #: made before the bytes arrive.
         self.writing = 0
+        #: Bytes those downloads have actually written so far.
+        self.written = 0
         self.ready = False
         self.on_grow: Callable[[], None] = _noop
         self.on_full: Callable[[], None] = _noop
@@ -109,10 +114,14 @@ class Index:
 
     # What the store reports
 
-    def grow(self, n: int) -> None:
-        """``n`` bytes were written to (or, negative, dropped from) a temp file."""
-        self.writing += n
-        if n > 0:
+    def grow(self, counted: int, written: int = 0) -> None:
+        """
+        Downloads under way will take ``counted`` bytes more (fewer, when
+        negative), of which ``written`` are on disk now.
+        """
+        self.writing += counted
+        self.written += written
+        if counted > 0:
             self.on_grow()
 
     def add(self, digest: Digest, size: int, kind: str = BLOB, refs: Iterable[Digest] = ()) -> None:
@@ -293,8 +302,9 @@ class Expiry(Service):
         self.metrics = metrics
         self.index.on_grow = self.check
         self.index.on_full = self.full
-        self.evicting: Optional[Deferred] = None
-        self._again = False
+        #: Deletions under way.  Batches may overlap: each one's victims left
+        #: the index when they were chosen.
+        self.evicting: List[Deferred] = []
         self._loading: Optional[Deferred] = None
         self._stuck_until = 0.0
         self._loop = LoopingCall(self._periodic)
@@ -319,7 +329,9 @@ class Expiry(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        return self.evicting
+        if self.evicting:
+            return DeferredList(list(self.evicting))
+        return None
 
     def _load(self) -> None:
         started = self.clock.seconds()
@@ -370,7 +382,7 @@ class Expiry(Service):
         A write failed for lack of space: what the store holds now is what
         the disk can take.
         """
-        held = self.index.total
+        held = self.index.stored + self.index.written
         if self.learned is None or held < self.learned:
             self.learned = max(held, 1)
             self.log.warn(
@@ -385,9 +397,6 @@ class Expiry(Service):
         Choose victims now (on the reactor, so nothing can start reading
         them in between), then delete their files in a thread.
         """
-        if self.evicting is not None:
-            self._again = True
-            return
         try:
             limit = self.limit
             if limit is None:
@@ -397,36 +406,35 @@ class Expiry(Service):
             if not victims:
                 self._stuck_until = self.clock.seconds() + self.BACKOFF
                 self.log.warn(
-                    "Store holds {total} bytes, over its {limit} byte limit, and nothing more can be "
-                    "evicted: {pinned} entries in use, {writing} bytes being written",
-                    total=before, limit=limit, pinned=len(self.index.pins), writing=self.index.writing,
+                    "Store holds {total} bytes, past {high:.0%} of its {limit} byte limit, and nothing "
+                    "more can be evicted: {pinned} entries in use, {writing} bytes being written",
+                    total=before, high=self.HIGH, limit=limit, pinned=len(self.index.pins),
+                    writing=self.index.writing,
                 )
                 return
             for digest, _ in victims:
                 self.store.forget(digest)
             started = self.clock.seconds()
-            self.evicting = self.store.delete(victims)
+            deleting = self.store.delete(victims)
         except Exception:
             self.log.failure("Choosing what to evict failed")
             return
-        self.evicting.addBoth(self._evicted, victims, before, started)
+        self.evicting.append(deleting)
+        deleting.addBoth(self._evicted, deleting, victims, before, started)
 
-    def _evicted(self, result, victims, before: int, started: float) -> None:
-        self.evicting = None
+    def _evicted(self, result, deleting, victims, before: int, started: float) -> None:
+        self.evicting.remove(deleting)
         freed = sum(entry.size for _, entry in victims)
         if isinstance(result, Failure):
             self.log.failure("Deleting evicted files failed", result)
-        else:
-            manifests = sum(1 for _, e in victims if e.kind == MANIFEST)
-            self.log.info(
-                "Evicted {count} entries ({manifests} manifests), {freed} bytes, in {took:.3f}s: "
-                "store {before} -> {after} bytes (limit {limit})",
-                count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started,
-                before=before, after=self.index.total, limit=self.limit, event="evict",
-            )
-            if self.metrics is not None:
-                for _, entry in victims:
-                    self.metrics.evicted.labels(entry.kind).inc()
-        if self._again:
-            self._again = False
-            self.clock.callLater(0, self._periodic)
+            return
+        manifests = sum(1 for _, e in victims if e.kind == MANIFEST)
+        self.log.info(
+            "Evicted {count} entries ({manifests} manifests), {freed} bytes, in {took:.3f}s: "
+            "store {before} -> {after} bytes (limit {limit})",
+            count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started,
+            before=before, after=self.index.total, limit=self.limit, event="evict",
+        )
+        if self.metrics is not None:
+            for _, entry in victims:
+                self.metrics.evicted.labels(entry.kind).inc()

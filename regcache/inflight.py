@@ -237,6 +237,7 @@ class Fill:
             total, skip = self._extent(response)
             if self.size is None and total is not None:
                 self.size = total
+                self._writer.reserve(total)
                 self._fire_started()
             elif total is not None and total != self.size:
                 raise IntegrityError(f"upstream changed the size of {self.digest}")

@@ -76,8 +76,23 @@ class BlobWriter:
         self.length = 0
         self.closed = False
         self._hasher = digest.hasher()
-        #: Bytes of the temp file the index counts as being written.
+        #: What the index counts for this download: the announced size, or
+        #: the bytes written if more.  And the bytes actually on disk.
         self._counted = 0
+        self._on_disk = 0
+
+    def reserve(self, size: int) -> None:
+        """
+        The blob will be ``size`` bytes: count them now, so that eviction
+        makes room before they arrive rather than while they do.
+        """
+        self._count(size, 0)
+
+    def _count(self, counted: int, written: int) -> None:
+        extra = max(counted - self._counted, 0)
+        self._counted += extra
+        self._on_disk += written
+        self.store.index.grow(extra, written)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -85,8 +100,7 @@ class BlobWriter:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
-                self._counted += n
-                self.store.index.grow(n)
+                self._count(self._on_disk + n, n)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 self.store.index.on_full()
@@ -125,9 +139,9 @@ class BlobWriter:
         self.store.index.add(self.digest, self.length, BLOB)
 
     def _uncount(self) -> None:
-        if self._counted:
-            self.store.index.grow(-self._counted)
-            self._counted = 0
+        if self._counted or self._on_disk:
+            self.store.index.grow(-self._counted, -self._on_disk)
+            self._counted = self._on_disk = 0
 
     def discard(self) -> None:
         self._uncount()

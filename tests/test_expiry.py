@@ -150,22 +150,24 @@ class EvictionTests(Base):
 
     def test_blob_being_written_counts_but_is_never_chosen(self):
         """
-        Bytes of a download under way count toward the limit (so room is
-        made before the blob lands) but the download itself is untouchable.
+        A download under way counts toward the limit with its announced
+        size as soon as upstream answers, so room is made before its bytes
+        arrive; the download itself is untouchable.
         """
         digests = self.add(6)
         data, digest = blob(4000, b"big")
         c = self.rig.client(f"/v2/library/a/blobs/{digest}")
         body = FedBody(200, {b"Content-Length": [b"4000"]})
         self.rig.upstream.answer(0, body)
-        body.feed(data[:3600])
-        self.assertEqual(self.store.index.writing, 3600)
+        self.assertEqual((self.store.index.writing, self.store.index.written), (4000, 0))
         self.assertEqual(self.present(digests), [False, False] + [True] * 4)
+        body.feed(data[:3600])
+        self.assertEqual((self.store.index.writing, self.store.index.written), (4000, 3600))
         body.feed(data[3600:])
         body.end()
         self.assertEqual(c.body(), data)
         self.assertTrue(os.path.exists(self.store.blob_path(digest)))
-        self.assertEqual(self.store.index.writing, 0)
+        self.assertEqual((self.store.index.writing, self.store.index.written), (0, 0))
         self.assertLessEqual(self.store.index.total, self.limit * Expiry.HIGH)
 
     def test_evicted_blob_is_fetched_again(self):
