@@ -69,16 +69,16 @@ class RegcacheSite(Site):
 
     def log(self, request):  # noqa: F811 - twisted.web calls Site.log(request)
         path = request.path.decode("latin-1")
-        route = "v2" if path.startswith("/v2/") else path
-        for kind in ("manifests", "blobs", "tags"):
-            if f"/{kind}/" in path or path.endswith("/tags/list"):
-                route = kind if kind != "tags" or path.endswith("/tags/list") else route
-                break
+        route = path if not path.startswith("/v2/") else (
+            "manifests" if "/manifests/" in path else
+            "blobs" if "/blobs/" in path else
+            "tags" if path.endswith("/tags/list") else "v2"
+        )
         method = request.method.decode("latin-1")
         self.metrics.requests.labels(route, method, str(request.code)).inc()
         Logger(namespace="regcache.access").info(
-            "{method} {path} {status} {length} {cache}",
-            method=method, path=path, status=request.code, length=request.sentLength,
+            "{method} {uri} {status} {length} {cache}",
+            method=method, uri=request.uri.decode("latin-1"), status=request.code, length=request.sentLength,
             cache=getattr(request, "cache_result", "-"), error=getattr(request, "error_code", None),
             client=request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else None,
         )

@@ -18,9 +18,10 @@ from typing import List
 from tests.integration.procs import closed_port
 
 
-def skopeo_pull(ref: str, dest: str, creds: str = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def skopeo_pull(ref: str, dest: str, creds: str = None, extra=(), timeout: float = 300) -> subprocess.CompletedProcess:
+    """``skopeo copy docker://ref dir:dest`` over plain HTTP; skopeo never falls back."""
     shutil.rmtree(dest, ignore_errors=True)
-    cmd = ["skopeo", "copy", "--src-tls-verify=false"]
+    cmd = ["skopeo", "copy", "--src-tls-verify=false", *extra]
     if creds:
         cmd += ["--src-creds", creds]
     cmd += [f"docker://{ref}", f"dir:{dest}"]

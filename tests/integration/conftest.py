@@ -1,0 +1,62 @@
+"""
+Fixtures for real-process tests: the fake Docker Hub as a subprocess,
+regcache under twistd in front of it, and the images both serve.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.images import standard_images
+from tests.fakes.serve import FakeHubProcess
+from tests.integration.procs import Regcache
+
+#: Big enough to take many reads and writes, small enough for a 10-minute suite.
+LARGE = 110 * 1024 * 1024
+USERS = {"ci": "s3cret-token"}
+
+
+@pytest.fixture(scope="session")
+def images_dir():
+    d = Path(tempfile.mkdtemp(prefix="regcache-images-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def images(images_dir):
+    """The catalog the fake Hub serves, with the files behind it."""
+    return standard_images(images_dir, large_size=LARGE)
+
+
+@pytest.fixture
+def hub(images_dir, images):
+    with FakeHubProcess(images_dir, large_size=LARGE, users=USERS, private=["ci/private"]) as h:
+        yield h
+
+
+@pytest.fixture
+def regcache(tmp_path, hub):
+    """
+    A factory: ``regcache(*args)`` starts twistd regcache in front of the
+    fake Hub (with its account's credentials) and stops it after the test.
+    """
+    started = []
+    password = tmp_path / "password"
+    password.write_text(USERS["ci"] + "\n")
+
+    def start(*args, upstream=None, storage=None, credentials=True):
+        extra = ["--username", "ci", "--password-file", str(password)] if credentials else []
+        r = Regcache(storage or str(tmp_path / f"store{len(started)}"), upstream or hub.registry_url,
+                     [*extra, *args])
+        started.append(r)
+        return r.start()
+
+    yield start
+    for r in started:
+        r.stop()
+        if os.environ.get("REGCACHE_TEST_LOGS"):
+            print(r.log())
