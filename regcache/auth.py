@@ -160,7 +160,7 @@ class TokenCache:
                 "Token realm {realm} answered {code} for scope {scope}",
                 realm=challenge.realm, code=response.code, scope=scope,
             )
-            raise UpstreamError(f"token realm answered {response.code}", response.code if response.code >= 500 or response.code == 429 else None)
+            raise UpstreamError(f"token realm answered {response.code}", response.code)
         try:
             doc = json.loads(body)
             value = doc.get("token") or doc.get("access_token")

@@ -20,11 +20,12 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 
 from regcache.errors import IntegrityError, UpstreamError
 from regcache.reference import Digest
-from regcache.headers import content_length, header
+from regcache.headers import header
 
 
 class SingleFlight:
@@ -282,11 +283,19 @@ class Fill:
                 raise UpstreamError(f"upstream resumed at the wrong place: {value[:80]!r}", 502)
             if total.isdigit():
                 return int(total), 0
-            length = content_length(response.headers)
+            length = _length(response)
             return (start + length if length is not None else self.size), 0
-        length = content_length(response.headers)
         # A 200 to a resume is the whole blob again: skip what we have.
-        return length, self.written
+        return _length(response), self.written
+
+
+def _length(response) -> Optional[int]:
+    """
+    The body length upstream announced.  Twisted's client takes
+    Content-Length out of the headers and puts it here.
+    """
+    length = getattr(response, "length", UNKNOWN_LENGTH)
+    return None if length is UNKNOWN_LENGTH or length is None else length
 
 
 class Fills:

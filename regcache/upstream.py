@@ -210,13 +210,15 @@ class Upstream:
         Start a blob download, following redirects to a CDN here rather than
         passing them to the client, and sending Authorization only to the
         origin that asked for it.  Returns the response with its body unread:
-        200 for the whole blob, or 206 from ``offset`` when resuming.
+        200 for the whole blob, or 206 from ``offset`` when resuming.  A
+        failure anywhere on that path (registry or CDN) is retried.
         """
+        return await self._retrying("GET", f"blob {digest}", lambda: self._open_blob(name, digest, offset))
+
+    async def _open_blob(self, name: str, digest: Digest, offset: int):
         extra = {b"Range": [b"bytes=%d-" % offset]} if offset else {}
-        response, authorization = await self._request(
-            "GET", f"/v2/{name}/blobs/{digest}", "blob", name, extra, retry=True
-        )
         url = self.url + f"/v2/{name}/blobs/{digest}"
+        response, authorization = await self._authenticated("GET", url[len(self.url):], "blob", name, extra)
         hops = 0
         while response.code in REDIRECTS:
             location = header(response.headers, b"location")
@@ -234,6 +236,9 @@ class Upstream:
             if authorization:
                 headers.setRawHeaders(b"Authorization", [authorization])
             response = await self._send("GET", url, headers, "blob-redirect")
+            if response.code >= 500 or response.code == 429:
+                await self._drain(response)
+                raise UpstreamError(f"blob host answered {response.code}", response.code)
         if response.code not in (200, 206):
             await self._drain(response)
             self._expect(response, (200, 206), "blob")
@@ -263,30 +268,36 @@ class Upstream:
     async def _request(self, method: str, path: str, kind: str, name: str, extra, retry: bool = False):
         """
         One authenticated request, as (response, Authorization sent),
-        retried with jittered backoff when the caller allows it and the
-        failure is one a retry can cure (a transport error or a 5xx).
+        retried when the caller allows it.
         """
+        attempt = lambda: self._authenticated(method, path, kind, name, extra)
         if not retry:
-            return await self._authenticated(method, path, kind, name, extra)
+            return await attempt()
+        return await self._retrying(method, path, attempt)
+
+    async def _retrying(self, method: str, what: str, attempt):
+        """
+        Run ``attempt`` until it succeeds, retrying with jittered backoff a
+        failure a retry can cure (a transport error or a 5xx), within the
+        attempt count and time budget.
+        """
         start = self.clock.seconds()
-        attempt = 0
+        tries = 0
         while True:
-            attempt += 1
+            tries += 1
             try:
-                return await self._authenticated(method, path, kind, name, extra)
+                return await attempt()
             except UpstreamError as e:
-                delay = 0.2 * (2 ** (attempt - 1)) * (0.5 + self._jitter())
+                delay = 0.2 * (2 ** (tries - 1)) * (0.5 + self._jitter())
                 if (
-                    e.rate_limited
-                    or e.status == 401
-                    or attempt >= self.timeouts.attempts
+                    (e.status is not None and e.status < 500)
+                    or tries >= self.timeouts.attempts
                     or self.clock.seconds() + delay - start > self.timeouts.retry_budget
-                    or (e.status is not None and e.status < 500)
                 ):
                     raise
                 self.log.info(
-                    "Retrying {method} {path} in {delay:.2f}s after: {error}",
-                    method=method, path=path, delay=delay, error=str(e),
+                    "Retrying {method} {what} in {delay:.2f}s after: {error}",
+                    method=method, what=what, delay=delay, error=str(e),
                 )
                 await deferLater(self.clock, delay, lambda: None)
 

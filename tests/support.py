@@ -49,8 +49,15 @@ class FedBody:
     """
 
     def __init__(self, code=200, headers=None):
+        from twisted.web.iweb import UNKNOWN_LENGTH
+
         self.code = code
         self.headers = Headers(headers or {})
+        # As twisted.web.client does: Content-Length leaves the headers and
+        # becomes ``length``.
+        lengths = self.headers.getRawHeaders(b"content-length")
+        self.headers.removeHeader(b"content-length")
+        self.length = int(lengths[0]) if lengths else UNKNOWN_LENGTH
         self.protocol = None
         self.transport = StringTransport()
 
@@ -122,14 +129,14 @@ class Rig:
     MemoryReactorClock.
     """
 
-    def __init__(self, upstream=None, root=None):
+    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None):
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
         self.metrics = Metrics()
         self.store = Store(self.root, inline, self.reactor.seconds)
         self.store.prepare()
-        self.upstream = upstream or HandFedUpstream()
-        self.policy = Policy([self.upstream], self.reactor, 60, None)
+        self.upstream = upstream(self.reactor, self.metrics) if callable(upstream) else upstream or HandFedUpstream()
+        self.policy = Policy([self.upstream], self.reactor, tag_ttl, max_stale)
         self.fills = Fills(self.store, self.reactor, self.metrics)
         self.mirror = Mirror(self.store, TagMap(self.root), self.fills, self.policy, self.metrics, self.reactor)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor)
@@ -194,6 +201,74 @@ class Client:
 
     def hang_up(self):
         self.channel.connectionLost(Failure(ConnectionError("client went away")))
+
+
+_hub_images = {}
+
+
+def hub_images():
+    """Small versions of the standard images, generated once per test run."""
+    if not _hub_images:
+        from tests.fakes.images import moved_images, standard_images
+
+        root = tempfile.mkdtemp(prefix="regcache-hub-images-")
+        _hub_images["current"] = standard_images(
+            root, large_size=3 * 1024 * 1024, small_size=64 * 1024, multi_sizes=(32 * 1024,) * 6
+        )
+        _hub_images["moved"] = moved_images(root)
+    return _hub_images["current"], _hub_images["moved"]
+
+
+class HubRig(Rig):
+    """
+    The whole mirror, with the real Upstream client talking through StubTreq
+    to the in-memory fake Docker Hub, everything on one MemoryReactorClock.
+    """
+
+    def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, **hub_options):
+        from treq.testing import StubTreq
+
+        from regcache.upstream import Upstream
+        from tests.fakes.hub import FakeHub
+
+        current, moved = hub_images()
+        self.images, self.moved = current, moved
+        self._credentials = credentials
+        self._timeouts = timeouts or Timeouts(connect=5, header=5, idle=5, attempts=3, retry_budget=10)
+        self._hub_options = hub_options
+        self.hub = None
+
+        def make(reactor, metrics):
+            self.hub = FakeHub(
+                current.values(), clock=reactor, alternates=moved.values(),
+                users={"ci": "s3cret"}, private={"ci/private": "ci"}, **hub_options
+            )
+            self.treq = StubTreq(self.hub.app.resource())
+            return Upstream(self.hub.registry_url, self.treq, reactor, metrics, credentials, self._timeouts,
+                            jitter=lambda: 0.5)
+
+        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale)
+
+    def settle(self):
+        """Let every in-memory exchange run to its end."""
+        for _ in range(100):
+            self.treq.flush()
+            self.reactor.advance(0)
+
+    def pass_time(self, seconds, step=0.5):
+        t = 0.0
+        while t < seconds:
+            self.reactor.advance(step)
+            self.settle()
+            t += step
+
+    def get(self, path, method="GET", headers=None) -> "Client":
+        c = self.client(path, method, headers)
+        self.settle()
+        return c
+
+    def stats(self):
+        return self.hub.stats()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,327 @@
+# test-case-name: tests.test_hub
+"""
+Docker Hub as it really is, in memory: the real Upstream client and mirror
+against the fake Hub (token realm, CDN redirects, rate limits, faults), all
+on one MemoryReactorClock so that token expiry, revalidation windows and
+timeouts are exact.
+"""
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from regcache.auth import Credentials
+from regcache.mirror import STALE_WARNING
+from tests.support import HubRig
+
+SCHEMA2 = "application/vnd.docker.distribution.manifest.v2+json"
+LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+ALL = ", ".join([SCHEMA2, LIST, OCI, OCI_INDEX])
+
+
+def rig_digest(blob):
+    from regcache.reference import Digest
+
+    return Digest.parse(blob.digest)
+
+
+def code(client):
+    return json.loads(client.body())["errors"][0]["code"]
+
+
+class TokenTests(SynchronousTestCase):
+    def test_token_is_fetched_once_and_reused(self):
+        """Requests in one scope share a cached token: one realm request for many pulls."""
+        rig = HubRig()
+        for _ in range(3):
+            rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+            rig.reactor.advance(61)
+        self.assertEqual(rig.stats()["token_requests"], 1)
+
+    def test_token_is_refreshed_before_it_expires(self):
+        """After its lifetime a token is fetched anew, before upstream would reject it."""
+        rig = HubRig()
+        rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.reactor.advance(290)
+        rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(rig.stats()["token_requests"], 2)
+        self.assertEqual(rig.stats()["unauthorized"], 1)
+
+    def test_invalid_token_is_refetched_once(self):
+        """Upstream revoking a token (invalid_token) costs one refetch, and the pull succeeds."""
+        rig = HubRig()
+        rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.hub.expire_tokens()
+        rig.reactor.advance(61)
+        c = rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(rig.stats()["token_requests"], 2)
+
+    def test_credentials_open_private_repos(self):
+        """With the account's credentials, its private repo is pulled (Basic to the realm)."""
+        rig = HubRig(credentials=Credentials("ci", "s3cret"))
+        c = rig.get("/v2/ci/private/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 200)
+
+    def test_private_or_missing_repo_is_a_404_not_a_401(self):
+        """Hub's 401 insufficient_scope becomes MANIFEST_UNKNOWN: a client never sees a bare 401."""
+        rig = HubRig()
+        for path in ("/v2/ci/private/manifests/1", "/v2/nobody/nothing/manifests/1"):
+            c = rig.get(path, headers={"Accept": ALL})
+            self.assertEqual(c.status(), 404, path)
+            self.assertEqual(code(c), "MANIFEST_UNKNOWN")
+
+    def test_wrong_credentials_are_an_upstream_failure(self):
+        """A realm refusing the account makes an uncached pull a 503, never a 401."""
+        rig = HubRig(credentials=Credentials("ci", "wrong"))
+        c = rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 503)
+
+    def test_realm_failure_serves_the_cache(self):
+        """When the token realm fails, cached tags keep being served (stale)."""
+        rig = HubRig(credentials=Credentials("ci", "s3cret"), tag_ttl=60)
+        self.assertEqual(rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL}).status(), 200)
+        rig.reactor.advance(400)
+        rig.hub.fault("status", scope="token", status=401)
+        c = rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.header("Warning"), STALE_WARNING)
+
+
+class RedirectTests(SynchronousTestCase):
+    def test_blob_redirect_is_followed_without_authorization(self):
+        """The 307 to the CDN is followed here; the CDN never sees Authorization; the client sees 200."""
+        rig = HubRig()
+        blob = rig.images["library/multi:1"].layers[0]
+        c = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        self.assertEqual(c.status(), 200)
+        with open(blob.path, "rb") as f:
+            self.assertEqual(c.body(), f.read())
+        stats = rig.stats()
+        self.assertEqual(stats["cdn_authorization"], 0)
+        self.assertEqual(stats["cdn_blob_gets"][blob.digest], 1)
+        self.assertIsNone(c.header("Location"))
+
+
+class CountedPullTests(SynchronousTestCase):
+    def setUp(self):
+        self.rig = HubRig(tag_ttl=60)
+        self.path = "/v2/library/small/manifests/1"
+
+    def pull(self, path=None, method="GET"):
+        return self.rig.get(path or self.path, method, headers={"Accept": ALL})
+
+    def test_within_the_window_no_upstream_call(self):
+        """A tag pulled again inside the revalidation window never reaches upstream."""
+        self.pull()
+        before = self.rig.stats()
+        self.rig.reactor.advance(30)
+        for _ in range(5):
+            self.assertEqual(self.pull().status(), 200)
+        after = self.rig.stats()
+        self.assertEqual(after["manifest_heads_total"], before["manifest_heads_total"])
+        self.assertEqual(after["manifest_gets_total"], before["manifest_gets_total"])
+
+    def test_revalidation_is_a_head_and_costs_no_pull(self):
+        """After the window, the tag is checked with one HEAD; an unchanged tag costs no GET."""
+        self.pull()
+        gets = self.rig.stats()["manifest_gets_total"]
+        self.rig.reactor.advance(61)
+        self.pull()
+        stats = self.rig.stats()
+        self.assertEqual(stats["manifest_gets_total"], gets)
+        self.assertEqual(stats["manifest_heads_total"], 2)
+
+    def test_failed_head_never_falls_back_to_get(self):
+        """A HEAD that fails (503) is not retried as a counted GET."""
+        self.pull()
+        self.rig.reactor.advance(61)
+        self.rig.hub.fault("status", scope="manifests", status=503)
+        gets = self.rig.stats()["manifest_gets_total"]
+        self.assertEqual(self.pull().status(), 200)
+        self.assertEqual(self.rig.stats()["manifest_gets_total"], gets)
+
+    def test_head_by_client_costs_no_pull(self):
+        """A client HEAD of a tag is answered from an upstream HEAD alone."""
+        c = self.pull(method="HEAD")
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.header("Docker-Content-Digest"), self.rig.images["library/small:1"].digest)
+        self.assertEqual(self.rig.stats()["manifest_gets_total"], 0)
+
+    def test_get_only_for_digests_not_held(self):
+        """Two tags naming one digest, and that digest pulled directly, cost one GET in all."""
+        image = self.rig.images["library/small:1"]
+        self.rig.hub.move_tag("library/small", "also", digest=image.digest)
+        self.pull()
+        self.pull("/v2/library/small/manifests/also")
+        self.pull(f"/v2/library/small/manifests/{image.digest}")
+        self.assertEqual(self.rig.stats()["manifest_gets_total"], 1)
+
+    def test_moved_tag_is_followed(self):
+        """When upstream moves a tag, the next revalidation serves the new digest."""
+        self.pull()
+        moved = self.rig.moved["library/small:1"]
+        self.rig.hub.move_tag("library/small", "1", image=moved)
+        self.rig.reactor.advance(61)
+        c = self.pull()
+        self.assertEqual(c.header("Docker-Content-Digest"), moved.digest)
+
+    def test_ratelimit_headers_are_kept(self):
+        """The latest ratelimit-limit/remaining (with the window) and source are recorded."""
+        self.rig.hub.set_ratelimit(100, remaining=42)
+        self.pull()
+        rl = self.rig.metrics.ratelimits[self.rig.upstream.key]
+        self.assertEqual((rl.limit, rl.window), (100, 21600))
+        self.assertEqual(rl.remaining, 41)
+        self.assertEqual(rl.source, "127.0.0.1")
+        self.assertIn(b"regcache_upstream_ratelimit_remaining", self.rig.metrics.render())
+
+
+class StaleIfErrorTests(SynchronousTestCase):
+    path = "/v2/library/small/manifests/1"
+
+    def rig(self, **kw):
+        rig = HubRig(tag_ttl=60, **kw)
+        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
+        rig.reactor.advance(61)
+        return rig
+
+    def assertStale(self, rig, c):
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.header("Warning"), STALE_WARNING)
+        self.assertEqual(c.header("Docker-Content-Digest"), rig.images["library/small:1"].digest)
+
+    def test_429_serves_the_cached_tag(self):
+        """A rate-limited revalidation serves the last known digest, with a Warning header."""
+        rig = self.rig()
+        rig.hub.fault("status", scope="manifests", status=429)
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+
+    def test_5xx_serves_the_cached_tag(self):
+        """A 5xx revalidation serves the cached tag too."""
+        rig = self.rig()
+        rig.hub.fault("status", scope="manifests", status=502)
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+
+    def test_timeout_serves_the_cached_tag_after_the_header_timeout(self):
+        """A hanging upstream costs the header timeout, then the cached tag is served."""
+        rig = self.rig()
+        rig.hub.fault("hang", scope="manifests")
+        c = rig.client(self.path, headers={"Accept": ALL})
+        rig.settle()
+        self.assertEqual(c.raw(), b"")
+        rig.pass_time(5.5)
+        self.assertStale(rig, c)
+
+    def test_nothing_cached_and_429_is_toomanyrequests(self):
+        """With nothing cached, a 429 upstream is TOOMANYREQUESTS with Retry-After."""
+        rig = HubRig()
+        rig.hub.fault("status", scope="manifests", status=429, retry_after=30)
+        c = rig.get(self.path, headers={"Accept": ALL})
+        self.assertEqual(c.status(), 429)
+        self.assertEqual(code(c), "TOOMANYREQUESTS")
+        self.assertEqual(c.header("Retry-After"), "30")
+
+    def test_nothing_cached_and_5xx_is_503(self):
+        """With nothing cached, an upstream 5xx is a 503."""
+        rig = HubRig()
+        rig.hub.fault("status", scope="manifests", status=500)
+        c = rig.client(self.path, headers={"Accept": ALL})
+        rig.pass_time(3)
+        self.assertEqual(c.status(), 503)
+        self.assertEqual(rig.stats()["manifest_heads_total"], 3, "retried within its budget")
+
+    def test_max_stale_bounds_the_age(self):
+        """Past --max-stale since its last good check, a tag is no longer served on error."""
+        rig = self.rig(max_stale=120)
+        rig.hub.fault("status", scope="manifests", status=503)
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+        rig.reactor.advance(120)
+        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 503)
+
+    def test_429_backs_off(self):
+        """
+        While upstream answers 429, regcache stops asking for a while (5 s,
+        then twice as long each time it is still limited) instead of
+        hammering it.
+        """
+        rig = HubRig(tag_ttl=0)
+        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
+        rig.hub.fault("status", scope="manifests", status=429)
+        heads = lambda: rig.stats()["manifest_heads_total"]
+        seen = heads()
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+        self.assertEqual(heads(), seen + 1)
+        for _ in range(3):
+            self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+        self.assertEqual(heads(), seen + 1)
+        rig.reactor.advance(6)
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+        self.assertEqual(heads(), seen + 2)
+        rig.reactor.advance(6)
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+        self.assertEqual(heads(), seen + 2)
+
+    def test_digest_pulls_never_need_upstream(self):
+        """A cached digest is served while upstream hangs, with no wait at all."""
+        rig = self.rig()
+        rig.hub.fault("hang", scope="all")
+        digest = rig.images["library/small:1"].digest
+        c = rig.get(f"/v2/library/small/manifests/{digest}")
+        self.assertEqual(c.status(), 200)
+
+
+class RetryAndFaultTests(SynchronousTestCase):
+    def blob(self, rig):
+        return rig.images["library/multi:1"].layers[0]
+
+    def test_blob_5xx_is_retried_with_backoff(self):
+        """A transient 5xx on a blob is retried after a jittered pause and then succeeds."""
+        rig = HubRig()
+        blob = self.blob(rig)
+        rig.hub.fault("status", scope="blobs", status=503, times=1)
+        c = rig.client(f"/v2/library/multi/blobs/{blob.digest}")
+        rig.pass_time(2)
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(len(c.body()), blob.size)
+
+    def test_wrong_bytes_are_never_cached(self):
+        """
+        Bytes that do not match the digest never reach a client as a whole
+        200 body, are not stored, and the next request fetches again.
+        """
+        rig = HubRig()
+        blob = self.blob(rig)
+        rig.hub.fault("wrong", scope="blobs")
+        c = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        self.assertTrue(c.aborted() or c.status() != 200)
+        self.assertLess(len(c.body()) if c.status() == 200 else 0, blob.size)
+        self.assertIsNone(rig.blob_file(rig_digest(blob)))
+        rig.hub.clear_faults()
+        c = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        with open(blob.path, "rb") as f:
+            self.assertEqual(c.body(), f.read())
+        self.assertEqual(rig.stats()["cdn_blob_gets"][blob.digest], 2)
+
+    def test_short_body_is_resumed_with_range(self):
+        """An upstream that ends the body early is asked for the rest with Range."""
+        rig = HubRig()
+        blob = self.blob(rig)
+        rig.hub.fault("short", scope="blobs", times=1)
+        c = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        with open(blob.path, "rb") as f:
+            self.assertEqual(c.body(), f.read())
+        self.assertFalse(c.aborted())
+        self.assertGreaterEqual(sum(rig.stats()["cdn_range_gets"].values()), 1)
+
+    def test_upstream_ignoring_range_on_resume(self):
+        """A resume answered with 200 (Range ignored) skips what was already written."""
+        rig = HubRig()
+        blob = self.blob(rig)
+        rig.hub.fault("short", scope="blobs", times=1)
+        rig.hub.fault("norange", scope="blobs")
+        c = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        with open(blob.path, "rb") as f:
+            self.assertEqual(c.body(), f.read())
