@@ -94,6 +94,11 @@ class Index:
         self.writing = 0
         #: Bytes those downloads have actually written so far.
         self.written = 0
+        #: Bytes of evicted files whose deletion is still under way.
+        self.deleting = 0
+        #: The limit in force (set by Expiry), for ``room``.
+        self.limit: Optional[int] = None
+        self._room_waiters: List[Deferred] = []
         self.ready = False
         self.on_grow: Callable[[], None] = _noop
         self.on_full: Callable[[], None] = _noop
@@ -123,6 +128,28 @@ class Index:
         self.written += written
         if counted > 0:
             self.on_grow()
+
+    def room(self) -> Optional[Deferred]:
+        """
+        None if a download may write on; else a Deferred that fires when
+        the deletions under way are done.  Evicted files leave the index
+        when chosen but the disk only when a thread has deleted them, so a
+        fast download could otherwise overtake them past the limit.
+        """
+        if not self.deleting or self.limit is None:
+            return None
+        if self.stored + self.deleting + self.written <= self.limit:
+            return None
+        d: Deferred = Deferred()
+        self._room_waiters.append(d)
+        return d
+
+    def deleted(self, n: int) -> None:
+        """``n`` bytes of evicted files are gone from the disk."""
+        self.deleting -= n
+        waiters, self._room_waiters = self._room_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def add(self, digest: Digest, size: int, kind: str = BLOB, refs: Iterable[Digest] = ()) -> None:
         """
@@ -302,6 +329,7 @@ class Expiry(Service):
         self.metrics = metrics
         self.index.on_grow = self.check
         self.index.on_full = self.full
+        self.index.limit = self.limit
         #: Deletions under way.  Batches may overlap: each one's victims left
         #: the index when they were chosen.
         self.evicting: List[Deferred] = []
@@ -385,6 +413,7 @@ class Expiry(Service):
         held = self.index.stored + self.index.written
         if self.learned is None or held < self.learned:
             self.learned = max(held, 1)
+            self.index.limit = self.limit
             self.log.warn(
                 "Disk full with {held} bytes cached: limiting the cache to that from now on",
                 held=held, event="disk-full",

@@ -105,6 +105,13 @@ class _FillProtocol(Protocol):
         except Exception as e:
             self._error = e
             self.transport.stopProducing()
+            return
+        wait = self.fill._writer.room()
+        if wait is not None:
+            # Evicted files are still being deleted: let them go before
+            # writing more, so the store stays under its size limit.
+            self.transport.pauseProducing()
+            wait.addCallback(lambda _: self.transport.resumeProducing())
 
     def connectionLost(self, reason) -> None:
         if self._timer is not None and self._timer.active():

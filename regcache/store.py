@@ -134,6 +134,10 @@ class BlobWriter:
         d.addCallbacks(self._landed, store._write_failed)
         return d
 
+    def room(self) -> Optional[Deferred]:
+        """See Index.room: whether to pause the download for evictions."""
+        return self.store.index.room()
+
     def _landed(self, _) -> None:
         self._uncount()
         self.store.index.add(self.digest, self.length, BLOB)
@@ -370,6 +374,8 @@ class Store:
         digests = [d for d, _ in victims]
         for d in digests:
             self._deleting.setdefault(d, [])
+        size = sum(entry.size for _, entry in victims)
+        self.index.deleting += size
         paths = []
         for d, entry in victims:
             if entry.kind == MANIFEST:
@@ -377,6 +383,7 @@ class Store:
             paths.append(self.blob_path(d))
 
         def done(result):
+            self.index.deleted(size)
             for d in digests:
                 for waiter in self._deleting.pop(d, []):
                     waiter.callback(None)

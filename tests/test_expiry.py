@@ -297,6 +297,33 @@ class RaceTests(Base):
         self.assertIn(digest, self.store.index)
 
 
+    def test_download_waits_for_deletions_rather_than_pass_the_limit(self):
+        """
+        While evicted files are still being deleted, a download that would
+        take the disk past the limit pauses its upstream, and resumes once
+        the deletion is done: the bytes on disk never exceed the limit.
+        """
+        self.store._run = inline
+        self.add(9)
+        self.store._run = self.runner
+        data, digest = blob(2000, b"fast")
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        body = FedBody(200, {b"Content-Length": [b"2000"]})
+        self.rig.upstream.answer(0, body)
+        self.assertEqual(self.store.index.deleting, 3000)
+        body.feed(data[:1000])
+        self.assertEqual(body.transport.producerState, "producing")
+        body.feed(data[1000:1500])
+        self.assertEqual(body.transport.producerState, "paused")
+        self.runner.run_all()
+        self.assertEqual(self.store.index.deleting, 0)
+        self.assertEqual(body.transport.producerState, "producing")
+        body.feed(data[1500:])
+        body.end()
+        self.runner.run_all()
+        self.assertEqual(c.body(), data)
+
+
 class AccessTimeTests(Base):
     def test_use_is_persisted_at_most_every_ten_minutes(self):
         """

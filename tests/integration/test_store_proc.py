@@ -79,9 +79,12 @@ class Sampler(threading.Thread):
 
 
 @pytest.fixture
-def alternates(images_dir):
-    """Version 2 of the standard images, which the fake Hub serves by digest."""
-    return moved_images(images_dir)
+def alternates(images_dir, hub):
+    """Version 2 of the standard images, published by the fake Hub as tag ``2``."""
+    moved = moved_images(images_dir)
+    for name in moved:
+        hub.move_tag(name.split(":")[0], "2", image=f"{name}#2")
+    return moved
 
 
 def test_curl_resumes_a_broken_download(hub, regcache, images, tmp_path):
@@ -164,8 +167,8 @@ def test_kill_during_a_write_burst(hub, regcache, images, alternates, tmp_path):
         "library/multi:1": pulled(images["library/multi:1"]),
         "library/multiarch:1": pulled(images["library/multiarch:1"]),
         "library/ociindex:1": pulled(images["library/ociindex:1"]),
-        f"library/small@{alternates['library/small:1'].digest}": alternates["library/small:1"],
-        f"library/multi@{alternates['library/multi:1'].digest}": alternates["library/multi:1"],
+        "library/small:2": alternates["library/small:1"],
+        "library/multi:2": alternates["library/multi:1"],
         "library/large:1": large,
     }
     procs = {
@@ -264,7 +267,7 @@ def test_pulls_stay_under_the_size_limit(hub, regcache, images, alternates, tmp_
             pull(ref, pulled(images[ref]), "a")
         pull("library/small:1", images["library/small:1"], "a")  # used again: now the newest
         multi2 = alternates["library/multi:1"]
-        pull(f"library/multi@{multi2.digest}", multi2, "b")
+        pull("library/multi:2", multi2, "b")
         small1 = [b.digest for b in images["library/small:1"].blobs()]
         multi1 = [b.digest for b in images["library/multi:1"].blobs()]
         before = upstream_gets(hub, small1 + multi1)
@@ -274,9 +277,8 @@ def test_pulls_stay_under_the_size_limit(hub, regcache, images, alternates, tmp_
             threading.Thread(target=pull, args=(ref, image, f"p{i}"))
             for i, (ref, image) in enumerate([
                 ("library/multi:1", images["library/multi:1"]),
-                (f"library/small@{alternates['library/small:1'].digest}", alternates["library/small:1"]),
-                (f"library/multiarch@{alternates['library/multiarch:1'].digest}",
-                 pulled(alternates["library/multiarch:1"])),
+                ("library/small:2", alternates["library/small:1"]),
+                ("library/multiarch:2", pulled(alternates["library/multiarch:1"])),
             ])
         ]
         for t in threads:
@@ -302,14 +304,13 @@ def test_disk_full_during_a_pull(hub, regcache, images, alternates, tmp_path):
     file is gone, the process stays up, eviction makes room, and the same
     blob then downloads whole.
     """
-    with small_filesystem("24m") as fs:
-        storage = os.path.join(fs, "store")
-        rc = regcache(storage=storage)
+    with small_filesystem("24m") as storage:
+        rc = regcache(storage=storage)  # its log goes beside the mount point, not onto the full disk
         r = skopeo_pull(f"{rc.host}/library/multi:1", str(tmp_path / "m"))
         assert r.returncode == 0, r.stderr
         layer = max(alternates["library/multi:1"].layers, key=lambda b: b.size)
-        st = os.statvfs(fs)
-        with open(os.path.join(fs, "filler"), "wb") as f:
+        st = os.statvfs(storage)
+        with open(os.path.join(storage, "filler"), "wb") as f:
             f.write(b"\0" * (st.f_bavail * st.f_frsize - layer.size // 2))
         url = f"{rc.url}/v2/library/multi/blobs/{layer.digest}"
         out = str(tmp_path / "layer")
