@@ -165,3 +165,21 @@ def test_containerd_pulls_with_ns(hub, regcache, images):
         ctd.stop()
     log = [e for e in hub.request_log() if "/blobs/" in e["path"] and e["host"] == "cdn"]
     assert len(log) == len(images["library/multi:1"].blobs())
+
+
+def test_podman_pulls_through_the_mirror(hub, regcache, images):
+    """
+    podman, whose docker.io location is a closed port, pulls through the
+    regcache mirror entry and records the upstream manifest digest.
+    """
+    from tests.integration.clients import Podman
+
+    rc = regcache()
+    podman = Podman(rc.host)
+    try:
+        r = podman.pull("docker.io/library/small:1")
+        assert r.returncode == 0, r.stderr
+        assert podman.digest("docker.io/library/small:1") == images["library/small:1"].digest
+    finally:
+        podman.cleanup()
+    assert "GET /v2/library/small/manifests/" in rc.log()
