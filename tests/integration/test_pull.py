@@ -183,3 +183,26 @@ def test_podman_pulls_through_the_mirror(hub, regcache, images):
     finally:
         podman.cleanup()
     assert "GET /v2/library/small/manifests/" in rc.log()
+
+
+def test_dockerd_pulls_through_registry_mirrors(hub, regcache, images):
+    """
+    dockerd, sealed in a loopback-only network namespace with regcache as
+    its registry-mirror, pulls an image (HEAD by tag with separate Accept
+    lines, then GETs by digest) and records the upstream digest.
+    """
+    from tests.integration.dockerd import SealedDockerd, available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    rc = regcache()
+    docker = SealedDockerd(rc.port).start()
+    try:
+        r = docker.docker("pull", "library/multi:1")
+        assert r.returncode == 0, r.stderr + r.stdout
+        digests = docker.docker("image", "inspect", "--format", "{{json .RepoDigests}}", "library/multi:1")
+        assert images["library/multi:1"].digest in digests.stdout
+    finally:
+        docker.stop()
+    assert "HEAD /v2/library/multi/manifests/1 200" in rc.log()
