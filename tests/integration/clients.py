@@ -6,7 +6,6 @@ fallback can never leave the machine.
 - containerd's ``server`` (the fallback) is a closed loopback port.
 """
 
-import json
 import os
 import shutil
 import signal

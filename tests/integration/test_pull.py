@@ -7,11 +7,8 @@ the upstream bytes, with each blob fetched upstream once.
 
 import concurrent.futures
 import hashlib
-import json
-import os
 import socket
 import time
-import urllib.request
 
 import pytest
 
