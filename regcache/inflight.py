@@ -12,7 +12,6 @@ waits for; a slow reader only falls behind in the file, it never slows the
 download or grows memory.
 """
 
-import os
 from typing import Callable, Dict, Hashable, List, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed

@@ -105,18 +105,19 @@ class Mirror:
             cache = "hit"
         else:
             known = entry
+            # With a copy to fall back on, fail fast: a stale answer now beats
+            # a fresh one after retries.  Without one, retrying is all there is.
+            retry = self._stand_in(key, known, accept, want_body) is None
             try:
                 entry = await self._tag_checks.run(
-                    key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, accept, key, known))
+                    key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, accept, key, known, retry))
                 )
                 cache = "revalidated" if known is not None and known.digest == entry.digest else "miss"
             except UpstreamNotFound:
                 raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}:{tag}")
             except UpstreamError as e:
-                usable = self.policy.stale_allowed(known) and (
-                    not want_body or self.store.manifest(known.parsed_digest) is not None
-                )
-                if not usable:
+                known = self._stand_in(key, known, accept, want_body)
+                if known is None:
                     raise self.policy.failure(e, f"{route.name}:{tag}")
                 self.log.warn(
                     "Serving {name}:{tag} from cache ({digest}, checked {age:.0f}s ago): upstream failed: {error}",
@@ -133,10 +134,28 @@ class Mirror:
             return ManifestAnswer(digest, m.media_type, m.size, body, cache, warning)
         return ManifestAnswer(digest, entry.media_type, entry.size, None, cache, warning)
 
-    async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known) -> TagEntry:
-        # With a copy to fall back on, fail fast: a stale answer now beats a
-        # fresh one after retries.  Without one, retrying is all there is.
-        info = await route.upstream.head_manifest(route.name, tag, accept, retry=known is None)
+    def _stand_in(self, key: TagKey, known: Optional[TagEntry], accept: List[str], want_body: bool):
+        """
+        The cached entry that may stand in for a tag upstream cannot confirm:
+        this client's own, or else what another kind of client was served
+        for the tag, if this client accepts its media type.  An outage then
+        does not fail containerd just because only dockerd pulled the tag.
+        """
+        candidates = [known] if known is not None else []
+        candidates += [
+            e for e in self.tags.siblings(key)
+            if not accept or "*/*" in accept or e.media_type in accept
+        ]
+        for entry in candidates:
+            if not self.policy.stale_allowed(entry):
+                continue
+            if want_body and self.store.manifest(entry.parsed_digest) is None:
+                continue
+            return entry
+        return None
+
+    async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known, retry: bool) -> TagEntry:
+        info = await route.upstream.head_manifest(route.name, tag, accept, retry=retry)
         now = self.clock.seconds()
         if info is None:
             # Upstream answered the HEAD but named no digest: only a GET can

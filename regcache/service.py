@@ -6,7 +6,6 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.  It also gives each request one structured log event.
 """
 
-import time
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService

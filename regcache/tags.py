@@ -14,7 +14,7 @@ import json
 import os
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 from twisted.logger import Logger
 
@@ -84,6 +84,23 @@ class TagMap:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(asdict(entry), f)
         os.replace(tmp, path)
+
+    def siblings(self, key: TagKey) -> List[TagEntry]:
+        """
+        Entries for the same tag under other accepted-type sets, newest
+        check first: what another kind of client was last served.
+        """
+        directory = os.path.dirname(self._path(key))
+        try:
+            names = [n for n in os.listdir(directory) if n.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        found = []
+        for n in names:
+            other = TagKey(key.upstream, key.name, key.tag, n[: -len(".json")])
+            if other != key and self.get(other) is not None:
+                found.append(self.get(other))
+        return sorted(found, key=lambda e: e.checked, reverse=True)
 
     def touch(self, key: TagKey, checked: float) -> None:
         """

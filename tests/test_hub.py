@@ -215,6 +215,20 @@ class StaleIfErrorTests(SynchronousTestCase):
         rig.pass_time(5.5)
         self.assertStale(rig, c)
 
+    def test_another_clients_entry_stands_in(self):
+        """
+        During an outage, a client with a different Accept set is served
+        what another kind of client got for the tag, if it accepts that
+        media type, and refused if it does not.
+        """
+        rig = self.rig()
+        rig.hub.fault("status", scope="manifests", status=503)
+        containerd = ", ".join([SCHEMA2, LIST, OCI, OCI_INDEX, "*/*"])
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": containerd}))
+        c = rig.client(self.path, headers={"Accept": OCI})
+        rig.pass_time(3)
+        self.assertEqual(c.status(), 503)
+
     def test_nothing_cached_and_429_is_toomanyrequests(self):
         """With nothing cached, a 429 upstream is TOOMANYREQUESTS with Retry-After."""
         rig = HubRig()
@@ -239,7 +253,9 @@ class StaleIfErrorTests(SynchronousTestCase):
         rig.hub.fault("status", scope="manifests", status=503)
         self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
         rig.reactor.advance(120)
-        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 503)
+        c = rig.client(self.path, headers={"Accept": ALL})
+        rig.pass_time(3)
+        self.assertEqual(c.status(), 503)
 
     def test_429_backs_off(self):
         """
@@ -325,3 +341,87 @@ class RetryAndFaultTests(SynchronousTestCase):
         c = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
         with open(blob.path, "rb") as f:
             self.assertEqual(c.body(), f.read())
+
+
+class ScriptedDayTests(SynchronousTestCase):
+    def test_a_day_of_ci_costs_one_pull_per_distinct_manifest(self):
+        """
+        A scripted day of CI traffic (pulls every 15 minutes for 24 hours,
+        some clients HEAD-then-GET like dockerd, some GET by tag, tags
+        moving three times) costs exactly one counted upstream GET per
+        distinct manifest that clients were served, and nothing more.
+        """
+        import random
+
+        rig = HubRig(tag_ttl=60)
+        rng = random.Random(7)
+        tags = ["library/small:1", "library/multi:1", "library/multiarch:1", "library/ociindex:1"]
+        moves = {6 * 3600: "library/small:1", 12 * 3600: "library/multi:1", 18 * 3600: "library/multiarch:1"}
+        served = set()
+        pulls = 0
+        for tick in range(96):
+            now = tick * 900
+            if now in moves:
+                name = moves[now]
+                repo, tag = name.split(":")
+                rig.hub.move_tag(repo, tag, image=rig.moved[name])
+            for _ in range(6):
+                name = rng.choice(tags)
+                repo, tag = name.split(":")
+                if rng.random() < 0.5:
+                    head = rig.get(f"/v2/{repo}/manifests/{tag}", "HEAD", headers={"Accept": ALL})
+                    self.assertEqual(head.status(), 200)
+                    ref = head.header("Docker-Content-Digest")
+                else:
+                    ref = tag
+                top = rig.get(f"/v2/{repo}/manifests/{ref}", headers={"Accept": ALL})
+                self.assertEqual(top.status(), 200)
+                served.add(top.header("Docker-Content-Digest"))
+                doc = json.loads(top.body())
+                for child in doc.get("manifests", [])[:1]:
+                    c = rig.get(f"/v2/{repo}/manifests/{child['digest']}", headers={"Accept": ALL})
+                    self.assertEqual(c.status(), 200)
+                    served.add(child["digest"])
+                pulls += 1
+            rig.reactor.advance(900)
+        stats = rig.stats()
+        self.assertEqual(stats["manifest_gets_total"], len(served))
+        self.assertEqual(pulls, 96 * 6)
+        print(f"\nscripted day: {pulls} pulls, {stats['manifest_heads_total']} upstream HEADs, "
+              f"{stats['manifest_gets_total']} counted GETs for {len(served)} distinct manifests")
+
+
+class AcceptAndLoggingTests(SynchronousTestCase):
+    def test_separate_accept_lines_are_merged_and_forwarded(self):
+        """
+        dockerd's separate Accept lines are merged: with the list type among
+        them the manifest list comes back; with schema2 alone, Hub's
+        linux/amd64 child does, and the two are cached as separate tag keys.
+        """
+        rig = HubRig()
+        image = rig.images["library/multiarch:1"]
+        lines = {"Accept": [SCHEMA2, LIST, OCI, OCI_INDEX]}
+        c = rig.get("/v2/library/multiarch/manifests/1", headers=lines)
+        self.assertEqual(c.header("Docker-Content-Digest"), image.digest)
+        self.assertEqual(c.header("Content-Type"), LIST)
+        c = rig.get("/v2/library/multiarch/manifests/1", headers={"Accept": SCHEMA2})
+        self.assertEqual(c.header("Docker-Content-Digest"), image.child("amd64").digest)
+        self.assertEqual(c.header("Content-Type"), SCHEMA2)
+
+    def test_credentials_never_reach_the_log(self):
+        """Neither the password nor a bearer token appears in any log event."""
+        from twisted.logger import eventAsText, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        rig = HubRig(credentials=Credentials("ci", "s3cret"))
+        rig.get("/v2/ci/private/manifests/1", headers={"Accept": ALL})
+        rig.hub.fault("status", scope="manifests", status=503)
+        rig.reactor.advance(61)
+        rig.get("/v2/ci/private/manifests/1", headers={"Accept": ALL})
+        text = "\n".join(eventAsText(e) + repr(e) for e in events)
+        self.assertIn("ci/private", text)
+        self.assertNotIn("s3cret", text)
+        self.assertNotIn("Bearer ", text)
+        self.assertNotIn("Basic ", text)

@@ -7,7 +7,6 @@ touches the disk or the upstream, and Range on cached blobs.
 import json
 import os
 
-import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import Rig, blob, conformance_cases
