@@ -195,9 +195,18 @@ class Store:
             except IsADirectoryError:
                 pass
         probe = os.path.join(self.tmp_dir, f"probe.{uuid.uuid4().hex}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.unlink(probe)
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Writable but full: start anyway; the first write that fails
+            # makes the evictor free room.
+            self.log.warn("The cache's disk is full at start-up: {root}", root=self.root)
+        finally:
+            if os.path.exists(probe):
+                os.unlink(probe)
         return removed
 
     # Paths

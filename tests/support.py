@@ -225,7 +225,7 @@ class HubRig(Rig):
     to the in-memory fake Docker Hub, everything on one MemoryReactorClock.
     """
 
-    def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, **hub_options):
+    def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, **hub_options):
         from treq.testing import StubTreq
 
         from regcache.upstream import Upstream
@@ -247,7 +247,7 @@ class HubRig(Rig):
             return Upstream(self.hub.registry_url, self.treq, reactor, metrics, credentials, self._timeouts,
                             jitter=lambda: 0.5)
 
-        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale)
+        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root)
 
     def settle(self):
         """Let every in-memory exchange run to its end."""

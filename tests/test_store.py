@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.expiry import Expiry
 from regcache.store import Store
-from tests.support import FedBody, Rig, blob, fill_up, inline, small_filesystem
+from regcache.reference import Digest
+from tests.support import FedBody, HubRig, Rig, blob, fill_up, inline, small_filesystem
 from tests.test_expiry import OCI_MANIFEST, cache_blob, manifest_of
 
 KiB = 1024
@@ -77,6 +78,44 @@ class DiskFullTests(SynchronousTestCase):
         self.assertEqual(self.store.manifest(m.digest), m)
         self.assertFalse(os.path.exists(self.store.blob_path(m.digest)))
         self.assertEqual(self.rig.temp_files(), [])
+
+
+    def test_enospc_writing_a_tag_entry_keeps_it_in_memory(self):
+        """
+        A tag entry the full disk cannot take is kept in memory: the tag
+        check that made it does not fail, and no temp file is left.
+        """
+        from regcache.tags import TagEntry, TagKey, TagMap
+
+        tags = TagMap(self.root)
+        key = TagKey("up", "library/a", "1", "k")
+        fill_up(self.root)
+        tags.put(key, TagEntry("sha256:" + "a" * 64, OCI_MANIFEST, 10, 0.0))
+        self.assertEqual(tags.get(key).size, 10)
+        self.assertEqual(self.rig.temp_files(), [])
+
+
+    def test_manifest_pull_on_a_full_disk_still_answers(self):
+        """
+        A tag pulled through the whole mirror while the disk is full is
+        answered with the manifest's exact bytes from memory.
+        """
+        hub = HubRig(root=self.root)
+        image = hub.images["library/small:1"]
+        fill_up(self.root)
+        c = hub.client("/v2/library/small/manifests/1", headers={"Accept": image.media_type})
+        hub.settle()
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.body(), image.manifest)
+        self.assertFalse(os.path.exists(hub.store.blob_path(Digest.parse(image.digest))))
+        self.flushLoggedErrors()
+
+
+    def test_start_on_a_full_disk(self):
+        """A disk already full at start-up does not stop the server from starting."""
+        fill_up(self.root)
+        store = Store(self.root, inline, self.rig.reactor.seconds)
+        self.assertEqual(store.prepare(), 0)
 
 
 class CrashLeftoverTests(SynchronousTestCase):
