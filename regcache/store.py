@@ -29,6 +29,7 @@ from memory.
 import errno
 import json
 import os
+import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -492,13 +493,15 @@ def references(body: bytes) -> Iterator[Tuple[Digest, Optional[int]]]:
         yield digest, size if isinstance(size, int) and size >= 0 else None
 
 
+_HEX = {alg: re.compile(f"[0-9a-f]{{{n}}}") for alg, n in ALGORITHMS.items()}
+
+
 def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
-    if algorithm not in ALGORITHMS or not name.startswith(prefix) or len(prefix) != 2:
+    """The digest a file name in the layout stands for (a hot path at start-up)."""
+    pattern = _HEX.get(algorithm)
+    if pattern is None or len(prefix) != 2 or not name.startswith(prefix) or not pattern.fullmatch(name):
         return None
-    try:
-        return Digest.parse(f"{algorithm}:{name}")
-    except RegistryError:
-        return None
+    return Digest(algorithm, name)
 
 
 def _scandir(path: str) -> List[os.DirEntry]:
