@@ -167,19 +167,30 @@ class Index:
             self._link(digest, tuple(refs))
         self.on_grow()
 
-    def use(self, digest: Digest) -> bool:
+    def use(self, digest: Digest) -> List[Digest]:
         """
-        Mark a use.  True when the caller should persist it (touch the file).
+        Mark a use of ``digest`` and, for a manifest, of everything it
+        names (through an index too): clients skip the layers they already
+        have, so a hot manifest's base layer may never be fetched, yet it
+        is as needed as the manifest.  Returns the entries whose use should
+        be persisted now (their files touched).
         """
-        entry = self.entries.get(digest)
-        if entry is None:
-            return False
-        self.entries.move_to_end(digest)
-        entry.used = now = self._now()
-        if now - entry.persisted >= TOUCH_EVERY:
-            entry.persisted = now
-            return True
-        return False
+        now = self._now()
+        touch: List[Digest] = []
+        todo, seen = [digest], set()
+        while todo:
+            d = todo.pop()
+            entry = self.entries.get(d)
+            if entry is None or d in seen:
+                continue
+            seen.add(d)
+            todo.extend(self.refs.get(d, ()))
+            self.entries.move_to_end(d)
+            entry.used = now
+            if now - entry.persisted >= TOUCH_EVERY:
+                entry.persisted = now
+                touch.append(d)
+        return touch
 
     def remove(self, digest: Digest) -> Optional[Entry]:
         entry = self.entries.pop(digest, None)

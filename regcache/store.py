@@ -1,3 +1,4 @@
+# test-case-name: tests.test_store,tests.test_expiry
 """
 The content store: every blob and manifest on disk, by digest.
 
@@ -255,8 +256,9 @@ class Store:
         return self.index.pin(digest)
 
     def _used(self, digest: Digest) -> None:
-        if self.index.use(digest):
-            d = self._run(_touch, self.blob_path(digest), self._now())
+        touch = self.index.use(digest)
+        if touch:
+            d = self._run(_touch, [self.blob_path(t) for t in touch], self._now())
             d.addErrback(lambda f: self.log.failure("Recording the use of {digest} failed", f,
                                                     digest=str(digest)))
 
@@ -520,11 +522,12 @@ def _unlink_all(paths: List[str]) -> None:
             pass
 
 
-def _touch(path: str, when: float) -> None:
-    try:
-        os.utime(path, (when, when))
-    except FileNotFoundError:
-        pass
+def _touch(paths: List[str], when: float) -> None:
+    for path in paths:
+        try:
+            os.utime(path, (when, when))
+        except FileNotFoundError:
+            pass
 
 
 def _fsync_dir(path: str) -> None:

@@ -236,6 +236,24 @@ class ManifestTests(Base):
         self.assertFalse(os.path.exists(self.store._path("manifests", m.digest)))
         self.assertEqual(self.present([layer, other]), [False, True])
 
+    def test_using_a_manifest_keeps_its_blobs_fresh(self):
+        """
+        Serving a manifest counts as a use of the blobs it names (through
+        an index too): a hot image's layers are not the oldest entries even
+        if no client fetched them lately.
+        """
+        layer, other = self.add(2)
+        child = manifest_of(OCI_MANIFEST, layers=[(layer, 1000)])
+        self.store.put_manifest(child)
+        top = manifest_of(OCI_INDEX, manifests=[(child.digest, child.size)])
+        self.store.put_manifest(top)
+        self.add(3, seed=b"newer")
+        self.store.forget(top.digest)
+        self.assertIsNotNone(self.store.manifest(top.digest))
+        order = list(self.store.index.entries)
+        self.assertEqual(order[0], other)
+        self.assertEqual(set(order[-3:]), {layer, child.digest, top.digest})
+
     def test_pinned_layer_keeps_its_manifest(self):
         """
         A manifest whose blob is being read is not evicted: taking the
