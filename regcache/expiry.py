@@ -18,11 +18,18 @@ out of step with them:
 - which manifest needs which blobs comes from the manifests themselves,
   parsed when stored and when indexed (they are at most 4 MiB).
 
-Eviction removes a manifest together with, and before, anything it
-references: a manifest in the store never names a blob the store has lost,
-even half-way through an eviction that a ``kill -9`` cut short.  Tag entries
-are left alone: one that names an evicted manifest is a miss like any other,
-and the mirror fetches the manifest again by digest.
+Eviction never removes a blob while keeping a manifest that names it: the
+manifest goes with it, and its files are deleted first, so even an eviction
+that a ``kill -9`` cut short leaves no manifest whose blob it took.  A
+manifest that is used counts as a use of what it names.  Tag entries are
+left alone: one that names an evicted manifest is a miss like any other, and
+the mirror fetches the manifest again by digest.
+
+The limit bounds bytes on disk, downloads under way included: a download
+counts with its announced size from its first byte, so room is made before
+its bytes arrive, and it pauses while evicted files are still being deleted
+if writing on would pass the limit.  Only what cannot be evicted (blobs
+being read or written) can hold the store above it, and that is logged.
 """
 
 from collections import OrderedDict
@@ -389,8 +396,12 @@ class Expiry(Service):
         def failed(f) -> None:
             self.log.failure("Indexing the store failed; eviction waits for the next try", f)
 
-        self._loading.addCallbacks(loaded, failed)
-        self._loading.addBoth(lambda _: setattr(self, "_loading", None))
+        def done(_) -> None:
+            self._loading = None
+
+        self._loading.addCallback(loaded)
+        self._loading.addErrback(failed)
+        self._loading.addBoth(done)
 
     def _periodic(self) -> None:
         try:
