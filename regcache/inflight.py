@@ -143,7 +143,6 @@ class Fill:
         self.size: Optional[int] = None
         self.written = 0
         self.verified = False
-        self.landed = False
         self.failure: Optional[Exception] = None
         self.resumes = 0
         self._writer = None
@@ -218,7 +217,6 @@ class Fill:
             self._fire_started()
             self._notify()
             await self._writer.commit()
-            self.landed = True
             self.metrics.fills.labels("landed").inc()
         except BaseException as e:
             # Every reader hears of the failure, even one that failed before
