@@ -150,7 +150,6 @@ class Fill:
         self.size: Optional[int] = None
         self.written = 0
         self.verified = False
-        self.landed = False
         self.failure: Optional[Exception] = None
         self.resumes = 0
         self._writer = None
@@ -214,8 +213,8 @@ class Fill:
         self._notify()
 
     async def run(self) -> None:
-        self._writer = self.store.new_writer(self.digest)
         try:
+            self._writer = self.store.new_writer(self.digest)
             await self._download()
             if not self._writer.matches(self.size):
                 raise IntegrityError(
@@ -225,17 +224,20 @@ class Fill:
             self._fire_started()
             self._notify()
             await self._writer.commit()
-            self.landed = True
             self.metrics.fills.labels("landed").inc()
         except BaseException as e:
+            # Every reader hears of the failure, even one that failed before
+            # a byte was written (say, a full disk refusing the temp file).
             self.failure = e
-            self._writer.discard()
+            if self._writer is not None:
+                self._writer.discard()
             self.metrics.fills.labels("failed").inc()
             self._fire_started()
             self._notify()
             raise
         finally:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
 
     async def _download(self) -> None:
         stalled = 0

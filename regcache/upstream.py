@@ -125,13 +125,16 @@ class Upstream:
         credentials: Optional[Credentials] = None,
         timeouts: Timeouts = Timeouts(),
         jitter=random.random,
+        docker_hub: Optional[bool] = None,
     ):
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         self.host = parts.netloc
-        self.is_docker_hub = parts.hostname in DOCKER_HUB_HOSTS
+        #: Docker Hub keeps official images under library/; None means
+        #: "decide from the host name".
+        self.is_docker_hub = parts.hostname in DOCKER_HUB_HOSTS if docker_hub is None else docker_hub
         #: The name the cache files this upstream's tags under.
-        self.key = "docker.io" if self.is_docker_hub else parts.netloc
+        self.key = "docker.io" if parts.hostname in DOCKER_HUB_HOSTS else parts.netloc
         self.http = http
         self.clock = clock
         self.metrics = metrics

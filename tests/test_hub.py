@@ -425,3 +425,21 @@ class AcceptAndLoggingTests(SynchronousTestCase):
         self.assertNotIn("s3cret", text)
         self.assertNotIn("Bearer ", text)
         self.assertNotIn("Basic ", text)
+
+
+class TagListTests(SynchronousTestCase):
+    def test_tag_list_is_forwarded_with_pagination_and_link_rewritten(self):
+        """
+        tags/list goes upstream with n and last (never ns), and a Link
+        naming Hub's library/ name is rewritten to the name the client used.
+        """
+        rig = HubRig()
+        rig.hub.move_tag("library/small", "2", digest=rig.images["library/small:1"].digest)
+        c = rig.get("/v2/small/tags/list?n=1&ns=docker.io")
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(json.loads(c.body())["tags"], ["1"])
+        link = c.header("Link")
+        self.assertIn("/v2/small/tags/list?", link)
+        self.assertIn("last=1", link)
+        seen = [r for r in rig.hub.requests if "/tags/list" in r["path"]]
+        self.assertNotIn("ns=", seen[-1]["path"])
