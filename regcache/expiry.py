@@ -50,6 +50,10 @@ MANIFEST = "manifest"
 #: How stale a persisted access time may get, in seconds.
 TOUCH_EVERY = 600.0
 
+#: The most a download writes between two room checks (one read from the
+#: upstream socket), with room to spare.
+CHUNK_HEADROOM = 256 * 1024
+
 
 @dataclass
 class Entry:
@@ -105,6 +109,8 @@ class Index:
         self.deleting = 0
         #: The limit in force (set by Expiry), for ``room``.
         self.limit: Optional[int] = None
+        #: How far below the limit ``room`` starts pausing downloads.
+        self.headroom = CHUNK_HEADROOM
         self._room_waiters: List[Deferred] = []
         self.ready = False
         self.on_grow: Callable[[], None] = _noop
@@ -145,7 +151,9 @@ class Index:
         """
         if not self.deleting or self.limit is None:
             return None
-        if self.stored + self.deleting + self.written <= self.limit:
+        # Pause one chunk early: the bytes that arrive next are already on
+        # their way and will be written before this check runs again.
+        if self.stored + self.deleting + self.written + self.headroom <= self.limit:
             return None
         d: Deferred = Deferred()
         self._room_waiters.append(d)

@@ -315,6 +315,25 @@ class RaceTests(Base):
         self.assertIn(digest, self.store.index)
 
 
+    def test_room_pauses_a_chunk_early(self):
+        """
+        With the default headroom, a download pauses as soon as deletions
+        are pending and less than one socket read of room is left, so the
+        chunk already on its way cannot take the disk past the limit.
+        """
+        self.store._run = inline
+        self.add(9)
+        self.store._run = self.runner
+        data, digest = blob(2000, b"early")
+        self.rig.client(f"/v2/library/a/blobs/{digest}")
+        body = FedBody(200, {b"Content-Length": [b"2000"]})
+        self.rig.upstream.answer(0, body)
+        self.assertGreater(self.store.index.deleting, 0)
+        body.feed(data[:100])
+        self.assertEqual(body.transport.producerState, "paused")
+        self.runner.run_all()
+        self.assertEqual(body.transport.producerState, "producing")
+
     def test_download_waits_for_deletions_rather_than_pass_the_limit(self):
         """
         While evicted files are still being deleted, a download that would
@@ -324,6 +343,7 @@ class RaceTests(Base):
         self.store._run = inline
         self.add(9)
         self.store._run = self.runner
+        self.store.index.headroom = 0  # exact byte boundaries below
         data, digest = blob(2000, b"fast")
         c = self.rig.client(f"/v2/library/a/blobs/{digest}")
         body = FedBody(200, {b"Content-Length": [b"2000"]})
