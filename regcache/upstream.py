@@ -45,7 +45,7 @@ REDIRECTS = (301, 302, 303, 307, 308)
 @dataclass(frozen=True)
 class Timeouts:
     connect: float = 5.0
-    header: float = 10.0
+    header: float = 5.0
     idle: float = 15.0
     #: Attempts for an idempotent request that may be retried.
     attempts: int = 3
