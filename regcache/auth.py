@@ -96,7 +96,6 @@ class TokenCache:
         self._timeout = timeout
         self._tokens: Dict[Tuple, _Token] = {}
         self._flights = SingleFlight()
-        self.fetches = 0
 
     def _key(self, challenge: Challenge, scope: str) -> Tuple:
         user = self._credentials.username if self._credentials else None
@@ -145,7 +144,6 @@ class TokenCache:
         headers = {}
         if self._credentials:
             headers[b"Authorization"] = [self._credentials.basic()]
-        self.fetches += 1
         try:
             response = await self._http.get(url, headers=headers).addTimeout(self._timeout, self._clock)
             body = await response.content()

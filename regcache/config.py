@@ -64,7 +64,7 @@ SETTINGS = (
             "Cache size limit in bytes, or with a suffix: 500M, 64Gi"),
     Setting("connect-timeout", ("REGCACHE_CONNECT_TIMEOUT",), "5s",
             "Upstream TCP/TLS connect timeout"),
-    Setting("header-timeout", ("REGCACHE_HEADER_TIMEOUT",), "10s",
+    Setting("header-timeout", ("REGCACHE_HEADER_TIMEOUT",), "5s",
             "Upstream wait for response headers"),
     Setting("idle-timeout", ("REGCACHE_IDLE_TIMEOUT",), "15s",
             "Upstream body stall that ends a download (it then resumes with Range)"),

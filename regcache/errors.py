@@ -24,7 +24,6 @@ STATUS = {
     "UNSUPPORTED": 405,
     "TOOMANYREQUESTS": 429,
     "UNAVAILABLE": 503,
-    "RANGE_INVALID": 416,
 }
 
 
@@ -88,6 +87,3 @@ class IntegrityError(Exception):
     Bytes from upstream did not match their digest or announced length.
     """
 
-
-def json_error(code: str, message: str) -> bytes:
-    return json.dumps({"errors": [{"code": code, "message": message}]}).encode()

@@ -12,7 +12,6 @@ waits for; a slow reader only falls behind in the file, it never slows the
 download or grows memory.
 """
 
-import os
 from typing import Callable, Dict, Hashable, List, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -105,6 +104,13 @@ class _FillProtocol(Protocol):
         except Exception as e:
             self._error = e
             self.transport.stopProducing()
+            return
+        wait = self.fill._writer.room()
+        if wait is not None:
+            # Evicted files are still being deleted: let them go before
+            # writing more, so the store stays under its size limit.
+            self.transport.pauseProducing()
+            wait.addCallback(lambda _: self.transport.resumeProducing())
 
     def connectionLost(self, reason) -> None:
         if self._timer is not None and self._timer.active():
@@ -144,7 +150,6 @@ class Fill:
         self.size: Optional[int] = None
         self.written = 0
         self.verified = False
-        self.landed = False
         self.failure: Optional[Exception] = None
         self.resumes = 0
         self._writer = None
@@ -208,8 +213,8 @@ class Fill:
         self._notify()
 
     async def run(self) -> None:
-        self._writer = self.store.new_writer(self.digest)
         try:
+            self._writer = self.store.new_writer(self.digest)
             await self._download()
             if not self._writer.matches(self.size):
                 raise IntegrityError(
@@ -219,17 +224,20 @@ class Fill:
             self._fire_started()
             self._notify()
             await self._writer.commit()
-            self.landed = True
             self.metrics.fills.labels("landed").inc()
         except BaseException as e:
+            # Every reader hears of the failure, even one that failed before
+            # a byte was written (say, a full disk refusing the temp file).
             self.failure = e
-            self._writer.discard()
+            if self._writer is not None:
+                self._writer.discard()
             self.metrics.fills.labels("failed").inc()
             self._fire_started()
             self._notify()
             raise
         finally:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
 
     async def _download(self) -> None:
         stalled = 0
@@ -238,6 +246,7 @@ class Fill:
             total, skip = self._extent(response)
             if self.size is None and total is not None:
                 self.size = total
+                self._writer.reserve(total)
                 self._fire_started()
             elif total is not None and total != self.size:
                 raise IntegrityError(f"upstream changed the size of {self.digest}")

@@ -75,6 +75,15 @@ class Metrics:
         self.fills = Counter(
             "regcache_blob_fills", "Blob downloads into the cache by outcome", ["result"], registry=r
         )
+        self.store_bytes = Gauge(
+            "regcache_store_bytes", "Bytes of complete blobs and manifests in the cache", registry=r
+        )
+        self.store_entries = Gauge(
+            "regcache_store_entries", "Blobs and manifests in the cache", registry=r
+        )
+        self.evicted = Counter(
+            "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r
+        )
         self.ratelimit_limit = Gauge(
             "regcache_upstream_ratelimit_limit", "Latest ratelimit-limit from upstream", ["upstream"], registry=r
         )

@@ -11,7 +11,7 @@ hold.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -37,12 +37,19 @@ class ManifestAnswer:
     warning: Optional[str] = None
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class BlobAnswer:
     size: int
     fd: int
     source: object
     cache: str
+    #: Call once the client is done with ``fd``: until then the blob is
+    #: pinned and eviction leaves it alone.
+    release: Callable[[], None] = _nothing
 
 
 class Mirror:
@@ -178,7 +185,7 @@ class Mirror:
             if opened is not None:
                 fd, size = opened
                 self.metrics.cache.labels("blob", "hit").inc()
-                return BlobAnswer(size, fd, Source(size), "hit")
+                return BlobAnswer(size, fd, Source(size), "hit", self.store.pin(digest))
             fill = self.fills.get(digest)
             cache = "join" if fill is not None else "miss"
             if fill is None:
@@ -196,7 +203,7 @@ class Mirror:
             fd = fill.reader()
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()
-                return BlobAnswer(size, fd, fill, cache)
+                return BlobAnswer(size, fd, fill, cache, self.store.pin(digest))
             # The fill moved into the store meanwhile: open it there.
         raise RegistryError("UNAVAILABLE", f"blob {digest} could not be opened", status=503)
 

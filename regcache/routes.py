@@ -8,6 +8,7 @@ into OCI error JSON in one handler.  Nothing here decides what is cached.
 
 import json
 import os
+from urllib.parse import urlencode
 
 from klein import Klein
 from twisted.logger import Logger
@@ -142,6 +143,12 @@ class RegistryRoutes:
     async def _blob(self, request, route, reference):
         digest = Digest.parse(reference)
         answer = await self.mirror.blob(route, digest)
+        try:
+            return await self._send_blob(request, digest, answer)
+        finally:
+            answer.release()
+
+    async def _send_blob(self, request, digest, answer):
         request.cache_result = answer.cache
         size = answer.size
         try:
@@ -167,7 +174,9 @@ class RegistryRoutes:
         return await body.send(request, answer.fd, start, end, answer.source, self.reactor, self.metrics)
 
     async def _tags(self, request, route, name):
-        code, link, data = await self.mirror.tags_list(route, name, request.uri.partition(b"?")[2])
+        # Only the pagination parameters go upstream; ``ns`` is ours.
+        query = urlencode([(k, v[0]) for k, v in ((k, request.args.get(k.encode())) for k in ("n", "last")) if v])
+        code, link, data = await self.mirror.tags_list(route, name, query.encode("ascii"))
         request.setResponseCode(code)
         request.setHeader("Content-Type", "application/json")
         if link:

@@ -6,7 +6,6 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.  It also gives each request one structured log event.
 """
 
-import time
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
@@ -22,6 +21,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from regcache.auth import Credentials
+from regcache.expiry import Expiry
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
 from regcache.mirror import Mirror
@@ -147,6 +147,9 @@ def build(config, reactor) -> MultiService:
     site = RegcacheSite(routes.app.resource(), metrics, reactor)
 
     endpoint = serverFromString(reactor, config.listen)
+    # Before the port: the start-up scan is under way when the first
+    # request arrives, and eviction waits for it.
+    Expiry(store, config.max_size, reactor, metrics).setServiceParent(top)
     StreamServerEndpointService(endpoint, site).setServiceParent(top)
     FillDrain(fills, reactor).setServiceParent(top)
     Logger().info(

@@ -1,3 +1,4 @@
+# test-case-name: tests.test_store,tests.test_expiry
 """
 The content store: every blob and manifest on disk, by digest.
 
@@ -12,19 +13,35 @@ name.  Bytes reach it only through a temp file on the same filesystem that was
 hashed while it was written, fsync'd, and renamed into place after the digest
 and length matched.  A crash leaves at worst a temp file, which start-up
 removes.  The filesystem is the metadata: sizes and access times come from
-``stat``, so nothing can disagree with the files.
+``stat``, so nothing can disagree with the files.  The in-memory index that
+eviction needs (regcache.expiry) is rebuilt from them at every start.
+
+A manifest's body is written before its type record, and on eviction the
+record is deleted before the body: a type record always has its body, and a
+crash in between leaves at worst a body without a record, which is served as
+a blob and fetched again as a manifest.
+
+Running out of space is survivable: a blob write that fails with ENOSPC
+fails its fill (readers see an aborted connection, the temp file goes) and
+asks for an eviction; a manifest that cannot be stored is still answered
+from memory.
 """
 
 import errno
+import json
 import os
+import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.reference import Digest
+from regcache.errors import RegistryError
+from regcache.expiry import BLOB, MANIFEST, Entry, Index, Scan
+from regcache.reference import ALGORITHMS, Digest
 
 #: A runner for blocking work: takes f and args, returns a Deferred of the
 #: result.  Production passes a bounded thread pool; tests run inline.
@@ -61,12 +78,35 @@ class BlobWriter:
         self.length = 0
         self.closed = False
         self._hasher = digest.hasher()
+        #: What the index counts for this download: the announced size, or
+        #: the bytes written if more.  And the bytes actually on disk.
+        self._counted = 0
+        self._on_disk = 0
+
+    def reserve(self, size: int) -> None:
+        """
+        The blob will be ``size`` bytes: count them now, so that eviction
+        makes room before they arrive rather than while they do.
+        """
+        self._count(size, 0)
+
+    def _count(self, counted: int, written: int) -> None:
+        extra = max(counted - self._counted, 0)
+        self._counted += extra
+        self._on_disk += written
+        self.store.index.grow(extra, written)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self._count(self._on_disk + n, n)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                self.store.index.on_full()
+            raise
         self._hasher.update(data)
         self.length += len(data)
 
@@ -86,18 +126,38 @@ class BlobWriter:
 
     def commit(self) -> Deferred:
         """
-        fsync and rename into place, in a thread.  The descriptor stays open
+        fsync and rename into place, in a thread, once any eviction of the
+        same digest has deleted the old file.  The descriptor stays open
         (readers may still be taking dups of it) until ``close``.
         """
-        return self.store._run(self.store._commit_file, self.fd, self.path, self.store.blob_path(self.digest))
+        store = self.store
+        d = store._after_delete(self.digest)
+        d.addCallback(lambda _: store._run(store._commit_file, self.fd, self.path, store.blob_path(self.digest)))
+        d.addCallbacks(self._landed, store._write_failed)
+        return d
+
+    def room(self) -> Optional[Deferred]:
+        """See Index.room: whether to pause the download for evictions."""
+        return self.store.index.room()
+
+    def _landed(self, _) -> None:
+        self._uncount()
+        self.store.index.add(self.digest, self.length, BLOB)
+
+    def _uncount(self) -> None:
+        if self._counted or self._on_disk:
+            self.store.index.grow(-self._counted, -self._on_disk)
+            self._counted = self._on_disk = 0
 
     def discard(self) -> None:
+        self._uncount()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
     def close(self) -> None:
+        self._uncount()
         if not self.closed:
             self.closed = True
             os.close(self.fd)
@@ -118,6 +178,9 @@ class Store:
         self._manifests: Dict[Digest, Manifest] = {}
         self._manifest_bytes = 0
         self.memory_limit = 64 * 1024 * 1024
+        self.index = Index(now)
+        #: Digests whose files an eviction is deleting -> who waits for that.
+        self._deleting: Dict[Digest, List[Deferred]] = {}
 
     def prepare(self) -> int:
         """
@@ -134,9 +197,18 @@ class Store:
             except IsADirectoryError:
                 pass
         probe = os.path.join(self.tmp_dir, f"probe.{uuid.uuid4().hex}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.unlink(probe)
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Writable but full: start anyway; the first write that fails
+            # makes the evictor free room.
+            self.log.warn("The cache's disk is full at start-up: {root}", root=self.root)
+        finally:
+            if os.path.exists(probe):
+                os.unlink(probe)
         return removed
 
     # Paths
@@ -152,13 +224,43 @@ class Store:
     def open_blob(self, digest: Digest) -> Optional[tuple]:
         """
         (fd, size) of a complete blob, or None.  The caller owns the fd.
+
+        A file whose size is not the one recorded for it (at commit, or the
+        size a cached manifest declares) is treated as missing: it gets
+        fetched again, and the new file replaces it.
         """
+        if digest in self._deleting:
+            return None
         try:
             fd = os.open(self.blob_path(digest), os.O_RDONLY)
         except FileNotFoundError:
+            self.index.remove(digest)
             return None
         size = os.fstat(fd).st_size
+        entry = self.index.get(digest)
+        if entry is not None and entry.size != size:
+            os.close(fd)
+            self.log.warn(
+                "Cached {digest} has {actual} bytes, not {expected}: fetching it again",
+                digest=str(digest), actual=size, expected=entry.size,
+            )
+            return None
+        self._used(digest)
         return fd, size
+
+    def pin(self, digest: Digest) -> Callable[[], None]:
+        """
+        Keep ``digest`` from eviction while a client reads it; call the
+        returned function when done.
+        """
+        return self.index.pin(digest)
+
+    def _used(self, digest: Digest) -> None:
+        touch = self.index.use(digest)
+        if touch:
+            d = self._run(_touch, [self.blob_path(t) for t in touch], self._now())
+            d.addErrback(lambda f: self.log.failure("Recording the use of {digest} failed", f,
+                                                    digest=str(digest)))
 
     def blob_size(self, digest: Digest) -> Optional[int]:
         try:
@@ -188,8 +290,11 @@ class Store:
         Manifests are small (at most 4 MiB), so reading one is not a whole-
         blob read.
         """
+        if digest in self._deleting:
+            return None
         m = self._manifests.get(digest)
         if m is not None:
+            self._used(digest)
             return m
         try:
             with open(self._path("manifests", digest), "r", encoding="utf-8") as f:
@@ -202,21 +307,41 @@ class Store:
             return None
         m = Manifest(body, media_type, digest)
         self._remember(m)
+        self._used(digest)
         return m
 
     def put_manifest(self, manifest: Manifest) -> Deferred:
         """
         Store a manifest whose bytes were already checked against its digest.
-        The type record is written before the body, so a body under blobs/
-        that is a manifest always has its type.
+        Never fails: a manifest the disk cannot take (ENOSPC, EIO) is logged
+        and answered from memory all the same.
         """
         self._remember(manifest)
-        return self._run(self._write_manifest, manifest)
+        d = self._after_delete(manifest.digest)
+        d.addCallback(lambda _: self._run(self._write_manifest, manifest))
+        d.addCallback(lambda refs: self.index.add(manifest.digest, manifest.size, MANIFEST, refs))
+        d.addErrback(self._write_failed)
+        d.addErrback(lambda f: self.log.warn(
+            "Could not store manifest {digest}, serving it from memory: {error}",
+            digest=str(manifest.digest), error=f.getErrorMessage(),
+        ))
+        return d
 
-    def _write_manifest(self, m: Manifest) -> None:
-        self._write_atomic(self._path("manifests", m.digest), m.media_type.encode("utf-8"))
+    def _write_failed(self, failure):
+        if failure.check(OSError) and failure.value.errno == errno.ENOSPC:
+            self.index.on_full()
+        return failure
+
+    def _write_manifest(self, m: Manifest) -> List[Digest]:
+        """
+        The body first, then the type record: a type record whose body is
+        missing would hide a manifest the store no longer has.  Returns what
+        the manifest references (parsed here, off the reactor).
+        """
         if not os.path.exists(self.blob_path(m.digest)):
             self._write_atomic(self.blob_path(m.digest), m.body)
+        self._write_atomic(self._path("manifests", m.digest), m.media_type.encode("utf-8"))
+        return [ref for ref, _ in references(m.body)]
 
     def _write_atomic(self, final: str, data: bytes) -> None:
         tmp = os.path.join(self.tmp_dir, f"w.{uuid.uuid4().hex}")
@@ -243,6 +368,166 @@ class Store:
             self._manifest_bytes -= old.size
         self._manifests[m.digest] = m
         self._manifest_bytes += m.size
+
+    # Eviction
+
+    def forget(self, digest: Digest) -> None:
+        """Drop a manifest from memory: it is about to be evicted."""
+        m = self._manifests.pop(digest, None)
+        if m is not None:
+            self._manifest_bytes -= m.size
+
+    def delete(self, victims: List[Tuple[Digest, Entry]]) -> Deferred:
+        """
+        Delete evicted entries' files in a thread, in the given order.
+        Until that is done the digests read as missing, and a new copy of
+        one waits to be committed, so the deletion cannot remove it.
+        """
+        digests = [d for d, _ in victims]
+        for d in digests:
+            self._deleting.setdefault(d, [])
+        size = sum(entry.size for _, entry in victims)
+        self.index.deleting += size
+        paths = []
+        for d, entry in victims:
+            if entry.kind == MANIFEST:
+                paths.append(self._path("manifests", d))
+            paths.append(self.blob_path(d))
+
+        def done(result):
+            self.index.deleted(size)
+            for d in digests:
+                for waiter in self._deleting.pop(d, []):
+                    waiter.callback(None)
+            return result
+
+        return self._run(_unlink_all, paths).addBoth(done)
+
+    def _after_delete(self, digest: Digest) -> Deferred:
+        waiters = self._deleting.get(digest)
+        if waiters is None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        waiters.append(d)
+        return d
+
+    # Start-up index
+
+    def scan(self) -> Deferred:
+        """
+        A Deferred of the Scan of everything under ``blobs/``, made in a
+        thread from ``scandir`` and ``stat`` and the manifests' own bytes: no
+        blob is hashed.
+        """
+        return self._run(self._scan)
+
+    def walk(self, kind: str = "blobs") -> Iterator[Tuple[Optional[Digest], os.DirEntry]]:
+        """
+        Every file under ``kind/`` with its digest, or None for a file whose
+        name is not a digest regcache could have written.
+        """
+        base = os.path.join(self.root, kind)
+        for alg in _scandir(base):
+            for sub in _scandir(alg.path):
+                for entry in _scandir(sub.path):
+                    if entry.is_file(follow_symlinks=False):
+                        yield _digest(alg.name, sub.name, entry.name), entry
+
+    def _scan(self) -> Scan:
+        found: List[Tuple[float, Digest, int]] = []
+        strays = 0
+        for digest, entry in self.walk("blobs"):
+            if digest is None:
+                strays += 1
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found.append((st.st_mtime, digest, st.st_size))
+        sizes = {digest: size for _, digest, size in found}
+        refs: Dict = {}
+        for digest, entry in self.walk("manifests"):
+            if digest is None or digest not in sizes:
+                # A type record without its body (left by an older layout):
+                # the files win, the record goes.
+                _unlink_all([entry.path])
+                continue
+            try:
+                with open(self.blob_path(digest), "rb") as f:
+                    refs[digest] = tuple(references(f.read(MAX_MANIFEST + 1)))
+            except FileNotFoundError:
+                continue
+        declared = {ref: size for rs in refs.values() for ref, size in rs if size is not None}
+        found.sort(key=lambda t: t[0])
+        entries: "OrderedDict[Digest, Entry]" = OrderedDict()
+        for mtime, digest, size in found:
+            kind = MANIFEST if digest in refs else BLOB
+            entries[digest] = Entry(declared.get(digest, size), kind, mtime, mtime)
+        return Scan(entries, refs, strays)
+
+
+def references(body: bytes) -> Iterator[Tuple[Digest, Optional[int]]]:
+    """
+    The (digest, declared size) of every descriptor a manifest or index
+    names: config, layers, child manifests.  Anything unparsable names
+    nothing (the bytes matched their digest; they are simply not a manifest
+    regcache understands).
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return
+    if not isinstance(doc, dict):
+        return
+    descriptors = []
+    if isinstance(doc.get("config"), dict):
+        descriptors.append(doc["config"])
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(doc.get(key), list):
+            descriptors.extend(x for x in doc[key] if isinstance(x, dict))
+    for desc in descriptors:
+        try:
+            digest = Digest.parse(str(desc.get("digest", "")))
+        except RegistryError:
+            continue
+        size = desc.get("size")
+        yield digest, size if isinstance(size, int) and size >= 0 else None
+
+
+_HEX = {alg: re.compile(f"[0-9a-f]{{{n}}}") for alg, n in ALGORITHMS.items()}
+
+
+def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
+    """The digest a file name in the layout stands for (a hot path at start-up)."""
+    pattern = _HEX.get(algorithm)
+    if pattern is None or len(prefix) != 2 or not name.startswith(prefix) or not pattern.fullmatch(name):
+        return None
+    return Digest(algorithm, name)
+
+
+def _scandir(path: str) -> List[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return [e for e in it if e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _unlink_all(paths: List[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _touch(paths: List[str], when: float) -> None:
+    for path in paths:
+        try:
+            os.utime(path, (when, when))
+        except FileNotFoundError:
+            pass
 
 
 def _fsync_dir(path: str) -> None:

@@ -77,13 +77,24 @@ class TagMap:
         return entry
 
     def put(self, key: TagKey, entry: TagEntry) -> None:
+        """
+        Remember an entry, and persist it if the disk allows: on a full or
+        failing disk the entry lives in memory only (it is a hint).
+        """
         self._entries[key] = entry
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(self._tmp, f"tag.{uuid.uuid4().hex}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(asdict(entry), f)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(asdict(entry), f)
+            os.replace(tmp, path)
+        except OSError as e:
+            self.log.warn("Could not persist tag entry {path}: {error}", path=path, error=e.strerror)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def siblings(self, key: TagKey) -> List[TagEntry]:
         """

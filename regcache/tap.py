@@ -47,9 +47,14 @@ def main(argv=None):
     """
     ``regcache [options]``: run the server in the foreground, as
     ``twistd -n --pidfile= regcache [options]`` would.
+    ``regcache verify [--storage DIR]``: check the store (regcache.verify).
     """
     from twisted.scripts.twistd import run
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        from regcache.verify import main as verify
+
+        raise SystemExit(verify(argv[1:]))
     sys.argv = ["twistd", "-n", "--pidfile=", "regcache", *argv]
     run()

@@ -15,7 +15,7 @@ stream.
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -45,7 +45,7 @@ REDIRECTS = (301, 302, 303, 307, 308)
 @dataclass(frozen=True)
 class Timeouts:
     connect: float = 5.0
-    header: float = 10.0
+    header: float = 5.0
     idle: float = 15.0
     #: Attempts for an idempotent request that may be retried.
     attempts: int = 3
@@ -125,13 +125,16 @@ class Upstream:
         credentials: Optional[Credentials] = None,
         timeouts: Timeouts = Timeouts(),
         jitter=random.random,
+        docker_hub: Optional[bool] = None,
     ):
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         self.host = parts.netloc
-        self.is_docker_hub = parts.hostname in DOCKER_HUB_HOSTS
+        #: Docker Hub keeps official images under library/; None means
+        #: "decide from the host name".
+        self.is_docker_hub = parts.hostname in DOCKER_HUB_HOSTS if docker_hub is None else docker_hub
         #: The name the cache files this upstream's tags under.
-        self.key = "docker.io" if self.is_docker_hub else parts.netloc
+        self.key = "docker.io" if parts.hostname in DOCKER_HUB_HOSTS else parts.netloc
         self.http = http
         self.clock = clock
         self.metrics = metrics

@@ -6,9 +6,13 @@ They let a test stop time between any two chunks of a download and look at
 what every client has received, which no real network allows.
 """
 
+import contextlib
+import errno
 import hashlib
 import os
+import subprocess
 import tempfile
+import unittest
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -103,14 +107,30 @@ def blob(size: int, seed: bytes = b"x"):
     return data, Digest("sha256", hashlib.sha256(data).hexdigest())
 
 
+def conformance_cases(data: bytes):
+    """
+    PROTOCOL.md §6's Range table on ``data`` (2048 bytes there): (Range,
+    status, Content-Range, body) for each row.
+    """
+    n = len(data)
+    return [
+        ("bytes=500-1499", 206, f"bytes 500-1499/{n}", data[500:1500]),
+        ("bytes=500-", 206, f"bytes 500-{n - 1}/{n}", data[500:]),
+        ("bytes=-500", 206, f"bytes {n - 500}-{n - 1}/{n}", data[-500:]),
+        ("bytes=2000-5000", 206, f"bytes 2000-{n - 1}/{n}", data[2000:]),
+        ("bytes=500-0", 416, f"bytes */{n}", b""),
+        ("bytes=5000-10000", 416, f"bytes */{n}", b""),
+    ]
+
+
 class Rig:
     """
     The real routes, mirror, fills and store over a hand-fed upstream, on a
     MemoryReactorClock.
     """
 
-    def __init__(self, upstream=None, tag_ttl=60, max_stale=None):
-        self.root = tempfile.mkdtemp(prefix="regcache-test-")
+    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None):
+        self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
         self.metrics = Metrics()
         self.store = Store(self.root, inline, self.reactor.seconds)
@@ -205,7 +225,7 @@ class HubRig(Rig):
     to the in-memory fake Docker Hub, everything on one MemoryReactorClock.
     """
 
-    def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, **hub_options):
+    def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, **hub_options):
         from treq.testing import StubTreq
 
         from regcache.upstream import Upstream
@@ -225,9 +245,9 @@ class HubRig(Rig):
             )
             self.treq = StubTreq(self.hub.app.resource())
             return Upstream(self.hub.registry_url, self.treq, reactor, metrics, credentials, self._timeouts,
-                            jitter=lambda: 0.5)
+                            jitter=lambda: 0.5, docker_hub=True)
 
-        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale)
+        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root)
 
     def settle(self):
         """Let every in-memory exchange run to its end."""
@@ -249,3 +269,36 @@ class HubRig(Rig):
 
     def stats(self):
         return self.hub.stats()
+
+
+@contextlib.contextmanager
+def small_filesystem(size: str):
+    """
+    A tmpfs of ``size`` (e.g. ``"256k"``) mounted on a fresh directory for
+    the block, unmounted after.  Needs root; skips the test with the reason
+    when mounting is impossible here.
+    """
+    path = tempfile.mkdtemp(prefix="regcache-smallfs-")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        os.rmdir(path)
+        raise unittest.SkipTest(f"cannot mount a {size} tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+        os.rmdir(path)
+
+
+def fill_up(path: str) -> None:
+    """Write a filler file until the filesystem at ``path`` is full."""
+    fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)

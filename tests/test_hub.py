@@ -389,3 +389,57 @@ class ScriptedDayTests(SynchronousTestCase):
         self.assertEqual(pulls, 96 * 6)
         print(f"\nscripted day: {pulls} pulls, {stats['manifest_heads_total']} upstream HEADs, "
               f"{stats['manifest_gets_total']} counted GETs for {len(served)} distinct manifests")
+
+
+class AcceptAndLoggingTests(SynchronousTestCase):
+    def test_separate_accept_lines_are_merged_and_forwarded(self):
+        """
+        dockerd's separate Accept lines are merged: with the list type among
+        them the manifest list comes back; with schema2 alone, Hub's
+        linux/amd64 child does, and the two are cached as separate tag keys.
+        """
+        rig = HubRig()
+        image = rig.images["library/multiarch:1"]
+        lines = {"Accept": [SCHEMA2, LIST, OCI, OCI_INDEX]}
+        c = rig.get("/v2/library/multiarch/manifests/1", headers=lines)
+        self.assertEqual(c.header("Docker-Content-Digest"), image.digest)
+        self.assertEqual(c.header("Content-Type"), LIST)
+        c = rig.get("/v2/library/multiarch/manifests/1", headers={"Accept": SCHEMA2})
+        self.assertEqual(c.header("Docker-Content-Digest"), image.child("amd64").digest)
+        self.assertEqual(c.header("Content-Type"), SCHEMA2)
+
+    def test_credentials_never_reach_the_log(self):
+        """Neither the password nor a bearer token appears in any log event."""
+        from twisted.logger import eventAsText, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        rig = HubRig(credentials=Credentials("ci", "s3cret"))
+        rig.get("/v2/ci/private/manifests/1", headers={"Accept": ALL})
+        rig.hub.fault("status", scope="manifests", status=503)
+        rig.reactor.advance(61)
+        rig.get("/v2/ci/private/manifests/1", headers={"Accept": ALL})
+        text = "\n".join(eventAsText(e) + repr(e) for e in events)
+        self.assertIn("ci/private", text)
+        self.assertNotIn("s3cret", text)
+        self.assertNotIn("Bearer ", text)
+        self.assertNotIn("Basic ", text)
+
+
+class TagListTests(SynchronousTestCase):
+    def test_tag_list_is_forwarded_with_pagination_and_link_rewritten(self):
+        """
+        tags/list goes upstream with n and last (never ns), and a Link
+        naming Hub's library/ name is rewritten to the name the client used.
+        """
+        rig = HubRig()
+        rig.hub.move_tag("library/small", "2", digest=rig.images["library/small:1"].digest)
+        c = rig.get("/v2/small/tags/list?n=1&ns=docker.io")
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(json.loads(c.body())["tags"], ["1"])
+        link = c.header("Link")
+        self.assertIn("/v2/small/tags/list?", link)
+        self.assertIn("last=1", link)
+        seen = [r for r in rig.hub.requests if "/tags/list" in r["path"]]
+        self.assertNotIn("ns=", seen[-1]["path"])

@@ -227,3 +227,23 @@ class SingleFlightTests(SynchronousTestCase):
         work[0].callback("result")
         self.assertEqual(self.successResultOf(b), "result")
         self.assertNotIn("k", flight)
+
+
+class StoreFailureTests(SynchronousTestCase):
+    def test_temp_file_refused_fails_the_waiters(self):
+        """
+        If the store cannot even create the temp file (disk full, no
+        permission), every waiting client gets an error instead of hanging.
+        """
+        import errno
+
+        rig = Rig()
+        data, digest = blob(1000)
+
+        def refuse(d):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        rig.store.new_writer = refuse
+        c = rig.client(blob_path(digest))
+        self.assertEqual(c.status(), 503)
+        self.assertEqual(rig.upstream.calls, [])

@@ -685,7 +685,11 @@ class FakeHub:
             tags = [t for t in tags if t > last]
         n = request.args.get(b"n")
         if n:
+            more = len(tags) > int(n[0])
             tags = tags[:int(n[0])]
+            if more and tags:
+                # As distribution does: RFC 5988 Link to the next page.
+                request.setHeader("Link", f'</v2/{repo}/tags/list?n={int(n[0])}&last={tags[-1]}>; rel="next"')
         return _json(request, 200, {"name": repo, "tags": tags})
 
     # -- token realm -------------------------------------------------------

@@ -17,7 +17,6 @@ Uses the stdlib only; ``skopeo`` must be installed for ``push_dir`` and
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,15 +24,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
+from tests.processes import free_port, terminate
 
 BINARY = "docker-registry"
-
-
-def free_port(interface: str = "127.0.0.1") -> int:
-    """An ephemeral port that was free a moment ago (the registry binds it itself)."""
-    with socket.socket() as s:
-        s.bind((interface, 0))
-        return s.getsockname()[1]
 
 
 def available() -> bool:
@@ -112,13 +105,7 @@ class RealRegistry:
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            terminate(self.proc)
             self._log.close()
             self.proc = None
 

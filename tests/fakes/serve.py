@@ -39,7 +39,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence
 
-from tests.fakes.images import LARGE_SIZE, MiB
+from tests.fakes.images import LARGE_SIZE
+from tests.processes import terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,13 +155,8 @@ class FakeHubProcess:
         self.stop()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         self.proc = None

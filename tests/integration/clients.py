@@ -6,7 +6,6 @@ fallback can never leave the machine.
 - containerd's ``server`` (the fallback) is a closed loopback port.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -112,4 +111,46 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 self.proc.kill()
                 self.proc.wait()
         subprocess.run(["umount", "-R", os.path.join(self.dir, "root")], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Podman:
+    """
+    podman with its own storage (vfs) and a registries.conf whose docker.io
+    location is a closed port, so only the mirror can answer.
+    """
+
+    def __init__(self, mirror_host: str):
+        self.dir = tempfile.mkdtemp(prefix="regcache-podman-")
+        self.conf = os.path.join(self.dir, "registries.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"""short-name-mode = "disabled"
+[[registry]]
+prefix = "docker.io"
+location = "127.0.0.1:{closed_port()}"
+insecure = true
+[[registry.mirror]]
+location = "{mirror_host}"
+insecure = true
+""")
+        self.storage_conf = os.path.join(self.dir, "storage.conf")
+        with open(self.storage_conf, "w") as f:
+            f.write(f'[storage]\ndriver = "vfs"\ngraphroot = "{self.dir}/graph"\nrunroot = "{self.dir}/run"\n')
+        os.makedirs(os.path.join(self.dir, "tmp"))
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = dict(os.environ, CONTAINERS_REGISTRIES_CONF=self.conf, CONTAINERS_STORAGE_CONF=self.storage_conf,
+                   TMPDIR=os.path.join(self.dir, "tmp"))
+        cmd = ["podman", "--root", f"{self.dir}/graph", "--runroot", f"{self.dir}/run", "--storage-driver", "vfs",
+               "--events-backend", "none", "--cgroup-manager", "cgroupfs", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+    def pull(self, ref: str) -> subprocess.CompletedProcess:
+        return self.run("pull", ref)
+
+    def digest(self, ref: str) -> str:
+        return self.run("image", "inspect", "--format", "{{.Digest}}", ref).stdout.strip()
+
+    def cleanup(self) -> None:
+        self.run("rmi", "--all", "--force")
         shutil.rmtree(self.dir, ignore_errors=True)

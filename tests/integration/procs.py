@@ -7,7 +7,6 @@ the test talks to it with plain sockets, urllib, skopeo or ctr.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ import urllib.error
 import urllib.request
 from typing import List, Optional
 
+from tests.processes import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_port() -> int:

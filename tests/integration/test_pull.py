@@ -7,11 +7,8 @@ the upstream bytes, with each blob fetched upstream once.
 
 import concurrent.futures
 import hashlib
-import json
-import os
 import socket
 import time
-import urllib.request
 
 import pytest
 
@@ -165,3 +162,44 @@ def test_containerd_pulls_with_ns(hub, regcache, images):
         ctd.stop()
     log = [e for e in hub.request_log() if "/blobs/" in e["path"] and e["host"] == "cdn"]
     assert len(log) == len(images["library/multi:1"].blobs())
+
+
+def test_podman_pulls_through_the_mirror(hub, regcache, images):
+    """
+    podman, whose docker.io location is a closed port, pulls through the
+    regcache mirror entry and records the upstream manifest digest.
+    """
+    from tests.integration.clients import Podman
+
+    rc = regcache()
+    podman = Podman(rc.host)
+    try:
+        r = podman.pull("docker.io/library/small:1")
+        assert r.returncode == 0, r.stderr
+        assert podman.digest("docker.io/library/small:1") == images["library/small:1"].digest
+    finally:
+        podman.cleanup()
+    assert "GET /v2/library/small/manifests/" in rc.log()
+
+
+def test_dockerd_pulls_through_registry_mirrors(hub, regcache, images):
+    """
+    dockerd, sealed in a loopback-only network namespace with regcache as
+    its registry-mirror, pulls an image (HEAD by tag with separate Accept
+    lines, then GETs by digest) and records the upstream digest.
+    """
+    from tests.integration.dockerd import SealedDockerd, available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    rc = regcache()
+    docker = SealedDockerd(rc.port).start()
+    try:
+        r = docker.docker("pull", "library/multi:1")
+        assert r.returncode == 0, r.stderr + r.stdout
+        digests = docker.docker("image", "inspect", "--format", "{{json .RepoDigests}}", "library/multi:1")
+        assert images["library/multi:1"].digest in digests.stdout
+    finally:
+        docker.stop()
+    assert "HEAD /v2/library/multi/manifests/1 200" in rc.log()
