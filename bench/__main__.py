@@ -271,7 +271,7 @@ class Run:
                     out[f"{mode}_outside"] = out[f"{mode}_inside"]  # no window: every tag pull goes upstream
             self.upstream.switch("forward")
         self.r["meta"]["outage_tag_ttl_s"] = ttl
-        self.r["meta"]["regcache_header_timeout_s"] = 10.0
+        self.r["meta"]["regcache_header_timeout_s"] = regcache_default("header-timeout")
 
     def _timed_pull(self, m, image) -> dict:
         t = time.monotonic()
@@ -308,6 +308,27 @@ class Run:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def regcache_default(name: str) -> float:
+    """A duration setting's default in the regcache under test (the target depends on it)."""
+    from regcache import config
+
+    setting = next(s for s in config.SETTINGS if s.name == name)
+    return config.parse_duration(name, setting.default)
+
+
+TOOLS = {"skopeo": "skopeo", "docker-registry": "docker-registry", "nginx": "nginx-light", "wrk": "wrk",
+         "ab": "apache2-utils", "curl": "curl"}
+
+
+def preflight() -> None:
+    """Stop at once, naming the Debian packages, when a tool the bench runs is missing."""
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        sys.exit(f"bench: missing tools; install them with: apt-get install -y {' '.join(missing)}")
+    if not os.path.isdir("/dev/shm"):
+        sys.exit("bench: needs /dev/shm (a tmpfs) for the clients' copies")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5, help="repetitions of pulls and streams (median kept)")
@@ -323,6 +344,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
     p.add_argument("--phases", default="pulls,concurrent,throughput,manifests,mixed,outage")
     args = p.parse_args(argv)
+    preflight()
     phases = args.phases.split(",")
     run = Run(args)
     started = time.monotonic()
