@@ -68,7 +68,7 @@ def _self_signed(tmp_path):
 class Server:
     """One regcache process on a plain or a TLS listener."""
 
-    def __init__(self, storage, tls=None):
+    def __init__(self, storage, tls=None, upstream=None, args=()):
         self.tls = tls
         self.port = free_port()
         listen = f"tcp:{self.port}:interface=127.0.0.1"
@@ -76,8 +76,8 @@ class Server:
             key, cert = tls
             listen = f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
         # The later --listen wins over the plain one procs.Regcache puts first.
-        self.proc = Regcache(str(storage), f"http://127.0.0.1:{closed_port()}", ["--listen", listen],
-                             port=self.port)
+        self.proc = Regcache(str(storage), upstream or f"http://127.0.0.1:{closed_port()}",
+                             [*args, "--listen", listen], port=self.port)
         self.context = ssl.create_default_context()
         self.context.check_hostname = False
         self.context.verify_mode = ssl.CERT_NONE
@@ -246,3 +246,36 @@ def test_client_that_stops_reading_gets_backpressure(servers, blobs, sender):
         assert got == BIG and "sha256:" + h.hexdigest() == digest
     finally:
         s.close()
+
+
+def test_blob_still_downloading_is_identical_over_both_senders(hub, images, tmp_path):
+    """
+    A cold blob reaches a plain-TCP client (sendfile following the growing
+    file) and a TLS client (pread following it) byte for byte, and so does
+    a Range request that joins while the download may still be running.
+    """
+    from tests.integration.conftest import USERS
+
+    layer = images["library/large:1"].layers[0]
+    data = layer.path.read_bytes()
+    password = tmp_path / "password"
+    password.write_text(USERS["ci"] + "\n")
+    creds = ["--username", "ci", "--password-file", str(password)]
+    cert = _self_signed(tmp_path)
+    path = f"/v2/library/large/blobs/{layer.digest}"
+    start, end = 1000, 9 * MiB + 1
+    for sender, tls in (("sendfile", None), ("read", cert)):
+        server = Server(tmp_path / sender, tls, hub.registry_url, creds).start()
+        try:
+            c = server.connection()
+            c.request("GET", path)
+            r = c.getresponse()
+            assert r.status == 200 and r.headers["Content-Length"] == str(layer.size), sender
+            first = r.read(MiB)
+            status, headers, part = server.request(path, {"Range": f"bytes={start}-{end - 1}"})
+            assert status == 206 and part == data[start:end], sender
+            assert first + r.read() == data, sender
+            c.close()
+            assert server.served(sender) > 0
+        finally:
+            server.stop()
