@@ -51,8 +51,9 @@ MANIFEST = "manifest"
 TOUCH_EVERY = 600.0
 
 #: The most a download writes between two room checks (one read from the
-#: upstream socket), with room to spare.
-CHUNK_HEADROOM = 256 * 1024
+#: upstream socket, up to service.UPSTREAM_READ_SIZE: 1 MiB), with room to
+#: spare.  tests/test_body.py checks the two agree.
+CHUNK_HEADROOM = 2 * 1024 * 1024
 
 
 @dataclass
