@@ -443,3 +443,21 @@ class TagListTests(SynchronousTestCase):
         self.assertIn("last=1", link)
         seen = [r for r in rig.hub.requests if "/tags/list" in r["path"]]
         self.assertNotIn("ns=", seen[-1]["path"])
+
+
+class DNSFailureTests(SynchronousTestCase):
+    def test_dns_failure_serves_the_cached_tag(self):
+        """An upstream whose name stops resolving is an outage like any other: the cached tag is served."""
+        from twisted.internet.defer import fail
+        from twisted.internet.error import DNSLookupError
+
+        rig = HubRig(tag_ttl=60)
+        path = "/v2/library/small/manifests/1"
+        self.assertEqual(rig.get(path, headers={"Accept": ALL}).status(), 200)
+        rig.reactor.advance(61)
+        rig.upstream.http = type("Unresolvable", (), {
+            "request": lambda self, *a, **k: fail(DNSLookupError("registry.fake")),
+        })()
+        c = rig.get(path, headers={"Accept": ALL})
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.header("Warning"), STALE_WARNING)

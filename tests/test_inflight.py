@@ -247,3 +247,23 @@ class StoreFailureTests(SynchronousTestCase):
         c = rig.client(blob_path(digest))
         self.assertEqual(c.status(), 503)
         self.assertEqual(rig.upstream.calls, [])
+
+
+class Sha512Tests(SynchronousTestCase):
+    def test_sha512_blob_is_verified_and_stored(self):
+        """A blob named by a sha512 digest is hashed with sha512 while it streams, then stored."""
+        import hashlib
+
+        from regcache.reference import Digest
+
+        rig = Rig()
+        data = b"sha512 content " * 1000
+        digest = Digest("sha512", hashlib.sha512(data).hexdigest())
+        c = rig.client(blob_path(digest))
+        body = FedBody(200, {b"Content-Length": [str(len(data)).encode()]})
+        rig.upstream.answer(0, body)
+        body.feed(data)
+        body.end()
+        self.assertEqual(c.body(), data)
+        self.assertEqual(c.header("Docker-Content-Digest"), str(digest))
+        self.assertEqual(rig.blob_file(digest), data)

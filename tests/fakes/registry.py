@@ -48,6 +48,7 @@ class RealRegistry:
         proxy_remoteurl: Optional[str] = None,
         proxy_username: Optional[str] = None,
         proxy_password: Optional[str] = None,
+        htpasswd: Optional[Path] = None,
         log_level: str = "warn",
         start_timeout: float = 30.0,
     ):
@@ -56,6 +57,8 @@ class RealRegistry:
         self.proxy_remoteurl = proxy_remoteurl
         self.proxy_username = proxy_username
         self.proxy_password = proxy_password
+        #: An htpasswd file: the registry then wants HTTP Basic, not a token.
+        self.htpasswd = htpasswd
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.proc: Optional[subprocess.Popen] = None
@@ -75,6 +78,8 @@ class RealRegistry:
             "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")}, "delete": {"enabled": True}},
             "http": {"addr": self.host},
         }
+        if self.htpasswd:
+            config["auth"] = {"htpasswd": {"realm": "regcache-test", "path": str(self.htpasswd)}}
         if self.proxy_remoteurl:
             config["proxy"] = {"remoteurl": self.proxy_remoteurl}
             if self.proxy_username:

@@ -203,3 +203,29 @@ def test_dockerd_pulls_through_registry_mirrors(hub, regcache, images):
     finally:
         docker.stop()
     assert "HEAD /v2/library/multi/manifests/1 200" in rc.log()
+
+
+def test_basic_auth_upstream(tmp_path, images, regcache):
+    """
+    A real docker-registry that wants HTTP Basic (htpasswd) rather than a
+    bearer token: regcache answers its Basic challenge with the configured
+    credentials, and skopeo gets the exact bytes.  Without credentials the
+    pull is refused with an OCI error, never a bare 401.
+    """
+    import subprocess
+
+    image = images["library/small:1"]
+    root = tmp_path / "registry"
+    with RealRegistry(root) as open_registry:
+        open_registry.push_image(image)
+        port = open_registry.port
+    htpasswd = tmp_path / "htpasswd"
+    subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "ci", "s3cret-token"], check=True, capture_output=True)
+    with RealRegistry(root, port=port, htpasswd=htpasswd) as registry:
+        rc = regcache(upstream=registry.url)
+        r = skopeo_pull(f"{rc.host}/library/small:1", str(tmp_path / "out"))
+        assert r.returncode == 0, r.stderr
+        assert dir_digests(str(tmp_path / "out")) == expected_files(image)
+        anonymous = regcache(upstream=registry.url, credentials=False)
+        status, headers, body = anonymous.get("/v2/library/small/manifests/1")
+        assert status == 503 and b"errors" in body
