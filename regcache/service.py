@@ -137,7 +137,7 @@ def build(config, reactor) -> MultiService:
     http_pool.maxPersistentPerHost = 8
     http = HTTPClient(Agent(reactor, connectTimeout=config.connect_timeout, pool=http_pool))
     credentials = Credentials(config.username, config.password) if config.username else None
-    timeouts = Timeouts(connect=config.connect_timeout, header=config.header_timeout, idle=config.idle_timeout)
+    timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
     upstream = Upstream(config.upstream, http, reactor, metrics, credentials, timeouts)
 
     policy = Policy([upstream], reactor, config.tag_ttl, config.max_stale)

@@ -262,12 +262,6 @@ class Store:
             d.addErrback(lambda f: self.log.failure("Recording the use of {digest} failed", f,
                                                     digest=str(digest)))
 
-    def blob_size(self, digest: Digest) -> Optional[int]:
-        try:
-            return os.stat(self.blob_path(digest)).st_size
-        except FileNotFoundError:
-            return None
-
     def new_writer(self, digest: Digest) -> BlobWriter:
         return BlobWriter(self, digest)
 

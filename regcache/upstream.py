@@ -44,7 +44,11 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 @dataclass(frozen=True)
 class Timeouts:
-    connect: float = 5.0
+    """
+    The connect timeout lives in the Agent the HTTP client is built on
+    (service.py); these bound what happens after a connection exists.
+    """
+
     header: float = 5.0
     idle: float = 15.0
     #: Attempts for an idempotent request that may be retried.

@@ -234,7 +234,7 @@ class HubRig(Rig):
         current, moved = hub_images()
         self.images, self.moved = current, moved
         self._credentials = credentials
-        self._timeouts = timeouts or Timeouts(connect=5, header=5, idle=5, attempts=3, retry_budget=10)
+        self._timeouts = timeouts or Timeouts(header=5, idle=5, attempts=3, retry_budget=10)
         self._hub_options = hub_options
         self.hub = None
 
