@@ -175,7 +175,7 @@ class RegistryRoutes:
 
     async def _tags(self, request, route, name):
         # Only the pagination parameters go upstream; ``ns`` is ours.
-        query = urlencode([(k, v[0]) for k, v in ((k, request.args.get(k.encode())) for k in ("n", "last")) if v])
+        query = urlencode([(k, request.args[k][0]) for k in (b"n", b"last") if k in request.args])
         code, link, data = await self.mirror.tags_list(route, name, query.encode("ascii"))
         request.setResponseCode(code)
         request.setHeader("Content-Type", "application/json")
