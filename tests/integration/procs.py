@@ -46,11 +46,14 @@ class Regcache:
     under the storage's parent directory.
     """
 
-    def __init__(self, storage: str, upstream: str, args: List[str] = (), env=None, port: int = None):
+    def __init__(self, storage: str, upstream: str, args: List[str] = (), env=None, port: int = None,
+                 listen: Optional[str] = None):
         self.storage = storage
         self.upstream = upstream
         self.args = list(args)
         self.port = port or free_port()
+        #: A Twisted endpoint on self.port; plain TCP unless told otherwise.
+        self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
         self.log_path = storage.rstrip("/") + ".log"
@@ -61,7 +64,7 @@ class Regcache:
     def start(self, wait: bool = True) -> "Regcache":
         cmd = [
             TWISTD, "-n", "--pidfile=", "-l", self.log_path, "regcache",
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--listen", self.listen,
             "--storage", self.storage, "--upstream", self.upstream, *self.args,
         ]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

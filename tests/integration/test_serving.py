@@ -13,6 +13,7 @@ port).
 
 import datetime
 import hashlib
+import ipaddress
 import http.client
 import os
 import re
@@ -51,11 +52,15 @@ def _self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
+    # The IP address SAN and CA:TRUE let a client that trusts this very
+    # certificate verify it properly, as regcache does an HTTPS upstream.
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
     key_path, cert_path = tmp_path / "tls.key", tmp_path / "tls.crt"
@@ -71,13 +76,12 @@ class Server:
     def __init__(self, storage, tls=None, upstream=None, args=()):
         self.tls = tls
         self.port = free_port()
-        listen = f"tcp:{self.port}:interface=127.0.0.1"
+        listen = None
         if tls:
             key, cert = tls
             listen = f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-        # The later --listen wins over the plain one procs.Regcache puts first.
         self.proc = Regcache(str(storage), upstream or f"http://127.0.0.1:{closed_port()}",
-                             [*args, "--listen", listen], port=self.port)
+                             list(args), port=self.port, listen=listen)
         self.context = ssl.create_default_context()
         self.context.check_hostname = False
         self.context.verify_mode = ssl.CERT_NONE
@@ -279,3 +283,30 @@ def test_blob_still_downloading_is_identical_over_both_senders(hub, images, tmp_
             assert server.served(sender) > 0
         finally:
             server.stop()
+
+
+def test_https_upstream_is_verified(hub, regcache, images, tmp_path):
+    """
+    An HTTPS upstream (here a TLS-listening regcache in front of the fake
+    Hub, as in a chain of mirrors) is used with its certificate verified:
+    trusted through SSL_CERT_FILE, skopeo gets the exact bytes; with only
+    the system's trust store, the pull fails rather than trusting it.
+    """
+    from tests.integration.clients import dir_digests, skopeo_pull
+
+    key, cert = _self_signed(tmp_path)
+    front = Server(tmp_path / "front", tls=(key, cert), upstream=hub.registry_url).start()
+    try:
+        upstream = f"https://127.0.0.1:{front.port}"
+        trusting = regcache(upstream=upstream, credentials=False, env={"SSL_CERT_FILE": str(cert)})
+        r = skopeo_pull(f"{trusting.host}/library/multi:1", str(tmp_path / "out"))
+        assert r.returncode == 0, r.stderr
+        image = images["library/multi:1"]
+        expected = {b.digest.split(":")[1]: b.digest.split(":")[1] for b in image.blobs()}
+        expected["manifest.json"] = image.digest.split(":")[1]
+        assert dir_digests(str(tmp_path / "out")) == expected
+        doubting = regcache(upstream=upstream, credentials=False)
+        status, _, body = doubting.get("/v2/library/multi/manifests/1")
+        assert status == 503 and b"errors" in body
+    finally:
+        front.stop()
