@@ -41,6 +41,9 @@ from regcache.upstream import Timeouts, Upstream
 #: upstream requests; client connections (tcp.Server) keep the default.
 UPSTREAM_READ_SIZE = 1024 * 1024
 
+#: Seconds an idle client connection is kept open.
+IDLE_CLIENT_TIMEOUT = 120
+
 
 class Channel(HTTPChannel):
     """
@@ -73,7 +76,10 @@ class RegcacheSite(Site):
     protocol = Channel
 
     def __init__(self, resource, metrics, reactor):
-        super().__init__(resource, reactor=reactor)
+        # Idle keep-alive connections are closed after two minutes rather
+        # than Twisted's twelve hours.  Twisted suspends the timeout while a
+        # response is being sent, so a slow blob download is not cut off.
+        super().__init__(resource, reactor=reactor, timeout=IDLE_CLIENT_TIMEOUT)
         self.metrics = metrics
         self.displayTracebacks = False
 

@@ -147,3 +147,31 @@ class RangeTests(SynchronousTestCase):
         c = self.rig.client(self.path + "?ns=docker.io")
         self.assertEqual(c.body(), self.data)
         self.assertEqual(self.rig.upstream.calls, [])
+
+
+class ConnectionTests(SynchronousTestCase):
+    def test_idle_connection_is_closed_but_a_slow_download_is_not(self):
+        """
+        A keep-alive connection idle for two minutes is closed; one whose
+        blob response is still under way (waiting on a slow upstream) is
+        left open however long it takes, and then completes.
+        """
+        from regcache.service import IDLE_CLIENT_TIMEOUT
+        from tests.support import FedBody
+
+        rig = Rig()
+        idle = rig.client("/v2/")
+        data, digest = blob(4096)
+        busy = rig.client(f"/v2/library/a/blobs/{digest}")
+        upstream = FedBody(200, {b"Content-Length": [b"4096"]})
+        rig.upstream.answer(0, upstream)
+        sent = 0
+        for _ in range(IDLE_CLIENT_TIMEOUT // 10 + 1):
+            upstream.feed(data[sent:sent + 100])
+            sent += 100
+            rig.reactor.advance(10)
+        self.assertTrue(idle.transport.disconnecting)
+        self.assertFalse(busy.transport.disconnecting)
+        upstream.feed(data[sent:])
+        upstream.end()
+        self.assertEqual(busy.body(), data)
