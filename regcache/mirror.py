@@ -107,7 +107,8 @@ class Mirror:
             known = entry
             # With a copy to fall back on, fail fast: a stale answer now beats
             # a fresh one after retries.  Without one, retrying is all there is.
-            retry = self._stand_in(key, known, accept, want_body) is None
+            fallback = self._stand_in(key, known, accept, want_body)
+            retry = fallback is None
             try:
                 entry = await self._tag_checks.run(
                     key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, accept, key, known, retry))
@@ -116,18 +117,16 @@ class Mirror:
             except UpstreamNotFound:
                 raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}:{tag}")
             except UpstreamError as e:
-                known = self._stand_in(key, known, accept, want_body)
-                if known is None:
+                if fallback is None:
                     raise self.policy.failure(e, f"{route.name}:{tag}")
                 self.log.warn(
                     "Serving {name}:{tag} from cache ({digest}, checked {age:.0f}s ago): upstream failed: {error}",
-                    name=route.name, tag=tag, digest=known.digest,
-                    age=self.clock.seconds() - known.checked, error=str(e),
+                    name=route.name, tag=tag, digest=fallback.digest,
+                    age=self.clock.seconds() - fallback.checked, error=str(e),
                 )
-                entry, cache, warning = known, "stale", STALE_WARNING
+                entry, cache, warning = fallback, "stale", STALE_WARNING
         self.metrics.cache.labels("tag", cache).inc()
         digest = entry.parsed_digest
-        body = None
         if want_body or entry.size < 0:
             m, _ = await self._by_digest(route, digest, accept)
             body = m.body if want_body else None
@@ -141,17 +140,16 @@ class Mirror:
         for the tag, if this client accepts its media type.  An outage then
         does not fail containerd just because only dockerd pulled the tag.
         """
-        candidates = [known] if known is not None else []
-        candidates += [
-            e for e in self.tags.siblings(key)
-            if not accept or "*/*" in accept or e.media_type in accept
-        ]
-        for entry in candidates:
-            if not self.policy.stale_allowed(entry):
-                continue
-            if want_body and self.store.manifest(entry.parsed_digest) is None:
-                continue
-            return entry
+        def usable(entry: TagEntry) -> bool:
+            return self.policy.stale_allowed(entry) and (
+                not want_body or self.store.manifest(entry.parsed_digest) is not None
+            )
+
+        if known is not None and usable(known):
+            return known
+        for entry in self.tags.siblings(key):
+            if (not accept or "*/*" in accept or entry.media_type in accept) and usable(entry):
+                return entry
         return None
 
     async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known, retry: bool) -> TagEntry:
