@@ -367,7 +367,7 @@ class ScriptedDayTests(SynchronousTestCase):
         rng = random.Random(7)
         tags = ["library/small:1", "library/multi:1", "library/multiarch:1", "library/ociindex:1"]
         moves = {6 * 3600: "library/small:1", 12 * 3600: "library/multi:1", 18 * 3600: "library/multiarch:1"}
-        #: "repo:tag" -> rounds in which it was pulled; "repo@digest" served.
+        # "repo:tag" -> rounds in which it was pulled; and each "repo@digest" served.
         rounds = Counter()
         served = set()
         for tick in range(96):
