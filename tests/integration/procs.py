@@ -5,6 +5,7 @@ pytest holds no reactor: every server a test talks to is a subprocess, and
 the test talks to it with plain sockets, urllib, skopeo or ctr.
 """
 
+import glob
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from tests.processes import free_port
 
@@ -40,10 +41,22 @@ def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] 
             time.sleep(0.05)
 
 
+def tail(path: str, size: int = 3000) -> str:
+    """The last ``size`` characters of a file, or "" if there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(os.path.getsize(path) - size, 0))
+            return f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 class Regcache:
     """
     ``twistd -n regcache`` as a subprocess on 127.0.0.1, its log in a file
-    under the storage's parent directory.
+    beside the storage directory, and its stderr (what happens before the
+    log starts: a bad option, an import error) in another.  Never a pipe:
+    nobody reads one while the test runs, and a full pipe stops the process.
     """
 
     def __init__(self, storage: str, upstream: str, args: List[str] = (), env=None, port: int = None,
@@ -57,6 +70,7 @@ class Regcache:
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
         self.log_path = storage.rstrip("/") + ".log"
+        self.stderr_path = storage.rstrip("/") + ".stderr"
         self.env = dict(os.environ, **(env or {}))
         self.env["PYTHONPATH"] = REPO + os.pathsep + self.env.get("PYTHONPATH", "")
         self.proc: Optional[subprocess.Popen] = None
@@ -67,10 +81,25 @@ class Regcache:
             "--listen", self.listen,
             "--storage", self.storage, "--upstream", self.upstream, *self.args,
         ]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.stderr_path, "ab") as stderr:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=stderr)
         if wait:
-            wait_http(self.url + "/readyz", proc=self.proc)
+            try:
+                wait_http(self.url + "/readyz", proc=self.proc)
+            except (RuntimeError, TimeoutError) as e:
+                self.failed(str(e))
         return self
+
+    def failed(self, why: str) -> NoReturn:
+        """
+        A start went wrong: stop the process and raise with the ends of
+        its stderr and log, which say why.
+        """
+        self.kill()
+        raise RuntimeError(f"regcache did not start: {why}\n"
+                           f"--- {self.stderr_path}:\n{tail(self.stderr_path)}\n"
+                           f"--- {self.log_path}:\n{tail(self.log_path)}")
 
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:
@@ -85,11 +114,20 @@ class Regcache:
         return self.start()
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        """
+        The whole log, oldest first: twistd rotates it every megabyte into
+        ``.log.1`` (the newest), ``.log.2`` and so on.
+        """
+        rotated = [p for p in glob.glob(glob.escape(self.log_path) + ".*") if p.rsplit(".", 1)[1].isdigit()]
+        rotated.sort(key=lambda p: int(p.rsplit(".", 1)[1]), reverse=True)
+        text = ""
+        for path in rotated + [self.log_path]:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text += f.read()
+            except FileNotFoundError:
+                pass
+        return text
 
     def get(self, path: str, method: str = "GET", headers=None, timeout: float = 60):
         """(status, headers, body) of one request; errors are answers too."""
