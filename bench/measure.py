@@ -156,6 +156,26 @@ def streams(url: str, n: int, size: int, timeout: float = 120) -> Dict[str, floa
     return {"sum": sum(speeds), "aggregate": n * size / wall}
 
 
+#: regcache's log line when its start-up index is built (expiry.py).
+INDEXED = re.compile(r"Indexed \d+ cached files, \d+ bytes, in ([\d.]+)s")
+
+
+def index_seconds(log_path: str, run: int, timeout: float = 60) -> float:
+    """
+    The start-up index's own time in the ``run``-th start of a regcache
+    whose log is ``log_path`` (the index may finish after /readyz answers).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log_path, errors="replace") as f:
+            found = INDEXED.findall(f.read())
+        if len(found) >= run:
+            return float(found[run - 1])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no start-up index in {log_path} within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
 def _http(url: str, method: str = "GET", headers=None, timeout: float = 30):
     req = urllib.request.Request(url, method=method, headers=headers or {})
     try:
