@@ -273,6 +273,45 @@ class Run:
         self.r["meta"]["outage_tag_ttl_s"] = ttl
         self.r["meta"]["regcache_header_timeout_s"] = regcache_default("header-timeout")
 
+    def startup(self) -> None:
+        """
+        regcache restarted on a store of ``--startup-blobs`` small blobs
+        written straight to disk (the test suite's synthetic layout): seconds
+        until /readyz answers, and the start-up index's own time, from its
+        log line.  The reference keeps no index: it has no figure.
+        """
+        from tests.integration.synthetic import write_store
+
+        n = self.args.startup_blobs
+        storage = self.storage("regcache-startup")
+        os.makedirs(storage)
+        write_store(storage, (n + 2) // 3)
+        out = self.r["regcache"].setdefault("startup", {})
+        self.r["meta"]["startup_blobs"] = n
+        try:
+            for rep in range(self.reps):
+                self.settle()
+                log(f"start-up on {n} blobs, repetition {rep + 1}/{self.reps}")
+                got = self.attempt("regcache start-up", self._timed_start, storage, rep + 1)
+                for key, value in (got or {}).items():
+                    self.add(out, key, value)
+        finally:
+            if not self.args.keep:
+                shutil.rmtree(storage, ignore_errors=True)
+
+    def _timed_start(self, storage: str, run: int) -> dict:
+        m = servers.Regcache("regcache", self.dir, self.upstream.url)
+        t = time.monotonic()
+        try:
+            m.start(storage)
+            ready = time.monotonic() - t
+            return {"ready_s": ready, "index_s": measure.index_seconds(storage + ".log", run)}
+        finally:
+            # Not retired: an instance that served nothing has no place
+            # in the mirrors' peak RSS.
+            if m.process is not None:
+                m.stop()
+
     def _timed_pull(self, m, image) -> dict:
         t = time.monotonic()
         try:
@@ -339,10 +378,11 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=32, help="connections of each manifest load")
     p.add_argument("--clients", type=int, default=8, help="concurrent pulls and streams")
     p.add_argument("--outage-ttl", type=float, default=5, help="regcache --tag-ttl in the outage phase")
+    p.add_argument("--startup-blobs", type=int, default=10000, help="blobs in the store of the startup phase")
     p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
-    p.add_argument("--phases", default="pulls,concurrent,throughput,manifests,mixed,outage")
+    p.add_argument("--phases", default="pulls,concurrent,throughput,manifests,mixed,outage,startup")
     args = p.parse_args(argv)
     preflight()
     phases = args.phases.split(",")
@@ -350,7 +390,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         run.setup()
-        for phase in ("pulls", "concurrent", "throughput", "manifests", "mixed", "outage"):
+        for phase in ("pulls", "concurrent", "throughput", "manifests", "mixed", "outage", "startup"):
             if phase in phases:
                 if phase in ("throughput", "manifests", "mixed", "outage") and not run.warm:
                     run.warm = {label: run.start(label) for label in MIRRORS}

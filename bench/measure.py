@@ -15,10 +15,12 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import IO, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ACCEPT = ", ".join([
@@ -41,25 +43,40 @@ def _scratch(name: str) -> str:
     return path
 
 
-def start_pull(host: str, image, dest: str, by_digest: bool = False) -> subprocess.Popen:
+@dataclass
+class Pull:
+    """
+    A skopeo pull under way.  Its stderr goes to a temporary file, not a
+    pipe: pulls started together are waited for one at a time, and one
+    that filled a pipe in the meantime would stall, and skew the timing.
+    """
+
+    proc: subprocess.Popen
+    errors: IO[bytes]
+
+
+def start_pull(host: str, image, dest: str, by_digest: bool = False) -> Pull:
     ref = f"{image.name}@{image.digest}" if by_digest else f"{image.name}:{image.tag}"
     cmd = ["skopeo", "copy", "--quiet", "--src-tls-verify=false"]
     if image.is_index:
         cmd.append("--all")
     cmd += [f"docker://{host}/{ref}", f"dir:{dest}"]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    errors = tempfile.TemporaryFile()
+    return Pull(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors), errors)
 
 
-def finish_pull(p: subprocess.Popen, image, dest: str, timeout: float, full_hash: bool) -> None:
+def finish_pull(p: Pull, image, dest: str, timeout: float, full_hash: bool) -> None:
     """Wait for a pull, then check what it wrote; raises PullFailed."""
-    try:
-        _, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        raise PullFailed(f"skopeo did not finish within {timeout:.0f}s")
-    if p.returncode != 0:
-        raise PullFailed(err.decode(errors="replace").strip()[-300:])
+    with p.errors:
+        try:
+            p.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait()
+            raise PullFailed(f"skopeo did not finish within {timeout:.0f}s")
+        if p.proc.returncode != 0:
+            p.errors.seek(0)
+            raise PullFailed(p.errors.read().decode(errors="replace").strip()[-300:])
     verify(image, dest, full_hash)
 
 
@@ -81,10 +98,10 @@ def concurrent_pulls(host: str, image, n: int, timeout: float = 300) -> float:
     """Wall seconds for ``n`` skopeo pulls started at once, all verified."""
     dests = [_scratch(f"pull-{i}") for i in range(n)]
     t = time.monotonic()
-    procs = [start_pull(host, image, d) for d in dests]
+    pulls = [start_pull(host, image, d) for d in dests]
     errors = []
     try:
-        for i, (p, d) in enumerate(zip(procs, dests)):
+        for i, (p, d) in enumerate(zip(pulls, dests)):
             try:
                 finish_pull(p, image, d, max(timeout - (time.monotonic() - t), 1), full_hash=False)
             except PullFailed as e:
@@ -137,6 +154,26 @@ def streams(url: str, n: int, size: int, timeout: float = 120) -> Dict[str, floa
         speeds.append(float(speed))
     wall = time.monotonic() - t
     return {"sum": sum(speeds), "aggregate": n * size / wall}
+
+
+#: regcache's log line when its start-up index is built (expiry.py).
+INDEXED = re.compile(r"Indexed \d+ cached files, \d+ bytes, in ([\d.]+)s")
+
+
+def index_seconds(log_path: str, run: int, timeout: float = 60) -> float:
+    """
+    The start-up index's own time in the ``run``-th start of a regcache
+    whose log is ``log_path`` (the index may finish after /readyz answers).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log_path, errors="replace") as f:
+            found = INDEXED.findall(f.read())
+        if len(found) >= run:
+            return float(found[run - 1])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no start-up index in {log_path} within {timeout:.0f}s")
+        time.sleep(0.05)
 
 
 def _http(url: str, method: str = "GET", headers=None, timeout: float = 30):

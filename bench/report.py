@@ -169,6 +169,9 @@ def markdown(res: dict) -> str:
     for key in ("refuse_inside", "refuse_outside", "blackhole_inside", "blackhole_outside"):
         lines.append(f"| tag pull, upstream {key.replace('_', ', ')} window | "
                      f"{_outcome(rc.get('outage', {}).get(key))} | {_outcome(ref.get('outage', {}).get(key))} | |")
+    start = rc.get("startup", {})
+    lines.append(f"| start-up on {meta.get('startup_blobs', '?')} cached blobs: until /readyz, index built (s) | "
+                 f"{_fmt(_m(start.get('ready_s')))}, {_fmt(_m(start.get('index_s')))} | | |")
     failures = meta.get("failures")
     if failures:
         lines += ["", "Failures:", ""] + [f"- {f}" for f in failures]

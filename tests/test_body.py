@@ -1,31 +1,66 @@
 # test-case-name: tests.test_body
 """
-The fast paths' settings and the read-based sender, in memory.  Real sockets
-(sendfile, TLS, a client that stops reading) are in
-tests/integration/test_serving.py.
+A download's room checks against the upstream read size, and the read-based
+sender, in memory.  Real sockets (sendfile, TLS, a client that stops
+reading) are in tests/integration/test_serving.py.
 """
+
+import shutil
 
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache import body, expiry, service
-from tests.support import Rig, blob
+from regcache import body, service
+from regcache.expiry import Expiry
+from tests.integration.synthetic import store_bytes
+from tests.support import FedBody, Rig, blob
+from tests.test_expiry import Deferring, cache_blob
 
 MiB = 1024 * 1024
 
 
-class SettingsTests(SynchronousTestCase):
-    def test_one_upstream_read_fits_in_the_eviction_headroom(self):
+class HeadroomTests(SynchronousTestCase):
+    def test_a_download_never_takes_the_disk_past_the_limit(self):
         """
-        A download pauses for room with CHUNK_HEADROOM to spare, because one
-        more socket read may already be on its way: that read, as large as
-        the upstream read size, must fit in the headroom.
+        While evicted files are still being deleted, a download whose body
+        arrives in upstream socket reads (service.UPSTREAM_READ_SIZE each)
+        never puts more bytes on disk than the size limit allows.  The
+        store is filled so that the first read passes its room check with
+        exactly the headroom left, the worst case: the read after it lands
+        before the next check can pause the download, so it must fit in
+        that headroom.
         """
-        self.assertGreaterEqual(expiry.CHUNK_HEADROOM, service.UPSTREAM_READ_SIZE)
-
-    def test_sendfile_calls_are_bounded(self):
-        """One sendfile call never asks for more than a few MiB."""
-        self.assertLessEqual(body.SENDFILE_MAX, 4 * MiB)
+        read = service.UPSTREAM_READ_SIZE
+        rig = Rig()
+        self.addCleanup(shutil.rmtree, rig.root, True)
+        headroom = rig.store.index.headroom
+        cached = 12
+        limit = cached * read + read + headroom
+        for i in range(cached):
+            cache_blob(rig.store, *blob(read, b"old%d" % i))
+        expiry = Expiry(rig.store, limit, rig.reactor)
+        expiry.startService()
+        self.addCleanup(expiry.stopService)
+        runner = Deferring()
+        rig.store._run = runner
+        data, digest = blob(limit - store_bytes(rig.root) + 2 * read, b"new")
+        client = rig.client(f"/v2/library/a/blobs/{digest}")
+        upstream = FedBody(200, {b"Content-Length": [str(len(data)).encode()]})
+        rig.upstream.answer(0, upstream)
+        self.assertGreater(rig.store.index.deleting, 0, "the announced size starts an eviction")
+        paused = 0
+        for at in range(0, len(data), read):
+            upstream.feed(data[at : at + read])
+            self.assertLessEqual(store_bytes(rig.root), limit)
+            if upstream.transport.producerState == "paused":
+                paused += 1
+                runner.run_all()
+                self.assertEqual(upstream.transport.producerState, "producing")
+        self.assertEqual(paused, 1, "the download paused for the deletion, once")
+        upstream.end()
+        runner.run_all()
+        self.assertEqual(client.body(), data)
+        self.assertEqual(rig.blob_file(digest), data)
 
 
 class ReadSenderTests(SynchronousTestCase):

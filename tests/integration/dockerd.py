@@ -15,6 +15,8 @@ import tempfile
 import time
 import uuid
 
+from tests.integration.procs import tail
+
 FORWARDER = r'''
 import ctypes, os, socket, sys, threading
 ns_path, port, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -86,13 +88,17 @@ class SealedDockerd:
         self._run("ip", "netns", "add", self.ns)
         self._run("ip", "-n", self.ns, "link", "set", "lo", "up")
         self._check_sealed()
-        fwd = subprocess.Popen(
-            [sys.executable, "-c", FORWARDER, f"/run/netns/{self.ns}", str(self.mirror_port), str(self.mirror_port)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        # Its stderr goes to a file: a pipe that nobody reads once it is up
+        # would stop it when full.  stdout says "ready", once.
+        fwd_log = os.path.join(self.dir, "forwarder.log")
+        with open(fwd_log, "wb") as err:
+            fwd = subprocess.Popen(
+                [sys.executable, "-c", FORWARDER, f"/run/netns/{self.ns}", str(self.mirror_port), str(self.mirror_port)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+            )
         self.procs.append(fwd)
         if fwd.stdout.readline().strip() != "ready":
-            raise RuntimeError("forwarder failed: " + fwd.stderr.read())
+            raise RuntimeError("forwarder failed: " + tail(fwd_log))
         config = os.path.join(self.dir, "daemon.json")
         with open(config, "w") as f:
             json.dump({"deprecated-key-path": os.path.join(self.dir, "key.json")}, f)

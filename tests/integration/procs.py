@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from tests.processes import free_port
 
@@ -40,10 +40,22 @@ def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] 
             time.sleep(0.05)
 
 
+def tail(path: str, size: int = 3000) -> str:
+    """The last ``size`` characters of a file, or "" if there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(os.path.getsize(path) - size, 0))
+            return f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 class Regcache:
     """
     ``twistd -n regcache`` as a subprocess on 127.0.0.1, its log in a file
-    under the storage's parent directory.
+    beside the storage directory, and its stderr (what happens before the
+    log starts: a bad option, an import error) in another.  Never a pipe:
+    nobody reads one while the test runs, and a full pipe stops the process.
     """
 
     def __init__(self, storage: str, upstream: str, args: List[str] = (), env=None, port: int = None,
@@ -57,6 +69,7 @@ class Regcache:
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
         self.log_path = storage.rstrip("/") + ".log"
+        self.stderr_path = storage.rstrip("/") + ".stderr"
         self.env = dict(os.environ, **(env or {}))
         self.env["PYTHONPATH"] = REPO + os.pathsep + self.env.get("PYTHONPATH", "")
         self.proc: Optional[subprocess.Popen] = None
@@ -67,10 +80,25 @@ class Regcache:
             "--listen", self.listen,
             "--storage", self.storage, "--upstream", self.upstream, *self.args,
         ]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.stderr_path, "ab") as stderr:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=stderr)
         if wait:
-            wait_http(self.url + "/readyz", proc=self.proc)
+            try:
+                wait_http(self.url + "/readyz", proc=self.proc)
+            except (RuntimeError, TimeoutError) as e:
+                self.failed(str(e))
         return self
+
+    def failed(self, why: str) -> NoReturn:
+        """
+        A start went wrong: stop the process and raise with the ends of
+        its stderr and log, which say why.
+        """
+        self.kill()
+        raise RuntimeError(f"regcache did not start: {why}\n"
+                           f"--- {self.stderr_path}:\n{tail(self.stderr_path)}\n"
+                           f"--- {self.log_path}:\n{tail(self.log_path)}")
 
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:

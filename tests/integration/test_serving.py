@@ -96,7 +96,7 @@ class Server:
             except OSError:
                 pass
             if self.proc.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"regcache did not start: {self.proc.log()[-2000:]}")
+                self.proc.failed("/readyz did not answer 200")
             time.sleep(0.05)
 
     def connection(self, timeout: float = 60):
