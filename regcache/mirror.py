@@ -10,6 +10,7 @@ Docker Hub counts as a pull, happens only for a digest regcache does not
 hold.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -37,19 +38,29 @@ class ManifestAnswer:
     warning: Optional[str] = None
 
 
-def _nothing() -> None:
-    pass
-
-
-@dataclass
 class BlobAnswer:
-    size: int
-    fd: int
-    source: object
-    cache: str
-    #: Call once the client is done with ``fd``: until then the blob is
-    #: pinned and eviction leaves it alone.
-    release: Callable[[], None] = _nothing
+    """
+    A blob opened for one client.  It owns the descriptor and the pin that
+    keeps the blob from eviction, and gives both up in ``release``, once,
+    whoever calls it first: the route always does when the response ends,
+    however it ends, and a sender may sooner.  No other code closes ``fd``.
+    """
+
+    def __init__(self, size: int, fd: int, source, cache: str, unpin: Callable[[], None]):
+        self.size = size
+        self.fd = fd
+        self.source = source
+        self.cache = cache
+        self._unpin: Optional[Callable[[], None]] = unpin
+
+    def release(self) -> None:
+        if self._unpin is None:
+            return
+        unpin, self._unpin = self._unpin, None
+        try:
+            os.close(self.fd)
+        finally:
+            unpin()
 
 
 class Mirror:
