@@ -141,13 +141,17 @@ class RegistryRoutes:
 
     async def _blob(self, request, route, reference):
         digest = Digest.parse(reference)
+        if request.method == b"HEAD":
+            size, request.cache_result = await self.mirror.blob_size(route, digest)
+            self._blob_headers(request, digest, size)
+            return b""
         answer = await self.mirror.blob(route, digest)
         # The answer owns a descriptor: whatever happens from here on, this
         # is where it is given back.
         try:
             request.cache_result = answer.cache
             span = self._blob_headers(request, digest, answer.size)
-            if span is None or request.method == b"HEAD":
+            if span is None:
                 return b""
             start, end = span
             return await body.send(request, answer, start, end, self.reactor, self.metrics)
