@@ -6,6 +6,13 @@ descriptor, never past what the source says is readable, wait for more when
 caught up, abort the connection if the source fails, and fire ``done`` once
 the last byte is handed to the kernel.
 
+No response completes with bytes that were not verified.  A client that got
+every byte of a Content-Length response believes it got them right, so the
+last byte of every span (the whole blob or any Range of it) waits until the
+source is ``verified``, and a failure aborts the connection one byte short.
+An empty span has no byte to hold back, and its headers alone would be a
+complete answer: it sends them only once verified.
+
 - On a plain TCP connection the kernel copies file to socket with
   ``os.sendfile``: no bytes pass through Python, which is what lets warm hits
   keep up with nginx.
@@ -37,10 +44,12 @@ SENDFILE_MAX = 2 * 1024 * 1024
 class Source:
     """
     What a sender needs to know about the bytes behind its descriptor.  A
-    cached blob is all readable at once; a Fill grows (see inflight.Fill).
+    cached blob is all readable and verified at once; a Fill grows, and is
+    verified only once all of it matched its digest (see inflight.Fill).
     """
 
     failure: Optional[Exception] = None
+    verified = True
 
     def __init__(self, size: int):
         self.size = size
@@ -107,8 +116,29 @@ class _Sender:
         self._closed = False
         self._unsubscribe: Optional[Callable[[], None]] = None
 
-    def _limit(self) -> int:
-        return min(self.end, self.source.readable())
+    def _ready(self) -> int:
+        """
+        How many bytes may go now.  When none may, it has already done what
+        comes instead: aborted (the source failed), finished (the span is
+        sent and verified) or gone to sleep until the source moves on.
+        """
+        if self.source.failure is not None:
+            self._abort()
+            return 0
+        verified = self.source.verified
+        if self.pos >= self.end and verified:
+            self._finish()
+            return 0
+        limit = min(self.end if verified else self.end - 1, self.source.readable())
+        if self.pos >= limit:
+            self._wait()
+            return 0
+        return limit - self.pos
+
+    def _headers(self) -> None:
+        """The headers go out now, before any byte exists, unless they would be a whole answer."""
+        if self.pos < self.end or self.source.verified:
+            self.request.write(b"")
 
     def _wait(self) -> None:
         """
@@ -162,7 +192,7 @@ class _ChunkSender(_Sender):
     paused = False
 
     def start(self) -> Deferred:
-        self.request.write(b"")  # the headers go out now, even before any byte exists
+        self._headers()
         self.request.registerProducer(self, True)
         self._resume()
         return self.done
@@ -183,14 +213,10 @@ class _ChunkSender(_Sender):
 
     def _resume(self) -> None:
         while not self.paused and not self._closed:
-            if self.source.failure is not None:
-                return self._abort()
-            if self.pos >= self.end:
-                return self._finish()
-            limit = self._limit()
-            if self.pos >= limit:
-                return self._wait()
-            data = os.pread(self.fd, min(CHUNK, limit - self.pos), self.pos)
+            n = self._ready()
+            if not n:
+                return
+            data = os.pread(self.fd, min(CHUNK, n), self.pos)
             if not data:
                 self.log.error("Blob file ended early at byte {pos}", pos=self.pos)
                 return self._abort()
@@ -215,7 +241,7 @@ class _SendfileSender(_Sender):
         self._writing = False
 
     def start(self) -> Deferred:
-        self.request.write(b"")  # the headers, into the transport's buffer
+        self._headers()  # into the transport's buffer, flushed before any sendfile
         self.sock = os.dup(self.transport.fileno())
         self._resume()
         return self.done
@@ -234,6 +260,12 @@ class _SendfileSender(_Sender):
             self._writing = True
             self.reactor.addWriter(self)
 
+    def _wait(self) -> None:
+        if self._writing:
+            self._writing = False
+            self.reactor.removeWriter(self)
+        super()._wait()
+
     def _release(self) -> None:
         if self._writing:
             self._writing = False
@@ -245,19 +277,11 @@ class _SendfileSender(_Sender):
     def doWrite(self) -> None:
         if self._closed:
             return
-        if self.source.failure is not None:
-            return self._abort()
-        if self.pos >= self.end:
-            return self._finish()
-        if _pending(self.transport):
+        n = self._ready()
+        if not n or _pending(self.transport):
             return
-        limit = self._limit()
-        if self.pos >= limit:
-            self._writing = False
-            self.reactor.removeWriter(self)
-            return self._wait()
         try:
-            sent = os.sendfile(self.sock, self.fd, self.pos, min(SENDFILE_MAX, limit - self.pos))
+            sent = os.sendfile(self.sock, self.fd, self.pos, min(SENDFILE_MAX, n))
         except BlockingIOError:
             return
         except OSError:
@@ -270,8 +294,6 @@ class _SendfileSender(_Sender):
         self.pos += sent
         self.request.sentLength += sent
         self.metrics.served_bytes.labels("sendfile").inc(sent)
-        if self.pos >= self.end:
-            self._finish()
 
 
 class Unsatisfiable(Exception):

@@ -128,11 +128,10 @@ class Fill:
     One download of one blob from upstream into the store.
 
     Readers learn the size as soon as upstream answers (``wait_started``),
-    then read up to ``readable()`` and ``subscribe`` to hear of more.  The
-    last byte is held back until the whole blob matched its digest: a client
-    that got every byte of a Content-Length response would believe it got a
-    good blob, so on a mismatch it must still be missing one when the
-    connection is aborted.
+    then read up to ``readable()`` and ``subscribe`` to hear of more, and of
+    ``verified`` or ``failure``.  Until the whole blob matched its digest a
+    reader holds back the last byte of its span (see regcache.body), so on
+    a mismatch every client is still missing one when it is aborted.
     """
 
     log = Logger()
@@ -171,11 +170,7 @@ class Fill:
         return d
 
     def readable(self) -> int:
-        if self.verified:
-            return self.size
-        if self.size is None:
-            return 0
-        return min(self.written, self.size - 1)
+        return self.written
 
     def reader(self) -> Optional[int]:
         """
