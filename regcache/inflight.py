@@ -209,26 +209,33 @@ class Fill:
 
     async def run(self) -> None:
         try:
-            self._writer = self.store.new_writer(self.digest)
-            await self._download()
-            if not self._writer.matches(self.size):
-                raise IntegrityError(
-                    f"blob from upstream does not match {self.digest} ({self.written} bytes)"
-                )
+            try:
+                self._writer = self.store.new_writer(self.digest)
+                await self._download()
+                if not self._writer.matches(self.size):
+                    raise IntegrityError(
+                        f"blob from upstream does not match {self.digest} ({self.written} bytes)"
+                    )
+            except BaseException as e:
+                # Every reader hears of the failure, even one that failed
+                # before a byte was written (say, a full disk refusing the
+                # temp file).
+                self.failure = e
+                self._fire_started()
+                self._notify()
+                raise
             self.verified = True
             self._fire_started()
             self._notify()
+            # From here on the readers' bytes are good: a commit that fails
+            # only means the blob is not cached.  Readers finish from their
+            # own descriptors, which outlive the temp file's name.
             await self._writer.commit()
             self.metrics.fills.labels("landed").inc()
-        except BaseException as e:
-            # Every reader hears of the failure, even one that failed before
-            # a byte was written (say, a full disk refusing the temp file).
-            self.failure = e
+        except BaseException:
             if self._writer is not None:
                 self._writer.discard()
             self.metrics.fills.labels("failed").inc()
-            self._fire_started()
-            self._notify()
             raise
         finally:
             if self._writer is not None:
@@ -335,7 +342,14 @@ class Fills:
             del self._fills[fill.digest]
             self._running.pop(fill.digest, None)
         took = self.clock.seconds() - started
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and fill.verified:
+            self.log.warn(
+                "Blob fill verified but not stored: {digest} from {upstream}, {size} bytes in {took:.3f}s: "
+                "{error}; its clients were served, the next request downloads it again",
+                digest=str(fill.digest), upstream=fill.upstream.key, size=fill.size,
+                took=took, error=result.getErrorMessage(), event="fill", outcome="unstored",
+            )
+        elif isinstance(result, Failure):
             self.log.warn(
                 "Blob fill failed: {digest} from {upstream} after {written} bytes, {took:.3f}s: {error}",
                 digest=str(fill.digest), upstream=fill.upstream.key, written=fill.written,

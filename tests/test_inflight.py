@@ -4,10 +4,13 @@ One upstream download per blob, shared by every client that asks while it
 runs, streamed to each of them as it arrives.
 """
 
+import errno
+
+from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.inflight import SingleFlight
-from tests.support import FedBody, Rig, blob
+from tests.support import FedBody, Rig, blob, inline
 
 MiB = 1024 * 1024
 
@@ -201,6 +204,42 @@ class FanOutTests(SynchronousTestCase):
         again = self.rig.client(blob_path(self.digest))
         self.assertEqual(again.body(), self.data)
         self.assertEqual(len(self.rig.upstream.calls), 1)
+
+
+class CommitFailureTests(SynchronousTestCase):
+    def test_verified_readers_finish_when_the_commit_fails(self):
+        """
+        A blob whose bytes all matched but which cannot be made durable
+        (fsync fails with EIO) is not cached, yet the clients already
+        reading it, one of them still far behind, get every byte and a
+        clean end; the next request downloads it again.
+        """
+        rig = Rig()
+        data, digest = blob(3 * MiB, b"commit fails")
+
+        def run(f, *args):
+            if f == rig.store._commit_file:
+                return fail(OSError(errno.EIO, "Input/output error"))
+            return inline(f, *args)
+
+        rig.store._run = run
+        slow, fast = rig.client(blob_path(digest)), rig.client(blob_path(digest))
+        body = FedBody(200, {b"Content-Length": [str(len(data)).encode()]})
+        rig.upstream.answer(0, body)
+        body.feed(data[:MiB])
+        slow.slow_down()
+        body.feed(data[MiB:])
+        body.end()
+        self.assertEqual(fast.body(), data)
+        self.assertFalse(fast.aborted())
+        slow.speed_up()
+        self.assertEqual(slow.body(), data)
+        self.assertFalse(slow.aborted())
+        self.assertIsNone(rig.blob_file(digest))
+        self.assertEqual(rig.temp_files(), [])
+        self.assertEqual(rig.metrics.fills.labels("failed")._value.get(), 1)
+        rig.client(blob_path(digest))
+        self.assertEqual(len(rig.upstream.calls), 2)
 
 
 class SingleFlightTests(SynchronousTestCase):
