@@ -68,7 +68,8 @@ class _FillProtocol(Protocol):
     """
     Receives one upstream response body into a Fill, skipping ``skip`` bytes
     first (an upstream that ignored our Range), and ends the response if it
-    stalls for ``idle`` seconds.
+    stalls for ``idle`` seconds.  A pause while the store makes room is
+    regcache's own wait, not upstream's stall: the idle timer stops for it.
     """
 
     def __init__(self, fill: "Fill", skip: int, clock, idle: float):
@@ -79,9 +80,19 @@ class _FillProtocol(Protocol):
         self._idle = idle
         self._timer = None
         self._error: Optional[Exception] = None
+        self._waiting_room = False
+        self._lost = False
 
     def connectionMade(self) -> None:
+        self._start_timer()
+
+    def _start_timer(self) -> None:
         self._timer = self._clock.callLater(self._idle, self._stalled)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _stalled(self) -> None:
         self._timer = None
@@ -105,16 +116,25 @@ class _FillProtocol(Protocol):
             self._error = e
             self.transport.stopProducing()
             return
-        wait = self.fill._writer.room()
+        wait = None if self._waiting_room else self.fill._writer.room()
         if wait is not None:
             # Evicted files are still being deleted: let them go before
             # writing more, so the store stays under its size limit.
+            self._waiting_room = True
+            self._stop_timer()
             self.transport.pauseProducing()
-            wait.addCallback(lambda _: self.transport.resumeProducing())
+            wait.addCallback(self._room_made)
+
+    def _room_made(self, _) -> None:
+        self._waiting_room = False
+        if self._lost or self._error is not None:
+            return
+        self._start_timer()
+        self.transport.resumeProducing()
 
     def connectionLost(self, reason) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._lost = True
+        self._stop_timer()
         if self._error is not None:
             self.done.errback(self._error)
         elif reason.check(ResponseDone, PotentialDataLoss):

@@ -6,7 +6,7 @@ runs, streamed to each of them as it arrives.
 
 import errno
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.inflight import SingleFlight
@@ -240,6 +240,62 @@ class CommitFailureTests(SynchronousTestCase):
         self.assertEqual(rig.metrics.fills.labels("failed")._value.get(), 1)
         rig.client(blob_path(digest))
         self.assertEqual(len(rig.upstream.calls), 2)
+
+
+class RoomTests(SynchronousTestCase):
+    """
+    A download paused while evicted files are being deleted is waiting on
+    regcache, not on upstream: that wait is no stall.
+    """
+
+    def setUp(self):
+        from regcache.expiry import Expiry
+
+        self.rig = Rig()
+        self.held = []
+        expiry = Expiry(self.rig.store, 10_000, self.rig.reactor, self.rig.metrics)
+        expiry.startService()
+        self.addCleanup(expiry.stopService)
+        for i in range(9):
+            data, digest = blob(1000, b"old %d" % i)
+            w = self.rig.store.new_writer(digest)
+            w.write(data)
+            w.commit()
+            w.close()
+        self.rig.store._run = self.hold
+
+    def hold(self, f, *args):
+        """The store's thread runner, holding each call (the deletions) until released."""
+        d = Deferred()
+        self.held.append((f, args, d))
+        return d
+
+    def release(self):
+        while self.held:
+            f, args, d = self.held.pop(0)
+            d.callback(f(*args))
+
+    def test_idle_timer_stops_while_waiting_for_room(self):
+        """
+        However long the deletions take, the paused download is neither
+        cut off nor resumed; once room is made it goes on with the same
+        upstream response, and its idle timer runs again from then.
+        """
+        data, digest = blob(2000, b"new")
+        c = self.rig.client(blob_path(digest))
+        body = FedBody(200, {b"Content-Length": [b"2000"]})
+        self.rig.upstream.answer(0, body)
+        body.feed(data[:100])
+        self.assertEqual(body.transport.producerState, "paused")
+        idle = self.rig.upstream.timeouts.idle
+        self.rig.reactor.advance(idle * 3)
+        self.assertEqual(body.transport.producerState, "paused")
+        self.release()
+        self.assertEqual(body.transport.producerState, "producing")
+        body.feed(data[100:1000])
+        self.rig.reactor.advance(idle + 1)
+        self.assertEqual(body.transport.producerState, "stopped")
+        self.assertEqual(len(self.rig.upstream.calls), 1)
 
 
 class SingleFlightTests(SynchronousTestCase):
