@@ -22,7 +22,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 
-from regcache.errors import IntegrityError, UpstreamError
+from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
 from regcache.reference import Digest
 from regcache.headers import header
 
@@ -57,11 +57,26 @@ class SingleFlight:
         return d
 
     def _deliver(self, result, key: Hashable) -> None:
-        for d in self._waiting.pop(key, []):
+        waiters = self._waiting.pop(key, [])
+        if not waiters and isinstance(result, Failure):
+            self._unheard(result, key)
+        for d in waiters:
             if isinstance(result, Failure):
                 d.errback(result)
             else:
                 d.callback(result)
+
+    def _unheard(self, failure: Failure, key: Hashable) -> None:
+        """
+        Every caller gave up before the work failed: nobody else will say
+        so.  An upstream or integrity failure is news for the log; anything
+        else is a bug and keeps its traceback.
+        """
+        if failure.check(UpstreamError, UpstreamNotFound, IntegrityError, RegistryError):
+            self.log.warn("Shared work for {key} failed after every caller left: {error}",
+                          key=repr(key), error=failure.getErrorMessage())
+        else:
+            self.log.failure("Shared work for {key} failed after every caller left", failure, key=repr(key))
 
 
 class _FillProtocol(Protocol):
