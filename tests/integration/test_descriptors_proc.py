@@ -25,9 +25,9 @@ RANGES = [
 ]
 
 
-def _socket_inodes(port: int):
-    """Inodes of the TCP sockets whose local port is ``port`` (any state) and of those listening."""
-    connected, listening = set(), set()
+def _tcp_sockets():
+    """Every TCP socket of this host: inode -> (local port, remote port, listening)."""
+    sockets = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
@@ -36,10 +36,9 @@ def _socket_inodes(port: int):
             continue
         for row in rows:
             fields = row.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if int(local.rsplit(":", 1)[1], 16) == port:
-                (listening if state == "0A" else connected).add(inode)
-    return connected, listening
+            local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+            sockets[fields[9]] = (local, remote, fields[3] == "0A")
+    return sockets
 
 
 def census(pid: int, storage: str, port: int):
@@ -48,7 +47,7 @@ def census(pid: int, storage: str, port: int):
     connections, everything else by kind).  Connections to upstream are
     left out: the connection pool keeps as many as it sees fit.
     """
-    clients_inodes, _ = _socket_inodes(port)
+    sockets = _tcp_sockets()
     root = storage.rstrip("/") + "/"
     files, clients, rest = [], 0, Counter()
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -59,29 +58,14 @@ def census(pid: int, storage: str, port: int):
         if target.startswith(root):
             files.append(target)
         elif target.startswith("socket:["):
-            inode = target[len("socket:["):-1]
-            if inode in clients_inodes:
+            local, remote, listening = sockets.get(target[len("socket:["):-1], (0, 0, False))
+            if local == port and not listening:
                 clients += 1
-            elif not _is_upstream(inode):
+            elif listening or not remote:
                 rest["socket"] += 1
         else:
             rest[target.split(":")[0]] += 1
     return files, clients, rest
-
-
-def _is_upstream(inode: str) -> bool:
-    """Whether a socket is an outgoing connection (its remote port is not 0, and it is not ours)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[9] == inode:
-                return fields[3] != "0A" and int(fields[2].rsplit(":", 1)[1], 16) != 0
-    return False
 
 
 def exchange(rc, request: bytes, read: int = 0) -> bytes:
@@ -104,7 +88,10 @@ def exchange(rc, request: bytes, read: int = 0) -> bytes:
             return got
         want = min(read, int(length.group(1)))
         while len(body) < want:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             body += chunk
@@ -131,9 +118,10 @@ def full(rc, path: str, headers=None):
 def test_no_descriptor_outlives_a_blob_response(hub, regcache, images, tmp_path):
     """
     Hostile Ranges, HEADs and clients hanging up mid-body, on a cached blob
-    and on a blob still downloading (and so on its temp file), leave the
-    process with exactly the descriptors it had before, once the download
-    has landed and every connection is closed.
+    and on a blob still downloading (and so on its temp file), and a client
+    aborted by a download that failed its digest check, leave the process
+    with exactly the descriptors it had before, once the download has
+    landed and every connection is closed.
     """
     storage = str(tmp_path / "store")
     rc = regcache("--idle-timeout", "2s", storage=storage)
@@ -144,6 +132,7 @@ def test_no_descriptor_outlives_a_blob_response(hub, regcache, images, tmp_path)
     growing = images["library/multi:1"].layers[3]
     growing_path = f"/v2/library/multi/blobs/{growing.digest}"
     cold = images["library/multi:1"].layers[0]
+    bad = images["library/multi:1"].layers[1]
 
     status, data = full(rc, cached_path)
     assert status == 200 and len(data) == cached.size
@@ -168,6 +157,10 @@ def test_no_descriptor_outlives_a_blob_response(hub, regcache, images, tmp_path)
         exchange(rc, request("GET", path), read=1024 * 1024 if path == cached_path else 100)
         exchange(rc, request("GET", path))
     exchange(rc, request("HEAD", f"/v2/library/multi/blobs/{cold.digest}"))
+    # A download that fails its digest check aborts its client mid-body.
+    hub.fault("wrong", scope="blobs", path=bad.hex, times=1)
+    aborted = exchange(rc, request("GET", f"/v2/library/multi/blobs/{bad.digest}"), read=bad.size)
+    assert len(aborted.split(b"\r\n\r\n", 1)[1]) < bad.size
     exchange(rc, request("GET", cached_path, [("Range", f"bytes={HUGE}-")]) * 3)
 
     hub.clear_faults()
