@@ -5,7 +5,6 @@ HEAD, one being downloaded answers from the download, and nothing a HEAD
 learns is cached.
 """
 
-import json
 import os
 
 from klein import Klein
@@ -13,7 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.errors import UpstreamNotFound
+from regcache.auth import Credentials
 from regcache.metrics import Metrics
 from regcache.reference import Digest
 from regcache.upstream import Timeouts, Upstream
@@ -152,8 +151,6 @@ class HeadBlobUpstreamTests(SynchronousTestCase):
         head_blob follows a redirect to another origin with a HEAD, without
         the registry's Authorization, and returns the size found there.
         """
-        from regcache.auth import Credentials
-
         fake = _Redirecting()
         treq = StubTreq(fake.app.resource())
         reactor = MemoryReactorClock()

@@ -22,17 +22,20 @@ HOSTILE_RANGES = [
 ]
 
 
-def open_under(root: str):
-    """This process's descriptors that point at a file under ``root``."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
+def descriptors(pid="self"):
+    """What a process's open descriptors point at: paths, ``socket:[inode]``, ``pipe:[...]``."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             continue
-        if target.startswith(root):
-            found.append(target)
-    return found
+    return targets
+
+
+def open_under(root: str):
+    """This process's descriptors that point at a file under ``root``."""
+    return [t for t in descriptors() if t.startswith(root)]
 
 
 class DescriptorTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from regcache.errors import UpstreamError
 from regcache.inflight import SingleFlight
 from tests.support import FedBody, Rig, blob, inline
+from tests.test_expiry import Deferring
 
 MiB = 1024 * 1024
 
@@ -255,7 +256,7 @@ class RoomTests(SynchronousTestCase):
         from regcache.expiry import Expiry
 
         self.rig = Rig()
-        self.held = []
+        self.held = Deferring()
         expiry = Expiry(self.rig.store, 10_000, self.rig.reactor, self.rig.metrics)
         expiry.startService()
         self.addCleanup(expiry.stopService)
@@ -265,18 +266,7 @@ class RoomTests(SynchronousTestCase):
             w.write(data)
             w.commit()
             w.close()
-        self.rig.store._run = self.hold
-
-    def hold(self, f, *args):
-        """The store's thread runner, holding each call (the deletions) until released."""
-        d = Deferred()
-        self.held.append((f, args, d))
-        return d
-
-    def release(self):
-        while self.held:
-            f, args, d = self.held.pop(0)
-            d.callback(f(*args))
+        self.rig.store._run = self.held
 
     def test_idle_timer_stops_while_waiting_for_room(self):
         """
@@ -293,7 +283,7 @@ class RoomTests(SynchronousTestCase):
         idle = self.rig.upstream.timeouts.idle
         self.rig.reactor.advance(idle * 3)
         self.assertEqual(body.transport.producerState, "paused")
-        self.release()
+        self.held.run_all()
         self.assertEqual(body.transport.producerState, "producing")
         body.feed(data[100:1000])
         self.rig.reactor.advance(idle + 1)
@@ -307,8 +297,6 @@ class SingleFlightTests(SynchronousTestCase):
         Concurrent callers share one piece of work; one caller cancelling
         its Deferred leaves the work and the other callers alone.
         """
-        from twisted.internet.defer import CancelledError, Deferred
-
         work = []
         flight = SingleFlight()
 

@@ -7,13 +7,13 @@ and on one still downloading.
 """
 
 import http.client
-import os
 import re
 import socket
 from collections import Counter
 from urllib.parse import urlsplit
 
 from tests.integration.test_pull import wait_for
+from tests.test_descriptors import descriptors
 
 HUGE = "9" * 4400
 
@@ -50,11 +50,7 @@ def census(pid: int, storage: str, port: int):
     sockets = _tcp_sockets()
     root = storage.rstrip("/") + "/"
     files, clients, rest = [], 0, Counter()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
+    for target in descriptors(pid):
         if target.startswith(root):
             files.append(target)
         elif target.startswith("socket:["):
