@@ -1,8 +1,9 @@
 # test-case-name: tests.test_range_inflight
 """
 Range on a blob that is still downloading: the same answers as for a cached
-blob (PROTOCOL.md §6), each byte sent as soon as it exists, and never a
-second download.
+blob (PROTOCOL.md §6), each byte sent as soon as it exists except the last
+of the span, which waits for the blob's digest check, and never a second
+download.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
