@@ -22,7 +22,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 
-from regcache.errors import IntegrityError, UpstreamError
+from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
 from regcache.reference import Digest
 from regcache.headers import header
 
@@ -57,18 +57,34 @@ class SingleFlight:
         return d
 
     def _deliver(self, result, key: Hashable) -> None:
-        for d in self._waiting.pop(key, []):
+        waiters = self._waiting.pop(key, [])
+        if not waiters and isinstance(result, Failure):
+            self._unheard(result, key)
+        for d in waiters:
             if isinstance(result, Failure):
                 d.errback(result)
             else:
                 d.callback(result)
+
+    def _unheard(self, failure: Failure, key: Hashable) -> None:
+        """
+        Every caller gave up before the work failed: nobody else will say
+        so.  An upstream or integrity failure is news for the log; anything
+        else is a bug and keeps its traceback.
+        """
+        if failure.check(UpstreamError, UpstreamNotFound, IntegrityError, RegistryError):
+            self.log.warn("Shared work for {key} failed after every caller left: {error}",
+                          key=repr(key), error=failure.getErrorMessage())
+        else:
+            self.log.failure("Shared work for {key} failed after every caller left", failure, key=repr(key))
 
 
 class _FillProtocol(Protocol):
     """
     Receives one upstream response body into a Fill, skipping ``skip`` bytes
     first (an upstream that ignored our Range), and ends the response if it
-    stalls for ``idle`` seconds.
+    stalls for ``idle`` seconds.  A pause while the store makes room is
+    regcache's own wait, not upstream's stall: the idle timer stops for it.
     """
 
     def __init__(self, fill: "Fill", skip: int, clock, idle: float):
@@ -79,9 +95,19 @@ class _FillProtocol(Protocol):
         self._idle = idle
         self._timer = None
         self._error: Optional[Exception] = None
+        self._waiting_room = False
+        self._lost = False
 
     def connectionMade(self) -> None:
+        self._start_timer()
+
+    def _start_timer(self) -> None:
         self._timer = self._clock.callLater(self._idle, self._stalled)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _stalled(self) -> None:
         self._timer = None
@@ -105,16 +131,25 @@ class _FillProtocol(Protocol):
             self._error = e
             self.transport.stopProducing()
             return
-        wait = self.fill._writer.room()
+        wait = None if self._waiting_room else self.fill._writer.room()
         if wait is not None:
             # Evicted files are still being deleted: let them go before
             # writing more, so the store stays under its size limit.
+            self._waiting_room = True
+            self._stop_timer()
             self.transport.pauseProducing()
-            wait.addCallback(lambda _: self.transport.resumeProducing())
+            wait.addCallback(self._room_made)
+
+    def _room_made(self, _) -> None:
+        self._waiting_room = False
+        if self._lost or self._error is not None:
+            return
+        self._start_timer()
+        self.transport.resumeProducing()
 
     def connectionLost(self, reason) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._lost = True
+        self._stop_timer()
         if self._error is not None:
             self.done.errback(self._error)
         elif reason.check(ResponseDone, PotentialDataLoss):
@@ -128,11 +163,10 @@ class Fill:
     One download of one blob from upstream into the store.
 
     Readers learn the size as soon as upstream answers (``wait_started``),
-    then read up to ``readable()`` and ``subscribe`` to hear of more.  The
-    last byte is held back until the whole blob matched its digest: a client
-    that got every byte of a Content-Length response would believe it got a
-    good blob, so on a mismatch it must still be missing one when the
-    connection is aborted.
+    then read up to ``readable()`` and ``subscribe`` to hear of more, and of
+    ``verified`` or ``failure``.  Until the whole blob matched its digest a
+    reader holds back the last byte of its span (see regcache.body), so on
+    a mismatch every client is still missing one when it is aborted.
     """
 
     log = Logger()
@@ -171,11 +205,7 @@ class Fill:
         return d
 
     def readable(self) -> int:
-        if self.verified:
-            return self.size
-        if self.size is None:
-            return 0
-        return min(self.written, self.size - 1)
+        return self.written
 
     def reader(self) -> Optional[int]:
         """
@@ -214,26 +244,33 @@ class Fill:
 
     async def run(self) -> None:
         try:
-            self._writer = self.store.new_writer(self.digest)
-            await self._download()
-            if not self._writer.matches(self.size):
-                raise IntegrityError(
-                    f"blob from upstream does not match {self.digest} ({self.written} bytes)"
-                )
+            try:
+                self._writer = self.store.new_writer(self.digest)
+                await self._download()
+                if not self._writer.matches(self.size):
+                    raise IntegrityError(
+                        f"blob from upstream does not match {self.digest} ({self.written} bytes)"
+                    )
+            except BaseException as e:
+                # Every reader hears of the failure, even one that failed
+                # before a byte was written (say, a full disk refusing the
+                # temp file).
+                self.failure = e
+                self._fire_started()
+                self._notify()
+                raise
             self.verified = True
             self._fire_started()
             self._notify()
+            # From here on the readers' bytes are good: a commit that fails
+            # only means the blob is not cached.  Readers finish from their
+            # own descriptors, which outlive the temp file's name.
             await self._writer.commit()
             self.metrics.fills.labels("landed").inc()
-        except BaseException as e:
-            # Every reader hears of the failure, even one that failed before
-            # a byte was written (say, a full disk refusing the temp file).
-            self.failure = e
+        except BaseException:
             if self._writer is not None:
                 self._writer.discard()
             self.metrics.fills.labels("failed").inc()
-            self._fire_started()
-            self._notify()
             raise
         finally:
             if self._writer is not None:
@@ -340,7 +377,14 @@ class Fills:
             del self._fills[fill.digest]
             self._running.pop(fill.digest, None)
         took = self.clock.seconds() - started
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and fill.verified:
+            self.log.warn(
+                "Blob fill verified but not stored: {digest} from {upstream}, {size} bytes in {took:.3f}s: "
+                "{error}; its clients were served, the next request downloads it again",
+                digest=str(fill.digest), upstream=fill.upstream.key, size=fill.size,
+                took=took, error=result.getErrorMessage(), event="fill", outcome="unstored",
+            )
+        elif isinstance(result, Failure):
             self.log.warn(
                 "Blob fill failed: {digest} from {upstream} after {written} bytes, {took:.3f}s: {error}",
                 digest=str(fill.digest), upstream=fill.upstream.key, written=fill.written,

@@ -10,6 +10,7 @@ Docker Hub counts as a pull, happens only for a digest regcache does not
 hold.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -37,19 +38,29 @@ class ManifestAnswer:
     warning: Optional[str] = None
 
 
-def _nothing() -> None:
-    pass
-
-
-@dataclass
 class BlobAnswer:
-    size: int
-    fd: int
-    source: object
-    cache: str
-    #: Call once the client is done with ``fd``: until then the blob is
-    #: pinned and eviction leaves it alone.
-    release: Callable[[], None] = _nothing
+    """
+    A blob opened for one client.  It owns the descriptor and the pin that
+    keeps the blob from eviction, and gives both up in ``release``, once,
+    whoever calls it first: the route always does when the response ends,
+    however it ends, and a sender may sooner.  No other code closes ``fd``.
+    """
+
+    def __init__(self, size: int, fd: int, source, cache: str, unpin: Callable[[], None]):
+        self.size = size
+        self.fd = fd
+        self.source = source
+        self.cache = cache
+        self._unpin: Optional[Callable[[], None]] = unpin
+
+    def release(self) -> None:
+        if self._unpin is None:
+            return
+        unpin, self._unpin = self._unpin, None
+        try:
+            os.close(self.fd)
+        finally:
+            unpin()
 
 
 class Mirror:
@@ -188,22 +199,53 @@ class Mirror:
             cache = "join" if fill is not None else "miss"
             if fill is None:
                 fill = self.fills.start(route.upstream, route.name, digest)
-            try:
-                size = await fill.wait_started()
-            except UpstreamNotFound:
-                raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {digest}")
-            except UpstreamError as e:
-                raise self.policy.failure(e, f"blob {digest}")
-            except IntegrityError as e:
-                raise RegistryError("UNAVAILABLE", f"upstream sent a bad blob: {e}", status=502)
-            except OSError as e:
-                raise RegistryError("UNAVAILABLE", f"cache cannot store the blob: {e.strerror}", status=503)
+            size = await self._started(fill, digest)
             fd = fill.reader()
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()
                 return BlobAnswer(size, fd, fill, cache, self.store.pin(digest))
             # The fill moved into the store meanwhile: open it there.
         raise RegistryError("UNAVAILABLE", f"blob {digest} could not be opened", status=503)
+
+    async def blob_size(self, route, digest: Digest):
+        """
+        (size, cache result) for a HEAD, without downloading: a HEAD that
+        started a fill would pull the whole blob for a client that wants
+        none of it, and could evict cached images to make room.  Upstream
+        is asked with a HEAD, and nothing it says is cached.
+        """
+        opened = self.store.open_blob(digest)
+        if opened is not None:
+            fd, size = opened
+            os.close(fd)
+            self.metrics.cache.labels("blob", "hit").inc()
+            return size, "hit"
+        fill = self.fills.get(digest)
+        if fill is not None:
+            size = await self._started(fill, digest)
+            self.metrics.cache.labels("blob", "join").inc()
+            return size, "join"
+        try:
+            size = await route.upstream.head_blob(route.name, digest)
+        except UpstreamNotFound:
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {digest}")
+        except UpstreamError as e:
+            raise self.policy.failure(e, f"blob {digest}")
+        self.metrics.cache.labels("blob", "miss").inc()
+        return size, "miss"
+
+    async def _started(self, fill, digest: Digest) -> int:
+        """A fill's size once upstream answered, its failure as the client's error."""
+        try:
+            return await fill.wait_started()
+        except UpstreamNotFound:
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {digest}")
+        except UpstreamError as e:
+            raise self.policy.failure(e, f"blob {digest}")
+        except IntegrityError as e:
+            raise RegistryError("UNAVAILABLE", f"upstream sent a bad blob: {e}", status=502)
+        except OSError as e:
+            raise RegistryError("UNAVAILABLE", f"cache cannot store the blob: {e.strerror}", status=503)
 
     # Tag lists
 

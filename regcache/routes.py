@@ -7,7 +7,6 @@ into OCI error JSON in one handler.  Nothing here decides what is cached.
 """
 
 import json
-import os
 from urllib.parse import urlencode
 
 from klein import Klein
@@ -142,23 +141,35 @@ class RegistryRoutes:
 
     async def _blob(self, request, route, reference):
         digest = Digest.parse(reference)
+        if request.method == b"HEAD":
+            size, request.cache_result = await self.mirror.blob_size(route, digest)
+            self._blob_headers(request, digest, size)
+            return b""
         answer = await self.mirror.blob(route, digest)
+        # The answer owns a descriptor: whatever happens from here on, this
+        # is where it is given back.
         try:
-            return await self._send_blob(request, digest, answer)
+            request.cache_result = answer.cache
+            span = self._blob_headers(request, digest, answer.size)
+            if span is None:
+                return b""
+            start, end = span
+            return await body.send(request, answer, start, end, self.reactor, self.metrics)
         finally:
             answer.release()
 
-    async def _send_blob(self, request, digest, answer):
-        request.cache_result = answer.cache
-        size = answer.size
+    def _blob_headers(self, request, digest, size: int):
+        """
+        Status and headers of a blob response of ``size`` bytes, and the
+        span [start, end) its body holds; None for a 416, which has none.
+        """
         try:
             span = body.parse_range(request.getHeader(b"range"), size)
         except body.Unsatisfiable:
-            os.close(answer.fd)
             request.setResponseCode(416)
             request.setHeader("Content-Range", f"bytes */{size}")
             request.setHeader("Content-Length", "0")
-            return b""
+            return None
         request.setHeader("Content-Type", "application/octet-stream")
         request.setHeader("Docker-Content-Digest", str(digest))
         request.setHeader("Etag", f'"{digest}"')
@@ -168,10 +179,7 @@ class RegistryRoutes:
             request.setResponseCode(206)
             request.setHeader("Content-Range", f"bytes {start}-{end - 1}/{size}")
         request.setHeader("Content-Length", str(end - start))
-        if request.method == b"HEAD" or start == end:
-            os.close(answer.fd)
-            return b""
-        return await body.send(request, answer.fd, start, end, answer.source, self.reactor, self.metrics)
+        return start, end
 
     async def _tags(self, request, route, name):
         # Only the pagination parameters go upstream; ``ns`` is ours.

@@ -222,10 +222,22 @@ class Upstream:
         """
         return await self._retrying("GET", f"blob {digest}", lambda: self._open_blob(name, digest, offset))
 
-    async def _open_blob(self, name: str, digest: Digest, offset: int):
+    async def head_blob(self, name: str, digest: Digest) -> int:
+        """
+        A blob's size, from a HEAD (redirects followed as for a GET), so a
+        client's HEAD costs no download.
+        """
+        response = await self._retrying("HEAD", f"blob {digest}", lambda: self._open_blob(name, digest, 0, "HEAD"))
+        await self._drain(response)
+        size = content_length(response.headers)
+        if size is None:
+            raise UpstreamError("upstream answered a blob HEAD without a Content-Length", 502)
+        return size
+
+    async def _open_blob(self, name: str, digest: Digest, offset: int, method: str = "GET"):
         extra = {b"Range": [b"bytes=%d-" % offset]} if offset else {}
         url = self.url + f"/v2/{name}/blobs/{digest}"
-        response, authorization = await self._authenticated("GET", url[len(self.url):], "blob", name, extra)
+        response, authorization = await self._authenticated(method, url[len(self.url):], "blob", name, extra)
         hops = 0
         while response.code in REDIRECTS:
             location = header(response.headers, b"location")
@@ -242,7 +254,7 @@ class Upstream:
             headers = Headers(extra)
             if authorization:
                 headers.setRawHeaders(b"Authorization", [authorization])
-            response = await self._send("GET", url, headers, "blob-redirect")
+            response = await self._send(method, url, headers, "blob-redirect")
             if response.code >= 500 or response.code == 429:
                 await self._drain(response)
                 raise UpstreamError(f"blob host answered {response.code}", response.code)

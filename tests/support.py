@@ -77,8 +77,8 @@ class FedBody:
 
 class HandFedUpstream:
     """
-    Stands in for regcache.upstream.Upstream: every open_blob call is
-    recorded and answered when the test says so.
+    Stands in for regcache.upstream.Upstream: every open_blob and head_blob
+    call is recorded and answered when the test says so.
     """
 
     key = "hand-fed"
@@ -86,6 +86,7 @@ class HandFedUpstream:
 
     def __init__(self):
         self.calls = []  # (name, digest, offset, Deferred)
+        self.heads = []  # (name, digest, Deferred)
 
     def repository(self, name):
         return name
@@ -93,6 +94,11 @@ class HandFedUpstream:
     def open_blob(self, name, digest, offset=0):
         d = Deferred()
         self.calls.append((name, digest, offset, d))
+        return d
+
+    def head_blob(self, name, digest):
+        d = Deferred()
+        self.heads.append((name, digest, d))
         return d
 
     def answer(self, i, body):

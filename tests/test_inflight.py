@@ -4,10 +4,17 @@ One upstream download per blob, shared by every client that asks while it
 runs, streamed to each of them as it arrives.
 """
 
+import errno
+
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from regcache.errors import UpstreamError
 from regcache.inflight import SingleFlight
-from tests.support import FedBody, Rig, blob
+from tests.support import FedBody, Rig, blob, inline
+from tests.test_expiry import Deferring
 
 MiB = 1024 * 1024
 
@@ -203,14 +210,93 @@ class FanOutTests(SynchronousTestCase):
         self.assertEqual(len(self.rig.upstream.calls), 1)
 
 
+class CommitFailureTests(SynchronousTestCase):
+    def test_verified_readers_finish_when_the_commit_fails(self):
+        """
+        A blob whose bytes all matched but which cannot be made durable
+        (fsync fails with EIO) is not cached, yet the clients already
+        reading it, one of them still far behind, get every byte and a
+        clean end; the next request downloads it again.
+        """
+        rig = Rig()
+        data, digest = blob(3 * MiB, b"commit fails")
+
+        def run(f, *args):
+            if f == rig.store._commit_file:
+                return fail(OSError(errno.EIO, "Input/output error"))
+            return inline(f, *args)
+
+        rig.store._run = run
+        slow, fast = rig.client(blob_path(digest)), rig.client(blob_path(digest))
+        body = FedBody(200, {b"Content-Length": [str(len(data)).encode()]})
+        rig.upstream.answer(0, body)
+        body.feed(data[:MiB])
+        slow.slow_down()
+        body.feed(data[MiB:])
+        body.end()
+        self.assertEqual(fast.body(), data)
+        self.assertFalse(fast.aborted())
+        slow.speed_up()
+        self.assertEqual(slow.body(), data)
+        self.assertFalse(slow.aborted())
+        self.assertIsNone(rig.blob_file(digest))
+        self.assertEqual(rig.temp_files(), [])
+        self.assertEqual(rig.metrics.fills.labels("failed")._value.get(), 1)
+        rig.client(blob_path(digest))
+        self.assertEqual(len(rig.upstream.calls), 2)
+
+
+class RoomTests(SynchronousTestCase):
+    """
+    A download paused while evicted files are being deleted is waiting on
+    regcache, not on upstream: that wait is no stall.
+    """
+
+    def setUp(self):
+        from regcache.expiry import Expiry
+
+        self.rig = Rig()
+        self.held = Deferring()
+        expiry = Expiry(self.rig.store, 10_000, self.rig.reactor, self.rig.metrics)
+        expiry.startService()
+        self.addCleanup(expiry.stopService)
+        for i in range(9):
+            data, digest = blob(1000, b"old %d" % i)
+            w = self.rig.store.new_writer(digest)
+            w.write(data)
+            w.commit()
+            w.close()
+        self.rig.store._run = self.held
+
+    def test_idle_timer_stops_while_waiting_for_room(self):
+        """
+        However long the deletions take, the paused download is neither
+        cut off nor resumed; once room is made it goes on with the same
+        upstream response, and its idle timer runs again from then.
+        """
+        data, digest = blob(2000, b"new")
+        c = self.rig.client(blob_path(digest))
+        body = FedBody(200, {b"Content-Length": [b"2000"]})
+        self.rig.upstream.answer(0, body)
+        body.feed(data[:100])
+        self.assertEqual(body.transport.producerState, "paused")
+        idle = self.rig.upstream.timeouts.idle
+        self.rig.reactor.advance(idle * 3)
+        self.assertEqual(body.transport.producerState, "paused")
+        self.held.run_all()
+        self.assertEqual(body.transport.producerState, "producing")
+        body.feed(data[100:1000])
+        self.rig.reactor.advance(idle + 1)
+        self.assertEqual(body.transport.producerState, "stopped")
+        self.assertEqual(len(self.rig.upstream.calls), 1)
+
+
 class SingleFlightTests(SynchronousTestCase):
     def test_callers_share_work_but_cancel_alone(self):
         """
         Concurrent callers share one piece of work; one caller cancelling
         its Deferred leaves the work and the other callers alone.
         """
-        from twisted.internet.defer import CancelledError, Deferred
-
         work = []
         flight = SingleFlight()
 
@@ -227,6 +313,39 @@ class SingleFlightTests(SynchronousTestCase):
         work[0].callback("result")
         self.assertEqual(self.successResultOf(b), "result")
         self.assertNotIn("k", flight)
+
+
+    def test_failure_nobody_waits_for_is_logged(self):
+        """
+        Shared work that fails after every caller gave up is still logged:
+        a warning naming the key and the error for an expected failure (an
+        upstream error), and the traceback for anything else.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        flight = SingleFlight()
+        works = {"down": Deferred(), "bug": Deferred()}
+        for key, work in works.items():
+            d = flight.run(key, lambda work=work: work)
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        works["down"].errback(UpstreamError("upstream answered 503", 503))
+        works["bug"].errback(ZeroDivisionError("a bug"))
+        logged = {e.get("key"): e for e in events}
+        self.assertEqual(logged["'down'"]["log_level"], LogLevel.warn)
+        self.assertEqual(logged["'down'"]["error"], "upstream answered 503")
+        self.assertEqual(logged["'bug'"]["log_level"], LogLevel.critical)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertNotIn("down", flight)
+
+    def test_failure_with_waiters_goes_to_them_only(self):
+        """A failure some caller still waits for is that caller's to report, not logged here."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        flight = SingleFlight()
+        work = Deferred()
+        d = flight.run("k", lambda: work)
+        work.errback(UpstreamError("gone"))
+        self.failureResultOf(d, UpstreamError)
+        self.assertEqual(len(events), 0)
 
 
 class StoreFailureTests(SynchronousTestCase):

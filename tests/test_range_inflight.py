@@ -1,8 +1,9 @@
 # test-case-name: tests.test_range_inflight
 """
 Range on a blob that is still downloading: the same answers as for a cached
-blob (PROTOCOL.md §6), each byte sent as soon as it exists, and never a
-second download.
+blob (PROTOCOL.md §6), each byte sent as soon as it exists except the last
+of the span, which waits for the blob's digest check, and never a second
+download.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -54,7 +55,8 @@ class InFlightRangeTests(SynchronousTestCase):
     def test_range_beyond_the_download_waits_for_its_bytes(self):
         """
         A range past what has arrived gets its headers, then nothing, then
-        its bytes as upstream delivers them: no second upstream request.
+        its bytes as upstream delivers them but the last, which waits for
+        the digest check: no second upstream request.
         """
         self.start(fed=100)
         c = self.get("bytes=1000-1499")
@@ -64,12 +66,35 @@ class InFlightRangeTests(SynchronousTestCase):
         self.body.feed(self.data[100:1200])
         self.assertEqual(c.body(), self.data[1000:1200])
         self.body.feed(self.data[1200:1600])
-        self.assertEqual(c.body(), self.data[1000:1500])
+        self.assertEqual(c.body(), self.data[1000:1499])
         self.assertEqual(len(self.rig.upstream.calls), 1)
         self.body.feed(self.data[1600:])
+        self.assertEqual(c.body(), self.data[1000:1499])
         self.body.end()
         self.assertEqual(c.body(), self.data[1000:1500])
+        self.assertFalse(c.aborted())
         self.assertEqual(self.rig.blob_file(self.digest), self.data)
+
+    def test_inner_range_of_a_bad_blob_never_completes(self):
+        """
+        Every span, not just one ending at the blob's end, holds its last
+        byte until the whole blob matched: a mismatch anywhere aborts a
+        client of an inner range one byte short, though all its bytes had
+        arrived.
+        """
+        self.start(fed=0)
+        early = self.get("bytes=0-0")
+        inner = self.get("bytes=1000-1499")
+        bad = bytearray(self.data)
+        bad[-1] ^= 0xFF
+        self.body.feed(bytes(bad))
+        self.assertEqual(early.body(), b"")
+        self.assertEqual(inner.body(), self.data[1000:1499])
+        self.body.end()
+        for c, sent in ((early, 0), (inner, 499)):
+            self.assertTrue(c.aborted())
+            self.assertEqual(len(c.body()), sent)
+        self.assertIsNone(self.rig.blob_file(self.digest))
 
     def test_range_as_the_first_request_fetches_the_whole_blob(self):
         """
@@ -115,3 +140,43 @@ class InFlightRangeTests(SynchronousTestCase):
         self.body.end()
         self.assertEqual(first.body(), self.data)
         self.assertEqual(self.rig.blob_file(self.digest), self.data)
+
+
+class EmptyBlobInFlightTests(SynchronousTestCase):
+    """
+    A zero-length blob has no last byte to hold back, and its headers alone
+    make a complete response: they wait for the digest check instead.
+    """
+
+    def setUp(self):
+        self.rig = Rig()
+        self.path = "/v2/library/a/blobs/"
+
+    def fill(self, digest):
+        c = self.rig.client(self.path + str(digest))
+        body = FedBody(200, {b"Content-Length": [b"0"]})
+        self.rig.upstream.answer(0, body)
+        return c, body
+
+    def test_empty_blob_answers_once_verified(self):
+        """Nothing is sent before the empty body matched its digest; then a clean, empty 200."""
+        _, digest = blob(0)
+        c, body = self.fill(digest)
+        self.assertEqual(c.raw(), b"")
+        body.end()
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.header("Content-Length"), "0")
+        self.assertFalse(c.aborted())
+        self.assertEqual(self.rig.blob_file(digest), b"")
+
+    def test_empty_body_for_a_digest_it_does_not_match_is_never_answered(self):
+        """
+        An empty body named by the digest of other bytes fails the check:
+        the client's connection is aborted before any response was sent.
+        """
+        _, digest = blob(10, b"not empty")
+        c, body = self.fill(digest)
+        body.end()
+        self.assertTrue(c.aborted())
+        self.assertEqual(c.raw(), b"")
+        self.assertIsNone(self.rig.blob_file(digest))

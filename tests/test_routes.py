@@ -126,6 +126,51 @@ class RangeTests(SynchronousTestCase):
             if status == 206:
                 self.assertEqual(c.header("Content-Length"), str(len(body)))
 
+    def test_huge_positions_are_answered_like_any_past_the_end(self):
+        """
+        Positions of thousands of digits (more than int() takes) mean what
+        any position past the end means: a 416 for a start, the whole blob
+        for an end or a suffix; never a 500, for GET or HEAD.
+        """
+        huge = "9" * 4400
+        cases = [
+            (f"bytes={huge}-", 416, "bytes */2048", b""),
+            (f"bytes={huge}-{huge}", 416, "bytes */2048", b""),
+            (f"bytes=0-{huge}", 206, "bytes 0-2047/2048", self.data),
+            (f"bytes=-{huge}", 206, "bytes 0-2047/2048", self.data),
+            (f"bytes=2000-{'0' * 4400}2047", 206, "bytes 2000-2047/2048", self.data[2000:]),
+        ]
+        for value, status, content_range, body in cases:
+            for method in ("GET", "HEAD"):
+                c = self.get(value, method)
+                self.assertEqual(c.status(), status, (value[:20], method))
+                self.assertEqual(c.header("Content-Range"), content_range, (value[:20], method))
+                self.assertEqual(c.body(), body if method == "GET" else b"", (value[:20], method))
+
+    def test_inverted_ranges_are_refused(self):
+        """
+        A range whose last position is before its first is invalid (RFC
+        9110 §14.1.1), which §14.2 lets a server ignore or reject; the
+        conformance table rejects ``bytes=500-0`` with a 416, so every
+        inverted range is a 416, ``bytes=5-3`` included.
+        """
+        for value in ("bytes=500-0", "bytes=5-3", "bytes=2047-2046"):
+            c = self.get(value)
+            self.assertEqual(c.status(), 416, value)
+            self.assertEqual(c.header("Content-Range"), "bytes */2048", value)
+            self.assertEqual(c.body(), b"", value)
+
+    def test_malformed_ranges_are_ignored(self):
+        """
+        A Range regcache cannot read (another unit, no dash, letters, signs,
+        bytes that are not ASCII) is ignored: a 200 with the whole blob.
+        """
+        for value in ("items=0-10", "bytes=abc", "bytes=1-2-3", "bytes=--5", "bytes=+1-2", "bytes=0x10-",
+                      "bytes=1 0-20", "bytes=\xff-1"):
+            c = self.get(value)
+            self.assertEqual(c.status(), 200, value)
+            self.assertEqual(c.body(), self.data, value)
+
     def test_multi_range_gets_the_whole_blob(self):
         """Several ranges are answered with a 200 and the full body, never a 416."""
         c = self.get("bytes=0-10,20-30")
