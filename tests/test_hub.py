@@ -461,3 +461,109 @@ class DNSFailureTests(SynchronousTestCase):
         c = rig.get(path, headers={"Accept": ALL})
         self.assertEqual(c.status(), 200)
         self.assertEqual(c.header("Warning"), STALE_WARNING)
+
+
+class BoundedBodyTests(SynchronousTestCase):
+    """
+    Every body regcache reads whole from upstream (token, manifest, tag
+    list, error page) ends within the idle timeout of a stall, within the
+    body deadline however slowly it trickles, and at the size cap however
+    much is sent.  HubRig's timeouts: header 5 s, idle 5 s, body 30 s.
+    """
+
+    path = "/v2/library/small/manifests/1"
+
+    def cached_rig(self):
+        """A rig whose tag is cached and whose token has expired."""
+        rig = HubRig(tag_ttl=60)
+        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
+        rig.reactor.advance(400)
+        return rig
+
+    def assertStale(self, rig, c):
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.header("Warning"), STALE_WARNING)
+        self.assertEqual(c.header("Docker-Content-Digest"), rig.images["library/small:1"].digest)
+
+    def test_stalled_token_body_serves_the_cache_then_recovers(self):
+        """
+        A token realm that sends its headers and then stalls costs the idle
+        timeout: the cached tag is served stale, an uncached one fails, and
+        once the realm recovers the next pull fetches a token and is fresh.
+        """
+        rig = self.cached_rig()
+        rig.hub.fault("stall", scope="token")
+        stale = rig.client(self.path, headers={"Accept": ALL})
+        uncached = rig.client("/v2/library/multi/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(12)
+        self.assertStale(rig, stale)
+        self.assertEqual(uncached.status(), 503)
+        rig.hub.clear_faults()
+        rig.reactor.advance(61)
+        fresh = rig.get(self.path, headers={"Accept": ALL})
+        self.assertEqual(fresh.status(), 200)
+        self.assertIsNone(fresh.header("Warning"))
+        self.assertEqual(rig.get("/v2/library/multi/manifests/1", headers={"Accept": ALL}).status(), 200)
+
+    def test_trickling_token_body_is_cut_at_the_deadline(self):
+        """A token body sent a byte every 4 s (never idle for 5 s) is given up at the 30 s body deadline."""
+        rig = self.cached_rig()
+        rig.hub.fault("drip", scope="token", chunk=1, interval=4)
+        c = rig.client(self.path, headers={"Accept": ALL})
+        rig.pass_time(32)
+        self.assertStale(rig, c)
+
+    def test_huge_token_body_is_refused_at_the_cap(self):
+        """A token realm streaming 300 MiB is cut off at the token cap; the cached tag is served."""
+        rig = self.cached_rig()
+        rig.hub.fault("huge", scope="token", chunk=256 * 1024, interval=0.5)
+        c = rig.client(self.path, headers={"Accept": ALL})
+        rig.pass_time(5)
+        self.assertStale(rig, c)
+
+    def test_stalled_manifest_body_fails_within_the_idle_timeout(self):
+        """A manifest body that stops half-way fails the uncached pull with a clear error, retries included."""
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        rig.hub.fault("stall", scope="manifests")
+        c = rig.client(f"/v2/library/small/manifests/{digest}")
+        rig.pass_time(12)
+        self.assertEqual(c.status(), 503)
+        self.assertIn("stopped sending", json.loads(c.body())["errors"][0]["message"])
+
+    def test_trickling_manifest_body_is_cut_at_the_deadline(self):
+        """A manifest body sent a byte every 4 s fails at the body deadline instead of taking for ever."""
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        rig.hub.fault("drip", scope="manifests", chunk=1, interval=4)
+        c = rig.client(f"/v2/library/small/manifests/{digest}")
+        rig.pass_time(32)
+        self.assertEqual(c.status(), 503)
+
+    def test_huge_manifest_is_refused_at_the_cap(self):
+        """A manifest body past the manifest cap is refused once the cap is read."""
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        rig.hub.fault("huge", scope="manifests", chunk=1024 * 1024, interval=0.5)
+        c = rig.client(f"/v2/library/small/manifests/{digest}")
+        rig.pass_time(12)
+        self.assertEqual(c.status(), 503)
+        self.assertIn("larger than", json.loads(c.body())["errors"][0]["message"])
+
+    def test_endless_error_page_is_not_waited_for(self):
+        """An upstream 503 whose error page trickles without end fails the pull by the body deadline."""
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        rig.hub.fault("huge", scope="manifests", status=503, chunk=1024, interval=1)
+        c = rig.client(f"/v2/library/small/manifests/{digest}")
+        rig.pass_time(32)
+        self.assertEqual(c.status(), 503)
+
+    def test_huge_tag_list_is_refused_at_the_cap(self):
+        """A tag list body past its cap is refused rather than buffered."""
+        rig = HubRig()
+        rig.hub.fault("huge", scope="tags", chunk=4 * 1024 * 1024, interval=0.5)
+        c = rig.client("/v2/library/small/tags/list")
+        rig.pass_time(12)
+        self.assertEqual(c.status(), 503)
+        self.assertIn("larger than", json.loads(c.body())["errors"][0]["message"])

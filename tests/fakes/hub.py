@@ -45,7 +45,7 @@ that try https first fall back to http without a 10 s handshake timeout.
 
 **Faults** (``FakeHub.fault`` or ``POST /_fake/fault``), each with a ``scope``
 of ``manifests`` (registry manifest GET/HEAD), ``blobs`` (CDN GETs), ``token``
-(the realm) or ``all`` (manifests and blobs), an optional ``path`` substring the
+(the realm), ``tags`` (tag list GETs) or ``all`` (manifests and blobs), an optional ``path`` substring the
 request path must contain, and ``times`` (how many requests it hits; default
 until cleared).  The token realm takes every kind; a body kind there shapes
 the token's JSON answer.  Kinds:
@@ -128,7 +128,7 @@ from tests.fakes.images import DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, Blob, Image
 
 SERVICE = "registry.docker.io"
 CDN_PREFIX = "/registry-v2/docker/registry/v2/blobs/sha256/"
-SCOPES = ("manifests", "blobs", "token", "all")
+SCOPES = ("manifests", "blobs", "token", "tags", "all")
 KINDS = ("status", "hang", "reset", "stall", "short", "wrong", "drip", "norange", "huge")
 CHUNK = 64 * 1024
 RATE_WINDOW = 21600
@@ -709,7 +709,14 @@ class FakeHub:
         return (f"{self.cdn_url}{CDN_PREFIX}{blob.hex[:2]}/{blob.hex}/data"
                 f"?verify={expires}-{self._signature(blob.hex, expires)}")
 
-    def _tags(self, request, repo: str) -> bytes:
+    def _tags(self, request, repo: str):
+        fault = self._take_fault("tags", request.path.decode("latin-1"), ("status", "hang", "huge"))
+        if fault is not None and fault.kind == "status":
+            return self._status_fault(request, fault)
+        if fault is not None and fault.kind == "hang":
+            return Deferred()
+        if fault is not None and fault.kind == "huge":
+            return self._huge(request, fault)
         tags = sorted(self.repos[repo].tags)
         last = request.args.get(b"last", [b""])[0].decode()
         if last:

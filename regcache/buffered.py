@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.test_buffered -*-
+"""
+Reading a small upstream body whole: a token, a manifest, a tag list, or an
+error page read only to free the connection.
+
+These are the only upstream bodies regcache buffers, and upstream decides
+how long they are and how fast they come.  So every read has a size cap, an
+idle timer and an overall deadline: a server that stalls after its headers,
+trickles a byte just often enough to look alive, or streams gigabytes costs
+at most the deadline and the cap, and then fails like any other outage, so
+the shared work waiting on it (a token fetch, a tag check) ends and stale
+copies stand in.  Blob bodies are streamed to disk instead (inflight.py).
+"""
+
+from typing import List, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from regcache.errors import UpstreamError, transport_error
+
+#: The most of an error page read before the connection is given up.
+DISCARD_LIMIT = 64 * 1024
+
+
+class _Reader(Protocol):
+    """
+    Collects one body.  ``done`` fires the moment the outcome is known (the
+    body ended, or a limit was hit), not when the transport has finished
+    closing: closing a stalled connection must not extend the wait.
+    """
+
+    def __init__(self, clock, idle: float, deadline: float, limit: int, who: str, what: str):
+        self.done: Deferred = Deferred()
+        self._clock = clock
+        self._idle = idle
+        self._deadline = deadline
+        self._limit = limit
+        self._who = who
+        self._what = what
+        self._chunks: List[bytes] = []
+        self._size = 0
+        self._timers: List = []
+
+    def connectionMade(self) -> None:
+        self._timers = [
+            self._clock.callLater(self._idle, self._give_up,
+                                  f"{self._who} stopped sending the {self._what} for {self._idle:g} s "
+                                  "(--idle-timeout)"),
+            self._clock.callLater(self._deadline, self._give_up,
+                                  f"{self._who} took more than {self._deadline:g} s to send the {self._what}"),
+        ]
+
+    def announced(self, length) -> None:
+        """Refuse at once a body whose Content-Length is already past the cap."""
+        if length is not UNKNOWN_LENGTH and length is not None and length > self._limit:
+            self._too_large()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._too_large()
+            return
+        self._chunks.append(data)
+        idle = self._timers[0]
+        if idle.active():
+            idle.reset(self._idle)
+
+    def connectionLost(self, reason) -> None:
+        self._stop_timers()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(transport_error(self._who, reason, f"reading the {self._what}"))
+
+    def _too_large(self) -> None:
+        self._give_up(f"{self._who} sent a {self._what} larger than {self._limit} bytes", 502)
+
+    def _give_up(self, message: str, status: Optional[int] = None) -> None:
+        self._stop_timers()
+        self._chunks = []
+        if self.done.called:
+            return
+        self.done.errback(UpstreamError(message, status))
+        self.transport.stopProducing()
+
+    def _stop_timers(self) -> None:
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+
+
+class BodyReader:
+    """
+    The limits every buffered upstream body is read under, for one upstream:
+    ``idle`` seconds without a byte, ``deadline`` seconds in all.
+    """
+
+    def __init__(self, clock, idle: float, deadline: float):
+        self.clock = clock
+        self.idle = idle
+        self.deadline = deadline
+
+    def read(self, response, limit: int, who: str, what: str) -> Deferred:
+        """
+        The whole body of ``response``, at most ``limit`` bytes; fails with
+        an UpstreamError that names ``who`` sent ``what``.
+        """
+        reader = _Reader(self.clock, self.idle, self.deadline, limit, who, what)
+        response.deliverBody(reader)
+        reader.announced(response.length)
+        return reader.done
+
+    async def discard(self, response, who: str) -> None:
+        """
+        Read and drop a body nobody needs, so the connection can be reused;
+        one too big or too slow is given up with its connection.
+        """
+        try:
+            await self.read(response, DISCARD_LIMIT, who, "error page")
+        except UpstreamError:
+            pass
