@@ -136,13 +136,16 @@ class TokenCache:
         return token.value
 
     def _keep(self, key: Tuple, token: _Token) -> None:
-        """Hold a new token, dropping expired ones and then the least recently used past the limit."""
+        """
+        Hold a new token, dropping every expired one and then the least
+        recently used past the limit.  Fetches are rare (one per scope per
+        token lifetime), so the sweep costs little.
+        """
+        now = self._clock.seconds()
+        for old in [k for k, t in self._tokens.items() if t.expires <= now]:
+            del self._tokens[old]
         self._tokens[key] = token
         self._tokens.move_to_end(key)
-        if len(self._tokens) > self._limit:
-            now = self._clock.seconds()
-            for old in [k for k, t in self._tokens.items() if t.expires <= now]:
-                del self._tokens[old]
         while len(self._tokens) > self._limit:
             self._tokens.popitem(last=False)
 
