@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 from urllib.parse import urlencode, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from regcache.errors import UpstreamError, transport_error
+from regcache.errors import UpstreamError
 from regcache.inflight import SingleFlight
 
 _PARAM = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
@@ -99,21 +98,21 @@ MAX_TOKEN_BODY = 1024 * 1024
 class TokenCache:
     """
     Bearer tokens per (realm, service, scope, user), valid until shortly
-    before they expire, at most ``MAX_TOKENS`` of them.  ``bodies`` reads
-    the token server's answers; ``who`` names the registry in errors.
+    before they expire, at most ``capacity`` of them.  The token server is
+    asked under the upstream's ``limits`` (exchange.py); ``who`` names the
+    registry in errors.
     """
 
     log = Logger()
 
-    def __init__(self, http, clock, credentials: Optional[Credentials], timeout: float, bodies, who: str,
-                 limit: int = MAX_TOKENS):
+    def __init__(self, http, clock, credentials: Optional[Credentials], limits, who: str,
+                 capacity: int = MAX_TOKENS):
         self._http = http
         self._clock = clock
         self._credentials = credentials
-        self._timeout = timeout
-        self._bodies = bodies
+        self._limits = limits
         self._who = who
-        self._limit = limit
+        self._capacity = capacity
         self._tokens: "OrderedDict[Tuple, _Token]" = OrderedDict()
         self._flights = SingleFlight()
 
@@ -146,7 +145,7 @@ class TokenCache:
             del self._tokens[old]
         self._tokens[key] = token
         self._tokens.move_to_end(key)
-        while len(self._tokens) > self._limit:
+        while len(self._tokens) > self._capacity:
             self._tokens.popitem(last=False)
 
     def invalidate(self, challenge: Challenge, scope: str) -> None:
@@ -191,15 +190,11 @@ class TokenCache:
         headers = {}
         if self._credentials:
             headers[b"Authorization"] = [self._credentials.basic()]
-        try:
-            d = self._http.get(url, headers=headers, unbuffered=True)
-            response = await d.addTimeout(self._timeout, self._clock)
-        except (TimeoutError, CancelledError):
-            raise UpstreamError(f"{who} did not answer within {self._timeout:g} s (--header-timeout)") from None
-        except Exception:
-            raise transport_error(who, Failure(), f"fetching a token for {scope}") from None
+        response = await self._limits.answer(
+            self._http.get(url, headers=headers, unbuffered=True), who, f"fetching a token for {scope}"
+        )
         if response.code != 200:
-            await self._bodies.discard(response, who)
+            await self._limits.discard(response, who)
             # Wrong credentials are an operator's problem: say so loudly,
             # but let policy keep serving what the cache holds.
             self.log.error(
@@ -207,7 +202,7 @@ class TokenCache:
                 realm=challenge.realm, code=response.code, scope=scope,
             )
             raise UpstreamError(f"{who} answered {response.code}", response.code)
-        body = await self._bodies.read(response, MAX_TOKEN_BODY, who, "token")
+        body = await self._limits.read(response, MAX_TOKEN_BODY, who, "token")
         try:
             doc = json.loads(body)
             value = doc.get("token") or doc.get("access_token")

@@ -89,6 +89,12 @@ class UpstreamError(Exception):
         return self.status == 429
 
 
+class UpstreamTimeout(UpstreamError):
+    """
+    The upstream accepted the request and did not answer in time.
+    """
+
+
 class UpstreamNotFound(Exception):
     """
     The upstream says the name, tag or digest does not exist (a 404, or
@@ -133,7 +139,8 @@ def in_words(who: str, value: BaseException) -> str:
         return f"DNS lookup of {who} failed"
     if any_of(neterror.TimeoutError):
         return f"{who} could not be reached within the connect timeout (--connect-timeout)"
-    if any_of(VerificationError) or any("certificate verify failed" in str(c) for c in causes if isinstance(c, TLSError)):
+    unverified = any("certificate verify failed" in str(c) for c in causes if isinstance(c, TLSError))
+    if unverified or any_of(VerificationError):
         return f"TLS certificate of {who} could not be verified"
     if any_of(TLSError):
         return f"TLS handshake with {who} failed"

@@ -10,7 +10,7 @@ headers.
 
 Bodies are never buffered whole except tokens, manifests, tag lists and
 error pages, which are small and read under a cap and deadlines
-(buffered.py); a blob response is handed back unread for the caller to
+(exchange.py); a blob response is handed back unread for the caller to
 stream.  Every failure is raised as an UpstreamError whose message names
 this upstream (or its token server or blob host) in words.
 """
@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
-from regcache.buffered import BodyReader
-from regcache.errors import UpstreamError, UpstreamNotFound, transport_error
+from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
+from regcache.exchange import Limits
 from regcache.reference import Digest
 from regcache.headers import content_length, header, media_type_of, retry_after
 from regcache.store import MAX_MANIFEST, Manifest
@@ -107,8 +105,8 @@ class Upstream:
         self.credentials = credentials
         #: Who the client's error names when this upstream fails.
         self.who = f"upstream {self.host}"
-        self.bodies = BodyReader(clock, timeouts.idle, timeouts.body)
-        self.tokens = TokenCache(http, clock, credentials, timeouts.header, self.bodies, self.who)
+        self.limits = Limits(clock, timeouts.header, timeouts.idle, timeouts.body)
+        self.tokens = TokenCache(http, clock, credentials, self.limits, self.who)
         self._challenge: Optional[Challenge] = None
         self._jitter = jitter
         self._cooldown_until = 0.0
@@ -159,7 +157,7 @@ class Upstream:
         if response.code != 200:
             await self._drain(response)
             self._expect(response, (200,), "manifest")
-        body = await self.bodies.read(response, MAX_MANIFEST, self.who, "manifest")
+        body = await self.limits.read(response, MAX_MANIFEST, self.who, "manifest")
         announced = header(response.headers, b"docker-content-digest")
         if expect is None and announced:
             expect = self._announced(announced)
@@ -217,7 +215,7 @@ class Upstream:
         if response.code == 404:
             await self._drain(response)
             raise UpstreamNotFound(name)
-        body = await self.bodies.read(response, MAX_TAG_LIST, self.who, "tag list")
+        body = await self.limits.read(response, MAX_TAG_LIST, self.who, "tag list")
         return response.code, response.headers, body
 
     # Plumbing
@@ -318,17 +316,15 @@ class Upstream:
 
     async def _send(self, method: str, url: str, headers: Headers, kind: str):
         started = self.clock.seconds()
+        d = self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
         try:
-            d = self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
-            response = await d.addTimeout(self.timeouts.header, self.clock)
-        except (TimeoutError, CancelledError):
+            response = await self.limits.answer(d, self._who(url), f"sending {method} {url.split('?')[0]}")
+        except UpstreamTimeout:
             self._count(method, kind, "timeout")
-            raise UpstreamError(
-                f"{self._who(url)} did not answer within {self.timeouts.header:g} s (--header-timeout)"
-            ) from None
-        except Exception:
+            raise
+        except UpstreamError:
             self._count(method, kind, "error")
-            raise transport_error(self._who(url), Failure(), f"sending {method} {url.split('?')[0]}") from None
+            raise
         self._count(method, kind, str(response.code))
         self.metrics.observe_ratelimit(self.key, response.headers, self.clock.seconds())
         self.log.info(
@@ -349,7 +345,7 @@ class Upstream:
         return self.who if netloc == self.host else f"blob host {netloc}"
 
     async def _drain(self, response) -> None:
-        await self.bodies.discard(response, self.who)
+        await self.limits.discard(response, self.who)
 
     # Rate-limit cool-down
 

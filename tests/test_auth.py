@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.auth import TokenCache, parse_challenge
-from regcache.buffered import BodyReader
+from regcache.exchange import Limits
 from regcache.errors import UpstreamError
 from tests.fakes.hub import FakeHub
 from tests.support import HubRig, hub_images
@@ -27,8 +27,8 @@ class TokenTableTests(SynchronousTestCase):
         self.challenge = parse_challenge(f'Bearer realm="{self.hub.auth_url}/token",service="registry.docker.io"')
 
     def cache(self, limit):
-        return TokenCache(self.treq, self.clock, None, 5, BodyReader(self.clock, 5, 30), "upstream registry.fake",
-                          limit=limit)
+        return TokenCache(self.treq, self.clock, None, Limits(self.clock, 5, 5, 30), "upstream registry.fake",
+                          capacity=limit)
 
     def fetch(self, tokens, name):
         d = Deferred.fromCoroutine(tokens.authorization(self.challenge, f"repository:{name}:pull"))

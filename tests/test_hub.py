@@ -567,3 +567,83 @@ class BoundedBodyTests(SynchronousTestCase):
         rig.pass_time(12)
         self.assertEqual(c.status(), 503)
         self.assertIn("larger than", json.loads(c.body())["errors"][0]["message"])
+
+
+def assert_in_words(case, client, host, *words):
+    """The client's OCI error says what happened at ``host`` in words, with no exception repr in it."""
+    message = json.loads(client.body())["errors"][0]["message"]
+    for repr_mark in ("<", "Failure", "Error:", "Error(", "Exception"):
+        case.assertNotIn(repr_mark, message)
+    case.assertIn(host, message)
+    for w in words:
+        case.assertIn(w, message)
+    return message
+
+
+class ErrorWordsTests(SynchronousTestCase):
+    """Each way upstream can fail reaches the client as a sentence naming the host."""
+
+    digest_path = "/v2/library/small/manifests/sha256:" + "0" * 64
+
+    def test_header_timeout(self):
+        """A hanging upstream: 'did not answer within 5 s (--header-timeout)'."""
+        rig = HubRig()
+        rig.hub.fault("hang", scope="manifests")
+        c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(20)
+        self.assertEqual(c.status(), 503)
+        assert_in_words(self, c, "upstream registry.fake", "did not answer within 5 s (--header-timeout)")
+
+    def test_server_error(self):
+        """An upstream 500: the status, the host, and what was not cached."""
+        rig = HubRig()
+        rig.hub.fault("status", scope="manifests", status=500)
+        c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(5)
+        assert_in_words(self, c, "upstream registry.fake", "answered 500", "library/small:1 is not cached")
+
+    def test_rate_limit(self):
+        """A 429 with nothing cached: TOOMANYREQUESTS saying who is rate limiting."""
+        rig = HubRig()
+        rig.hub.fault("status", scope="manifests", status=429)
+        c = rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 429)
+        assert_in_words(self, c, "upstream registry.fake", "rate limiting")
+
+    def test_connection_cut_mid_response(self):
+        """An upstream that cuts the connection mid-manifest: 'closed the connection mid-response'."""
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        rig.hub.fault("reset", scope="manifests")
+        c = rig.client(f"/v2/library/small/manifests/{digest}")
+        rig.pass_time(12)
+        assert_in_words(self, c, "upstream registry.fake", "closed the connection mid-response")
+
+    def test_token_server_refusing_credentials(self):
+        """A realm refusing the account's credentials is named as the token server."""
+        rig = HubRig(credentials=Credentials("ci", "wrong"))
+        c = rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 503)
+        assert_in_words(self, c, "token server auth.fake", "answered 401")
+
+    def test_token_server_stalling(self):
+        """A realm that stalls mid-token: 'stopped sending the token'."""
+        rig = HubRig()
+        rig.hub.fault("stall", scope="token")
+        c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(20)
+        assert_in_words(self, c, "token server auth.fake", "stopped sending the token for 5 s (--idle-timeout)")
+
+    def test_refused_and_unresolvable(self):
+        """Connection refused and a failed DNS lookup, as Twisted's Agent reports them, in words."""
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+
+        for exc, words in ((ConnectionRefusedError("Connection refused"), "refused the connection"),
+                           (DNSLookupError("no results for hostname lookup: registry.fake"), "DNS lookup of")):
+            rig = HubRig()
+            rig.upstream.http = type("Failing", (), {"request": lambda self, *a, exc=exc, **k: fail(exc)})()
+            c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+            rig.pass_time(12)
+            self.assertEqual(c.status(), 503)
+            assert_in_words(self, c, "upstream registry.fake", words)

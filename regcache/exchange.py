@@ -1,26 +1,29 @@
-# -*- test-case-name: tests.test_buffered -*-
+# -*- test-case-name: tests.test_exchange -*-
 """
-Reading a small upstream body whole: a token, a manifest, a tag list, or an
-error page read only to free the connection.
+The limits one upstream exchange runs under: a deadline for the response's
+headers, then, for the small bodies regcache reads whole (a token, a
+manifest, a tag list, or an error page read only to free the connection),
+a size cap, an idle timer and an overall deadline.
 
-These are the only upstream bodies regcache buffers, and upstream decides
-how long they are and how fast they come.  So every read has a size cap, an
-idle timer and an overall deadline: a server that stalls after its headers,
-trickles a byte just often enough to look alive, or streams gigabytes costs
-at most the deadline and the cap, and then fails like any other outage, so
-the shared work waiting on it (a token fetch, a tag check) ends and stale
-copies stand in.  Blob bodies are streamed to disk instead (inflight.py).
+Upstream decides how long its bodies are and how fast they come.  A server
+that stalls after its headers, trickles a byte just often enough to look
+alive, or streams gigabytes costs at most these limits, and then fails like
+any other outage, so the shared work waiting on it (a token fetch, a tag
+check) ends and stale copies stand in.  Every failure comes out as an
+UpstreamError in words.  Blob bodies are streamed to disk instead, under
+inflight.py's idle timer.
 """
 
 from typing import List, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from regcache.errors import UpstreamError, transport_error
+from regcache.errors import UpstreamError, UpstreamTimeout, transport_error
 
 #: The most of an error page read before the connection is given up.
 DISCARD_LIMIT = 64 * 1024
@@ -97,16 +100,39 @@ class _Reader(Protocol):
                 timer.cancel()
 
 
-class BodyReader:
+def _timed_out(result, timeout) -> Failure:
     """
-    The limits every buffered upstream body is read under, for one upstream:
-    ``idle`` seconds without a byte, ``deadline`` seconds in all.
+    Twisted's HTTP client wraps the cancellation of a request in
+    ResponseFailed or ResponseNeverReceived; a timeout is a timeout.
+    """
+    return Failure(TimeoutError())
+
+
+class Limits:
+    """
+    For one upstream: ``header`` seconds for a response to begin; for a
+    buffered body, ``idle`` seconds without a byte and ``deadline`` seconds
+    in all.
     """
 
-    def __init__(self, clock, idle: float, deadline: float):
+    def __init__(self, clock, header: float, idle: float, deadline: float):
         self.clock = clock
+        self.header = header
         self.idle = idle
         self.deadline = deadline
+
+    async def answer(self, request: Deferred, who: str, during: str):
+        """
+        The response ``request`` (an HTTP client call) gets within the
+        header deadline; otherwise an UpstreamTimeout, or an UpstreamError
+        saying what went wrong.
+        """
+        try:
+            return await request.addTimeout(self.header, self.clock, onTimeoutCancel=_timed_out)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{who} did not answer within {self.header:g} s (--header-timeout)") from None
+        except Exception:
+            raise transport_error(who, Failure(), during) from None
 
     def read(self, response, limit: int, who: str, what: str) -> Deferred:
         """

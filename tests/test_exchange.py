@@ -1,4 +1,4 @@
-# test-case-name: tests.test_buffered
+# test-case-name: tests.test_exchange
 """
 The bounded reader every buffered upstream body goes through, fed by hand
 on a Clock: it ends at the cap, at an idle stall and at the deadline, and
@@ -11,8 +11,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
-from regcache.buffered import BodyReader
-from regcache.errors import UpstreamError
+from regcache.exchange import Limits
+from regcache.errors import UpstreamError, UpstreamTimeout
 from tests.support import FedBody
 
 WHO = "upstream registry.example"
@@ -21,7 +21,7 @@ WHO = "upstream registry.example"
 class BodyReaderTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        self.bodies = BodyReader(self.clock, idle=5, deadline=30)
+        self.bodies = Limits(self.clock, header=5, idle=5, deadline=30)
 
     def message(self, d) -> str:
         return str(self.failureResultOf(d, UpstreamError).value)
@@ -108,3 +108,73 @@ class BodyReaderTests(SynchronousTestCase):
         self.clock.advance(30)
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(endless.transport.producerState, "stopped")
+
+
+def _failing(exc):
+    from twisted.internet.defer import fail
+
+    return fail(exc)
+
+
+class AnswerTests(SynchronousTestCase):
+    """The wait for a response's headers: a deadline, and every transport failure in words."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.limits = Limits(self.clock, header=5, idle=5, deadline=30)
+
+    def answer(self, request):
+        return Deferred.fromCoroutine(self.limits.answer(request, WHO, "sending GET /v2/"))
+
+    def test_header_deadline(self):
+        """
+        No answer within the header timeout is an UpstreamTimeout in words,
+        even when the cancelled request fails with the HTTP client's wrapper.
+        """
+        from twisted.internet.defer import CancelledError
+
+        request = Deferred(lambda d: d.errback(ResponseFailed([Failure(CancelledError())])))
+        d = self.answer(request)
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        error = self.failureResultOf(d, UpstreamTimeout).value
+        self.assertEqual(str(error), "upstream registry.example did not answer within 5 s (--header-timeout)")
+
+    def test_transport_failures_in_words(self):
+        """Each failure Twisted's Agent reports (shapes taken from real sockets) becomes a sentence."""
+        from OpenSSL.SSL import Error as TLSError
+        from service_identity.exceptions import VerificationError
+        from twisted.internet import error
+        from twisted.web._newclient import ParseError
+        from twisted.web.client import ResponseNeverReceived
+        from twisted.web.http import _DataLoss
+
+        never = lambda *e: ResponseNeverReceived([Failure(x) for x in e])
+        failed = lambda *e: ResponseFailed([Failure(x) for x in e])
+        cases = [
+            (error.ConnectionRefusedError("Connection refused"), "upstream registry.example refused the connection"),
+            (error.DNSLookupError("no results for hostname lookup: registry.example"),
+             "DNS lookup of upstream registry.example failed"),
+            (error.TimeoutError("User timeout caused connection failure."),
+             "upstream registry.example could not be reached within the connect timeout (--connect-timeout)"),
+            (never(TLSError([("SSL routines", "", "certificate verify failed")])),
+             "TLS certificate of upstream registry.example could not be verified"),
+            (never(VerificationError([])), "TLS certificate of upstream registry.example could not be verified"),
+            (never(TLSError([("SSL routines", "", "wrong version number")])),
+             "TLS handshake with upstream registry.example failed"),
+            (never(error.ConnectionDone()), "upstream registry.example closed the connection before answering"),
+            (failed(error.ConnectionDone()), "upstream registry.example closed the connection mid-response"),
+            (failed(error.ConnectionDone(), _DataLoss()),
+             "upstream registry.example closed the connection mid-response"),
+            (failed(ParseError("wrong number of parts", b"SSH-2.0-OpenSSH")),
+             "upstream registry.example sent a malformed HTTP response"),
+            (failed(ValueError("not enough values to unpack")),
+             "upstream registry.example sent a malformed HTTP response"),
+            (error.NoRouteError(), "upstream registry.example could not be reached"),
+            (RuntimeError("something else"), "the exchange with upstream registry.example failed unexpectedly"),
+        ]
+        for exc, words in cases:
+            error_ = self.failureResultOf(self.answer(_failing(exc)), UpstreamError).value
+            self.assertNotIsInstance(error_, UpstreamTimeout)
+            self.assertEqual(str(error_), words)
