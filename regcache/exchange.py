@@ -36,11 +36,9 @@ class _Reader(Protocol):
     closing: closing a stalled connection must not extend the wait.
     """
 
-    def __init__(self, clock, idle: float, deadline: float, limit: int, who: str, what: str):
+    def __init__(self, limits: "Limits", limit: int, who: str, what: str):
         self.done: Deferred = Deferred()
-        self._clock = clock
-        self._idle = idle
-        self._deadline = deadline
+        self._limits = limits
         self._limit = limit
         self._who = who
         self._what = what
@@ -49,12 +47,12 @@ class _Reader(Protocol):
         self._timers: List = []
 
     def connectionMade(self) -> None:
+        idle, deadline, clock = self._limits.idle, self._limits.deadline, self._limits.clock
         self._timers = [
-            self._clock.callLater(self._idle, self._give_up,
-                                  f"{self._who} stopped sending the {self._what} for {self._idle:g} s "
-                                  "(--idle-timeout)"),
-            self._clock.callLater(self._deadline, self._give_up,
-                                  f"{self._who} took more than {self._deadline:g} s to send the {self._what}"),
+            clock.callLater(idle, self._give_up,
+                            f"{self._who} stopped sending the {self._what} for {idle:g} s (--idle-timeout)"),
+            clock.callLater(deadline, self._give_up,
+                            f"{self._who} took more than {deadline:g} s to send the {self._what}"),
         ]
 
     def announced(self, length) -> None:
@@ -72,7 +70,7 @@ class _Reader(Protocol):
         self._chunks.append(data)
         idle = self._timers[0]
         if idle.active():
-            idle.reset(self._idle)
+            idle.reset(self._limits.idle)
 
     def connectionLost(self, reason) -> None:
         self._stop_timers()
@@ -139,7 +137,7 @@ class Limits:
         The whole body of ``response``, at most ``limit`` bytes; fails with
         an UpstreamError that names ``who`` sent ``what``.
         """
-        reader = _Reader(self.clock, self.idle, self.deadline, limit, who, what)
+        reader = _Reader(self, limit, who, what)
         response.deliverBody(reader)
         reader.announced(response.length)
         return reader.done

@@ -179,19 +179,25 @@ class CountedPullTests(SynchronousTestCase):
         self.assertIn(b"regcache_upstream_ratelimit_remaining", self.rig.metrics.render())
 
 
-class StaleIfErrorTests(SynchronousTestCase):
+class CachedTag:
+    """A mix-in for tests of a tag that was pulled once, and is then due for revalidation."""
+
     path = "/v2/library/small/manifests/1"
 
-    def rig(self, **kw):
+    def rig(self, later=61, **kw):
+        """A rig with the tag cached, ``later`` seconds after its pull (past the 60 s window)."""
         rig = HubRig(tag_ttl=60, **kw)
         self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
-        rig.reactor.advance(61)
+        rig.reactor.advance(later)
         return rig
 
     def assertStale(self, rig, c):
         self.assertEqual(c.status(), 200)
         self.assertEqual(c.header("Warning"), STALE_WARNING)
         self.assertEqual(c.header("Docker-Content-Digest"), rig.images["library/small:1"].digest)
+
+
+class StaleIfErrorTests(CachedTag, SynchronousTestCase):
 
     def test_429_serves_the_cached_tag(self):
         """A rate-limited revalidation serves the last known digest, with a Warning header."""
@@ -463,7 +469,7 @@ class DNSFailureTests(SynchronousTestCase):
         self.assertEqual(c.header("Warning"), STALE_WARNING)
 
 
-class BoundedBodyTests(SynchronousTestCase):
+class BoundedBodyTests(CachedTag, SynchronousTestCase):
     """
     Every body regcache reads whole from upstream (token, manifest, tag
     list, error page) ends within the idle timeout of a stall, within the
@@ -471,19 +477,9 @@ class BoundedBodyTests(SynchronousTestCase):
     much is sent.  HubRig's timeouts: header 5 s, idle 5 s, body 30 s.
     """
 
-    path = "/v2/library/small/manifests/1"
-
     def cached_rig(self):
         """A rig whose tag is cached and whose token has expired."""
-        rig = HubRig(tag_ttl=60)
-        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
-        rig.reactor.advance(400)
-        return rig
-
-    def assertStale(self, rig, c):
-        self.assertEqual(c.status(), 200)
-        self.assertEqual(c.header("Warning"), STALE_WARNING)
-        self.assertEqual(c.header("Docker-Content-Digest"), rig.images["library/small:1"].digest)
+        return self.rig(later=400)
 
     def test_stalled_token_body_serves_the_cache_then_recovers(self):
         """
@@ -521,43 +517,33 @@ class BoundedBodyTests(SynchronousTestCase):
         rig.pass_time(5)
         self.assertStale(rig, c)
 
-    def test_stalled_manifest_body_fails_within_the_idle_timeout(self):
-        """A manifest body that stops half-way fails the uncached pull with a clear error, retries included."""
+    def failed_digest_pull(self, seconds, kind, **fault):
+        """The error message of an uncached manifest pull, ``seconds`` into an upstream fault."""
         rig = HubRig()
         digest = rig.images["library/small:1"].digest
-        rig.hub.fault("stall", scope="manifests")
+        rig.hub.fault(kind, scope="manifests", **fault)
         c = rig.client(f"/v2/library/small/manifests/{digest}")
-        rig.pass_time(12)
+        rig.pass_time(seconds)
         self.assertEqual(c.status(), 503)
-        self.assertIn("stopped sending", json.loads(c.body())["errors"][0]["message"])
+        return json.loads(c.body())["errors"][0]["message"]
+
+    def test_stalled_manifest_body_fails_within_the_idle_timeout(self):
+        """A manifest body that stops half-way fails the uncached pull with a clear error, retries included."""
+        self.assertIn("stopped sending the manifest", self.failed_digest_pull(12, "stall"))
 
     def test_trickling_manifest_body_is_cut_at_the_deadline(self):
         """A manifest body sent a byte every 4 s fails at the body deadline instead of taking for ever."""
-        rig = HubRig()
-        digest = rig.images["library/small:1"].digest
-        rig.hub.fault("drip", scope="manifests", chunk=1, interval=4)
-        c = rig.client(f"/v2/library/small/manifests/{digest}")
-        rig.pass_time(32)
-        self.assertEqual(c.status(), 503)
+        message = self.failed_digest_pull(32, "drip", chunk=1, interval=4)
+        self.assertIn("took more than 30 s to send the manifest", message)
 
     def test_huge_manifest_is_refused_at_the_cap(self):
         """A manifest body past the manifest cap is refused once the cap is read."""
-        rig = HubRig()
-        digest = rig.images["library/small:1"].digest
-        rig.hub.fault("huge", scope="manifests", chunk=1024 * 1024, interval=0.5)
-        c = rig.client(f"/v2/library/small/manifests/{digest}")
-        rig.pass_time(12)
-        self.assertEqual(c.status(), 503)
-        self.assertIn("larger than", json.loads(c.body())["errors"][0]["message"])
+        message = self.failed_digest_pull(12, "huge", chunk=1024 * 1024, interval=0.5)
+        self.assertIn("larger than", message)
 
     def test_endless_error_page_is_not_waited_for(self):
         """An upstream 503 whose error page trickles without end fails the pull by the body deadline."""
-        rig = HubRig()
-        digest = rig.images["library/small:1"].digest
-        rig.hub.fault("huge", scope="manifests", status=503, chunk=1024, interval=1)
-        c = rig.client(f"/v2/library/small/manifests/{digest}")
-        rig.pass_time(32)
-        self.assertEqual(c.status(), 503)
+        self.assertIn("answered 503", self.failed_digest_pull(32, "huge", status=503, chunk=1024, interval=1))
 
     def test_huge_tag_list_is_refused_at_the_cap(self):
         """A tag list body past its cap is refused rather than buffered."""

@@ -130,6 +130,8 @@ SERVICE = "registry.docker.io"
 CDN_PREFIX = "/registry-v2/docker/registry/v2/blobs/sha256/"
 SCOPES = ("manifests", "blobs", "token", "tags", "all")
 KINDS = ("status", "hang", "reset", "stall", "short", "wrong", "drip", "norange", "huge")
+#: The kinds that answer in place of the real response, rather than shaping its body.
+INSTEAD = ("status", "hang", "huge")
 CHUNK = 64 * 1024
 RATE_WINDOW = 21600
 RATE_LIMITED_MESSAGE = (
@@ -609,8 +611,13 @@ class FakeHub:
         request.setHeader(b"content-length", str(len(body)).encode())
         return body
 
-    def _huge(self, request, fault: Fault) -> Deferred:
-        """``size`` bytes of filler, chunked, however the client copes."""
+    def _instead(self, request, fault: Fault):
+        """The answer to a request that a fault of a kind in INSTEAD takes over."""
+        if fault.kind == "status":
+            return self._status_fault(request, fault)
+        if fault.kind == "hang":
+            return Deferred()
+        # huge: filler, chunked, however the client copes.
         request.setResponseCode(fault.status or 200)
         request.setHeader(b"content-type", b"application/json")
         return _Sender(request, _Filler(fault.size), fault.size, fault, self.clock, lambda n: None).start()
@@ -628,12 +635,8 @@ class FakeHub:
         # A HEAD has no body to spoil, so it must not use up a body fault.
         kinds = KINDS if get else ("status", "hang")
         fault = self._take_fault("manifests", request.path.decode("latin-1"), kinds)
-        if fault is not None and fault.kind == "status":
-            return self._status_fault(request, fault)
-        if fault is not None and fault.kind == "hang":
-            return Deferred()
-        if fault is not None and fault.kind == "huge":
-            return self._huge(request, fault)
+        if fault is not None and fault.kind in INSTEAD:
+            return self._instead(request, fault)
         self._ratelimit_headers(request)
         if get and self.rate_limit is not None and self.rate_remaining <= 0:
             self._stats.bump("rate_limited")
@@ -710,13 +713,9 @@ class FakeHub:
                 f"?verify={expires}-{self._signature(blob.hex, expires)}")
 
     def _tags(self, request, repo: str):
-        fault = self._take_fault("tags", request.path.decode("latin-1"), ("status", "hang", "huge"))
-        if fault is not None and fault.kind == "status":
-            return self._status_fault(request, fault)
-        if fault is not None and fault.kind == "hang":
-            return Deferred()
-        if fault is not None and fault.kind == "huge":
-            return self._huge(request, fault)
+        fault = self._take_fault("tags", request.path.decode("latin-1"), INSTEAD)
+        if fault is not None:
+            return self._instead(request, fault)
         tags = sorted(self.repos[repo].tags)
         last = request.args.get(b"last", [b""])[0].decode()
         if last:
@@ -768,12 +767,8 @@ class FakeHub:
             return _error(request, 404, "NOT_FOUND", "not found")
         self._stats.bump("token_requests")
         fault = self._take_fault("token", request.path.decode("latin-1"))
-        if fault is not None and fault.kind == "status":
-            return self._status_fault(request, fault)
-        if fault is not None and fault.kind == "hang":
-            return Deferred()
-        if fault is not None and fault.kind == "huge":
-            return self._huge(request, fault)
+        if fault is not None and fault.kind in INSTEAD:
+            return self._instead(request, fault)
         answer = self._oauth(request) if request.method == b"POST" else self._token_get(request)
         if fault is None or fault.kind == "norange" or request.code != 200:
             return answer
@@ -851,12 +846,8 @@ class FakeHub:
             return self._cdn_error(request, 404, "NoSuchKey")
 
         fault = self._take_fault("blobs", request.path.decode("latin-1")) if get else None
-        if fault is not None and fault.kind == "status":
-            return self._status_fault(request, fault)
-        if fault is not None and fault.kind == "hang":
-            return Deferred()
-        if fault is not None and fault.kind == "huge":
-            return self._huge(request, fault)
+        if fault is not None and fault.kind in INSTEAD:
+            return self._instead(request, fault)
         size = blob.size
         start, end = 0, size - 1
         request.setHeader(b"accept-ranges", b"bytes")
