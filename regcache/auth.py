@@ -191,7 +191,7 @@ class TokenCache:
         if self._credentials:
             headers[b"Authorization"] = [self._credentials.basic()]
         response = await self._limits.answer(
-            self._http.get(url, headers=headers, unbuffered=True), who, f"fetching a token for {scope}"
+            lambda: self._http.get(url, headers=headers, unbuffered=True), who, f"fetching a token for {scope}"
         )
         if response.code != 200:
             await self._limits.discard(response, who)

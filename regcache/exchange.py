@@ -14,7 +14,7 @@ UpstreamError in words.  Blob bodies are streamed to disk instead, under
 inflight.py's idle timer.
 """
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.protocol import Protocol
@@ -119,14 +119,14 @@ class Limits:
         self.idle = idle
         self.deadline = deadline
 
-    async def answer(self, request: Deferred, who: str, during: str):
+    async def answer(self, send: Callable[[], Deferred], who: str, during: str):
         """
-        The response ``request`` (an HTTP client call) gets within the
-        header deadline; otherwise an UpstreamTimeout, or an UpstreamError
-        saying what went wrong.
+        The response ``send`` (an HTTP client call) gets within the header
+        deadline; otherwise an UpstreamTimeout, or an UpstreamError saying
+        what went wrong, even if the client refused the request at once.
         """
         try:
-            return await request.addTimeout(self.header, self.clock, onTimeoutCancel=_timed_out)
+            return await send().addTimeout(self.header, self.clock, onTimeoutCancel=_timed_out)
         except TimeoutError:
             raise UpstreamTimeout(f"{who} did not answer within {self.header:g} s (--header-timeout)") from None
         except Exception:

@@ -316,9 +316,9 @@ class Upstream:
 
     async def _send(self, method: str, url: str, headers: Headers, kind: str):
         started = self.clock.seconds()
-        d = self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
+        send = lambda: self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
         try:
-            response = await self.limits.answer(d, self._who(url), f"sending {method} {url.split('?')[0]}")
+            response = await self.limits.answer(send, self._who(url), f"sending {method} {url.split('?')[0]}")
         except UpstreamTimeout:
             self._count(method, kind, "timeout")
             raise

@@ -124,7 +124,7 @@ class AnswerTests(SynchronousTestCase):
         self.limits = Limits(self.clock, header=5, idle=5, deadline=30)
 
     def answer(self, request):
-        return Deferred.fromCoroutine(self.limits.answer(request, WHO, "sending GET /v2/"))
+        return Deferred.fromCoroutine(self.limits.answer(lambda: request, WHO, "sending GET /v2/"))
 
     def test_header_deadline(self):
         """
@@ -140,6 +140,15 @@ class AnswerTests(SynchronousTestCase):
         self.clock.advance(0.1)
         error = self.failureResultOf(d, UpstreamTimeout).value
         self.assertEqual(str(error), "upstream registry.example did not answer within 5 s (--header-timeout)")
+
+    def test_request_refused_at_once(self):
+        """An HTTP client that raises instead of returning a Deferred still gives an UpstreamError."""
+        def send():
+            raise ValueError("invalid URL")
+
+        d = Deferred.fromCoroutine(self.limits.answer(send, WHO, "sending GET /v2/"))
+        self.assertEqual(str(self.failureResultOf(d, UpstreamError).value),
+                         "the exchange with upstream registry.example failed unexpectedly")
 
     def test_transport_failures_in_words(self):
         """Each failure Twisted's Agent reports (shapes taken from real sockets) becomes a sentence."""
