@@ -6,11 +6,18 @@ Docker Hub hands out tokens good for 300 s.  Fetching one per request would
 double the upstream round trips (distribution's proxy does it for every tag
 request), so a token is reused until shortly before it expires, and one fetch
 is shared by every request that needs the same token at the same time.
+
+That shared fetch is what every pull of the repository waits on, so it is
+bounded like any upstream exchange (header timeout, then a capped body read
+under the idle timer and body deadline): a token server that stalls fails
+the fetch, stale copies stand in, and the next pull tries again.  Clients
+choose the repository names, so the tokens held are bounded too.
 """
 
 import base64
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 from urllib.parse import urlencode, urlsplit
@@ -80,32 +87,66 @@ class _Token:
 #: leaves with a token that expires on the way.
 MARGIN = 15.0
 
+#: Tokens held at most, least recently used dropped first: one per
+#: repository pulled within a token's lifetime, and clients pick the names.
+MAX_TOKENS = 1024
+
+#: Docker Hub's tokens are a few KiB; GCR's and ECR's not much more.
+MAX_TOKEN_BODY = 1024 * 1024
+
 
 class TokenCache:
     """
     Bearer tokens per (realm, service, scope, user), valid until shortly
-    before they expire.
+    before they expire, at most ``capacity`` of them.  The token server is
+    asked under the upstream's ``limits`` (exchange.py); ``who`` names the
+    registry in errors.
     """
 
     log = Logger()
 
-    def __init__(self, http, clock, credentials: Optional[Credentials], timeout: float):
+    def __init__(self, http, clock, credentials: Optional[Credentials], limits, who: str,
+                 capacity: int = MAX_TOKENS):
         self._http = http
         self._clock = clock
         self._credentials = credentials
-        self._timeout = timeout
-        self._tokens: Dict[Tuple, _Token] = {}
+        self._limits = limits
+        self._who = who
+        self._capacity = capacity
+        self._tokens: "OrderedDict[Tuple, _Token]" = OrderedDict()
         self._flights = SingleFlight()
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
     def _key(self, challenge: Challenge, scope: str) -> Tuple:
         user = self._credentials.username if self._credentials else None
         return (challenge.realm, challenge.params.get("service", ""), scope, user)
 
     def cached(self, challenge: Challenge, scope: str) -> Optional[str]:
-        token = self._tokens.get(self._key(challenge, scope))
-        if token is not None and token.expires > self._clock.seconds():
-            return token.value
-        return None
+        key = self._key(challenge, scope)
+        token = self._tokens.get(key)
+        if token is None:
+            return None
+        if token.expires <= self._clock.seconds():
+            del self._tokens[key]
+            return None
+        self._tokens.move_to_end(key)
+        return token.value
+
+    def _keep(self, key: Tuple, token: _Token) -> None:
+        """
+        Hold a new token, dropping every expired one and then the least
+        recently used past the limit.  Fetches are rare (one per scope per
+        token lifetime), so the sweep costs little.
+        """
+        now = self._clock.seconds()
+        for old in [k for k, t in self._tokens.items() if t.expires <= now]:
+            del self._tokens[old]
+        self._tokens[key] = token
+        self._tokens.move_to_end(key)
+        while len(self._tokens) > self._capacity:
+            self._tokens.popitem(last=False)
 
     def invalidate(self, challenge: Challenge, scope: str) -> None:
         self._tokens.pop(self._key(challenge, scope), None)
@@ -117,10 +158,12 @@ class TokenCache:
         """
         if challenge.scheme == "basic":
             if not self._credentials:
-                raise UpstreamError("upstream wants Basic credentials and none are configured", 401)
+                raise UpstreamError(f"{self._who} wants Basic credentials and none are configured", 401)
             return self._credentials.basic()
         if challenge.scheme != "bearer" or not challenge.realm:
-            raise UpstreamError(f"unsupported upstream challenge {challenge.scheme!r}", 401)
+            raise UpstreamError(
+                f"{self._who} asks for {challenge.scheme[:40]} authentication, which regcache does not support", 401
+            )
         value = self.cached(challenge, scope)
         if value is None:
             value = await self._shared_fetch(challenge, scope)
@@ -134,7 +177,10 @@ class TokenCache:
     async def _fetch(self, challenge: Challenge, scope: str) -> str:
         realm = urlsplit(challenge.realm)
         if realm.scheme not in ("http", "https") or not realm.hostname:
-            raise UpstreamError(f"bad token realm {challenge.realm!r}")
+            self.log.warn("{registry} named an unusable token realm {realm}",
+                          registry=self._who, realm=challenge.realm[:200])
+            raise UpstreamError(f"{self._who} named an unusable token realm")
+        who = f"token server {realm.netloc}"
         query = []
         if challenge.params.get("service"):
             query.append(("service", challenge.params["service"]))
@@ -144,31 +190,29 @@ class TokenCache:
         headers = {}
         if self._credentials:
             headers[b"Authorization"] = [self._credentials.basic()]
-        try:
-            response = await self._http.get(url, headers=headers).addTimeout(self._timeout, self._clock)
-            body = await response.content()
-        except UpstreamError:
-            raise
-        except Exception as e:
-            raise UpstreamError(f"token realm unreachable: {e.__class__.__name__}") from None
+        response = await self._limits.answer(
+            lambda: self._http.get(url, headers=headers, unbuffered=True), who, f"fetching a token for {scope}"
+        )
         if response.code != 200:
+            await self._limits.discard(response, who)
             # Wrong credentials are an operator's problem: say so loudly,
             # but let policy keep serving what the cache holds.
             self.log.error(
                 "Token realm {realm} answered {code} for scope {scope}",
                 realm=challenge.realm, code=response.code, scope=scope,
             )
-            raise UpstreamError(f"token realm answered {response.code}", response.code)
+            raise UpstreamError(f"{who} answered {response.code}", response.code)
+        body = await self._limits.read(response, MAX_TOKEN_BODY, who, "token")
         try:
             doc = json.loads(body)
             value = doc.get("token") or doc.get("access_token")
             expires_in = float(doc.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
-            raise UpstreamError("token realm sent no usable token") from None
+            raise UpstreamError(f"{who} sent no usable token") from None
         if not isinstance(value, str) or not value or not value.isprintable():
-            raise UpstreamError("token realm sent no usable token")
+            raise UpstreamError(f"{who} sent no usable token")
         # Expiry counts from when the token arrived here, not issued_at, so a
         # skewed upstream clock cannot make regcache reuse a dead token.
         lifetime = max(expires_in - MARGIN, expires_in / 2)
-        self._tokens[self._key(challenge, scope)] = _Token(value, self._clock.seconds() + lifetime)
+        self._keep(self._key(challenge, scope), _Token(value, self._clock.seconds() + lifetime))
         return value

@@ -4,10 +4,24 @@ spec's list and a JSON body every client can parse.
 
 Domain code raises RegistryError; the routes turn it into a response in one
 place, so no handler formats an error body of its own.
+
+What upstream did wrong reaches the client in words ("upstream
+registry-1.docker.io refused the connection"), because the person reading a
+failed ``docker pull`` needs what happened and where, not Twisted's
+exception reprs.  ``transport_error`` is the one place that turns a
+transport failure into those words; the exception itself goes to the log,
+once, there.
 """
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from OpenSSL.SSL import Error as TLSError
+from service_identity.exceptions import VerificationError
+from twisted.internet import error as neterror
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 #: The HTTP status each code is answered with.
 STATUS = {
@@ -75,6 +89,12 @@ class UpstreamError(Exception):
         return self.status == 429
 
 
+class UpstreamTimeout(UpstreamError):
+    """
+    The upstream accepted the request and did not answer in time.
+    """
+
+
 class UpstreamNotFound(Exception):
     """
     The upstream says the name, tag or digest does not exist (a 404, or
@@ -87,3 +107,61 @@ class IntegrityError(Exception):
     Bytes from upstream did not match their digest or announced length.
     """
 
+
+
+_log = Logger(namespace="regcache.upstream")
+
+#: How the connection ended when upstream (or the path to it) hung up.
+_CLOSED = (neterror.ConnectionLost, neterror.ConnectionDone, neterror.ConnectionClosed, ConnectionError)
+
+
+def _causes(value: BaseException) -> List[BaseException]:
+    """The exception and, for the HTTP client's wrappers, every reason inside."""
+    found = [value]
+    for reason in getattr(value, "reasons", None) or ():
+        found.extend(_causes(reason.value if isinstance(reason, Failure) else reason))
+    return found
+
+
+def in_words(who: str, value: BaseException) -> str:
+    """
+    What a transport failure means for a person, naming ``who`` failed
+    ("upstream registry-1.docker.io", "token server auth.docker.io").
+    """
+    causes = _causes(value)
+
+    def any_of(*types) -> bool:
+        return any(isinstance(c, types) for c in causes)
+
+    if any_of(neterror.ConnectionRefusedError):
+        return f"{who} refused the connection"
+    if any_of(neterror.DNSLookupError):
+        return f"DNS lookup of {who} failed"
+    if any_of(neterror.TimeoutError):
+        return f"{who} could not be reached within the connect timeout (--connect-timeout)"
+    unverified = any("certificate verify failed" in str(c) for c in causes if isinstance(c, TLSError))
+    if unverified or any_of(VerificationError):
+        return f"TLS certificate of {who} could not be verified"
+    if any_of(TLSError):
+        return f"TLS handshake with {who} failed"
+    if isinstance(value, ResponseNeverReceived) and any_of(*_CLOSED):
+        return f"{who} closed the connection before answering"
+    if isinstance(value, ResponseFailed) and not any_of(*_CLOSED):
+        return f"{who} sent a malformed HTTP response"
+    if any_of(*_CLOSED):
+        return f"{who} closed the connection mid-response"
+    if any_of(neterror.ConnectError):
+        return f"{who} could not be reached"
+    return f"the exchange with {who} failed unexpectedly"
+
+
+def transport_error(who: str, reason, during: str) -> UpstreamError:
+    """
+    An UpstreamError in words for a transport failure (a Failure or an
+    exception) ``during`` some step, with the exception logged here.
+    """
+    value = reason.value if isinstance(reason, Failure) else reason
+    message = in_words(who, value)
+    detail = "; ".join(f"{type(c).__name__}: {c}" for c in _causes(value) if not getattr(c, "reasons", None))
+    _log.warn("{message} while {during} ({detail})", message=message, during=during, detail=detail or repr(value))
+    return UpstreamError(message)

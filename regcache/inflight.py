@@ -22,7 +22,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 
-from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
+from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound, transport_error
 from regcache.reference import Digest
 from regcache.headers import header
 
@@ -111,7 +111,9 @@ class _FillProtocol(Protocol):
 
     def _stalled(self) -> None:
         self._timer = None
-        self._error = UpstreamError(f"upstream blob body stalled for {self._idle:g}s")
+        self._error = UpstreamError(
+            f"upstream {self.fill.upstream.key} stopped sending the blob for {self._idle:g} s (--idle-timeout)"
+        )
         self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
@@ -155,7 +157,7 @@ class _FillProtocol(Protocol):
         elif reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
-            self.done.errback(UpstreamError(f"upstream blob body broke off: {reason.value!r}"))
+            self.done.errback(transport_error(f"upstream {self.fill.upstream.key}", reason, "reading a blob"))
 
 
 class Fill:
@@ -251,10 +253,12 @@ class Fill:
                     raise IntegrityError(
                         f"blob from upstream does not match {self.digest} ({self.written} bytes)"
                     )
-            except BaseException as e:
+            except Exception as e:
                 # Every reader hears of the failure, even one that failed
                 # before a byte was written (say, a full disk refusing the
-                # temp file).
+                # temp file).  Not GeneratorExit: a fill whose coroutine is
+                # being closed (collected with everything that waited on it)
+                # only cleans up.
                 self.failure = e
                 self._fire_started()
                 self._notify()
@@ -309,7 +313,7 @@ class Fill:
                 return
             stalled = 0 if self.written > before else stalled + 1
             if stalled >= self.MAX_STALLED_RESUMES:
-                raise UpstreamError(f"upstream keeps ending {self.digest} early")
+                raise UpstreamError(f"upstream {self.upstream.key} keeps ending the blob {self.digest} early")
 
     def _extent(self, response):
         """
@@ -323,9 +327,13 @@ class Fill:
                 span, _, total = rest.partition("/")
                 start = int(span.split("-")[0])
             except ValueError:
-                raise UpstreamError(f"upstream sent a bad Content-Range {value[:80]!r}", 502)
+                raise UpstreamError(
+                    f"upstream {self.upstream.key} sent a malformed Content-Range: {value[:80]}", 502
+                )
             if unit != "bytes" or start != self.written:
-                raise UpstreamError(f"upstream resumed at the wrong place: {value[:80]!r}", 502)
+                raise UpstreamError(
+                    f"upstream {self.upstream.key} resumed the blob at the wrong place: {value[:80]}", 502
+                )
             if total.isdigit():
                 return int(total), 0
             length = _length(response)

@@ -68,14 +68,13 @@ class Policy:
     def failure(self, error: UpstreamError, what: str) -> RegistryError:
         """
         The client's error when upstream failed and nothing cached can
-        stand in.
+        stand in: what was asked for, then what upstream did, in the
+        UpstreamError's own words (which name the upstream).
         """
         if error.rate_limited:
             wait = int(error.retry_after) if error.retry_after else 60
             return RegistryError(
-                "TOOMANYREQUESTS", f"upstream is rate limiting and {what} is not cached",
+                "TOOMANYREQUESTS", f"{what} is not cached and {error}",
                 headers={"Retry-After": str(max(wait, 1))},
             )
-        return RegistryError(
-            "UNAVAILABLE", f"upstream unavailable and {what} is not cached: {error}", status=503
-        )
+        return RegistryError("UNAVAILABLE", f"{what} is not cached and {error}", status=503)

@@ -8,24 +8,25 @@ bearer challenges, 401 insufficient_scope for a missing repo, 307s of blobs to
 a CDN host that must not see our Authorization, and 429s with rate-limit
 headers.
 
-Bodies are never buffered whole except manifests and tag lists, which are
-small and bounded; a blob response is handed back unread for the caller to
-stream.
+Bodies are never buffered whole except tokens, manifests, tag lists and
+error pages, which are small and read under a cap and deadlines
+(exchange.py); a blob response is handed back unread for the caller to
+stream.  Every failure is raised as an UpstreamError whose message names
+this upstream (or its token server or blob host) in words.
 """
 
 import random
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
-from regcache.errors import UpstreamError, UpstreamNotFound
+from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
+from regcache.exchange import Limits
 from regcache.reference import Digest
 from regcache.headers import content_length, header, media_type_of, retry_after
 from regcache.store import MAX_MANIFEST, Manifest
@@ -41,6 +42,9 @@ DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "reg
 
 REDIRECTS = (301, 302, 303, 307, 308)
 
+#: Docker Hub's tag lists run to a few hundred KiB for the busiest images.
+MAX_TAG_LIST = 16 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -51,6 +55,10 @@ class Timeouts:
 
     header: float = 5.0
     idle: float = 15.0
+    #: A token, manifest, tag list or error page arrives whole within this,
+    #: however it trickles: the idle timer alone never ends a body that
+    #: sends a byte every few seconds.
+    body: float = 30.0
     #: Attempts for an idempotent request that may be retried.
     attempts: int = 3
     #: No retry starts later than this after the first attempt.
@@ -62,55 +70,6 @@ class ManifestInfo:
     digest: Digest
     media_type: str
     size: Optional[int]
-
-
-class _Collect(Protocol):
-    """
-    Collect a small body, refusing one larger than ``limit``, and giving up
-    on a body that stalls for ``idle`` seconds.
-    """
-
-    def __init__(self, limit: int, clock, idle: float):
-        self.limit = limit
-        self.chunks: List[bytes] = []
-        self.size = 0
-        self.done: Deferred = Deferred()
-        self._clock = clock
-        self._idle = idle
-        self._timer = None
-        self.too_large = False
-
-    def connectionMade(self) -> None:
-        self._timer = self._clock.callLater(self._idle, self._stalled)
-
-    def _stalled(self) -> None:
-        self._timer = None
-        self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.too_large:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.too_large = True
-            self.chunks = []
-            self.transport.stopProducing()
-            return
-        self.chunks.append(data)
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle)
-
-    def connectionLost(self, reason) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        from twisted.web.client import ResponseDone
-
-        if self.too_large:
-            self.done.errback(UpstreamError(f"upstream body larger than {self.limit} bytes", 502))
-        elif reason.check(ResponseDone):
-            self.done.callback(b"".join(self.chunks))
-        else:
-            self.done.errback(UpstreamError(f"upstream body broke off: {reason.value!r}"))
 
 
 class Upstream:
@@ -144,7 +103,10 @@ class Upstream:
         self.metrics = metrics
         self.timeouts = timeouts
         self.credentials = credentials
-        self.tokens = TokenCache(http, clock, credentials, timeouts.header)
+        #: Who the client's error names when this upstream fails.
+        self.who = f"upstream {self.host}"
+        self.limits = Limits(clock, timeouts.header, timeouts.idle, timeouts.body)
+        self.tokens = TokenCache(http, clock, credentials, self.limits, self.who)
         self._challenge: Optional[Challenge] = None
         self._jitter = jitter
         self._cooldown_until = 0.0
@@ -180,11 +142,7 @@ class Upstream:
         media_type = media_type_of(response.headers)
         if not digest or not media_type:
             return None
-        try:
-            parsed = Digest.parse(digest)
-        except Exception:
-            raise UpstreamError(f"upstream sent a bad Docker-Content-Digest: {digest[:100]!r}", 502)
-        return ManifestInfo(parsed, media_type, content_length(response.headers))
+        return ManifestInfo(self._announced(digest), media_type, content_length(response.headers))
 
     async def get_manifest(
         self, name: str, reference: str, accept, expect: Optional[Digest] = None, retry: bool = False
@@ -199,16 +157,13 @@ class Upstream:
         if response.code != 200:
             await self._drain(response)
             self._expect(response, (200,), "manifest")
-        body = await self._collect(response, MAX_MANIFEST)
+        body = await self.limits.read(response, MAX_MANIFEST, self.who, "manifest")
         announced = header(response.headers, b"docker-content-digest")
         if expect is None and announced:
-            try:
-                expect = Digest.parse(announced)
-            except Exception:
-                raise UpstreamError(f"upstream sent a bad Docker-Content-Digest: {announced[:100]!r}", 502)
+            expect = self._announced(announced)
         digest = Digest.of(body, expect.algorithm if expect else "sha256")
         if expect is not None and digest != expect:
-            raise UpstreamError(f"manifest from upstream does not match {expect}", 502)
+            raise UpstreamError(f"the manifest {self.who} sent does not match {expect}", 502)
         media_type = media_type_of(response.headers) or _sniff_media_type(body)
         return Manifest(body, media_type, digest)
 
@@ -244,10 +199,10 @@ class Upstream:
             await self._drain(response)
             hops += 1
             if not location or hops > 5:
-                raise UpstreamError("upstream blob redirect without a usable Location", 502)
+                raise UpstreamError(f"{self.who} redirected the blob without a usable Location", 502)
             target = urljoin(url, location)
             if urlsplit(target).scheme not in ("http", "https"):
-                raise UpstreamError("upstream redirected to a non-HTTP URL", 502)
+                raise UpstreamError(f"{self.who} redirected the blob to a non-HTTP URL", 502)
             if _origin(target) != _origin(url):
                 authorization = None
             url = target
@@ -257,7 +212,7 @@ class Upstream:
             response = await self._send(method, url, headers, "blob-redirect")
             if response.code >= 500 or response.code == 429:
                 await self._drain(response)
-                raise UpstreamError(f"blob host answered {response.code}", response.code)
+                raise UpstreamError(f"{self._who(url)} answered {response.code}", response.code)
         if response.code not in (200, 206):
             await self._drain(response)
             self._expect(response, (200, 206), "blob")
@@ -272,7 +227,7 @@ class Upstream:
         if response.code == 404:
             await self._drain(response)
             raise UpstreamNotFound(name)
-        body = await self._collect(response, 16 * 1024 * 1024)
+        body = await self.limits.read(response, MAX_TAG_LIST, self.who, "tag list")
         return response.code, response.headers, body
 
     # Plumbing
@@ -282,7 +237,15 @@ class Upstream:
             return
         if response.code == 404:
             raise UpstreamNotFound(kind)
-        raise UpstreamError(f"upstream answered {response.code} for a {kind}", response.code)
+        raise UpstreamError(f"{self.who} answered {response.code} for a {kind}", response.code)
+
+    def _announced(self, digest: str) -> Digest:
+        try:
+            return Digest.parse(digest)
+        except Exception:
+            self.log.warn("Upstream {upstream} sent a bad Docker-Content-Digest {digest}",
+                          upstream=self.url, digest=digest[:100])
+            raise UpstreamError(f"{self.who} sent a malformed Docker-Content-Digest", 502) from None
 
     async def _request(self, method: str, path: str, kind: str, name: str, extra, retry: bool = False):
         """
@@ -335,7 +298,7 @@ class Upstream:
             challenge = parse_challenge(header(response.headers, b"www-authenticate"))
             await self._drain(response)
             if challenge is None:
-                raise UpstreamError("upstream answered 401 without a challenge", 401)
+                raise UpstreamError(f"{self.who} answered 401 without a challenge", 401)
             if authorization is not None and challenge.error == "insufficient_scope":
                 # Docker Hub's answer for a repo that is missing or private.
                 raise UpstreamNotFound(name)
@@ -351,29 +314,29 @@ class Upstream:
                 if again is not None and again.error == "insufficient_scope":
                     raise UpstreamNotFound(name)
                 self.log.error("Upstream {upstream} refused regcache's credentials", upstream=self.url)
-                raise UpstreamError("upstream refused our credentials", 401)
+                raise UpstreamError(f"{self.who} refused regcache's credentials", 401)
         if response.code == 429:
             await self._drain(response)
             wait = self._start_cooldown(retry_after(response.headers))
-            raise UpstreamError("upstream rate limit (429)", 429, retry_after=wait)
+            raise UpstreamError(f"{self.who} is rate limiting (429)", 429, retry_after=wait)
         if kind == "manifest" and response.code < 400:
             self._cooldown = 0.0
         if response.code >= 500:
             await self._drain(response)
-            raise UpstreamError(f"upstream answered {response.code}", response.code)
+            raise UpstreamError(f"{self.who} answered {response.code}", response.code)
         return response, authorization
 
     async def _send(self, method: str, url: str, headers: Headers, kind: str):
         started = self.clock.seconds()
+        send = lambda: self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
         try:
-            d = self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
-            response = await d.addTimeout(self.timeouts.header, self.clock)
-        except (TimeoutError, CancelledError):
+            response = await self.limits.answer(send, self._who(url), f"sending {method} {url.split('?')[0]}")
+        except UpstreamTimeout:
             self._count(method, kind, "timeout")
-            raise UpstreamError(f"{method} {kind}: no answer within {self.timeouts.header:g}s") from None
-        except Exception as e:
+            raise
+        except UpstreamError:
             self._count(method, kind, "error")
-            raise UpstreamError(f"{method} {kind}: {e.__class__.__name__}: {e}") from None
+            raise
         self._count(method, kind, str(response.code))
         self.metrics.observe_ratelimit(self.key, response.headers, self.clock.seconds())
         self.log.info(
@@ -388,16 +351,13 @@ class Upstream:
         if method == "GET" and kind == "manifest":
             self.metrics.upstream_pulls.labels(self.key).inc()
 
-    async def _collect(self, response, limit: int) -> bytes:
-        reader = _Collect(limit, self.clock, self.timeouts.idle)
-        response.deliverBody(reader)
-        return await reader.done
+    def _who(self, url: str) -> str:
+        """The registry itself, or the host it redirected a blob to."""
+        netloc = urlsplit(url).netloc
+        return self.who if netloc == self.host else f"blob host {netloc}"
 
     async def _drain(self, response) -> None:
-        try:
-            await self._collect(response, 1024 * 1024)
-        except UpstreamError:
-            pass
+        await self.limits.discard(response, self.who)
 
     # Rate-limit cool-down
 
@@ -416,7 +376,8 @@ class Upstream:
     def _check_cooldown(self) -> None:
         left = self._cooldown_until - self.clock.seconds()
         if left > 0:
-            raise UpstreamError("upstream rate limit (cooling down)", 429, retry_after=left)
+            raise UpstreamError(f"{self.who} is rate limiting (pausing requests for {left:.0f} s)", 429,
+                                retry_after=left)
 
 
 def _accept(types) -> dict:

@@ -488,6 +488,42 @@ class FaultTests(HubTestCase):
         self.assertEqual(self.successResultOf(d), self.layer.path.read_bytes())
         self.assertGreaterEqual(ticks, self.layer.size // (16 * 1024))
 
+    def test_huge(self):
+        """'huge' streams filler without a Content-Length, one chunk per interval, until ``size``."""
+        self.hub.fault("huge", scope="manifests", size=40 * 1024, chunk=16 * 1024, interval=1)
+        response = self.get("/v2/library/small/manifests/1", token=self.token_)
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(response.headers.getRawHeaders("content-length"))
+        d = self.treq.content(response)
+        self.treq.flush()
+        self.assertNoResult(d)
+        for _ in range(3):
+            self.clock.advance(1)
+            self.treq.flush()
+        self.assertEqual(len(self.successResultOf(d)), 40 * 1024)
+
+    def test_huge_error_page(self):
+        """'huge' with a status is an error page of that size."""
+        self.hub.fault("huge", scope="blobs", status=502, size=1000)
+        response = self.request("GET", self.location)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(len(self.body(response)), 1000)
+
+    def test_token_body_faults(self):
+        """The realm takes body kinds too: 'stall' sends the headers and part of the token, then nothing."""
+        self.hub.fault("stall", scope="token", after=5)
+        d = self.treq.get(self.hub.auth_url + "/token", params={"scope": "repository:library/small:pull"})
+        self.treq.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        body = self.treq.content(response)
+        self.treq.flush()
+        self.clock.advance(600)
+        self.treq.flush()
+        self.assertNoResult(body)
+        self.hub.clear_faults()
+        self.assertTrue(self.token("library/small"))
+
     def test_norange(self):
         """'norange' answers a Range request with 200 and the whole blob."""
         self.hub.fault("norange", scope="blobs")

@@ -179,19 +179,25 @@ class CountedPullTests(SynchronousTestCase):
         self.assertIn(b"regcache_upstream_ratelimit_remaining", self.rig.metrics.render())
 
 
-class StaleIfErrorTests(SynchronousTestCase):
+class CachedTag:
+    """A mix-in for tests of a tag that was pulled once, and is then due for revalidation."""
+
     path = "/v2/library/small/manifests/1"
 
-    def rig(self, **kw):
+    def rig(self, later=61, **kw):
+        """A rig with the tag cached, ``later`` seconds after its pull (past the 60 s window)."""
         rig = HubRig(tag_ttl=60, **kw)
         self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
-        rig.reactor.advance(61)
+        rig.reactor.advance(later)
         return rig
 
     def assertStale(self, rig, c):
         self.assertEqual(c.status(), 200)
         self.assertEqual(c.header("Warning"), STALE_WARNING)
         self.assertEqual(c.header("Docker-Content-Digest"), rig.images["library/small:1"].digest)
+
+
+class StaleIfErrorTests(CachedTag, SynchronousTestCase):
 
     def test_429_serves_the_cached_tag(self):
         """A rate-limited revalidation serves the last known digest, with a Warning header."""
@@ -473,3 +479,169 @@ class DNSFailureTests(SynchronousTestCase):
         c = rig.get(path, headers={"Accept": ALL})
         self.assertEqual(c.status(), 200)
         self.assertEqual(c.header("Warning"), STALE_WARNING)
+
+
+class BoundedBodyTests(CachedTag, SynchronousTestCase):
+    """
+    Every body regcache reads whole from upstream (token, manifest, tag
+    list, error page) ends within the idle timeout of a stall, within the
+    body deadline however slowly it trickles, and at the size cap however
+    much is sent.  HubRig's timeouts: header 5 s, idle 5 s, body 30 s.
+    """
+
+    def cached_rig(self):
+        """A rig whose tag is cached and whose token has expired."""
+        return self.rig(later=400)
+
+    def test_stalled_token_body_serves_the_cache_then_recovers(self):
+        """
+        A token realm that sends its headers and then stalls costs the idle
+        timeout: the cached tag is served stale, an uncached one fails, and
+        once the realm recovers the next pull fetches a token and is fresh.
+        """
+        rig = self.cached_rig()
+        rig.hub.fault("stall", scope="token")
+        stale = rig.client(self.path, headers={"Accept": ALL})
+        uncached = rig.client("/v2/library/multi/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(12)
+        self.assertStale(rig, stale)
+        self.assertEqual(uncached.status(), 503)
+        rig.hub.clear_faults()
+        rig.reactor.advance(61)
+        fresh = rig.get(self.path, headers={"Accept": ALL})
+        self.assertEqual(fresh.status(), 200)
+        self.assertIsNone(fresh.header("Warning"))
+        self.assertEqual(rig.get("/v2/library/multi/manifests/1", headers={"Accept": ALL}).status(), 200)
+
+    def test_trickling_token_body_is_cut_at_the_deadline(self):
+        """A token body sent a byte every 4 s (never idle for 5 s) is given up at the 30 s body deadline."""
+        rig = self.cached_rig()
+        rig.hub.fault("drip", scope="token", chunk=1, interval=4)
+        c = rig.client(self.path, headers={"Accept": ALL})
+        rig.pass_time(32)
+        self.assertStale(rig, c)
+
+    def test_huge_token_body_is_refused_at_the_cap(self):
+        """A token realm streaming 300 MiB is cut off at the token cap; the cached tag is served."""
+        rig = self.cached_rig()
+        rig.hub.fault("huge", scope="token", chunk=256 * 1024, interval=0.5)
+        c = rig.client(self.path, headers={"Accept": ALL})
+        rig.pass_time(5)
+        self.assertStale(rig, c)
+
+    def failed_digest_pull(self, seconds, kind, **fault):
+        """The error message of an uncached manifest pull, ``seconds`` into an upstream fault."""
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        rig.hub.fault(kind, scope="manifests", **fault)
+        c = rig.client(f"/v2/library/small/manifests/{digest}")
+        rig.pass_time(seconds)
+        self.assertEqual(c.status(), 503)
+        return json.loads(c.body())["errors"][0]["message"]
+
+    def test_stalled_manifest_body_fails_within_the_idle_timeout(self):
+        """A manifest body that stops half-way fails the uncached pull with a clear error, retries included."""
+        self.assertIn("stopped sending the manifest", self.failed_digest_pull(12, "stall"))
+
+    def test_trickling_manifest_body_is_cut_at_the_deadline(self):
+        """A manifest body sent a byte every 4 s fails at the body deadline instead of taking for ever."""
+        message = self.failed_digest_pull(32, "drip", chunk=1, interval=4)
+        self.assertIn("took more than 30 s to send the manifest", message)
+
+    def test_huge_manifest_is_refused_at_the_cap(self):
+        """A manifest body past the manifest cap is refused once the cap is read."""
+        message = self.failed_digest_pull(12, "huge", chunk=1024 * 1024, interval=0.5)
+        self.assertIn("larger than", message)
+
+    def test_endless_error_page_is_not_waited_for(self):
+        """An upstream 503 whose error page trickles without end fails the pull by the body deadline."""
+        self.assertIn("answered 503", self.failed_digest_pull(32, "huge", status=503, chunk=1024, interval=1))
+
+    def test_huge_tag_list_is_refused_at_the_cap(self):
+        """A tag list body past its cap is refused rather than buffered."""
+        rig = HubRig()
+        rig.hub.fault("huge", scope="tags", chunk=4 * 1024 * 1024, interval=0.5)
+        c = rig.client("/v2/library/small/tags/list")
+        rig.pass_time(12)
+        self.assertEqual(c.status(), 503)
+        self.assertIn("larger than", json.loads(c.body())["errors"][0]["message"])
+
+
+def assert_in_words(case, client, host, *words):
+    """The client's OCI error says what happened at ``host`` in words, with no exception repr in it."""
+    message = json.loads(client.body())["errors"][0]["message"]
+    for repr_mark in ("<", "Failure", "Error:", "Error(", "Exception"):
+        case.assertNotIn(repr_mark, message)
+    case.assertIn(host, message)
+    for w in words:
+        case.assertIn(w, message)
+    return message
+
+
+class ErrorWordsTests(SynchronousTestCase):
+    """Each way upstream can fail reaches the client as a sentence naming the host."""
+
+    digest_path = "/v2/library/small/manifests/sha256:" + "0" * 64
+
+    def test_header_timeout(self):
+        """A hanging upstream: 'did not answer within 5 s (--header-timeout)'."""
+        rig = HubRig()
+        rig.hub.fault("hang", scope="manifests")
+        c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(20)
+        self.assertEqual(c.status(), 503)
+        assert_in_words(self, c, "upstream registry.fake", "did not answer within 5 s (--header-timeout)")
+
+    def test_server_error(self):
+        """An upstream 500: the status, the host, and what was not cached."""
+        rig = HubRig()
+        rig.hub.fault("status", scope="manifests", status=500)
+        c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(5)
+        assert_in_words(self, c, "upstream registry.fake", "answered 500", "library/small:1 is not cached")
+
+    def test_rate_limit(self):
+        """A 429 with nothing cached: TOOMANYREQUESTS saying who is rate limiting."""
+        rig = HubRig()
+        rig.hub.fault("status", scope="manifests", status=429)
+        c = rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 429)
+        assert_in_words(self, c, "upstream registry.fake", "rate limiting")
+
+    def test_connection_cut_mid_response(self):
+        """An upstream that cuts the connection mid-manifest: 'closed the connection mid-response'."""
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        rig.hub.fault("reset", scope="manifests")
+        c = rig.client(f"/v2/library/small/manifests/{digest}")
+        rig.pass_time(12)
+        assert_in_words(self, c, "upstream registry.fake", "closed the connection mid-response")
+
+    def test_token_server_refusing_credentials(self):
+        """A realm refusing the account's credentials is named as the token server."""
+        rig = HubRig(credentials=Credentials("ci", "wrong"))
+        c = rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        self.assertEqual(c.status(), 503)
+        assert_in_words(self, c, "token server auth.fake", "answered 401")
+
+    def test_token_server_stalling(self):
+        """A realm that stalls mid-token: 'stopped sending the token'."""
+        rig = HubRig()
+        rig.hub.fault("stall", scope="token")
+        c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        rig.pass_time(20)
+        assert_in_words(self, c, "token server auth.fake", "stopped sending the token for 5 s (--idle-timeout)")
+
+    def test_refused_and_unresolvable(self):
+        """Connection refused and a failed DNS lookup, as Twisted's Agent reports them, in words."""
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+
+        for exc, words in ((ConnectionRefusedError("Connection refused"), "refused the connection"),
+                           (DNSLookupError("no results for hostname lookup: registry.fake"), "DNS lookup of")):
+            rig = HubRig()
+            rig.upstream.http = type("Failing", (), {"request": lambda self, *a, exc=exc, **k: fail(exc)})()
+            c = rig.client("/v2/library/small/manifests/1", headers={"Accept": ALL})
+            rig.pass_time(12)
+            self.assertEqual(c.status(), 503)
+            assert_in_words(self, c, "upstream registry.fake", words)

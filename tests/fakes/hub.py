@@ -45,12 +45,16 @@ that try https first fall back to http without a 10 s handshake timeout.
 
 **Faults** (``FakeHub.fault`` or ``POST /_fake/fault``), each with a ``scope``
 of ``manifests`` (registry manifest GET/HEAD), ``blobs`` (CDN GETs), ``token``
-(the realm) or ``all`` (manifests and blobs), an optional ``path`` substring the
+(the realm), ``tags`` (tag list GETs) or ``all`` (manifests and blobs), an optional ``path`` substring the
 request path must contain, and ``times`` (how many requests it hits; default
-until cleared).  Kinds:
+until cleared).  The token realm takes every kind; a body kind there shapes
+the token's JSON answer.  Kinds:
 
 - ``status``: answer ``status`` (default 503; a 429 gets the TOOMANYREQUESTS
   body and ``retry_after`` as ``Retry-After`` if given).
+- ``huge``: answer ``status`` (default 200) with ``size`` bytes of filler
+  (default 300 MiB) instead of the real body, chunked (no Content-Length)
+  and paced like ``drip``: the body a mirror must refuse to buffer.
 - ``hang``: accept the request and never answer.
 - ``reset``: send headers and ``after`` body bytes (default half), then abort
   the TCP connection (RST on a real socket).
@@ -124,8 +128,10 @@ from tests.fakes.images import DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, Blob, Image
 
 SERVICE = "registry.docker.io"
 CDN_PREFIX = "/registry-v2/docker/registry/v2/blobs/sha256/"
-SCOPES = ("manifests", "blobs", "token", "all")
-KINDS = ("status", "hang", "reset", "stall", "short", "wrong", "drip", "norange")
+SCOPES = ("manifests", "blobs", "token", "tags", "all")
+KINDS = ("status", "hang", "reset", "stall", "short", "wrong", "drip", "norange", "huge")
+#: The kinds that answer in place of the real response, rather than shaping its body.
+INSTEAD = ("status", "hang", "huge")
 CHUNK = 64 * 1024
 RATE_WINDOW = 21600
 RATE_LIMITED_MESSAGE = (
@@ -139,13 +145,15 @@ _INVERT = bytes(255 - i for i in range(256))
 class Fault:
     kind: str
     scope: str = "all"
-    status: int = 503
+    #: None: the kind's own default (503 for ``status``, 200 for ``huge``).
+    status: Optional[int] = None
     times: Optional[int] = None
     after: Optional[int] = None
     retry_after: Optional[int] = None
     path: Optional[str] = None
     chunk: int = 16 * 1024
     interval: float = 0.05
+    size: int = 300 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -249,7 +257,8 @@ class _Sender:
         self.limit = length
         if self.kind in ("reset", "stall", "short"):
             self.limit = min(length, fault.after if fault.after is not None else length // 2)
-        self.chunk = fault.chunk if self.kind == "drip" else CHUNK
+        self.paced = self.kind in ("drip", "huge")
+        self.chunk = fault.chunk if self.paced else CHUNK
         self.sent = 0
         self.paused = False
         self.finished = False
@@ -263,7 +272,7 @@ class _Sender:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        if self.kind == "drip":
+        if self.paced:
             if self.timer is None and not self.finished:
                 self._drip()
             return
@@ -336,6 +345,21 @@ class _BytesFile:
         out = self.data[self.pos:self.pos + n]
         self.pos += len(out)
         return out
+
+    def close(self) -> None:
+        pass
+
+
+class _Filler:
+    """``size`` bytes of JSON-ish filler as a minimal file for _Sender, made as read."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.left)
+        self.left -= n
+        return b" " * n
 
     def close(self) -> None:
         pass
@@ -576,15 +600,27 @@ class FakeHub:
             request.setHeader(b"docker-ratelimit-source", b"127.0.0.1")
 
     def _status_fault(self, request, fault: Fault) -> bytes:
-        if fault.status == 429:
+        status = fault.status or 503
+        if status == 429:
             if fault.retry_after is not None:
                 request.setHeader(b"retry-after", str(fault.retry_after).encode())
             return _error(request, 429, "TOOMANYREQUESTS", RATE_LIMITED_MESSAGE)
-        body = f"<html><body><h1>{fault.status} fake fault</h1></body></html>\n".encode()
-        request.setResponseCode(fault.status)
+        body = f"<html><body><h1>{status} fake fault</h1></body></html>\n".encode()
+        request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/html")
         request.setHeader(b"content-length", str(len(body)).encode())
         return body
+
+    def _instead(self, request, fault: Fault):
+        """The answer to a request that a fault of a kind in INSTEAD takes over."""
+        if fault.kind == "status":
+            return self._status_fault(request, fault)
+        if fault.kind == "hang":
+            return Deferred()
+        # huge: filler, chunked, however the client copes.
+        request.setResponseCode(fault.status or 200)
+        request.setHeader(b"content-type", b"application/json")
+        return _Sender(request, _Filler(fault.size), fault.size, fault, self.clock, lambda n: None).start()
 
     def _manifest(self, request, repo: str, ref: str):
         get = request.method == b"GET"
@@ -599,10 +635,8 @@ class FakeHub:
         # A HEAD has no body to spoil, so it must not use up a body fault.
         kinds = KINDS if get else ("status", "hang")
         fault = self._take_fault("manifests", request.path.decode("latin-1"), kinds)
-        if fault is not None and fault.kind == "status":
-            return self._status_fault(request, fault)
-        if fault is not None and fault.kind == "hang":
-            return Deferred()
+        if fault is not None and fault.kind in INSTEAD:
+            return self._instead(request, fault)
         self._ratelimit_headers(request)
         if get and self.rate_limit is not None and self.rate_remaining <= 0:
             self._stats.bump("rate_limited")
@@ -678,7 +712,10 @@ class FakeHub:
         return (f"{self.cdn_url}{CDN_PREFIX}{blob.hex[:2]}/{blob.hex}/data"
                 f"?verify={expires}-{self._signature(blob.hex, expires)}")
 
-    def _tags(self, request, repo: str) -> bytes:
+    def _tags(self, request, repo: str):
+        fault = self._take_fault("tags", request.path.decode("latin-1"), INSTEAD)
+        if fault is not None:
+            return self._instead(request, fault)
         tags = sorted(self.repos[repo].tags)
         last = request.args.get(b"last", [b""])[0].decode()
         if last:
@@ -729,11 +766,16 @@ class FakeHub:
         if role != "auth":
             return _error(request, 404, "NOT_FOUND", "not found")
         self._stats.bump("token_requests")
-        fault = self._take_fault("token", request.path.decode("latin-1"), ("status", "hang"))
-        if fault is not None:
-            return self._status_fault(request, fault) if fault.kind == "status" else Deferred()
-        if request.method == b"POST":
-            return self._oauth(request)
+        fault = self._take_fault("token", request.path.decode("latin-1"))
+        if fault is not None and fault.kind in INSTEAD:
+            return self._instead(request, fault)
+        answer = self._oauth(request) if request.method == b"POST" else self._token_get(request)
+        if fault is None or fault.kind == "norange" or request.code != 200:
+            return answer
+        return _Sender(request, _BytesFile(answer), len(answer), fault, self.clock, lambda n: None).start()
+
+    def _token_get(self, request) -> bytes:
+        """The anonymous or Basic-authenticated GET Docker Hub's realm answers."""
         user = None
         auth = request.getHeader(b"authorization") or b""
         if auth.lower().startswith(b"basic "):
@@ -804,10 +846,8 @@ class FakeHub:
             return self._cdn_error(request, 404, "NoSuchKey")
 
         fault = self._take_fault("blobs", request.path.decode("latin-1")) if get else None
-        if fault is not None and fault.kind == "status":
-            return self._status_fault(request, fault)
-        if fault is not None and fault.kind == "hang":
-            return Deferred()
+        if fault is not None and fault.kind in INSTEAD:
+            return self._instead(request, fault)
         size = blob.size
         start, end = 0, size - 1
         request.setHeader(b"accept-ranges", b"bytes")
