@@ -127,13 +127,17 @@ class BlobWriter:
     def commit(self) -> Deferred:
         """
         fsync and rename into place, in a thread, once any eviction of the
-        same digest has deleted the old file.  The descriptor stays open
+        same digest has deleted the old file.  The digest is pinned until
+        the new file is indexed: an eviction chosen meanwhile from the old
+        file's entry would delete the new file.  The descriptor stays open
         (readers may still be taking dups of it) until ``close``.
         """
         store = self.store
+        release = store.pin(self.digest)
         d = store._after_delete(self.digest)
         d.addCallback(lambda _: store._run(store._commit_file, self.fd, self.path, store.blob_path(self.digest)))
         d.addCallbacks(self._landed, store._write_failed)
+        d.addBoth(lambda result: (release(), result)[1])
         return d
 
     def room(self) -> Optional[Deferred]:
@@ -226,8 +230,9 @@ class Store:
         (fd, size) of a complete blob, or None.  The caller owns the fd.
 
         A file whose size is not the one recorded for it (at commit, or the
-        size a cached manifest declares) is treated as missing: it gets
-        fetched again, and the new file replaces it.
+        size a cached manifest declares) is treated as missing: it leaves
+        the index and the disk, so no later eviction of its entry can take
+        the new copy that is fetched in its place.
         """
         if digest in self._deleting:
             return None
@@ -244,6 +249,7 @@ class Store:
                 "Cached {digest} has {actual} bytes, not {expected}: fetching it again",
                 digest=str(digest), actual=size, expected=entry.size,
             )
+            self._discard(digest, entry)
             return None
         self._used(digest)
         return fd, size
@@ -308,12 +314,15 @@ class Store:
         """
         Store a manifest whose bytes were already checked against its digest.
         Never fails: a manifest the disk cannot take (ENOSPC, EIO) is logged
-        and answered from memory all the same.
+        and answered from memory all the same.  Pinned while it is written,
+        as a blob is while committed (the bytes may be indexed already).
         """
         self._remember(manifest)
+        release = self.pin(manifest.digest)
         d = self._after_delete(manifest.digest)
         d.addCallback(lambda _: self._run(self._write_manifest, manifest))
         d.addCallback(lambda refs: self.index.add(manifest.digest, manifest.size, MANIFEST, refs))
+        d.addBoth(lambda result: (release(), result)[1])
         d.addErrback(self._write_failed)
         d.addErrback(lambda f: self.log.warn(
             "Could not store manifest {digest}, serving it from memory: {error}",
@@ -396,6 +405,21 @@ class Store:
             return result
 
         return self._run(_unlink_all, paths).addBoth(done)
+
+    def _discard(self, digest: Digest, entry: Entry) -> None:
+        """
+        A file found bad when opened: out of the index and memory now, off
+        the disk in a thread, and meanwhile a miss, so a new copy waits to
+        be committed until the bad one is gone.  A file being read or
+        written is left alone: a reader holds its own descriptor, a write
+        replaces it, and the next open finds it again if neither did.
+        """
+        if digest in self.index.pins or digest in self._deleting:
+            return
+        self.index.remove(digest)
+        self.forget(digest)
+        self.delete([(digest, entry)]).addErrback(
+            lambda f: self.log.failure("Removing the bad copy of {digest} failed", f, digest=str(digest)))
 
     def _after_delete(self, digest: Digest) -> Deferred:
         waiters = self._deleting.get(digest)

@@ -314,6 +314,68 @@ class RaceTests(Base):
             self.assertEqual(f.read(), data)
         self.assertIn(digest, self.store.index)
 
+    def test_refetched_blob_survives_an_eviction_of_the_bad_copy(self):
+        """
+        A cached blob whose file has the wrong size is fetched again; an
+        eviction that runs while the new copy is being renamed into place
+        cannot delete it: the bad copy left the index when it was found,
+        and a blob being committed is never chosen.
+        """
+        data, digest = blob(3000, b"torn")
+        self.store._run = inline
+        cache_blob(self.store, data, digest)
+        self.store._run = self.runner
+        with open(self.store.blob_path(digest), "r+b") as f:
+            f.truncate(1000)
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        self.assertNotIn(digest, self.store.index)
+        body = FedBody(200, {b"Content-Length": [b"3000"]})
+        self.rig.upstream.answer(0, body)
+        body.feed(data)
+        body.end()
+        self.assertEqual(c.body(), data)
+        self.store.delete(self.store.index.choose(0))
+        self.runner.run_all()
+        self.assertEqual(self.rig.blob_file(digest), data)
+        self.assertEqual(self.store.index.get(digest).size, 3000)
+
+    def test_blob_being_committed_is_not_evicted(self):
+        """
+        A blob whose digest is already indexed (a file being replaced) is
+        not chosen for eviction while its new copy is being renamed into
+        place: the deletion would otherwise remove the new file.
+        """
+        data, digest = blob(1000, b"replace")
+        self.store._run = inline
+        cache_blob(self.store, data, digest)
+        self.store._run = self.runner
+        w = self.store.new_writer(digest)
+        w.write(data)
+        self.assertTrue(w.matches(1000))
+        committed = w.commit()
+        self.assertNotIn(digest, [d for d, _ in self.store.index.choose(0)])
+        self.runner.run_all()
+        self.successResultOf(committed)
+        w.close()
+        self.assertEqual(self.rig.blob_file(digest), data)
+        self.assertEqual(self.store.index.pins, {})
+
+    def test_manifest_being_stored_is_not_evicted(self):
+        """
+        Bytes cached as a blob and now being stored as a manifest are not
+        evicted while the manifest's files are written.
+        """
+        m = manifest_of(OCI_MANIFEST, layers=[])
+        self.store._run = inline
+        cache_blob(self.store, m.body, m.digest)
+        self.store._run = self.runner
+        stored = self.store.put_manifest(m)
+        self.assertEqual(self.store.index.choose(0), [])
+        self.runner.run_all()
+        self.successResultOf(stored)
+        self.assertEqual(self.store.index.get(m.digest).kind, MANIFEST)
+        self.assertTrue(os.path.exists(self.store._path("manifests", m.digest)))
+        self.assertEqual(self.store.index.pins, {})
 
     def test_room_pauses_a_chunk_early(self):
         """
