@@ -435,7 +435,8 @@ class Store:
         """
         A Deferred of the Scan of everything under ``blobs/``, made in a
         thread from ``scandir`` and ``stat`` and the manifests' own bytes: no
-        blob is hashed.
+        blob is hashed, and nothing is deleted (requests are being served
+        meanwhile; ``regcache verify`` removes what cannot be served).
         """
         return self._run(self._scan)
 
@@ -467,9 +468,9 @@ class Store:
         refs: Dict = {}
         for digest, entry in self.walk("manifests"):
             if digest is None or digest not in sizes:
-                # A type record without its body (left by an older layout):
-                # the files win, the record goes.
-                _unlink_all([entry.path])
+                # Its body landed after the walk of blobs/ (the live index
+                # has it), or it has none and reads as missing.  Deleting
+                # here, beside requests, could take a record just written.
                 continue
             try:
                 with open(self.blob_path(digest), "rb") as f:

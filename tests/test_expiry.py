@@ -507,8 +507,9 @@ class StartupIndexTests(SynchronousTestCase):
 
     def test_orphan_type_records_and_strays(self):
         """
-        A type record with no body is removed (the files win); a file whose
-        name is no digest is ignored and counted.
+        A type record with no body is not indexed, and a file whose name is
+        no digest is ignored and counted; the scan deletes neither (that is
+        ``regcache verify``'s job: the scan runs while requests are served).
         """
         m = manifest_of(OCI_MANIFEST, layers=[])
         self.rig.store.put_manifest(m)
@@ -519,7 +520,30 @@ class StartupIndexTests(SynchronousTestCase):
         store = Store(self.rig.root, inline, self.rig.reactor.seconds)
         scan = self.successResultOf(store.scan())
         self.assertEqual(scan.strays, 1)
-        self.assertFalse(os.path.exists(store._path("manifests", m.digest)))
+        self.assertNotIn(m.digest, scan.entries)
+        self.assertTrue(os.path.exists(stray))
+        self.assertTrue(os.path.exists(store._path("manifests", m.digest)))
+
+    def test_manifest_stored_during_the_scan_keeps_its_type_record(self):
+        """
+        A manifest whose files land after the scan walked ``blobs/`` but
+        before it walked ``manifests/`` keeps its type record: it is still
+        a manifest after the scan, and after the next restart.
+        """
+        m = manifest_of(OCI_MANIFEST, layers=[])
+        store = Store(self.rig.root, inline, self.rig.reactor.seconds)
+        walk = store.walk
+
+        def walk_then_store(kind="blobs"):
+            if kind == "manifests":
+                store._write_manifest(m)  # what put_manifest's thread does, meanwhile
+            return walk(kind)
+
+        store.walk = walk_then_store
+        self.successResultOf(store.scan())
+        self.assertTrue(os.path.exists(store._path("manifests", m.digest)))
+        later, _ = self.restart()
+        self.assertEqual(later.index.get(m.digest).kind, MANIFEST)
 
     def test_commits_during_the_scan_are_kept(self):
         """
