@@ -74,7 +74,7 @@ class Mirror:
         return await self._by_tag(route, check_tag(reference), accept, want_body)
 
     async def _by_digest(self, route, digest: Digest, accept: List[str]):
-        m = self.store.manifest(digest)
+        m = await self.store.manifest(digest)
         if m is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
             return m, "hit"
@@ -142,7 +142,7 @@ class Mirror:
         """
         def usable(entry: TagEntry) -> bool:
             return self.policy.stale_allowed(entry) and (
-                not want_body or self.store.manifest(entry.parsed_digest) is not None
+                not want_body or self.store.has_manifest(entry.parsed_digest)
             )
 
         if known is not None and usable(known):

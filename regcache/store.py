@@ -16,6 +16,11 @@ removes.  The filesystem is the metadata: sizes and access times come from
 ``stat``, so nothing can disagree with the files.  The in-memory index that
 eviction needs (regcache.expiry) is rebuilt from them at every start.
 
+Manifests go further, being small: each one read from disk is hashed again,
+and one kept in memory is served only while its file is unchanged, so a
+manifest that rotted, was edited, or was removed by ``regcache verify`` is
+a miss, never a wrong answer.
+
 A manifest's body is written before its type record, and on eviction the
 record is deleted before the body: a type record always has its body, and a
 crash in between leaves at worst a body without a record, which is served as
@@ -59,6 +64,24 @@ class Manifest:
     @property
     def size(self) -> int:
         return len(self.body)
+
+
+#: One version of a file: (inode, mtime in ns, size).
+Identity = Tuple[int, int, int]
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@dataclass
+class _Held:
+    """A manifest in memory."""
+
+    manifest: Manifest
+    #: Of the file it was read from or written to; None while it is in
+    #: memory only (being written, or the disk could not take it).
+    identity: Optional[Identity]
 
 
 class BlobWriter:
@@ -179,7 +202,7 @@ class Store:
         self.tmp_dir = os.path.join(root, "tmp")
         self._run = run
         self._now = now
-        self._manifests: Dict[Digest, Manifest] = {}
+        self._manifests: "OrderedDict[Digest, _Held]" = OrderedDict()
         self._manifest_bytes = 0
         self.memory_limit = 64 * 1024 * 1024
         self.index = Index(now)
@@ -284,31 +307,68 @@ class Store:
 
     # Manifests
 
-    def manifest(self, digest: Digest) -> Optional[Manifest]:
+    def manifest(self, digest: Digest) -> Deferred:
         """
-        A cached manifest: from memory if it was used lately, else from disk.
-        Manifests are small (at most 4 MiB), so reading one is not a whole-
-        blob read.
+        A Deferred of the cached manifest, or of None.
+
+        Memory holds the manifests used lately, but a copy there is served
+        only while its file is still the one it came from (one ``stat`` in
+        the runner): a manifest that ``regcache verify`` or a hand removed
+        or replaced is noticed.  One read from disk (in the runner: at most
+        4 MiB) is checked against its digest; one that does not match is
+        treated as missing and removed, so it is fetched again.
         """
+        return Deferred.fromCoroutine(self._manifest(digest))
+
+    async def _manifest(self, digest: Digest) -> Optional[Manifest]:
         if digest in self._deleting:
             return None
-        m = self._manifests.get(digest)
-        if m is not None:
-            self._used(digest)
-            return m
-        try:
-            with open(self._path("manifests", digest), "r", encoding="utf-8") as f:
-                media_type = f.read().strip()
-            with open(self.blob_path(digest), "rb") as f:
-                body = f.read(MAX_MANIFEST + 1)
-        except FileNotFoundError:
+        held = self._manifests.get(digest)
+        if held is not None and held.identity is None:
+            self._manifests.move_to_end(digest)
+            return held.manifest
+        # What the index says now, to tell a stale read from a new copy
+        # that landed while the runner read the old one.
+        entry = self.index.get(digest)
+        status, m, identity = await self._run(
+            _read_manifest, self._path("manifests", digest), self.blob_path(digest), digest,
+            held.identity if held is not None else None,
+        )
+        if digest in self._deleting:
             return None
-        if len(body) > MAX_MANIFEST:
+        if status == _SAME:
+            m = held.manifest
+        elif status != _FOUND:
+            if self.index.get(digest) is entry:
+                if status == _GONE:
+                    self.forget(digest)
+                    self.index.remove(digest)
+                elif status == _CORRUPT:
+                    self.log.warn("Cached manifest {digest} does not match its digest: fetching it again",
+                                  digest=str(digest))
+                    # As a manifest, whatever the index knew it as: the
+                    # type record goes too.
+                    self._discard(digest, Entry(entry.size if entry else 0, MANIFEST, 0.0, 0.0))
             return None
-        m = Manifest(body, media_type, digest)
-        self._remember(m)
+        self._remember(m, identity)
         self._used(digest)
         return m
+
+    def has_manifest(self, digest: Digest) -> bool:
+        """
+        Whether ``digest`` is held as a manifest, from memory alone, for
+        decisions on the reactor (may a stale tag stand in?); loading it
+        may still find it gone.  Until the start-up index is loaded, a
+        manifest only on disk cannot be ruled out, so it counts as held.
+        """
+        if digest in self._deleting:
+            return False
+        if digest in self._manifests:
+            return True
+        entry = self.index.get(digest)
+        if entry is not None:
+            return entry.kind == MANIFEST
+        return not self.index.ready
 
     def put_manifest(self, manifest: Manifest) -> Deferred:
         """
@@ -321,7 +381,7 @@ class Store:
         release = self.pin(manifest.digest)
         d = self._after_delete(manifest.digest)
         d.addCallback(lambda _: self._run(self._write_manifest, manifest))
-        d.addCallback(lambda refs: self.index.add(manifest.digest, manifest.size, MANIFEST, refs))
+        d.addCallback(lambda written: self._stored(manifest, *written))
         d.addBoth(lambda result: (release(), result)[1])
         d.addErrback(self._write_failed)
         d.addErrback(lambda f: self.log.warn(
@@ -335,16 +395,22 @@ class Store:
             self.index.on_full()
         return failure
 
-    def _write_manifest(self, m: Manifest) -> List[Digest]:
+    def _write_manifest(self, m: Manifest) -> Tuple[List[Digest], Identity]:
         """
         The body first, then the type record: a type record whose body is
-        missing would hide a manifest the store no longer has.  Returns what
-        the manifest references (parsed here, off the reactor).
+        missing would hide a manifest the store no longer has.  The body is
+        written even if a file of that name is there: it may be the bad copy
+        that made this manifest a miss.  Returns what the manifest
+        references (parsed here, off the reactor) and the body's identity.
         """
-        if not os.path.exists(self.blob_path(m.digest)):
-            self._write_atomic(self.blob_path(m.digest), m.body)
+        body = self.blob_path(m.digest)
+        self._write_atomic(body, m.body)
         self._write_atomic(self._path("manifests", m.digest), m.media_type.encode("utf-8"))
-        return [ref for ref, _ in references(m.body)]
+        return [ref for ref, _ in references(m.body)], _identity(os.stat(body))
+
+    def _stored(self, m: Manifest, refs: List[Digest], identity: Identity) -> None:
+        self.index.add(m.digest, m.size, MANIFEST, refs)
+        self._remember(m, identity)
 
     def _write_atomic(self, final: str, data: bytes) -> None:
         tmp = os.path.join(self.tmp_dir, f"w.{uuid.uuid4().hex}")
@@ -363,22 +429,33 @@ class Store:
         finally:
             os.close(fd)
 
-    def _remember(self, m: Manifest) -> None:
-        if m.digest in self._manifests:
+    def _remember(self, m: Manifest, identity: Optional[Identity] = None) -> None:
+        """
+        Hold ``m`` in memory as the most recently used, within
+        ``memory_limit`` bytes: the least recently used go first.
+        ``identity`` is its file's, once it has one.
+        """
+        held = self._manifests.get(m.digest)
+        if held is not None:
+            self._manifests.move_to_end(m.digest)
+            if identity is not None:
+                held.identity = identity
             return
-        while self._manifests and self._manifest_bytes + m.size > self.memory_limit:
-            old = self._manifests.pop(next(iter(self._manifests)))
-            self._manifest_bytes -= old.size
-        self._manifests[m.digest] = m
+        if m.size > self.memory_limit:
+            return
+        while self._manifest_bytes + m.size > self.memory_limit:
+            _, old = self._manifests.popitem(last=False)
+            self._manifest_bytes -= old.manifest.size
+        self._manifests[m.digest] = _Held(m, identity)
         self._manifest_bytes += m.size
 
     # Eviction
 
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory: it is about to be evicted."""
-        m = self._manifests.pop(digest, None)
-        if m is not None:
-            self._manifest_bytes -= m.size
+        held = self._manifests.pop(digest, None)
+        if held is not None:
+            self._manifest_bytes -= held.manifest.size
 
     def delete(self, victims: List[Tuple[Digest, Entry]]) -> Deferred:
         """
@@ -523,6 +600,40 @@ def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
     if pattern is None or len(prefix) != 2 or not name.startswith(prefix) or not pattern.fullmatch(name):
         return None
     return Digest(algorithm, name)
+
+
+_FOUND, _SAME, _GONE, _CORRUPT, _MISSING = "found", "same", "gone", "corrupt", "missing"
+
+
+def _read_manifest(record: str, body: str, digest: Digest, known: Optional[Identity]):
+    """
+    (status, manifest, identity) of a stored manifest, read in a thread:
+    _SAME if its body is still the file of identity ``known``, _FOUND with
+    the manifest if its bytes match ``digest``, _CORRUPT if they do not,
+    _GONE if the body is missing, _MISSING if it is no manifest here (no
+    type record, or too big to be one).
+    """
+    try:
+        st = os.stat(body)
+    except FileNotFoundError:
+        return _GONE, None, None
+    if _identity(st) == known:
+        return _SAME, None, known
+    try:
+        with open(record, "r", encoding="utf-8") as f:
+            media_type = f.read().strip()
+        with open(body, "rb") as f:
+            identity = _identity(os.fstat(f.fileno()))
+            data = f.read(MAX_MANIFEST + 1)
+    except FileNotFoundError:
+        return _MISSING, None, None
+    if len(data) > MAX_MANIFEST:
+        return _MISSING, None, None
+    hasher = digest.hasher()
+    hasher.update(data)
+    if hasher.hexdigest() != digest.hex:
+        return _CORRUPT, None, identity
+    return _FOUND, Manifest(data, media_type, digest), identity
 
 
 def _scandir(path: str) -> List[os.DirEntry]:
