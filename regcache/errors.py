@@ -87,3 +87,16 @@ class IntegrityError(Exception):
     Bytes from upstream did not match their digest or announced length.
     """
 
+
+
+class BlobTooLarge(Exception):
+    """
+    A blob larger than the cache's size limit: it can never be stored, and
+    making room for it would evict everything.  Raised by the store before
+    any room is made.
+    """
+
+    def __init__(self, digest, size: int, limit: int):
+        super().__init__(f"blob {digest} of {size} bytes is larger than the cache limit of {limit} bytes")
+        self.size = size
+        self.limit = limit

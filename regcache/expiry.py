@@ -25,11 +25,15 @@ manifest that is used counts as a use of what it names.  Tag entries are
 left alone: one that names an evicted manifest is a miss like any other, and
 the mirror fetches the manifest again by digest.
 
-The limit bounds bytes on disk, downloads under way included: a download
-counts with its announced size from its first byte, so room is made before
-its bytes arrive, and it pauses while evicted files are still being deleted
-if writing on would pass the limit.  Only what cannot be evicted (blobs
-being read or written) can hold the store above it, and that is logged.
+The limit bounds bytes on disk, downloads under way included.  A blob
+announced larger than the limit is refused before anything is evicted.
+Otherwise a download counts its announced size a step (``RESERVE_AHEAD``)
+ahead of the bytes it wrote: room is made before its bytes arrive, yet an
+upstream whose length lies cannot evict more than one step beyond what it
+really sent.  A download pauses while evicted files are still being
+deleted if writing on would pass the limit.  Only what cannot be evicted
+(blobs being read or written) can hold the store above it, and that is
+logged.
 """
 
 from collections import OrderedDict
@@ -54,6 +58,9 @@ TOUCH_EVERY = 600.0
 #: upstream socket, up to service.UPSTREAM_READ_SIZE: 1 MiB), with room to
 #: spare.  tests/test_body.py checks the two agree.
 CHUNK_HEADROOM = 2 * 1024 * 1024
+
+#: How far ahead of its written bytes a download counts its announced size.
+RESERVE_AHEAD = 16 * 1024 * 1024
 
 
 @dataclass
@@ -100,9 +107,10 @@ class Index:
         self.referrers: Dict[Digest, Set[Digest]] = {}
         self.pins: Dict[Digest, int] = {}
         self.stored = 0
-        #: Bytes downloads under way will take: what each announced, or what
-        #: it wrote if that is more.  Counted from the start, so room is
-        #: made before the bytes arrive.
+        #: Bytes downloads under way count: each what it wrote plus up to
+        #: ``ahead`` more of what it announced.  Room is made before the
+        #: bytes arrive, but never for more than a step of bytes that did
+        #: not (a false Content-Length would otherwise evict everything).
         self.writing = 0
         #: Bytes those downloads have actually written so far.
         self.written = 0
@@ -112,6 +120,7 @@ class Index:
         self.limit: Optional[int] = None
         #: How far below the limit ``room`` starts pausing downloads.
         self.headroom = CHUNK_HEADROOM
+        self.ahead = RESERVE_AHEAD
         self._room_waiters: List[Deferred] = []
         self.ready = False
         self.on_grow: Callable[[], None] = _noop

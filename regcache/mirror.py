@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from regcache.body import Source
-from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
+from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
 from regcache.inflight import SingleFlight
 from regcache.reference import Digest, check_tag, is_digest
 from regcache.store import Manifest
@@ -196,6 +196,8 @@ class Mirror:
                 raise self.policy.failure(e, f"blob {digest}")
             except IntegrityError as e:
                 raise RegistryError("UNAVAILABLE", f"upstream sent a bad blob: {e}", status=502)
+            except BlobTooLarge as e:
+                raise RegistryError("UNAVAILABLE", str(e))
             except OSError as e:
                 raise RegistryError("UNAVAILABLE", f"cache cannot store the blob: {e.strerror}", status=503)
             fd = fill.reader()

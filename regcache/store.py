@@ -44,7 +44,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.errors import RegistryError
+from regcache.errors import BlobTooLarge, RegistryError
 from regcache.expiry import BLOB, MANIFEST, Entry, Index, Scan
 from regcache.reference import ALGORITHMS, Digest
 
@@ -101,31 +101,49 @@ class BlobWriter:
         self.length = 0
         self.closed = False
         self._hasher = digest.hasher()
-        #: What the index counts for this download: the announced size, or
-        #: the bytes written if more.  And the bytes actually on disk.
+        #: The size upstream announced, 0 until it did.
+        self._announced = 0
+        #: What the index counts for this download (see Index.writing), and
+        #: the bytes actually on disk.
         self._counted = 0
         self._on_disk = 0
 
     def reserve(self, size: int) -> None:
         """
-        The blob will be ``size`` bytes: count them now, so that eviction
-        makes room before they arrive rather than while they do.
+        The blob will be ``size`` bytes.  One larger than the cache's limit
+        is refused now, before anything is evicted for it.  Otherwise it is
+        counted a step ahead of its bytes (``Index.ahead``), so that
+        eviction makes room before they arrive, yet a length that lies
+        cannot evict more than that step beyond what really came.
         """
-        self._count(size, 0)
+        self._fits(size)
+        self._announced = size
+        self._count(0)
 
-    def _count(self, counted: int, written: int) -> None:
+    def _fits(self, size: int) -> None:
+        limit = self.store.index.limit
+        if limit is not None and size > limit:
+            raise BlobTooLarge(self.digest, size, limit)
+
+    def _count(self, written: int) -> None:
+        self._on_disk += written
+        counted = max(self._on_disk, min(self._announced, self._on_disk + self.store.index.ahead))
         extra = max(counted - self._counted, 0)
         self._counted += extra
-        self._on_disk += written
         self.store.index.grow(extra, written)
 
     def write(self, data: bytes) -> None:
+        """
+        Append ``data``.  A blob of unknown length is refused as it passes
+        the cache's limit.
+        """
+        self._fits(self.length + len(data))
         view = memoryview(data)
         try:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
-                self._count(self._on_disk + n, n)
+                self._count(n)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 self.store.index.on_full()

@@ -151,8 +151,9 @@ class EvictionTests(Base):
     def test_blob_being_written_counts_but_is_never_chosen(self):
         """
         A download under way counts toward the limit with its announced
-        size as soon as upstream answers, so room is made before its bytes
-        arrive; the download itself is untouchable.
+        size (up to ``Index.ahead`` past its bytes) as soon as upstream
+        answers, so room is made before its bytes arrive; the download
+        itself is untouchable.
         """
         digests = self.add(6)
         data, digest = blob(4000, b"big")
@@ -169,6 +170,63 @@ class EvictionTests(Base):
         self.assertTrue(os.path.exists(self.store.blob_path(digest)))
         self.assertEqual((self.store.index.writing, self.store.index.written), (0, 0))
         self.assertLessEqual(self.store.index.total, self.limit * Expiry.HIGH)
+
+    def test_blob_larger_than_the_limit_is_refused_before_any_eviction(self):
+        """
+        A blob whose announced length is past the cache's limit is refused
+        with a 503 that says so, before anything is evicted for it; no temp
+        file or count of it is left.
+        """
+        digests = self.add(5)
+        _, digest = blob(10, b"huge")
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        self.rig.upstream.answer(0, FedBody(200, {b"Content-Length": [b"20000"]}))
+        self.assertEqual(c.status(), 503)
+        error = json.loads(c.body())["errors"][0]
+        self.assertEqual(error["code"], "UNAVAILABLE")
+        self.assertIn("20000 bytes is larger than the cache limit of 10000 bytes", error["message"])
+        self.assertEqual(self.present(digests), [True] * 5)
+        self.assertEqual(self.rig.temp_files(), [])
+        self.assertEqual((self.store.index.writing, self.store.index.written), (0, 0))
+
+    def test_announced_length_evicts_only_a_step_ahead_of_the_bytes(self):
+        """
+        A download counts its announced length only ``Index.ahead`` bytes
+        beyond what it wrote: an upstream that announces more than it sends
+        costs at most one step of evictions, not everything evictable.
+        """
+        self.store.index.ahead = 1000
+        digests = self.add(9)
+        data, digest = blob(9000, b"liar")
+        self.rig.client(f"/v2/library/a/blobs/{digest}")
+        body = FedBody(200, {b"Content-Length": [b"9000"]})
+        self.rig.upstream.answer(0, body)
+        self.assertEqual((self.store.index.writing, self.store.index.written), (1000, 0))
+        self.assertEqual(self.present(digests), [False, False] + [True] * 7)
+        body.feed(data[:500])
+        self.assertEqual((self.store.index.writing, self.store.index.written), (1500, 500))
+        self.assertEqual(self.present(digests), [False, False] + [True] * 7)
+
+    def test_blob_of_unknown_length_stops_at_the_limit(self):
+        """
+        A blob sent without a length fails once it passes the limit, rather
+        than grow without end: its client (still waiting for the length) is
+        told why, and the temp file and its count are gone.
+        """
+        data, digest = blob(12_000, b"endless")
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        body = FedBody(200)
+        self.rig.upstream.answer(0, body)
+        for i in range(0, len(data), 1000):
+            body.feed(data[i:i + 1000])
+            if body.transport.producerState == "stopped":
+                break
+        self.assertEqual(body.transport.producerState, "stopped")
+        body.die()  # what stopProducing does to a real response
+        self.assertEqual(c.status(), 503)
+        self.assertIn(b"larger than the cache limit of 10000 bytes", c.body())
+        self.assertEqual(self.rig.temp_files(), [])
+        self.assertEqual((self.store.index.writing, self.store.index.written), (0, 0))
 
     def test_evicted_blob_is_fetched_again(self):
         """An evicted blob is a plain miss: the next request goes upstream."""
