@@ -339,7 +339,10 @@ class Expiry(Service):
 
     A full disk teaches it a lower limit: what the store held when a write
     failed with ENOSPC.  The cache then gives way to whatever else fills the
-    disk, instead of failing every download from then on.
+    disk, instead of failing every download from then on.  The periodic
+    check asks the filesystem for its free space while such a limit is in
+    force, and raises it to what the disk can take again (dropping it once
+    that reaches ``max_size``): space that comes back is used again.
 
     Eviction is triggered by growth (each write and commit), by ENOSPC, and
     by a periodic check that also retries a failed start-up scan.  Every
@@ -428,9 +431,35 @@ class Expiry(Service):
                     self._load()
                 return
             self._stuck_until = 0.0
+            if self.learned is not None:
+                d = self.store.free_space()
+                d.addCallback(self._space)
+                d.addErrback(lambda f: self.log.failure("Checking the disk's free space failed", f))
             self.check()
         except Exception:
             self.log.failure("Periodic store check failed")
+
+    def _space(self, free: int) -> None:
+        """
+        The disk has ``free`` bytes besides what the cache holds: raise the
+        learned limit to what it can take now.  Never lowered here (only a
+        write that fails teaches a lower one).
+        """
+        if self.learned is None:
+            return
+        room = self.index.stored + self.index.written + free
+        if self.max_size is not None and room >= self.max_size:
+            self._learn(None)
+        elif room > self.learned:
+            self._learn(room)
+        else:
+            return
+        self.log.info("The cache's disk has room again: limit now {limit} bytes",
+                      limit=self.limit, event="disk-room")
+
+    def _learn(self, limit: Optional[int]) -> None:
+        self.learned = limit
+        self.index.limit = self.limit
 
     # Triggers
 
@@ -452,10 +481,9 @@ class Expiry(Service):
         """
         held = self.index.stored + self.index.written
         if self.learned is None or held < self.learned:
-            self.learned = max(held, 1)
-            self.index.limit = self.limit
+            self._learn(max(held, 1))
             self.log.warn(
-                "Disk full with {held} bytes cached: limiting the cache to that from now on",
+                "Disk full with {held} bytes cached: limiting the cache to that until the disk has room",
                 held=held, event="disk-full",
             )
         self._stuck_until = 0.0

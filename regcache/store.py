@@ -256,6 +256,10 @@ class Store:
                 os.unlink(probe)
         return removed
 
+    def free_space(self) -> Deferred:
+        """A Deferred of the bytes free to the cache on its filesystem."""
+        return self._run(_free_bytes, self.root)
+
     # Paths
 
     def _path(self, kind: str, digest: Digest) -> str:
@@ -668,6 +672,11 @@ def _unlink_all(paths: List[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _touch(paths: List[str], when: float) -> None:

@@ -71,6 +71,55 @@ class DiskFullTests(SynchronousTestCase):
         self.assertEqual(self.rig.blob_file(big_digest), big)
         self.flushLoggedErrors()
 
+    def restart_expiry(self, max_size):
+        self.expiry.stopService()
+        self.expiry = Expiry(self.store, max_size, self.rig.reactor)
+        self.expiry.startService()
+        self.addCleanup(self.expiry.stopService)
+
+    def refused(self, data, digest):
+        """Whether the cache refuses ``data`` as larger than its limit."""
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        self.rig.upstream.answer(len(self.rig.upstream.calls) - 1,
+                                 FedBody(200, {b"Content-Length": [str(len(data)).encode()]}))
+        return c.status() == 503 and b"larger than the cache limit" in c.body()
+
+    def hit_a_full_disk(self):
+        """Fill the disk and fail a download on it; returns the filler file."""
+        fill_up(self.root)
+        data, digest = blob(64 * KiB, b"no room")
+        self.assertTrue(self.fetch(data, digest).aborted())
+        self.assertTrue(self.refused(data, digest))
+        self.flushLoggedErrors()
+        return os.path.join(self.root, "filler")
+
+    def test_learned_limit_rises_when_space_comes_back(self):
+        """
+        The limit learned from a full disk is not kept for good: once the
+        disk has room again, the periodic check raises it to what the disk
+        can take, and blobs larger than the learned limit are cached again.
+        """
+        os.unlink(self.hit_a_full_disk())
+        self.rig.reactor.advance(Expiry.CHECK_EVERY)
+        self.assertGreater(self.expiry.limit, 200 * KiB)
+        data, digest = blob(96 * KiB, b"room again")
+        c = self.fetch(data, digest)
+        self.assertEqual(c.body(), data)
+        self.assertFalse(c.aborted())
+        self.assertEqual(self.rig.blob_file(digest), data)
+
+    def test_configured_limit_returns_when_the_disk_can_take_it(self):
+        """
+        With --max-size, the learned limit goes altogether once the disk
+        has room for the configured one again.
+        """
+        self.restart_expiry(128 * KiB)
+        os.unlink(self.hit_a_full_disk())
+        self.assertLess(self.expiry.limit, 128 * KiB)
+        self.rig.reactor.advance(Expiry.CHECK_EVERY)
+        self.assertIsNone(self.expiry.learned)
+        self.assertEqual(self.expiry.limit, 128 * KiB)
+
     def test_enospc_storing_a_manifest_still_answers(self):
         """
         A manifest the full disk cannot take is still handed back from
