@@ -573,9 +573,13 @@ class Store:
                 continue
             try:
                 with open(self.blob_path(digest), "rb") as f:
-                    refs[digest] = tuple(references(f.read(MAX_MANIFEST + 1)))
+                    body = f.read(MAX_MANIFEST + 1)
             except FileNotFoundError:
                 continue
+            # Bytes that do not match their digest name nothing: an edited
+            # manifest must not make good layers look the wrong size.  It
+            # is removed when it is first asked for.
+            refs[digest] = tuple(references(body)) if Digest.of(body, digest.algorithm) == digest else ()
         declared = {ref: size for rs in refs.values() for ref, size in rs if size is not None}
         found.sort(key=lambda t: t[0])
         entries: "OrderedDict[Digest, Entry]" = OrderedDict()
@@ -651,9 +655,7 @@ def _read_manifest(record: str, body: str, digest: Digest, known: Optional[Ident
         return _MISSING, None, None
     if len(data) > MAX_MANIFEST:
         return _MISSING, None, None
-    hasher = digest.hasher()
-    hasher.update(data)
-    if hasher.hexdigest() != digest.hex:
+    if Digest.of(data, digest.algorithm) != digest:
         return _CORRUPT, None, identity
     return _FOUND, Manifest(data, media_type, digest), identity
 

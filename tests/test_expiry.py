@@ -563,6 +563,24 @@ class StartupIndexTests(SynchronousTestCase):
         self.assertEqual(store.index.get(digest).size, 3000)
         self.assertIsNone(store.open_blob(digest))
 
+    def test_edited_manifest_declares_nothing_at_start(self):
+        """
+        A manifest edited on disk to declare another size for a layer does
+        not make the good layer a miss after a restart: bytes that do not
+        match their digest name nothing.
+        """
+        data, digest = blob(3000, b"good layer")
+        cache_blob(self.rig.store, data, digest)
+        m = manifest_of(OCI_MANIFEST, layers=[(digest, 3000)])
+        self.rig.store.put_manifest(m)
+        with open(self.rig.store.blob_path(m.digest), "wb") as f:
+            f.write(m.body.replace(b"3000", b"2999"))
+        store, _ = self.restart()
+        self.assertEqual(store.index.get(digest).size, 3000)
+        fd, size = store.open_blob(digest)
+        os.close(fd)
+        self.assertEqual(size, 3000)
+
     def test_orphan_type_records_and_strays(self):
         """
         A type record with no body is not indexed, and a file whose name is
