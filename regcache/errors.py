@@ -88,7 +88,6 @@ class IntegrityError(Exception):
     """
 
 
-
 class BlobTooLarge(Exception):
     """
     A blob larger than the cache's size limit: it can never be stored, and

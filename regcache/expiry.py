@@ -120,6 +120,7 @@ class Index:
         self.limit: Optional[int] = None
         #: How far below the limit ``room`` starts pausing downloads.
         self.headroom = CHUNK_HEADROOM
+        #: How far past its written bytes a download counts its length.
         self.ahead = RESERVE_AHEAD
         self._room_waiters: List[Deferred] = []
         self.ready = False
