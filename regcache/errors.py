@@ -108,7 +108,6 @@ class IntegrityError(Exception):
     """
 
 
-
 _log = Logger(namespace="regcache.upstream")
 
 #: How the connection ended when upstream (or the path to it) hung up.
@@ -165,3 +164,16 @@ def transport_error(who: str, reason, during: str) -> UpstreamError:
     detail = "; ".join(f"{type(c).__name__}: {c}" for c in _causes(value) if not getattr(c, "reasons", None))
     _log.warn("{message} while {during} ({detail})", message=message, during=during, detail=detail or repr(value))
     return UpstreamError(message)
+
+
+class BlobTooLarge(Exception):
+    """
+    A blob larger than the cache's size limit: it can never be stored, and
+    making room for it would evict everything.  Raised by the store before
+    any room is made.
+    """
+
+    def __init__(self, digest, size: int, limit: int):
+        super().__init__(f"blob {digest} of {size} bytes is larger than the cache limit of {limit} bytes")
+        self.size = size
+        self.limit = limit

@@ -25,11 +25,15 @@ manifest that is used counts as a use of what it names.  Tag entries are
 left alone: one that names an evicted manifest is a miss like any other, and
 the mirror fetches the manifest again by digest.
 
-The limit bounds bytes on disk, downloads under way included: a download
-counts with its announced size from its first byte, so room is made before
-its bytes arrive, and it pauses while evicted files are still being deleted
-if writing on would pass the limit.  Only what cannot be evicted (blobs
-being read or written) can hold the store above it, and that is logged.
+The limit bounds bytes on disk, downloads under way included.  A blob
+announced larger than the limit is refused before anything is evicted.
+Otherwise a download counts its announced size a step (``RESERVE_AHEAD``)
+ahead of the bytes it wrote: room is made before its bytes arrive, yet an
+upstream whose length lies cannot evict more than one step beyond what it
+really sent.  A download pauses while evicted files are still being
+deleted if writing on would pass the limit.  Only what cannot be evicted
+(blobs being read or written) can hold the store above it, and that is
+logged.
 """
 
 from collections import OrderedDict
@@ -54,6 +58,9 @@ TOUCH_EVERY = 600.0
 #: upstream socket, up to service.UPSTREAM_READ_SIZE: 1 MiB), with room to
 #: spare.  tests/test_body.py checks the two agree.
 CHUNK_HEADROOM = 2 * 1024 * 1024
+
+#: How far ahead of its written bytes a download counts its announced size.
+RESERVE_AHEAD = 16 * 1024 * 1024
 
 
 @dataclass
@@ -100,9 +107,10 @@ class Index:
         self.referrers: Dict[Digest, Set[Digest]] = {}
         self.pins: Dict[Digest, int] = {}
         self.stored = 0
-        #: Bytes downloads under way will take: what each announced, or what
-        #: it wrote if that is more.  Counted from the start, so room is
-        #: made before the bytes arrive.
+        #: Bytes downloads under way count: each what it wrote plus up to
+        #: ``ahead`` more of what it announced.  Room is made before the
+        #: bytes arrive, but never for more than a step of bytes that did
+        #: not (a false Content-Length would otherwise evict everything).
         self.writing = 0
         #: Bytes those downloads have actually written so far.
         self.written = 0
@@ -112,6 +120,8 @@ class Index:
         self.limit: Optional[int] = None
         #: How far below the limit ``room`` starts pausing downloads.
         self.headroom = CHUNK_HEADROOM
+        #: How far past its written bytes a download counts its length.
+        self.ahead = RESERVE_AHEAD
         self._room_waiters: List[Deferred] = []
         self.ready = False
         self.on_grow: Callable[[], None] = _noop
@@ -330,7 +340,10 @@ class Expiry(Service):
 
     A full disk teaches it a lower limit: what the store held when a write
     failed with ENOSPC.  The cache then gives way to whatever else fills the
-    disk, instead of failing every download from then on.
+    disk, instead of failing every download from then on.  The periodic
+    check asks the filesystem for its free space while such a limit is in
+    force, and raises it to what the disk can take again (dropping it once
+    that reaches ``max_size``): space that comes back is used again.
 
     Eviction is triggered by growth (each write and commit), by ENOSPC, and
     by a periodic check that also retries a failed start-up scan.  Every
@@ -419,9 +432,35 @@ class Expiry(Service):
                     self._load()
                 return
             self._stuck_until = 0.0
+            if self.learned is not None:
+                d = self.store.free_space()
+                d.addCallback(self._space)
+                d.addErrback(lambda f: self.log.failure("Checking the disk's free space failed", f))
             self.check()
         except Exception:
             self.log.failure("Periodic store check failed")
+
+    def _space(self, free: int) -> None:
+        """
+        The disk has ``free`` bytes besides what the cache holds: raise the
+        learned limit to what it can take now.  Never lowered here (only a
+        write that fails teaches a lower one).
+        """
+        if self.learned is None:
+            return
+        room = self.index.stored + self.index.written + free
+        if self.max_size is not None and room >= self.max_size:
+            self._learn(None)
+        elif room > self.learned:
+            self._learn(room)
+        else:
+            return
+        self.log.info("The cache's disk has room again: limit now {limit} bytes",
+                      limit=self.limit, event="disk-room")
+
+    def _learn(self, limit: Optional[int]) -> None:
+        self.learned = limit
+        self.index.limit = self.limit
 
     # Triggers
 
@@ -443,10 +482,9 @@ class Expiry(Service):
         """
         held = self.index.stored + self.index.written
         if self.learned is None or held < self.learned:
-            self.learned = max(held, 1)
-            self.index.limit = self.limit
+            self._learn(max(held, 1))
             self.log.warn(
-                "Disk full with {held} bytes cached: limiting the cache to that from now on",
+                "Disk full with {held} bytes cached: limiting the cache to that until the disk has room",
                 held=held, event="disk-full",
             )
         self._stuck_until = 0.0

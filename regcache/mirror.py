@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from regcache.body import Source
-from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
+from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
 from regcache.inflight import SingleFlight
 from regcache.reference import Digest, check_tag, is_digest
 from regcache.store import Manifest
@@ -85,7 +85,7 @@ class Mirror:
         return await self._by_tag(route, check_tag(reference), accept, want_body)
 
     async def _by_digest(self, route, digest: Digest, accept: List[str]):
-        m = self.store.manifest(digest)
+        m = await self.store.manifest(digest)
         if m is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
             return m, "hit"
@@ -153,7 +153,7 @@ class Mirror:
         """
         def usable(entry: TagEntry) -> bool:
             return self.policy.stale_allowed(entry) and (
-                not want_body or self.store.manifest(entry.parsed_digest) is not None
+                not want_body or self.store.has_manifest(entry.parsed_digest)
             )
 
         if known is not None and usable(known):
@@ -244,6 +244,8 @@ class Mirror:
             raise self.policy.failure(e, f"blob {digest}")
         except IntegrityError as e:
             raise RegistryError("UNAVAILABLE", f"upstream sent a bad blob: {e}", status=502)
+        except BlobTooLarge as e:
+            raise RegistryError("UNAVAILABLE", str(e))
         except OSError as e:
             raise RegistryError("UNAVAILABLE", f"cache cannot store the blob: {e.strerror}", status=503)
 

@@ -16,6 +16,11 @@ removes.  The filesystem is the metadata: sizes and access times come from
 ``stat``, so nothing can disagree with the files.  The in-memory index that
 eviction needs (regcache.expiry) is rebuilt from them at every start.
 
+Manifests go further, being small: each one read from disk is hashed again,
+and one kept in memory is served only while its file is unchanged, so a
+manifest that rotted, was edited, or was removed by ``regcache verify`` is
+a miss, never a wrong answer.
+
 A manifest's body is written before its type record, and on eviction the
 record is deleted before the body: a type record always has its body, and a
 crash in between leaves at worst a body without a record, which is served as
@@ -39,7 +44,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.errors import RegistryError
+from regcache.errors import BlobTooLarge, RegistryError
 from regcache.expiry import BLOB, MANIFEST, Entry, Index, Scan
 from regcache.reference import ALGORITHMS, Digest
 
@@ -61,6 +66,24 @@ class Manifest:
         return len(self.body)
 
 
+#: One version of a file: (inode, mtime in ns, size).
+Identity = Tuple[int, int, int]
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@dataclass
+class _Held:
+    """A manifest in memory."""
+
+    manifest: Manifest
+    #: Of the file it was read from or written to; None while it is in
+    #: memory only (being written, or the disk could not take it).
+    identity: Optional[Identity]
+
+
 class BlobWriter:
     """
     One blob on its way into the store.  It is written and hashed as bytes
@@ -78,31 +101,49 @@ class BlobWriter:
         self.length = 0
         self.closed = False
         self._hasher = digest.hasher()
-        #: What the index counts for this download: the announced size, or
-        #: the bytes written if more.  And the bytes actually on disk.
+        #: The size upstream announced, 0 until it did.
+        self._announced = 0
+        #: What the index counts for this download (see Index.writing), and
+        #: the bytes actually on disk.
         self._counted = 0
         self._on_disk = 0
 
     def reserve(self, size: int) -> None:
         """
-        The blob will be ``size`` bytes: count them now, so that eviction
-        makes room before they arrive rather than while they do.
+        The blob will be ``size`` bytes.  One larger than the cache's limit
+        is refused now, before anything is evicted for it.  Otherwise it is
+        counted a step ahead of its bytes (``Index.ahead``), so that
+        eviction makes room before they arrive, yet a length that lies
+        cannot evict more than that step beyond what really came.
         """
-        self._count(size, 0)
+        self._fits(size)
+        self._announced = size
+        self._count(0)
 
-    def _count(self, counted: int, written: int) -> None:
+    def _fits(self, size: int) -> None:
+        limit = self.store.index.limit
+        if limit is not None and size > limit:
+            raise BlobTooLarge(self.digest, size, limit)
+
+    def _count(self, written: int) -> None:
+        self._on_disk += written
+        counted = max(self._on_disk, min(self._announced, self._on_disk + self.store.index.ahead))
         extra = max(counted - self._counted, 0)
         self._counted += extra
-        self._on_disk += written
         self.store.index.grow(extra, written)
 
     def write(self, data: bytes) -> None:
+        """
+        Append ``data``.  A blob of unknown length is refused as it passes
+        the cache's limit.
+        """
+        self._fits(self.length + len(data))
         view = memoryview(data)
         try:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
-                self._count(self._on_disk + n, n)
+                self._count(n)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 self.store.index.on_full()
@@ -127,13 +168,17 @@ class BlobWriter:
     def commit(self) -> Deferred:
         """
         fsync and rename into place, in a thread, once any eviction of the
-        same digest has deleted the old file.  The descriptor stays open
+        same digest has deleted the old file.  The digest is pinned until
+        the new file is indexed: an eviction chosen meanwhile from the old
+        file's entry would delete the new file.  The descriptor stays open
         (readers may still be taking dups of it) until ``close``.
         """
         store = self.store
+        release = store.pin(self.digest)
         d = store._after_delete(self.digest)
         d.addCallback(lambda _: store._run(store._commit_file, self.fd, self.path, store.blob_path(self.digest)))
         d.addCallbacks(self._landed, store._write_failed)
+        d.addBoth(lambda result: (release(), result)[1])
         return d
 
     def room(self) -> Optional[Deferred]:
@@ -175,7 +220,7 @@ class Store:
         self.tmp_dir = os.path.join(root, "tmp")
         self._run = run
         self._now = now
-        self._manifests: Dict[Digest, Manifest] = {}
+        self._manifests: "OrderedDict[Digest, _Held]" = OrderedDict()
         self._manifest_bytes = 0
         self.memory_limit = 64 * 1024 * 1024
         self.index = Index(now)
@@ -211,6 +256,10 @@ class Store:
                 os.unlink(probe)
         return removed
 
+    def free_space(self) -> Deferred:
+        """A Deferred of the bytes free to the cache on its filesystem."""
+        return self._run(_free_bytes, self.root)
+
     # Paths
 
     def _path(self, kind: str, digest: Digest) -> str:
@@ -226,8 +275,9 @@ class Store:
         (fd, size) of a complete blob, or None.  The caller owns the fd.
 
         A file whose size is not the one recorded for it (at commit, or the
-        size a cached manifest declares) is treated as missing: it gets
-        fetched again, and the new file replaces it.
+        size a cached manifest declares) is treated as missing: it leaves
+        the index and the disk, so no later eviction of its entry can take
+        the new copy that is fetched in its place.
         """
         if digest in self._deleting:
             return None
@@ -244,6 +294,7 @@ class Store:
                 "Cached {digest} has {actual} bytes, not {expected}: fetching it again",
                 digest=str(digest), actual=size, expected=entry.size,
             )
+            self._discard(digest, entry)
             return None
         self._used(digest)
         return fd, size
@@ -278,42 +329,82 @@ class Store:
 
     # Manifests
 
-    def manifest(self, digest: Digest) -> Optional[Manifest]:
+    def manifest(self, digest: Digest) -> Deferred:
         """
-        A cached manifest: from memory if it was used lately, else from disk.
-        Manifests are small (at most 4 MiB), so reading one is not a whole-
-        blob read.
+        A Deferred of the cached manifest, or of None.
+
+        Memory holds the manifests used lately, but a copy there is served
+        only while its file is still the one it came from (one ``stat`` in
+        the runner): a manifest that ``regcache verify`` or a hand removed
+        or replaced is noticed.  One read from disk (in the runner: at most
+        4 MiB) is checked against its digest; one that does not match is
+        treated as missing and removed, so it is fetched again.
         """
+        return Deferred.fromCoroutine(self._manifest(digest))
+
+    async def _manifest(self, digest: Digest) -> Optional[Manifest]:
         if digest in self._deleting:
             return None
-        m = self._manifests.get(digest)
-        if m is not None:
-            self._used(digest)
-            return m
-        try:
-            with open(self._path("manifests", digest), "r", encoding="utf-8") as f:
-                media_type = f.read().strip()
-            with open(self.blob_path(digest), "rb") as f:
-                body = f.read(MAX_MANIFEST + 1)
-        except FileNotFoundError:
+        held = self._manifests.get(digest)
+        if held is not None and held.identity is None:
+            self._manifests.move_to_end(digest)
+            return held.manifest
+        # What the index says now, to tell a stale read from a new copy
+        # that landed while the runner read the old one.
+        entry = self.index.get(digest)
+        status, m, identity = await self._run(
+            _read_manifest, self._path("manifests", digest), self.blob_path(digest), digest,
+            held.identity if held is not None else None,
+        )
+        if digest in self._deleting:
             return None
-        if len(body) > MAX_MANIFEST:
+        if status == _SAME:
+            m = held.manifest
+        elif status != _FOUND:
+            if self.index.get(digest) is entry:
+                if status == _GONE:
+                    self.forget(digest)
+                    self.index.remove(digest)
+                elif status == _CORRUPT:
+                    self.log.warn("Cached manifest {digest} does not match its digest: fetching it again",
+                                  digest=str(digest))
+                    # As a manifest, whatever the index knew it as: the
+                    # type record goes too.
+                    self._discard(digest, Entry(entry.size if entry else 0, MANIFEST, 0.0, 0.0))
             return None
-        m = Manifest(body, media_type, digest)
-        self._remember(m)
+        self._remember(m, identity)
         self._used(digest)
         return m
+
+    def has_manifest(self, digest: Digest) -> bool:
+        """
+        Whether ``digest`` is held as a manifest, from memory alone, for
+        decisions on the reactor (may a stale tag stand in?); loading it
+        may still find it gone.  Until the start-up index is loaded, a
+        manifest only on disk cannot be ruled out, so it counts as held.
+        """
+        if digest in self._deleting:
+            return False
+        if digest in self._manifests:
+            return True
+        entry = self.index.get(digest)
+        if entry is not None:
+            return entry.kind == MANIFEST
+        return not self.index.ready
 
     def put_manifest(self, manifest: Manifest) -> Deferred:
         """
         Store a manifest whose bytes were already checked against its digest.
         Never fails: a manifest the disk cannot take (ENOSPC, EIO) is logged
-        and answered from memory all the same.
+        and answered from memory all the same.  Pinned while it is written,
+        as a blob is while committed (the bytes may be indexed already).
         """
         self._remember(manifest)
+        release = self.pin(manifest.digest)
         d = self._after_delete(manifest.digest)
         d.addCallback(lambda _: self._run(self._write_manifest, manifest))
-        d.addCallback(lambda refs: self.index.add(manifest.digest, manifest.size, MANIFEST, refs))
+        d.addCallback(lambda written: self._stored(manifest, *written))
+        d.addBoth(lambda result: (release(), result)[1])
         d.addErrback(self._write_failed)
         d.addErrback(lambda f: self.log.warn(
             "Could not store manifest {digest}, serving it from memory: {error}",
@@ -326,16 +417,22 @@ class Store:
             self.index.on_full()
         return failure
 
-    def _write_manifest(self, m: Manifest) -> List[Digest]:
+    def _write_manifest(self, m: Manifest) -> Tuple[List[Digest], Identity]:
         """
         The body first, then the type record: a type record whose body is
-        missing would hide a manifest the store no longer has.  Returns what
-        the manifest references (parsed here, off the reactor).
+        missing would hide a manifest the store no longer has.  The body is
+        written even if a file of that name is there: it may be the bad copy
+        that made this manifest a miss.  Returns what the manifest
+        references (parsed here, off the reactor) and the body's identity.
         """
-        if not os.path.exists(self.blob_path(m.digest)):
-            self._write_atomic(self.blob_path(m.digest), m.body)
+        body = self.blob_path(m.digest)
+        self._write_atomic(body, m.body)
         self._write_atomic(self._path("manifests", m.digest), m.media_type.encode("utf-8"))
-        return [ref for ref, _ in references(m.body)]
+        return [ref for ref, _ in references(m.body)], _identity(os.stat(body))
+
+    def _stored(self, m: Manifest, refs: List[Digest], identity: Identity) -> None:
+        self.index.add(m.digest, m.size, MANIFEST, refs)
+        self._remember(m, identity)
 
     def _write_atomic(self, final: str, data: bytes) -> None:
         tmp = os.path.join(self.tmp_dir, f"w.{uuid.uuid4().hex}")
@@ -354,22 +451,33 @@ class Store:
         finally:
             os.close(fd)
 
-    def _remember(self, m: Manifest) -> None:
-        if m.digest in self._manifests:
+    def _remember(self, m: Manifest, identity: Optional[Identity] = None) -> None:
+        """
+        Hold ``m`` in memory as the most recently used, within
+        ``memory_limit`` bytes: the least recently used go first.
+        ``identity`` is its file's, once it has one.
+        """
+        held = self._manifests.get(m.digest)
+        if held is not None:
+            self._manifests.move_to_end(m.digest)
+            if identity is not None:
+                held.identity = identity
             return
-        while self._manifests and self._manifest_bytes + m.size > self.memory_limit:
-            old = self._manifests.pop(next(iter(self._manifests)))
-            self._manifest_bytes -= old.size
-        self._manifests[m.digest] = m
+        if m.size > self.memory_limit:
+            return
+        while self._manifest_bytes + m.size > self.memory_limit:
+            _, old = self._manifests.popitem(last=False)
+            self._manifest_bytes -= old.manifest.size
+        self._manifests[m.digest] = _Held(m, identity)
         self._manifest_bytes += m.size
 
     # Eviction
 
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory: it is about to be evicted."""
-        m = self._manifests.pop(digest, None)
-        if m is not None:
-            self._manifest_bytes -= m.size
+        held = self._manifests.pop(digest, None)
+        if held is not None:
+            self._manifest_bytes -= held.manifest.size
 
     def delete(self, victims: List[Tuple[Digest, Entry]]) -> Deferred:
         """
@@ -397,6 +505,21 @@ class Store:
 
         return self._run(_unlink_all, paths).addBoth(done)
 
+    def _discard(self, digest: Digest, entry: Entry) -> None:
+        """
+        A file found bad when opened: out of the index and memory now, off
+        the disk in a thread, and meanwhile a miss, so a new copy waits to
+        be committed until the bad one is gone.  A file being read or
+        written is left alone: a reader holds its own descriptor, a write
+        replaces it, and the next open finds it again if neither did.
+        """
+        if digest in self.index.pins or digest in self._deleting:
+            return
+        self.index.remove(digest)
+        self.forget(digest)
+        self.delete([(digest, entry)]).addErrback(
+            lambda f: self.log.failure("Removing the bad copy of {digest} failed", f, digest=str(digest)))
+
     def _after_delete(self, digest: Digest) -> Deferred:
         waiters = self._deleting.get(digest)
         if waiters is None:
@@ -411,7 +534,8 @@ class Store:
         """
         A Deferred of the Scan of everything under ``blobs/``, made in a
         thread from ``scandir`` and ``stat`` and the manifests' own bytes: no
-        blob is hashed.
+        blob is hashed, and nothing is deleted (requests are being served
+        meanwhile; ``regcache verify`` removes what cannot be served).
         """
         return self._run(self._scan)
 
@@ -443,15 +567,19 @@ class Store:
         refs: Dict = {}
         for digest, entry in self.walk("manifests"):
             if digest is None or digest not in sizes:
-                # A type record without its body (left by an older layout):
-                # the files win, the record goes.
-                _unlink_all([entry.path])
+                # Its body landed after the walk of blobs/ (the live index
+                # has it), or it has none and reads as missing.  Deleting
+                # here, beside requests, could take a record just written.
                 continue
             try:
                 with open(self.blob_path(digest), "rb") as f:
-                    refs[digest] = tuple(references(f.read(MAX_MANIFEST + 1)))
+                    body = f.read(MAX_MANIFEST + 1)
             except FileNotFoundError:
                 continue
+            # Bytes that do not match their digest name nothing: an edited
+            # manifest must not make good layers look the wrong size.  It
+            # is removed when it is first asked for.
+            refs[digest] = tuple(references(body)) if Digest.of(body, digest.algorithm) == digest else ()
         declared = {ref: size for rs in refs.values() for ref, size in rs if size is not None}
         found.sort(key=lambda t: t[0])
         entries: "OrderedDict[Digest, Entry]" = OrderedDict()
@@ -500,6 +628,38 @@ def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
     return Digest(algorithm, name)
 
 
+_FOUND, _SAME, _GONE, _CORRUPT, _MISSING = "found", "same", "gone", "corrupt", "missing"
+
+
+def _read_manifest(record: str, body: str, digest: Digest, known: Optional[Identity]):
+    """
+    (status, manifest, identity) of a stored manifest, read in a thread:
+    _SAME if its body is still the file of identity ``known``, _FOUND with
+    the manifest if its bytes match ``digest``, _CORRUPT if they do not,
+    _GONE if the body is missing, _MISSING if it is no manifest here (no
+    type record, or too big to be one).
+    """
+    try:
+        st = os.stat(body)
+    except FileNotFoundError:
+        return _GONE, None, None
+    if _identity(st) == known:
+        return _SAME, None, known
+    try:
+        with open(record, "r", encoding="utf-8") as f:
+            media_type = f.read().strip()
+        with open(body, "rb") as f:
+            identity = _identity(os.fstat(f.fileno()))
+            data = f.read(MAX_MANIFEST + 1)
+    except FileNotFoundError:
+        return _MISSING, None, None
+    if len(data) > MAX_MANIFEST:
+        return _MISSING, None, None
+    if Digest.of(data, digest.algorithm) != digest:
+        return _CORRUPT, None, identity
+    return _FOUND, Manifest(data, media_type, digest), identity
+
+
 def _scandir(path: str) -> List[os.DirEntry]:
     try:
         with os.scandir(path) as it:
@@ -514,6 +674,11 @@ def _unlink_all(paths: List[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _touch(paths: List[str], when: float) -> None:

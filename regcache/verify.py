@@ -7,7 +7,9 @@ The server never rehashes at start (that would make start-up as slow as the
 disk), and a file under ``blobs/`` was verified when it landed; this command
 is for the cases that promise cannot cover: a disk that rots, a hand edit, a
 restore from a backup.  It is safe to run beside a live server, which treats
-a file that vanished as a miss and fetches it again.
+a file that vanished as a miss and fetches it again (a manifest it holds in
+memory too: that copy is served only while its file is unchanged), and
+whose good copy stored meanwhile under a bad file's name is left alone.
 
 Hashing streams each file in 1 MiB reads, a few files at a time in threads
 (hashlib releases the GIL), so memory stays bounded however big the store.
@@ -28,7 +30,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, TextIO
+from typing import List, Optional, Sequence, Set, TextIO, Tuple
 
 from regcache import config as settings
 from regcache.reference import Digest
@@ -51,14 +53,15 @@ class Report:
         return len(self.corrupt) + len(self.strays) + len(self.records)
 
 
-def hash_file(path: str, digest: Digest) -> Optional[bool]:
+def hash_file(path: str, digest: Digest) -> Optional[Tuple[bool, int]]:
     """
-    Whether the file's bytes match ``digest``; None if it vanished (evicted
-    by a live server meanwhile).
+    Whether the file's bytes match ``digest``, and the inode that was read;
+    None if it vanished (evicted by a live server meanwhile).
     """
     h = digest.hasher()
     try:
         with open(path, "rb", buffering=0) as f:
+            inode = os.fstat(f.fileno()).st_ino
             while True:
                 chunk = f.read(CHUNK)
                 if not chunk:
@@ -66,7 +69,7 @@ def hash_file(path: str, digest: Digest) -> Optional[bool]:
                 h.update(chunk)
     except FileNotFoundError:
         return None
-    return h.hexdigest() == digest.hex
+    return h.hexdigest() == digest.hex, inode
 
 
 def verify(root: str, out: TextIO, jobs: int = 2) -> Report:
@@ -86,9 +89,10 @@ def verify(root: str, out: TextIO, jobs: int = 2) -> Report:
             files.append((digest, entry.path))
     bad: Set[Digest] = set()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for (digest, path), ok in zip(files, pool.map(lambda f: hash_file(f[1], f[0]), files)):
-            if ok is None:
+        for (digest, path), hashed in zip(files, pool.map(lambda f: hash_file(f[1], f[0]), files)):
+            if hashed is None:
                 continue
+            ok, inode = hashed
             report.checked += 1
             try:
                 report.bytes += os.path.getsize(path)
@@ -98,9 +102,11 @@ def verify(root: str, out: TextIO, jobs: int = 2) -> Report:
                 bad.add(digest)
                 report.corrupt.append(str(digest))
                 out.write(f"corrupt: {digest} ({path})\n")
-                _remove(path)
+                _remove(path, inode)
     for digest, entry in store.walk("manifests"):
-        if digest is None or digest in bad or not os.path.exists(store.blob_path(digest)):
+        # A record goes only with its body: a corrupt body that a live
+        # server replaced meanwhile is a good manifest again.
+        if digest is None or not os.path.exists(store.blob_path(digest)):
             if digest not in bad:
                 report.records.append(entry.path)
                 out.write(f"type record without a manifest: {entry.path}\n")
@@ -130,9 +136,14 @@ def _drop_tags(tags_root: str, bad: Set[str], report: Report, out: TextIO) -> No
                 _remove(path)
 
 
-def _remove(path: str) -> None:
+def _remove(path: str, inode: Optional[int] = None) -> None:
+    """
+    Remove ``path``; given ``inode``, only if it is still that file: a live
+    server may have put a good copy in its place since it was read.
+    """
     try:
-        os.unlink(path)
+        if inode is None or os.stat(path).st_ino == inode:
+            os.unlink(path)
     except FileNotFoundError:
         pass
 

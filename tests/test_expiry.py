@@ -151,8 +151,9 @@ class EvictionTests(Base):
     def test_blob_being_written_counts_but_is_never_chosen(self):
         """
         A download under way counts toward the limit with its announced
-        size as soon as upstream answers, so room is made before its bytes
-        arrive; the download itself is untouchable.
+        size (up to ``Index.ahead`` past its bytes) as soon as upstream
+        answers, so room is made before its bytes arrive; the download
+        itself is untouchable.
         """
         digests = self.add(6)
         data, digest = blob(4000, b"big")
@@ -169,6 +170,63 @@ class EvictionTests(Base):
         self.assertTrue(os.path.exists(self.store.blob_path(digest)))
         self.assertEqual((self.store.index.writing, self.store.index.written), (0, 0))
         self.assertLessEqual(self.store.index.total, self.limit * Expiry.HIGH)
+
+    def test_blob_larger_than_the_limit_is_refused_before_any_eviction(self):
+        """
+        A blob whose announced length is past the cache's limit is refused
+        with a 503 that says so, before anything is evicted for it; no temp
+        file or count of it is left.
+        """
+        digests = self.add(5)
+        _, digest = blob(10, b"huge")
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        self.rig.upstream.answer(0, FedBody(200, {b"Content-Length": [b"20000"]}))
+        self.assertEqual(c.status(), 503)
+        error = json.loads(c.body())["errors"][0]
+        self.assertEqual(error["code"], "UNAVAILABLE")
+        self.assertIn("20000 bytes is larger than the cache limit of 10000 bytes", error["message"])
+        self.assertEqual(self.present(digests), [True] * 5)
+        self.assertEqual(self.rig.temp_files(), [])
+        self.assertEqual((self.store.index.writing, self.store.index.written), (0, 0))
+
+    def test_announced_length_evicts_only_a_step_ahead_of_the_bytes(self):
+        """
+        A download counts its announced length only ``Index.ahead`` bytes
+        beyond what it wrote: an upstream that announces more than it sends
+        costs at most one step of evictions, not everything evictable.
+        """
+        self.store.index.ahead = 1000
+        digests = self.add(9)
+        data, digest = blob(9000, b"liar")
+        self.rig.client(f"/v2/library/a/blobs/{digest}")
+        body = FedBody(200, {b"Content-Length": [b"9000"]})
+        self.rig.upstream.answer(0, body)
+        self.assertEqual((self.store.index.writing, self.store.index.written), (1000, 0))
+        self.assertEqual(self.present(digests), [False, False] + [True] * 7)
+        body.feed(data[:500])
+        self.assertEqual((self.store.index.writing, self.store.index.written), (1500, 500))
+        self.assertEqual(self.present(digests), [False, False] + [True] * 7)
+
+    def test_blob_of_unknown_length_stops_at_the_limit(self):
+        """
+        A blob sent without a length fails once it passes the limit, rather
+        than grow without end: its client (still waiting for the length) is
+        told why, and the temp file and its count are gone.
+        """
+        data, digest = blob(12_000, b"endless")
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        body = FedBody(200)
+        self.rig.upstream.answer(0, body)
+        for i in range(0, len(data), 1000):
+            body.feed(data[i:i + 1000])
+            if body.transport.producerState == "stopped":
+                break
+        self.assertEqual(body.transport.producerState, "stopped")
+        body.die()  # what stopProducing does to a real response
+        self.assertEqual(c.status(), 503)
+        self.assertIn(b"larger than the cache limit of 10000 bytes", c.body())
+        self.assertEqual(self.rig.temp_files(), [])
+        self.assertEqual((self.store.index.writing, self.store.index.written), (0, 0))
 
     def test_evicted_blob_is_fetched_again(self):
         """An evicted blob is a plain miss: the next request goes upstream."""
@@ -225,13 +283,13 @@ class ManifestTests(Base):
         layer, other = self.add(2)
         m = manifest_of(OCI_MANIFEST, layers=[(layer, 1000)])
         self.store.put_manifest(m)
-        self.assertIsNotNone(self.store.manifest(m.digest))
+        self.assertIsNotNone(self.successResultOf(self.store.manifest(m.digest)))
         self.clock.advance(1)
         fd, _ = self.store.open_blob(other)
         os.close(fd)
         self.add(7, seed=b"more")
         self.add(1, size=300, seed=b"small")
-        self.assertIsNone(self.store.manifest(m.digest))
+        self.assertIsNone(self.successResultOf(self.store.manifest(m.digest)))
         self.assertFalse(os.path.exists(self.store.blob_path(m.digest)))
         self.assertFalse(os.path.exists(self.store._path("manifests", m.digest)))
         self.assertEqual(self.present([layer, other]), [False, True])
@@ -249,7 +307,7 @@ class ManifestTests(Base):
         self.store.put_manifest(top)
         self.add(3, seed=b"newer")
         self.store.forget(top.digest)
-        self.assertIsNotNone(self.store.manifest(top.digest))
+        self.assertIsNotNone(self.successResultOf(self.store.manifest(top.digest)))
         order = list(self.store.index.entries)
         self.assertEqual(order[0], other)
         self.assertEqual(set(order[-3:]), {layer, child.digest, top.digest})
@@ -314,6 +372,68 @@ class RaceTests(Base):
             self.assertEqual(f.read(), data)
         self.assertIn(digest, self.store.index)
 
+    def test_refetched_blob_survives_an_eviction_of_the_bad_copy(self):
+        """
+        A cached blob whose file has the wrong size is fetched again; an
+        eviction that runs while the new copy is being renamed into place
+        cannot delete it: the bad copy left the index when it was found,
+        and a blob being committed is never chosen.
+        """
+        data, digest = blob(3000, b"torn")
+        self.store._run = inline
+        cache_blob(self.store, data, digest)
+        self.store._run = self.runner
+        with open(self.store.blob_path(digest), "r+b") as f:
+            f.truncate(1000)
+        c = self.rig.client(f"/v2/library/a/blobs/{digest}")
+        self.assertNotIn(digest, self.store.index)
+        body = FedBody(200, {b"Content-Length": [b"3000"]})
+        self.rig.upstream.answer(0, body)
+        body.feed(data)
+        body.end()
+        self.assertEqual(c.body(), data)
+        self.store.delete(self.store.index.choose(0))
+        self.runner.run_all()
+        self.assertEqual(self.rig.blob_file(digest), data)
+        self.assertEqual(self.store.index.get(digest).size, 3000)
+
+    def test_blob_being_committed_is_not_evicted(self):
+        """
+        A blob whose digest is already indexed (a file being replaced) is
+        not chosen for eviction while its new copy is being renamed into
+        place: the deletion would otherwise remove the new file.
+        """
+        data, digest = blob(1000, b"replace")
+        self.store._run = inline
+        cache_blob(self.store, data, digest)
+        self.store._run = self.runner
+        w = self.store.new_writer(digest)
+        w.write(data)
+        self.assertTrue(w.matches(1000))
+        committed = w.commit()
+        self.assertNotIn(digest, [d for d, _ in self.store.index.choose(0)])
+        self.runner.run_all()
+        self.successResultOf(committed)
+        w.close()
+        self.assertEqual(self.rig.blob_file(digest), data)
+        self.assertEqual(self.store.index.pins, {})
+
+    def test_manifest_being_stored_is_not_evicted(self):
+        """
+        Bytes cached as a blob and now being stored as a manifest are not
+        evicted while the manifest's files are written.
+        """
+        m = manifest_of(OCI_MANIFEST, layers=[])
+        self.store._run = inline
+        cache_blob(self.store, m.body, m.digest)
+        self.store._run = self.runner
+        stored = self.store.put_manifest(m)
+        self.assertEqual(self.store.index.choose(0), [])
+        self.runner.run_all()
+        self.successResultOf(stored)
+        self.assertEqual(self.store.index.get(m.digest).kind, MANIFEST)
+        self.assertTrue(os.path.exists(self.store._path("manifests", m.digest)))
+        self.assertEqual(self.store.index.pins, {})
 
     def test_room_pauses_a_chunk_early(self):
         """
@@ -443,10 +563,29 @@ class StartupIndexTests(SynchronousTestCase):
         self.assertEqual(store.index.get(digest).size, 3000)
         self.assertIsNone(store.open_blob(digest))
 
+    def test_edited_manifest_declares_nothing_at_start(self):
+        """
+        A manifest edited on disk to declare another size for a layer does
+        not make the good layer a miss after a restart: bytes that do not
+        match their digest name nothing.
+        """
+        data, digest = blob(3000, b"good layer")
+        cache_blob(self.rig.store, data, digest)
+        m = manifest_of(OCI_MANIFEST, layers=[(digest, 3000)])
+        self.rig.store.put_manifest(m)
+        with open(self.rig.store.blob_path(m.digest), "wb") as f:
+            f.write(m.body.replace(b"3000", b"2999"))
+        store, _ = self.restart()
+        self.assertEqual(store.index.get(digest).size, 3000)
+        fd, size = store.open_blob(digest)
+        os.close(fd)
+        self.assertEqual(size, 3000)
+
     def test_orphan_type_records_and_strays(self):
         """
-        A type record with no body is removed (the files win); a file whose
-        name is no digest is ignored and counted.
+        A type record with no body is not indexed, and a file whose name is
+        no digest is ignored and counted; the scan deletes neither (that is
+        ``regcache verify``'s job: the scan runs while requests are served).
         """
         m = manifest_of(OCI_MANIFEST, layers=[])
         self.rig.store.put_manifest(m)
@@ -457,7 +596,30 @@ class StartupIndexTests(SynchronousTestCase):
         store = Store(self.rig.root, inline, self.rig.reactor.seconds)
         scan = self.successResultOf(store.scan())
         self.assertEqual(scan.strays, 1)
-        self.assertFalse(os.path.exists(store._path("manifests", m.digest)))
+        self.assertNotIn(m.digest, scan.entries)
+        self.assertTrue(os.path.exists(stray))
+        self.assertTrue(os.path.exists(store._path("manifests", m.digest)))
+
+    def test_manifest_stored_during_the_scan_keeps_its_type_record(self):
+        """
+        A manifest whose files land after the scan walked ``blobs/`` but
+        before it walked ``manifests/`` keeps its type record: it is still
+        a manifest after the scan, and after the next restart.
+        """
+        m = manifest_of(OCI_MANIFEST, layers=[])
+        store = Store(self.rig.root, inline, self.rig.reactor.seconds)
+        walk = store.walk
+
+        def walk_then_store(kind="blobs"):
+            if kind == "manifests":
+                store._write_manifest(m)  # what put_manifest's thread does, meanwhile
+            return walk(kind)
+
+        store.walk = walk_then_store
+        self.successResultOf(store.scan())
+        self.assertTrue(os.path.exists(store._path("manifests", m.digest)))
+        later, _ = self.restart()
+        self.assertEqual(later.index.get(m.digest).kind, MANIFEST)
 
     def test_commits_during_the_scan_are_kept(self):
         """

@@ -13,6 +13,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from regcache import verify as verify_module
 from regcache.verify import main
 from tests.integration.procs import REPO
 from tests.support import Rig, blob
@@ -73,6 +74,28 @@ class VerifyTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(self.store._path("manifests", self.manifest.digest)))
         self.assertFalse(os.path.exists(self.tag))
         self.assertTrue(os.path.exists(self.store.blob_path(self.layer[1])))
+
+    def test_good_copy_stored_meanwhile_is_kept(self):
+        """
+        Beside a live server: a corrupt manifest that the server stored
+        again after verify read the bad bytes keeps its new body and its
+        type record; only the bad file would have been removed.
+        """
+        self.corrupt(self.manifest.digest)
+        real = verify_module.hash_file
+
+        def hash_then_store_again(path, digest):
+            result = real(path, digest)
+            if digest == self.manifest.digest:
+                self.store._write_manifest(self.manifest)
+            return result
+
+        self.patch(verify_module, "hash_file", hash_then_store_again)
+        code, out = self.verify()
+        self.assertEqual(code, 1, out)
+        self.assertIn(f"corrupt: {self.manifest.digest}", out)
+        self.assertEqual(self.rig.blob_file(self.manifest.digest), self.manifest.body)
+        self.assertTrue(os.path.exists(self.store._path("manifests", self.manifest.digest)))
 
     def test_strays_and_orphan_records(self):
         """A file that is no digest and a type record without a body are problems too."""

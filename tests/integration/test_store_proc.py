@@ -93,6 +93,69 @@ def alternates(images_dir, hub):
     return moved
 
 
+def stored_path(storage, digest):
+    """Where regcache keeps a blob's or a manifest's bytes."""
+    hex_ = digest.split(":", 1)[1]
+    return os.path.join(storage, "blobs", "sha256", hex_[:2], hex_)
+
+
+def get_manifest(rc, image, reference):
+    """(status, Docker-Content-Digest, body) of a manifest GET."""
+    status, headers, body = rc.get(f"/v2/{image.repo}/manifests/{reference}",
+                                   headers={"Accept": image.media_type})
+    return status, headers.get("Docker-Content-Digest"), body
+
+
+def test_manifest_edited_on_disk_is_never_served(hub, regcache, images, tmp_path):
+    """
+    A manifest rewritten on disk (still valid JSON) while regcache was down
+    is not served after the restart, by tag nor by digest: regcache fetches
+    it again, skopeo pulls the image by tag, and verify passes.
+    """
+    image = images["library/small:1"]
+    rc = regcache()
+    assert get_manifest(rc, image, "1") == (200, image.digest, image.manifest)
+    rc.stop()
+    path = stored_path(rc.storage, image.digest)
+    with open(path, "wb") as f:
+        f.write(json.dumps(json.loads(image.manifest), indent=1).encode())
+    gets = hub.stats()["manifest_gets_total"]
+    rc.start()
+    for reference in ("1", image.digest):
+        assert get_manifest(rc, image, reference) == (200, image.digest, image.manifest), reference
+    assert hub.stats()["manifest_gets_total"] == gets + 1
+    r = skopeo_pull(f"{rc.host}/library/small:1", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    assert dir_digests(str(tmp_path / "s")) == expected_files(image)
+    code, out = verify(rc.storage)
+    assert code == 0, out
+
+
+def test_verify_beside_a_live_server_removes_a_manifest_for_good(hub, regcache, images):
+    """
+    ``regcache verify`` run beside a live server removes a manifest that
+    rotted on disk, and the server notices: instead of its memory copy it
+    fetches the manifest again and stores it, so the next verify finds it
+    on disk and clean.
+    """
+    image = images["library/small:1"]
+    rc = regcache()
+    assert get_manifest(rc, image, image.digest) == (200, image.digest, image.manifest)
+    path = stored_path(rc.storage, image.digest)
+    with open(path, "r+b") as f:
+        f.seek(10)
+        f.write(b"\xff")
+    code, out = verify(rc.storage)
+    assert code == 1 and f"corrupt: {image.digest}" in out, out
+    gets = hub.stats()["manifest_gets_total"]
+    assert get_manifest(rc, image, image.digest) == (200, image.digest, image.manifest)
+    assert hub.stats()["manifest_gets_total"] == gets + 1
+    with open(path, "rb") as f:
+        assert f.read() == image.manifest
+    code, out = verify(rc.storage)
+    assert code == 0 and "checked 1 files" in out, out
+
+
 def test_curl_resumes_a_broken_download(hub, regcache, images, tmp_path):
     """
     curl, cut off part-way through a cold blob, resumes with ``-C -`` (a
