@@ -20,8 +20,7 @@ from regcache.errors import RegistryError
 from regcache.reference import Digest, check_name, split_path
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-PUSH_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
-ALL_METHODS = ["GET", "HEAD"] + PUSH_METHODS
+PULL_METHODS = ["GET", "HEAD"]
 
 
 def merged_accept(request) -> list:
@@ -92,7 +91,10 @@ class RegistryRoutes:
 
     # The registry API
 
-    @app.route("/v2/", methods=ALL_METHODS)
+    # The registry routes take every method, so that a push or an OPTIONS
+    # gets the registry's own refusal.  /v2 is answered as /v2/: werkzeug's
+    # redirect would carry no Location and cost a round trip for nothing.
+    @app.route("/v2/", strict_slashes=False)
     def base(self, request):
         request.setHeader(*API_VERSION)
         if request.method not in (b"GET", b"HEAD"):
@@ -100,7 +102,17 @@ class RegistryRoutes:
         request.setHeader("Content-Type", "application/json")
         return sized(request, b"{}")
 
-    @app.route("/v2/<path:rest>", methods=ALL_METHODS)
+    @app.route("/v2/_catalog")
+    def catalog(self, request):
+        """
+        A mirror knows only what its clients happened to ask for, and a
+        list of it would show every client the repositories (private ones
+        too) that others pulled; Docker Hub offers no catalog either.
+        """
+        request.setHeader(*API_VERSION)
+        raise RegistryError("UNSUPPORTED", "regcache is a mirror and offers no catalog", status=404)
+
+    @app.route("/v2/<path:rest>")
     async def api(self, request, rest):
         request.setHeader(*API_VERSION)
         # Route on the raw path: Klein has percent-decoded ``rest``, and an
@@ -110,10 +122,10 @@ class RegistryRoutes:
             raise RegistryError("NAME_INVALID", "encoded characters are not allowed in registry paths")
         parts = split_path(raw[len("/v2/"):])
         if parts is None:
-            raise RegistryError("NAME_INVALID", "not a registry v2 pull path", status=404)
+            raise RegistryError("UNSUPPORTED", "not a registry v2 pull path", status=404)
         name, kind, reference = parts
         check_name(name)
-        if request.method not in (b"GET", b"HEAD") or (kind == "tags" and request.method != b"GET"):
+        if request.method not in (b"GET", b"HEAD"):
             raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
         route = self.policy.route(name, ns)
@@ -121,8 +133,6 @@ class RegistryRoutes:
             return await self._manifest(request, route, reference)
         if kind == "blobs":
             return await self._blob(request, route, reference)
-        if reference:
-            raise RegistryError("NAME_INVALID", "not a registry v2 pull path", status=404)
         return await self._tags(request, route, name)
 
     async def _manifest(self, request, route, reference):
@@ -192,6 +202,10 @@ class RegistryRoutes:
         request.setHeader("Content-Type", "application/json")
         for k, v in error.headers.items():
             request.setHeader(k, v)
+        if error.status == 405 and not request.responseHeaders.hasHeader(b"allow"):
+            # A 405 must say what is allowed (RFC 9110 §15.5.6); on a
+            # read-only mirror's registry paths that is always a pull.
+            request.setHeader("Allow", ", ".join(PULL_METHODS))
         if error.code == "UNAUTHORIZED" and not request.responseHeaders.hasHeader(b"www-authenticate"):
             request.setHeader("WWW-Authenticate", 'Basic realm="regcache"')
         request.error_code = error.code
@@ -205,7 +219,8 @@ class RegistryRoutes:
         """
         code = failure.value.code
         if code == 405:
-            error = RegistryError("UNSUPPORTED", "method not supported")
+            allowed = ", ".join(sorted(failure.value.valid_methods))
+            error = RegistryError("UNSUPPORTED", "method not supported", headers={"Allow": allowed})
         elif request.path.startswith(b"/v2/"):
             error = RegistryError("NAME_INVALID", "not a valid registry path")
         else:
