@@ -8,9 +8,10 @@ calls) that touches the global reactor or the process environment.
 import os
 import sys
 
+from twisted import copyright
 from twisted.python import usage
 
-from regcache import config as settings
+from regcache import __version__, config as settings
 
 
 class Options(usage.Options):
@@ -18,12 +19,21 @@ class Options(usage.Options):
     longdesc = (
         "A pull-through cache for Docker Hub and other OCI registries. Every option can also be "
         "set in the environment (names in brackets); the command line wins, then the environment, "
-        "then the default."
+        "then the default.\n\n"
+        "`regcache verify [--storage DIR]` re-hashes every cached file and removes those that do "
+        "not match their digest (exit status 1 if any did); `regcache verify --help` for more."
     )
     optParameters = [
         [s.name, None, None, f"{s.help} [{', '.join(s.env)}]" + (f" (default: {s.default})" if s.default else "")]
         for s in settings.SETTINGS
     ]
+
+    def opt_version(self):
+        """
+        Display regcache's version (and Twisted's) and exit.
+        """
+        print(f"regcache {__version__} (Twisted {copyright.version})")
+        sys.exit(0)
 
 
 def makeService(options):

@@ -84,3 +84,27 @@ def test_twistd_prints_one_line_for_a_bad_value(tmp_path):
     assert r.returncode != 0
     lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip()]
     assert lines[-1] == "regcache: --tag-ttl: not a duration: 'soon' (use e.g. 60s, 5m, 1h)"
+
+
+def _regcache(*args):
+    """(exit status, stdout) of the ``regcache`` command (as ``python -m regcache``)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "regcache", *args], capture_output=True, text=True,
+                       timeout=60, env=env)
+    return r.returncode, r.stdout
+
+
+def test_version_is_regcaches():
+    """`regcache --version` prints regcache's version, not only Twisted's."""
+    from regcache import __version__
+
+    status, out = _regcache("--version")
+    assert status == 0
+    assert out.splitlines()[0].startswith(f"regcache {__version__}")
+
+
+def test_help_mentions_verify():
+    """`regcache --help` tells the operator that `regcache verify` exists and what it does."""
+    status, out = _regcache("--help")
+    assert status == 0
+    assert "regcache verify" in out
