@@ -55,12 +55,16 @@ class RegistryRoutes:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, mirror, policy, metrics, reactor, ready=lambda: True):
+    def __init__(self, mirror, policy, metrics, reactor, not_ready):
+        """
+        ``not_ready()`` is None when this process should get clients, else
+        why not (regcache.readiness).
+        """
         self.mirror = mirror
         self.policy = policy
         self.metrics = metrics
         self.reactor = reactor
-        self.ready = ready
+        self.not_ready = not_ready
 
     # Probes and metrics
 
@@ -76,10 +80,11 @@ class RegistryRoutes:
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     def readyz(self, request):
-        request.setHeader("Content-Type", "text/plain")
-        if not self.ready():
+        request.setHeader("Content-Type", "text/plain; charset=utf-8")
+        problem = self.not_ready()
+        if problem:
             request.setResponseCode(503)
-            return sized(request, b"not ready\n")
+            return sized(request, f"not ready: {problem}\n")
         return sized(request, b"ready\n")
 
     @app.route("/metrics", methods=["GET"])

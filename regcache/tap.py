@@ -43,14 +43,9 @@ def makeService(options):
 
     cli = {s.name: options[s.name] for s in settings.SETTINGS}
     try:
-        config = settings.load(cli, os.environ)
-        return build(config, reactor)
+        return build(settings.load(cli, os.environ), reactor)
     except settings.ConfigError as e:
         raise SystemExit(f"regcache: {e}")
-    except ValueError as e:
-        raise SystemExit(f"regcache: --listen: {e}")
-    except OSError as e:
-        raise SystemExit(f"regcache: --storage: cannot use {e.filename or ''}: {e.strerror}")
 
 
 def main(argv=None):

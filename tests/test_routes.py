@@ -29,7 +29,10 @@ class ProbeTests(SynchronousTestCase):
         self.rig = Rig()
 
     def test_root_and_health(self):
-        """The seed's probes hit /; /healthz and /readyz answer 200 too."""
+        """The seed's probes hit /; /healthz answers 200 too, and /readyz once the store is indexed."""
+        from regcache.expiry import Expiry
+
+        Expiry(self.rig.store, None, self.rig.reactor).startService()
         for path in ("/", "/healthz", "/readyz"):
             self.assertEqual(self.rig.client(path).status(), 200, path)
 
