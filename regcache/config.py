@@ -1,3 +1,4 @@
+# test-case-name: tests.test_config
 """
 The settings regcache runs with, merged once from the command line, the
 environment and the defaults, in that order of precedence.

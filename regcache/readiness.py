@@ -1,9 +1,10 @@
+# test-case-name: tests.test_readiness
 """
 What ``/readyz`` answers: whether this process should be sent clients.
 
-It is ready once the store's start-up index has loaded (before that, every
-miss looks like a cold blob and eviction cannot run) and while the store can
-be written.  Writability is probed in the store's thread pool every
+It is ready once the store's start-up index has loaded (before that the
+store's size is unknown and eviction cannot run) and while the store can be
+written.  Writability is probed in the store's thread pool every
 ``EVERY`` seconds and the answer cached, so the probe request itself never
 touches the disk.
 
@@ -95,14 +96,18 @@ class Readiness(Service):
             self._loop.stop()
 
     def _check(self) -> None:
-        if self._probing is not None:
-            # The last probe has not returned in a whole period; do not
-            # start another to hang beside it in the pool.
-            self._set(f"a write has not returned for {self.EVERY:.0f}s")
-            return
-        self._probing = self.run(probe, self.root)
-        self._probing.addCallbacks(lambda _: self._set(None), lambda f: self._set(f.getErrorMessage()))
-        self._probing.addBoth(self._probed)
+        # A LoopingCall stops for good on its first exception: log instead.
+        try:
+            if self._probing is not None:
+                # The last probe has not returned in a whole period; do not
+                # start another to hang beside it in the pool.
+                self._set(f"a write has not returned for {self.EVERY:.0f}s")
+                return
+            self._probing = self.run(probe, self.root)
+            self._probing.addCallbacks(lambda _: self._set(None), lambda f: self._set(f.getErrorMessage()))
+            self._probing.addBoth(self._probed)
+        except Exception:
+            self.log.failure("Checking that the store can be written failed")
 
     def _probed(self, _) -> None:
         self._probing = None

@@ -1,3 +1,4 @@
+# test-case-name: tests.test_reference
 """
 The grammar of repository names, tags and digests, checked before anything
 touches the disk or the upstream.

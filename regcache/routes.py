@@ -1,3 +1,4 @@
+# test-case-name: tests.test_routes
 """
 The HTTP face of regcache: the registry v2 pull routes on a Klein app.
 

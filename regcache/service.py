@@ -1,3 +1,4 @@
+# test-case-name: tests.test_service,tests.integration.test_settings_proc
 """
 Wiring: builds the object graph from a Config and a reactor, and the
 service that twistd runs.

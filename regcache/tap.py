@@ -1,3 +1,4 @@
+# test-case-name: tests.test_config,tests.integration.test_settings_proc
 """
 The twistd plugin's options and service maker, and the ``regcache`` command.
 
