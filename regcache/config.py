@@ -1,3 +1,4 @@
+# test-case-name: tests.test_config
 """
 The settings regcache runs with, merged once from the command line, the
 environment and the defaults, in that order of precedence.
@@ -59,9 +60,10 @@ SETTINGS = (
     Setting("tag-ttl", ("REGCACHE_TAG_TTL",), "60s",
             "How long a tag is served from cache before it is revalidated upstream with a HEAD"),
     Setting("max-stale", ("REGCACHE_MAX_STALE",), "unlimited",
-            "Oldest tag (time since its last successful check) served while upstream fails"),
+            "Oldest tag (time since its last successful check) served while upstream fails; "
+            "0 never serves a tag stale, unlimited (or none, off) always does"),
     Setting("max-size", ("REGCACHE_MAX_SIZE",), "unlimited",
-            "Cache size limit in bytes, or with a suffix: 500M, 64Gi"),
+            "Cache size limit in bytes, or with a suffix: 500M, 64Gi; unlimited (or none, off) for none"),
     Setting("connect-timeout", ("REGCACHE_CONNECT_TIMEOUT",), "5s",
             "Upstream TCP/TLS connect timeout"),
     Setting("header-timeout", ("REGCACHE_HEADER_TIMEOUT",), "5s",
@@ -73,9 +75,20 @@ SETTINGS = (
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {
     "": 1, "b": 1,
-    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
+    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50,
 }
+
+#: Bounds past which a value can only be a typo.  They keep every value a
+#: finite number the reactor's timers and the store's byte counts can take:
+#: a 400-digit number would otherwise become an infinite float or an
+#: OverflowError far from the option that caused it.
+MAX_DURATION = 3650 * 86400
+MAX_SIZE = 2**60
+
+#: The words that lift a bound.  Zero is not one of them: ``--max-stale 0``
+#: means no stale serving at all, as ``0s`` does.
+_UNLIMITED = ("unlimited", "none", "off")
 
 
 def parse_duration(name: str, text: str) -> float:
@@ -85,24 +98,29 @@ def parse_duration(name: str, text: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
     if not m:
         raise ConfigError(f"--{name}: not a duration: {text!r} (use e.g. 60s, 5m, 1h)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION:
+        raise ConfigError(f"--{name}: too long: {text[:40]!r} (at most 3650d)")
+    return seconds
 
 
 def parse_size(name: str, text: str) -> int:
     """
     Bytes from ``1000``, ``500M`` (decimal) or ``64Gi`` (binary).
     """
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?|b)?\s*", text.lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]i?|b)?\s*", text.lower())
     if not m:
         raise ConfigError(f"--{name}: not a size: {text!r} (use e.g. 500M, 64Gi)")
-    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
-    if size <= 0:
-        raise ConfigError(f"--{name}: must be more than zero: {text!r}")
-    return size
+    size = float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""]
+    if size > MAX_SIZE:
+        raise ConfigError(f"--{name}: too large: {text[:40]!r} (at most 1024Pi)")
+    if int(size) <= 0:
+        raise ConfigError(f"--{name}: must be more than zero: {text!r} (or unlimited)")
+    return int(size)
 
 
 def _unlimited(text: str) -> bool:
-    return text.strip().lower() in ("", "0", "unlimited", "none", "off")
+    return text.strip().lower() in _UNLIMITED
 
 
 def parse_upstream(text: str) -> str:
@@ -118,7 +136,10 @@ def parse_upstream(text: str) -> str:
         parts.port
     except ValueError:
         raise ConfigError(f"--upstream: bad port in {text!r}") from None
-    return text.strip().rstrip("/")
+    # The registry's root, where regcache adds /v2/...: an upstream copied
+    # with its API path would otherwise be asked for /v2/v2/...
+    root = text.strip().rstrip("/")
+    return root[: -len("/v2")] if parts.path.rstrip("/").endswith("/v2") else root
 
 
 @dataclass(frozen=True)

@@ -57,13 +57,15 @@ class Policy:
     def stale_allowed(self, entry: Optional[TagEntry]) -> bool:
         """
         Whether a tag may be served from cache while its revalidation
-        failed: always, unless --max-stale bounds its age.
+        failed: always, unless --max-stale bounds its age.  The bound is
+        strict, so that 0 serves nothing stale, even a tag checked this
+        very instant.
         """
         if entry is None:
             return False
         if self.max_stale is None:
             return True
-        return self.clock.seconds() - entry.checked <= self.max_stale
+        return self.clock.seconds() - entry.checked < self.max_stale
 
     def failure(self, error: UpstreamError, what: str) -> RegistryError:
         """

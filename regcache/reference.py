@@ -1,3 +1,4 @@
+# test-case-name: tests.test_reference
 """
 The grammar of repository names, tags and digests, checked before anything
 touches the disk or the upstream.
@@ -59,9 +60,11 @@ class Digest:
         algorithm, encoded = m.groups()
         if algorithm not in ALGORITHMS:
             # Well-formed but unverifiable: refusing is safer than caching
-            # bytes nobody checked.
+            # bytes nobody checked.  A 400 DIGEST_INVALID, as distribution
+            # answers: the request is fine but for its digest.
             raise RegistryError(
-                "UNSUPPORTED", f"digest algorithm {algorithm!r} is not supported"
+                "DIGEST_INVALID",
+                f"digest algorithm {algorithm[:50]!r} is not supported (regcache verifies {', '.join(ALGORITHMS)})",
             )
         if len(encoded) != ALGORITHMS[algorithm] or not re.fullmatch("[a-f0-9]+", encoded):
             raise RegistryError("DIGEST_INVALID", f"invalid {algorithm} digest: {text[:200]!r}")

@@ -1,3 +1,4 @@
+# test-case-name: tests.test_routes
 """
 The HTTP face of regcache: the registry v2 pull routes on a Klein app.
 
@@ -19,8 +20,7 @@ from regcache.errors import RegistryError
 from regcache.reference import Digest, check_name, split_path
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-PUSH_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
-ALL_METHODS = ["GET", "HEAD"] + PUSH_METHODS
+PULL_METHODS = ["GET", "HEAD"]
 
 
 def merged_accept(request) -> list:
@@ -55,12 +55,16 @@ class RegistryRoutes:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, mirror, policy, metrics, reactor, ready=lambda: True):
+    def __init__(self, mirror, policy, metrics, reactor, not_ready):
+        """
+        ``not_ready()`` is None when this process should get clients, else
+        why not (regcache.readiness).
+        """
         self.mirror = mirror
         self.policy = policy
         self.metrics = metrics
         self.reactor = reactor
-        self.ready = ready
+        self.not_ready = not_ready
 
     # Probes and metrics
 
@@ -76,10 +80,11 @@ class RegistryRoutes:
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     def readyz(self, request):
-        request.setHeader("Content-Type", "text/plain")
-        if not self.ready():
+        request.setHeader("Content-Type", "text/plain; charset=utf-8")
+        problem = self.not_ready()
+        if problem:
             request.setResponseCode(503)
-            return sized(request, b"not ready\n")
+            return sized(request, f"not ready: {problem}\n")
         return sized(request, b"ready\n")
 
     @app.route("/metrics", methods=["GET"])
@@ -91,7 +96,10 @@ class RegistryRoutes:
 
     # The registry API
 
-    @app.route("/v2/", methods=ALL_METHODS)
+    # The registry routes take every method, so that a push or an OPTIONS
+    # gets the registry's own refusal.  /v2 is answered as /v2/: werkzeug's
+    # redirect would carry no Location and cost a round trip for nothing.
+    @app.route("/v2/", strict_slashes=False)
     def base(self, request):
         request.setHeader(*API_VERSION)
         if request.method not in (b"GET", b"HEAD"):
@@ -99,7 +107,17 @@ class RegistryRoutes:
         request.setHeader("Content-Type", "application/json")
         return sized(request, b"{}")
 
-    @app.route("/v2/<path:rest>", methods=ALL_METHODS)
+    @app.route("/v2/_catalog")
+    def catalog(self, request):
+        """
+        A mirror knows only what its clients happened to ask for, and a
+        list of it would show every client the repositories (private ones
+        too) that others pulled; Docker Hub offers no catalog either.
+        """
+        request.setHeader(*API_VERSION)
+        raise RegistryError("UNSUPPORTED", "regcache is a mirror and offers no catalog", status=404)
+
+    @app.route("/v2/<path:rest>")
     async def api(self, request, rest):
         request.setHeader(*API_VERSION)
         # Route on the raw path: Klein has percent-decoded ``rest``, and an
@@ -109,10 +127,10 @@ class RegistryRoutes:
             raise RegistryError("NAME_INVALID", "encoded characters are not allowed in registry paths")
         parts = split_path(raw[len("/v2/"):])
         if parts is None:
-            raise RegistryError("NAME_INVALID", "not a registry v2 pull path", status=404)
+            raise RegistryError("UNSUPPORTED", "not a registry v2 pull path", status=404)
         name, kind, reference = parts
         check_name(name)
-        if request.method not in (b"GET", b"HEAD") or (kind == "tags" and request.method != b"GET"):
+        if request.method not in (b"GET", b"HEAD"):
             raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
         route = self.policy.route(name, ns)
@@ -120,8 +138,6 @@ class RegistryRoutes:
             return await self._manifest(request, route, reference)
         if kind == "blobs":
             return await self._blob(request, route, reference)
-        if reference:
-            raise RegistryError("NAME_INVALID", "not a registry v2 pull path", status=404)
         return await self._tags(request, route, name)
 
     async def _manifest(self, request, route, reference):
@@ -200,6 +216,10 @@ class RegistryRoutes:
         request.setHeader("Content-Type", "application/json")
         for k, v in error.headers.items():
             request.setHeader(k, v)
+        if error.status == 405 and not request.responseHeaders.hasHeader(b"allow"):
+            # A 405 must say what is allowed (RFC 9110 §15.5.6); on a
+            # read-only mirror's registry paths that is always a pull.
+            request.setHeader("Allow", ", ".join(PULL_METHODS))
         if error.code == "UNAUTHORIZED" and not request.responseHeaders.hasHeader(b"www-authenticate"):
             request.setHeader("WWW-Authenticate", 'Basic realm="regcache"')
         request.error_code = error.code
@@ -213,7 +233,8 @@ class RegistryRoutes:
         """
         code = failure.value.code
         if code == 405:
-            error = RegistryError("UNSUPPORTED", "method not supported")
+            allowed = ", ".join(sorted(failure.value.valid_methods))
+            error = RegistryError("UNSUPPORTED", "method not supported", headers={"Allow": allowed})
         elif request.path.startswith(b"/v2/"):
             error = RegistryError("NAME_INVALID", "not a valid registry path")
         else:

@@ -1,3 +1,4 @@
+# test-case-name: tests.test_config,tests.integration.test_settings_proc
 """
 The twistd plugin's options and service maker, and the ``regcache`` command.
 
@@ -8,9 +9,10 @@ calls) that touches the global reactor or the process environment.
 import os
 import sys
 
+from twisted import copyright
 from twisted.python import usage
 
-from regcache import config as settings
+from regcache import __version__, config as settings
 
 
 class Options(usage.Options):
@@ -18,12 +20,21 @@ class Options(usage.Options):
     longdesc = (
         "A pull-through cache for Docker Hub and other OCI registries. Every option can also be "
         "set in the environment (names in brackets); the command line wins, then the environment, "
-        "then the default."
+        "then the default.\n\n"
+        "`regcache verify [--storage DIR]` re-hashes every cached file and removes those that do "
+        "not match their digest (exit status 1 if any did); `regcache verify --help` for more."
     )
     optParameters = [
         [s.name, None, None, f"{s.help} [{', '.join(s.env)}]" + (f" (default: {s.default})" if s.default else "")]
         for s in settings.SETTINGS
     ]
+
+    def opt_version(self):
+        """
+        Display regcache's version (and Twisted's) and exit.
+        """
+        print(f"regcache {__version__} (Twisted {copyright.version})")
+        sys.exit(0)
 
 
 def makeService(options):
@@ -33,14 +44,9 @@ def makeService(options):
 
     cli = {s.name: options[s.name] for s in settings.SETTINGS}
     try:
-        config = settings.load(cli, os.environ)
-        return build(config, reactor)
+        return build(settings.load(cli, os.environ), reactor)
     except settings.ConfigError as e:
         raise SystemExit(f"regcache: {e}")
-    except ValueError as e:
-        raise SystemExit(f"regcache: --listen: {e}")
-    except OSError as e:
-        raise SystemExit(f"regcache: --storage: cannot use {e.filename or ''}: {e.strerror}")
 
 
 def main(argv=None):

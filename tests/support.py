@@ -25,6 +25,7 @@ from regcache.inflight import Fills
 from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy
+from regcache.readiness import Readiness
 from regcache.reference import Digest
 from regcache.routes import RegistryRoutes
 from regcache.service import RegcacheSite
@@ -145,7 +146,8 @@ class Rig:
         self.policy = Policy([self.upstream], self.reactor, tag_ttl, max_stale)
         self.fills = Fills(self.store, self.reactor, self.metrics)
         self.mirror = Mirror(self.store, TagMap(self.root), self.fills, self.policy, self.metrics, self.reactor)
-        self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor)
+        self.readiness = Readiness(self.store, inline, self.reactor)
+        self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
 
     def client(self, path: str, method: str = "GET", headers=None) -> "Client":

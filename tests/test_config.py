@@ -66,12 +66,71 @@ def test_bad_values_name_the_setting(cli, fragment):
     assert fragment in str(e.value)
 
 
+@pytest.mark.parametrize("given,expected", [
+    ("http://registry.example/v2/", "http://registry.example"),
+    ("http://registry.example/v2", "http://registry.example"),
+    ("https://registry.example:5000/mirror/v2/", "https://registry.example:5000/mirror"),
+    ("https://registry.example/mirror/", "https://registry.example/mirror"),
+])
+def test_upstream_api_suffix_is_dropped(given, expected):
+    """An upstream given with its /v2 API path is its registry root: requests must not go to /v2/v2/."""
+    assert load({"upstream": given}, {}).upstream == expected
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "0m", " 0 "])
+def test_max_stale_zero_means_no_stale_serving(text):
+    """Every spelling of zero for --max-stale means never serve a tag stale, never "unlimited"."""
+    assert load({"max-stale": text}, {}).max_stale == 0
+
+
+@pytest.mark.parametrize("text", ["unlimited", "none", "off", "UNLIMITED"])
+def test_max_stale_words_mean_unlimited(text):
+    """Only the words unlimited, none and off lift the --max-stale bound."""
+    assert load({"max-stale": text}, {}).max_stale is None
+
+
+def test_max_stale_zero_serves_nothing_stale():
+    """
+    With --max-stale 0 an upstream failure is the client's error even for a
+    tag checked this very instant: no cached digest stands in.
+    """
+    from tests.support import HubRig
+    from tests.test_hub import ALL
+
+    rig = HubRig(tag_ttl=0, max_stale=load({"max-stale": "0"}, {}).max_stale)
+    path = "/v2/library/small/manifests/1"
+    assert rig.get(path, headers={"Accept": ALL}).status() == 200
+    rig.hub.fault("status", scope="manifests", status=503)
+    c = rig.client(path, headers={"Accept": ALL})
+    rig.pass_time(3)
+    assert c.status() == 503
+
+
+@pytest.mark.parametrize("cli,fragment", [
+    ({"max-size": "9" * 400}, "--max-size: too large"),
+    ({"max-size": "9" * 400 + "Ti"}, "--max-size: too large"),
+    ({"max-size": "0"}, "--max-size: must be more than zero"),
+    ({"max-size": "0M"}, "--max-size: must be more than zero"),
+    ({"max-size": ""}, "--max-size: not a size"),
+    ({"max-stale": "9" * 400}, "--max-stale: too long"),
+    ({"tag-ttl": "9" * 400 + "d"}, "--tag-ttl: too long"),
+    ({"idle-timeout": "99999999999d"}, "--idle-timeout: too long"),
+    ({"max-stale": ""}, "--max-stale: not a duration"),
+])
+def test_out_of_range_values_are_clear_errors(cli, fragment):
+    """Huge, zero or empty sizes and durations are a ConfigError naming the setting, never an OverflowError."""
+    with pytest.raises(ConfigError) as e:
+        load(cli, {})
+    assert str(e.value).startswith(fragment)
+
+
 def test_units():
     """Durations and sizes take the suffixes operators type."""
     assert parse_duration("x", "1.5h") == 5400
     assert parse_size("x", "64Gi") == 64 * 2**30
     assert parse_size("x", "500M") == 500 * 10**6
     assert parse_size("x", "1000") == 1000
+    assert parse_size("x", "2Pi") == 2 * 2**50
 
 
 def test_twistd_prints_one_line_for_a_bad_value(tmp_path):
@@ -84,3 +143,27 @@ def test_twistd_prints_one_line_for_a_bad_value(tmp_path):
     assert r.returncode != 0
     lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip()]
     assert lines[-1] == "regcache: --tag-ttl: not a duration: 'soon' (use e.g. 60s, 5m, 1h)"
+
+
+def _regcache(*args):
+    """(exit status, stdout) of the ``regcache`` command (as ``python -m regcache``)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "regcache", *args], capture_output=True, text=True,
+                       timeout=60, env=env)
+    return r.returncode, r.stdout
+
+
+def test_version_is_regcaches():
+    """`regcache --version` prints regcache's version, not only Twisted's."""
+    from regcache import __version__
+
+    status, out = _regcache("--version")
+    assert status == 0
+    assert out.splitlines()[0].startswith(f"regcache {__version__}")
+
+
+def test_help_mentions_verify():
+    """`regcache --help` tells the operator that `regcache verify` exists and what it does."""
+    status, out = _regcache("--help")
+    assert status == 0
+    assert "regcache verify" in out

@@ -64,11 +64,15 @@ def test_malformed_digests(text):
     assert e.value.code == "DIGEST_INVALID"
 
 
-def test_unknown_algorithm_is_unsupported():
-    """A well-formed digest regcache cannot verify is refused, not cached unchecked."""
+def test_unknown_algorithm_is_refused():
+    """
+    A well-formed digest regcache cannot verify is refused as a 400
+    DIGEST_INVALID, not cached unchecked and not answered as a bad method.
+    """
     with pytest.raises(RegistryError) as e:
         Digest.parse("blake3:" + HEX64)
-    assert e.value.code == "UNSUPPORTED"
+    assert (e.value.code, e.value.status) == ("DIGEST_INVALID", 400)
+    assert "blake3" in e.value.message
 
 
 @pytest.mark.parametrize("path,expected", [

@@ -29,7 +29,10 @@ class ProbeTests(SynchronousTestCase):
         self.rig = Rig()
 
     def test_root_and_health(self):
-        """The seed's probes hit /; /healthz and /readyz answer 200 too."""
+        """The seed's probes hit /; /healthz answers 200 too, and /readyz once the store is indexed."""
+        from regcache.expiry import Expiry
+
+        Expiry(self.rig.store, None, self.rig.reactor).startService()
         for path in ("/", "/healthz", "/readyz"):
             self.assertEqual(self.rig.client(path).status(), 200, path)
 
@@ -39,6 +42,15 @@ class ProbeTests(SynchronousTestCase):
             c = self.rig.client("/v2/", method)
             self.assertEqual(c.status(), 200)
             self.assertEqual(c.header("Docker-Distribution-API-Version"), "registry/2.0")
+
+    def test_v2_without_its_slash_is_the_base(self):
+        """/v2 is answered as /v2/ (200, API version, {}), not with a redirect that has no Location."""
+        for method in ("GET", "HEAD"):
+            c = self.rig.client("/v2", method)
+            self.assertEqual(c.status(), 200, method)
+            self.assertEqual(c.header("Docker-Distribution-API-Version"), "registry/2.0")
+            self.assertEqual(c.header("Content-Length"), "2")
+        self.assertEqual(self.rig.client("/v2").body(), b"{}")
 
     def test_metrics_count_requests(self):
         """/metrics exposes the request counter in Prometheus text format."""
@@ -68,6 +80,52 @@ class RefusalTests(SynchronousTestCase):
             c = self.rig.client(path, method)
             self.assertEqual(c.status(), 405, (method, path))
             self.assertEqual(error_code(c), "UNSUPPORTED")
+        self.assertUntouched()
+
+    def test_every_405_names_the_allowed_methods(self):
+        """
+        Every 405, whether the route refused the method or the router did,
+        carries an Allow header (RFC 9110 §15.5.6) with what the path takes.
+        """
+        for method, path, allowed in [
+            ("PUT", "/v2/library/a/manifests/1", "GET, HEAD"),
+            ("DELETE", "/v2/library/a/blobs/sha256:" + "a" * 64, "GET, HEAD"),
+            ("POST", "/v2/library/a/tags/list", "GET, HEAD"),
+            ("POST", "/v2/", "GET, HEAD"),
+            ("OPTIONS", "/v2/library/a/manifests/1", "GET, HEAD"),
+            ("POST", "/metrics", "GET, HEAD"),
+            ("DELETE", "/healthz", "GET, HEAD"),
+        ]:
+            c = self.rig.client(path, method)
+            self.assertEqual(c.status(), 405, (method, path))
+            self.assertEqual(c.header("Allow"), allowed, (method, path))
+            self.assertEqual(error_code(c), "UNSUPPORTED")
+        self.assertUntouched()
+
+    def test_unsupported_digest_algorithm_is_a_400(self):
+        """
+        A well-formed digest of an algorithm regcache cannot verify is a
+        400 DIGEST_INVALID naming the algorithm (as distribution answers),
+        not a 405: the method is fine, the digest is not.
+        """
+        for path in ["/v2/library/a/blobs/blake3:" + "a" * 64, "/v2/library/a/manifests/sha1:" + "a" * 40]:
+            c = self.rig.client(path)
+            self.assertEqual((c.status(), error_code(c)), (400, "DIGEST_INVALID"), path)
+            self.assertIsNone(c.header("Allow"))
+            message = json.loads(c.body())["errors"][0]["message"]
+            self.assertIn(path.rsplit("/", 1)[1].split(":")[0], message)
+            self.assertIn("sha256", message)
+        self.assertUntouched()
+
+    def test_catalog_is_not_offered(self):
+        """
+        /v2/_catalog is a 404 UNSUPPORTED saying a mirror has no catalog,
+        not a complaint about the repository name.
+        """
+        for path in ("/v2/_catalog", "/v2/_catalog?n=10"):
+            c = self.rig.client(path)
+            self.assertEqual((c.status(), error_code(c)), (404, "UNSUPPORTED"), path)
+            self.assertIn("catalog", json.loads(c.body())["errors"][0]["message"])
         self.assertUntouched()
 
     def test_traversal_and_bad_names(self):
@@ -220,3 +278,19 @@ class ConnectionTests(SynchronousTestCase):
         upstream.feed(data[sent:])
         upstream.end()
         self.assertEqual(busy.body(), data)
+
+
+class TagListTests(SynchronousTestCase):
+    def test_head_of_a_tag_list_is_a_get_without_body(self):
+        """HEAD tags/list is allowed: the same status and headers as GET, and no body."""
+        from tests.support import HubRig
+
+        rig = HubRig()
+        get = rig.get("/v2/small/tags/list")
+        head = rig.get("/v2/small/tags/list", "HEAD")
+        self.assertEqual(get.status(), 200)
+        self.assertEqual(head.status(), 200)
+        for name in ("Content-Type", "Content-Length", "Docker-Distribution-API-Version"):
+            self.assertEqual(head.header(name), get.header(name), name)
+        self.assertEqual(head.body(), b"")
+        self.assertIn(b'"tags"', get.body())
