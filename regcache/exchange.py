@@ -151,3 +151,17 @@ class Limits:
             await self.read(response, DISCARD_LIMIT, who, "error page")
         except UpstreamError:
             pass
+
+
+class _Abandon(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def abandon(response) -> None:
+    """
+    Give up a response whose body will never be read (a blob refused on its
+    headers) with its connection: left unread, it would hold the connection
+    open, and the pool's slot, for as long as upstream keeps it.
+    """
+    response.deliverBody(_Abandon())

@@ -23,6 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 
 from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound, transport_error
+from regcache.exchange import abandon
 from regcache.reference import Digest
 from regcache.headers import header
 
@@ -284,13 +285,17 @@ class Fill:
         stalled = 0
         while True:
             response = await self.upstream.open_blob(self.name, self.digest, self.written)
-            total, skip = self._extent(response)
-            if self.size is None and total is not None:
-                self.size = total
-                self._writer.reserve(total)
-                self._fire_started()
-            elif total is not None and total != self.size:
-                raise IntegrityError(f"upstream changed the size of {self.digest}")
+            try:
+                total, skip = self._extent(response)
+                if self.size is None and total is not None:
+                    self.size = total
+                    self._writer.reserve(total)
+                    self._fire_started()
+                elif total is not None and total != self.size:
+                    raise IntegrityError(f"upstream changed the size of {self.digest}")
+            except Exception:
+                abandon(response)
+                raise
             before = self.written
             reader = _FillProtocol(self, skip, self.clock, self.upstream.timeouts.idle)
             response.deliverBody(reader)

@@ -175,13 +175,15 @@ class EvictionTests(Base):
         """
         A blob whose announced length is past the cache's limit is refused
         with a 503 that says so, before anything is evicted for it; no temp
-        file or count of it is left.
+        file or count of it is left, and the upstream response is given up.
         """
         digests = self.add(5)
         _, digest = blob(10, b"huge")
         c = self.rig.client(f"/v2/library/a/blobs/{digest}")
-        self.rig.upstream.answer(0, FedBody(200, {b"Content-Length": [b"20000"]}))
+        refused = FedBody(200, {b"Content-Length": [b"20000"]})
+        self.rig.upstream.answer(0, refused)
         self.assertEqual(c.status(), 503)
+        self.assertEqual(refused.transport.producerState, "stopped")
         error = json.loads(c.body())["errors"][0]
         self.assertEqual(error["code"], "UNAVAILABLE")
         self.assertIn("20000 bytes is larger than the cache limit of 10000 bytes", error["message"])

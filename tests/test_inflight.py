@@ -188,6 +188,20 @@ class FanOutTests(SynchronousTestCase):
         self.assertTrue(c.aborted())
         self.assertIsNone(self.rig.blob_file(self.digest))
 
+    def test_refused_response_gives_its_connection_up(self):
+        """
+        A response the fill refuses before reading its body (here a resume
+        at the wrong place) is not left holding an upstream connection: its
+        transport is stopped, and the resume that follows asks again.
+        """
+        (c,), body = self.start(1)
+        body.feed(self.data[:MiB])
+        body.die()
+        wrong = FedBody(206, {b"Content-Range": [b"bytes 5-%d/%d" % (len(self.data) - 1, len(self.data))]})
+        self.rig.upstream.answer(1, wrong)
+        self.assertEqual(wrong.transport.producerState, "stopped")
+        self.assertTrue(c.aborted())
+
     def test_unknown_blob_is_a_404(self):
         """
         An upstream 404 reaches the client as BLOB_UNKNOWN and nothing is
