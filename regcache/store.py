@@ -36,6 +36,7 @@ import errno
 import json
 import os
 import re
+import stat
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -281,12 +282,24 @@ class Store:
         """
         if digest in self._deleting:
             return None
+        path = self.blob_path(digest)
         try:
-            fd = os.open(self.blob_path(digest), os.O_RDONLY)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+                self.log.warn("Cannot open cached {path}: {error}", path=path, error=e.strerror)
             self.index.remove(digest)
             return None
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            # A directory (or worse) where the file belongs, put there by
+            # hand: no bytes to serve.  Fetched again; storing the new copy
+            # fails until someone clears the way, and says so.
+            os.close(fd)
+            self.log.warn("Not a file where {digest} belongs: {path}", digest=str(digest), path=path)
+            self.index.remove(digest)
+            return None
+        size = st.st_size
         entry = self.index.get(digest)
         if entry is not None and entry.size != size:
             os.close(fd)

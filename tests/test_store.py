@@ -402,3 +402,37 @@ class ManifestThroughTheMirrorTests(SynchronousTestCase):
         self.assertEqual(self.hub.stats()["manifest_gets_total"], gets + 1)
         self.assertEqual(self.hub.blob_file(self.digest), self.image.manifest)
         self.assertTrue(os.path.exists(self.hub.store._path("manifests", self.digest)))
+
+
+class OddLayoutTests(SynchronousTestCase):
+    """
+    Whatever sits where a blob's file belongs (a hand edit, a bad restore),
+    the blob reads as missing and is fetched again; never a 500.
+    """
+
+    def setUp(self):
+        self.rig = Rig()
+        self.data, self.digest = blob(4096, b"odd")
+        self.path = self.rig.store.blob_path(self.digest)
+
+    def pull(self):
+        c = self.rig.client(f"/v2/library/app/blobs/{self.digest}")
+        self.assertEqual(len(self.rig.upstream.calls), 1)
+        body = FedBody(200, {b"Content-Length": [str(len(self.data)).encode()]})
+        self.rig.upstream.answer(0, body)
+        body.feed(self.data)
+        body.end()
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.body(), self.data)
+
+    def test_a_file_where_its_directory_belongs(self):
+        """A regular file in place of the blob's directory: a miss."""
+        os.makedirs(os.path.dirname(os.path.dirname(self.path)), exist_ok=True)
+        with open(os.path.dirname(self.path), "wb") as f:
+            f.write(b"not a directory")
+        self.pull()
+
+    def test_a_directory_where_its_file_belongs(self):
+        """A directory in place of the blob's file: a miss, not bytes of a directory."""
+        os.makedirs(self.path)
+        self.pull()
