@@ -646,6 +646,8 @@ def test_external_name_service_refuses_scale_out():
     ({"upstream": {"password": "token-without-user"}}, "/upstream/username"),
     ({"cache": {"tagTTL": "a minute"}}, "/cache/tagTTL"),
     ({"cache": {"maxSizePercent": 120}}, "/cache/maxSizePercent"),
+    ({"cache": {"maxSize": "0"}}, "/cache/maxSize"),
+    ({"cache": {"maxSize": "0.0Gi"}}, "/cache/maxSize"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"ingress": {"enabled": True, "hosts": []}}, "/ingress/hosts"),
     ({"ingress": {"hosts": [{"host": "h", "paths": [{"path": "no-slash", "pathType": "Prefix"}]}]}},
