@@ -133,6 +133,7 @@ def test_readyz_follows_a_read_only_store(tmp_path, hub):
         r = Regcache(root + "/store", hub.registry_url)
         # An open log would keep the filesystem from turning read-only.
         r.log_path = str(tmp_path / "regcache.log")
+        r.stderr_path = str(tmp_path / "regcache.stderr")
         with r:
             assert r.get("/readyz")[0] == 200
             assert r.get("/v2/library/small/manifests/1", headers={"Accept": ALL})[0] == 200
