@@ -148,7 +148,9 @@ def build(config, reactor) -> MultiService:
 
     policy = Policy([upstream], reactor, config.tag_ttl, config.max_stale)
     fills = Fills(store, reactor, metrics)
-    mirror = Mirror(store, TagMap(config.storage), fills, policy, metrics, reactor)
+    tags = TagMap(config.storage, run, store.index)
+    tags.count()
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor)
     routes = RegistryRoutes(mirror, policy, metrics, reactor)
     site = RegcacheSite(routes.app.resource(), metrics, reactor)
 

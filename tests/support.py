@@ -138,7 +138,9 @@ class Rig:
         self.upstream = upstream(self.reactor, self.metrics) if callable(upstream) else upstream or HandFedUpstream()
         self.policy = Policy([self.upstream], self.reactor, tag_ttl, max_stale)
         self.fills = Fills(self.store, self.reactor, self.metrics)
-        self.mirror = Mirror(self.store, TagMap(self.root), self.fills, self.policy, self.metrics, self.reactor)
+        tags = TagMap(self.root, inline, self.store.index)
+        tags.count()
+        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
 
