@@ -88,17 +88,18 @@ class Mirror:
 
     async def _fetch_manifest(self, route, digest: Digest) -> Manifest:
         try:
-            m = await route.upstream.get_manifest(route.name, str(digest), list(MANIFEST_MEDIA_TYPES), digest,
-                                                  retry=True)
+            m = _typed(await route.upstream.get_manifest(
+                route.name, str(digest), list(MANIFEST_MEDIA_TYPES), digest, retry=True
+            ))
         except UpstreamNotFound:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}@{digest}")
         except UpstreamError as e:
             raise self.policy.failure(e, f"manifest {digest}")
-        m = _typed(m)
         await self.store.put_manifest(m)
         return m
 
     def _holds(self, digest: Digest) -> bool:
+        """Whether the store holds the manifest ``digest``."""
         return self.store.manifest(digest) is not None
 
     async def _by_tag(self, route, tag: str, types: Tuple[str, ...], want_body: bool) -> ManifestAnswer:
@@ -178,6 +179,10 @@ class Mirror:
         return None
 
     async def _check_tag(self, route, tag: str, types: Tuple[str, ...], key: TagKey, known, retry: bool) -> TagEntry:
+        current = self.tags.cached(key)
+        if current is not None and self.policy.fresh(current):
+            # Another request's check ended while this one read the disk.
+            return current
         info = await route.upstream.head_manifest(route.name, tag, list(types), retry=retry)
         now = self.clock.seconds()
         if info is None:

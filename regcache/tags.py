@@ -72,16 +72,10 @@ def accepted(accept: Iterable[str]) -> Tuple[str, ...]:
     The manifest media types a client's Accept list admits, in the fixed
     order.  No Accept at all, ``*/*`` and ``application/*`` admit them all.
     """
-    patterns = [a.split(";")[0].strip().lower() for a in accept]
-    if not patterns:
+    patterns = {a.split(";")[0].strip().lower() for a in accept}
+    if not patterns or "*/*" in patterns:
         return MANIFEST_MEDIA_TYPES
-    return tuple(t for t in MANIFEST_MEDIA_TYPES if any(_admits(p, t) for p in patterns))
-
-
-def _admits(pattern: str, media_type: str) -> bool:
-    if pattern in (media_type, "*/*"):
-        return True
-    return pattern.endswith("/*") and media_type.startswith(pattern[:-1])
+    return tuple(t for t in MANIFEST_MEDIA_TYPES if t in patterns or t.split("/")[0] + "/*" in patterns)
 
 
 def accept_key(types: Iterable[str]) -> str:
@@ -178,6 +172,10 @@ class TagMap:
         d.addCallback(self._loaded, key)
         return d
 
+    def cached(self, key: TagKey) -> Optional[TagEntry]:
+        """The entry for ``key`` if memory has it: what get gives without the disk."""
+        return self._known(key)
+
     def _known(self, key: TagKey) -> Optional[TagEntry]:
         entry = self._entries.get(key)
         if entry is not None:
@@ -219,8 +217,7 @@ class TagMap:
         for accept in _ALL_KEYS:
             if accept == key.accept:
                 continue
-            other = replace(key, accept=accept)
-            entry = self._known(other)
+            entry = self._known(TagKey(key.upstream, key.name, key.tag, accept))
             if entry is None and accept in found:
                 try:
                     entry = TagEntry.from_json(found[accept])
@@ -356,12 +353,14 @@ def _make_dirs(directory: str) -> int:
     while not os.path.isdir(directory):
         missing.append(directory)
         directory = os.path.dirname(directory)
+    made = 0
     for d in reversed(missing):
         try:
             os.mkdir(d)
+            made += 1
         except FileExistsError:
-            pass
-    return BLOCK * len(missing)
+            pass  # another write made it: that one counts it
+    return BLOCK * made
 
 
 def _blocks(size: int) -> int:

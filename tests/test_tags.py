@@ -274,6 +274,27 @@ class OffTheReactorTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(tags.get(self.key)).size, 10)
 
 
+class ConcurrentCheckTests(SynchronousTestCase):
+    def test_a_check_that_finished_meanwhile_is_not_repeated(self):
+        """
+        Two clients asking for a cold tag at once cost one upstream HEAD,
+        even when the second learns it has no entry only after the first
+        one's check has finished.
+        """
+        rig = HubRig()
+        runner = HeldRunner()
+        rig.mirror.tags = TagMap(rig.root, runner, rig.store.index)
+        path = "/v2/library/small/manifests/1"
+        first = rig.client(path, "HEAD", headers={"Accept": ALL})
+        second = rig.client(path, "HEAD", headers={"Accept": ALL})
+        runner.run()
+        rig.settle()
+        runner.run()
+        rig.settle()
+        self.assertEqual((first.status(), second.status()), (200, 200))
+        self.assertEqual(rig.stats()["manifest_heads_total"], 1)
+
+
 class RevalidationWriteTests(SynchronousTestCase):
     def test_unchanged_tag_is_not_rewritten_at_every_revalidation(self):
         """
