@@ -11,6 +11,8 @@ anywhere but in the runner shows at once.
 
 import json
 import os
+import shutil
+import tempfile
 
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,6 +27,13 @@ OCI = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 ALL = ", ".join([SCHEMA2, LIST, OCI, OCI_INDEX])
 DIGEST = "sha256:" + "a" * 64
+
+
+class TempDirs:
+    def tempdir(self):
+        path = tempfile.mkdtemp(prefix="regcache-tags-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
 
 
 def code(client):
@@ -126,7 +135,7 @@ class AcceptKeyTests(SynchronousTestCase):
         self.assertNotEqual(accept_key(accepted([SCHEMA2])), accept_key(accepted([SCHEMA2, LIST])))
 
 
-class BoundedStateTests(SynchronousTestCase):
+class BoundedStateTests(TempDirs, SynchronousTestCase):
     def test_missing_tags_leave_nothing_behind(self):
         """Tags upstream does not have leave no entry in memory and no file: misses are not remembered."""
         rig = HubRig()
@@ -161,7 +170,7 @@ class BoundedStateTests(SynchronousTestCase):
 
     def test_memory_keeps_the_most_recently_used_entries(self):
         """Past its bound the in-memory map drops the least recently used entry, not the one just read."""
-        root = self.mktemp()
+        root = self.tempdir()
         os.makedirs(os.path.join(root, "tmp"))
         tags = TagMap(root, inline, Index(lambda: 0.0), memory=10)
         keys = [TagKey("up", "library/a", f"t{i}", accept_key(MANIFEST_MEDIA_TYPES)) for i in range(12)]
@@ -178,7 +187,7 @@ class BoundedStateTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(tags.get(keys[1])).checked, 1.0)
 
 
-class TagBytesTests(SynchronousTestCase):
+class TagBytesTests(TempDirs, SynchronousTestCase):
     def test_tag_files_count_toward_the_store_size(self):
         """
         What tag files and their directories take on disk is part of the
@@ -204,7 +213,7 @@ class TagBytesTests(SynchronousTestCase):
         Accept hash of old ones was) are removed at start and not counted:
         they could never be read again.
         """
-        root = self.mktemp()
+        root = self.tempdir()
         os.makedirs(os.path.join(root, "tmp"))
         old = os.path.join(root, "tags", "docker.io", "library", "a", "_tags", "1")
         os.makedirs(old)
@@ -219,9 +228,9 @@ class TagBytesTests(SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(old)), [key.accept + ".json"])
 
 
-class OffTheReactorTests(SynchronousTestCase):
+class OffTheReactorTests(TempDirs, SynchronousTestCase):
     def setUp(self):
-        self.root = self.mktemp()
+        self.root = self.tempdir()
         os.makedirs(os.path.join(self.root, "tmp"))
         self.runner = HeldRunner()
         self.tags = TagMap(self.root, self.runner, Index(lambda: 0.0), memory=2)
