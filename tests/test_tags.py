@@ -5,8 +5,8 @@ where its disk work runs, and what a client is told about a tag.
 
 Most tests drive HTTP requests into the real Site in front of the in-memory
 fake Hub (HubRig); the TagMap ones drive the map directly with a thread
-runner that holds every job until the test runs it, so disk work done
-anywhere but in the runner shows at once.
+runner that holds every job until the test runs it (test_expiry's
+Deferring), so disk work done anywhere but in the runner shows at once.
 """
 
 import json
@@ -14,12 +14,13 @@ import os
 import shutil
 import tempfile
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.expiry import Index
 from regcache.tags import MANIFEST_MEDIA_TYPES, TOUCH_EVERY, TagEntry, TagKey, TagMap, accept_key, accepted
 from tests.support import HubRig, inline
+from tests.test_expiry import Deferring
 
 SCHEMA2 = "application/vnd.docker.distribution.manifest.v2+json"
 LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -60,41 +61,6 @@ def disk_bytes(root):
         for n in names:
             total += max(1, -(-os.path.getsize(os.path.join(d, n)) // 4096)) * 4096
     return total
-
-
-class HeldRunner:
-    """
-    A thread runner that runs nothing until ``run`` is called: a job the
-    code under test did not hand to it has already happened, one it did
-    has not.
-    """
-
-    def __init__(self):
-        self.jobs = []
-
-    def __call__(self, f, *args):
-        d = Deferred()
-        self.jobs.append((f, args, d))
-        return d
-
-    def run(self):
-        """Run every job, and the jobs those add, oldest first."""
-        while self.jobs:
-            self._one(self.jobs.pop(0))
-
-    def run_last(self):
-        """Run only the newest job."""
-        self._one(self.jobs.pop())
-
-    @staticmethod
-    def _one(job):
-        f, args, d = job
-        try:
-            result = f(*args)
-        except Exception:
-            d.errback()
-        else:
-            d.callback(result)
 
 
 class Lying:
@@ -232,7 +198,7 @@ class OffTheReactorTests(TempDirs, SynchronousTestCase):
     def setUp(self):
         self.root = self.tempdir()
         os.makedirs(os.path.join(self.root, "tmp"))
-        self.runner = HeldRunner()
+        self.runner = Deferring()
         self.tags = TagMap(self.root, self.runner, Index(lambda: 0.0), memory=2)
         self.key = TagKey("up", "library/a", "1", accept_key((OCI,)))
 
@@ -242,7 +208,7 @@ class OffTheReactorTests(TempDirs, SynchronousTestCase):
         s = self.tags.siblings(self.key)
         self.assertNoResult(d)
         self.assertNoResult(s)
-        self.runner.run()
+        self.runner.run_all()
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.successResultOf(s), [])
 
@@ -260,9 +226,9 @@ class OffTheReactorTests(TempDirs, SynchronousTestCase):
         self.assertNotIn(self.key, self.tags)
         self.assertEqual(self.successResultOf(self.tags.get(self.key)).size, 10)
         siblings = self.tags.siblings(others[0])
-        self.runner.run_last()
+        self.runner.run(-1)
         self.assertEqual([e.checked for e in self.successResultOf(siblings)], [4.0, 3.0, 1.0])
-        self.runner.run()
+        self.runner.run_all()
         self.assertEqual(len(tag_files(self.root)), 4)
 
     def test_writes_of_one_entry_land_in_order(self):
@@ -270,8 +236,8 @@ class OffTheReactorTests(TempDirs, SynchronousTestCase):
         self.tags.put(self.key, TagEntry(DIGEST, OCI, 10, 1.0))
         self.tags.put(self.key, TagEntry(DIGEST, OCI, 20, 2.0))
         # Run the jobs newest first, as a pool of threads may.
-        self.runner.jobs.reverse()
-        self.runner.run()
+        self.runner.calls.reverse()
+        self.runner.run_all()
         [path] = tag_files(self.root)
         with open(path) as f:
             self.assertEqual(json.load(f)["size"], 20)
@@ -291,14 +257,14 @@ class ConcurrentCheckTests(SynchronousTestCase):
         one's check has finished.
         """
         rig = HubRig()
-        runner = HeldRunner()
+        runner = Deferring()
         rig.mirror.tags = TagMap(rig.root, runner, rig.store.index)
         path = "/v2/library/small/manifests/1"
         first = rig.client(path, "HEAD", headers={"Accept": ALL})
         second = rig.client(path, "HEAD", headers={"Accept": ALL})
-        runner.run()
+        runner.run_all()
         rig.settle()
-        runner.run()
+        runner.run_all()
         rig.settle()
         self.assertEqual((first.status(), second.status()), (200, 200))
         self.assertEqual(rig.stats()["manifest_heads_total"], 1)
