@@ -1,3 +1,4 @@
+# test-case-name: tests.test_metrics
 """
 Every counter regcache keeps, in one place, exposed for Prometheus.
 

@@ -74,7 +74,7 @@ class Mirror:
         return await self._by_tag(route, check_tag(reference), accepted(accept), want_body)
 
     async def _by_digest(self, route, digest: Digest):
-        m = self.store.manifest(digest)
+        m = await self._held(digest)
         if m is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
             return m, "hit"
@@ -98,8 +98,12 @@ class Mirror:
         await self.store.put_manifest(m)
         return m
 
+    async def _held(self, digest: Digest) -> Optional[Manifest]:
+        """The manifest ``digest`` if the store holds it; never asks upstream."""
+        return self.store.manifest(digest)
+
     def _holds(self, digest: Digest) -> bool:
-        """Whether the store holds the manifest ``digest``."""
+        """Whether the store holds the manifest ``digest``, for decisions made before reading it."""
         return self.store.manifest(digest) is not None
 
     async def _by_tag(self, route, tag: str, types: Tuple[str, ...], want_body: bool) -> ManifestAnswer:
@@ -147,8 +151,11 @@ class Mirror:
         self.metrics.cache.labels("tag", cache).inc()
         digest = entry.parsed_digest
         media_type, size, body = entry.media_type, entry.size, None
-        if want_body or size < 0 or self._holds(digest):
+        if want_body or size < 0:
             m, _ = await self._by_digest(route, digest)
+        else:
+            m = await self._held(digest) if self._holds(digest) else None
+        if m is not None:
             media_type, size, body = m.media_type, m.size, m.body if want_body else None
             if own and (entry.media_type, entry.size) != (media_type, size):
                 # The manifest corrects what upstream's HEAD said about it.
