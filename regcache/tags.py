@@ -66,7 +66,6 @@ TOUCH_EVERY = 300.0
 BLOCK = 4096
 
 
-
 def accepted(accept: Iterable[str]) -> Tuple[str, ...]:
     """
     The manifest media types a client's Accept list admits, in the fixed
