@@ -1,3 +1,4 @@
+# test-case-name: tests.test_metrics
 """
 Every counter regcache keeps, in one place, exposed for Prometheus.
 
@@ -13,7 +14,38 @@ from typing import Dict, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from regcache.reference import split_path
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Request labels come from these sets only: a label value made from what a
+# client sent (a path, a method) would be a new series, kept for ever, per
+# distinct request.
+
+#: The routes' kinds; "other" is whatever no route serves.
+REQUEST_ROUTES = ("root", "healthz", "readyz", "metrics", "v2", "manifests", "blobs", "tags", "other")
+_FIXED_ROUTES = {b"/": "root", b"/healthz": "healthz", b"/readyz": "readyz", b"/metrics": "metrics",
+                 b"/v2": "v2", b"/v2/": "v2"}
+REQUEST_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other")
+_STATUS_CODES = (200, 206, 304, 307, 308, 400, 401, 403, 404, 405, 408, 413, 414, 416, 429, 500, 502, 503, 504)
+#: The codes regcache answers with, else the code's class.
+REQUEST_STATUSES = tuple(str(c) for c in _STATUS_CODES) + ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+def request_labels(path: bytes, method: bytes, code: int):
+    """(route, method, status) labels of one answered request."""
+    route = _FIXED_ROUTES.get(path)
+    if route is None:
+        parts = split_path(path[len(b"/v2/"):].decode("latin-1")) if path.startswith(b"/v2/") else None
+        route = parts[1] if parts else "other"
+    name = method.decode("latin-1")
+    if name not in REQUEST_METHODS:
+        name = "other"
+    if code in _STATUS_CODES:
+        status = str(code)
+    else:
+        status = f"{code // 100}xx" if 100 <= code < 600 else "other"
+    return route, name, status
 
 
 @dataclass
@@ -111,6 +143,9 @@ class Metrics:
             self.ratelimit_limit.labels(upstream).set(limit)
         if remaining is not None:
             self.ratelimit_remaining.labels(upstream).set(remaining)
+
+    def count_request(self, path: bytes, method: bytes, code: int) -> None:
+        self.requests.labels(*request_labels(path, method, code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

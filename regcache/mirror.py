@@ -10,9 +10,10 @@ Docker Hub counts as a pull, happens only for a digest regcache does not
 hold.
 """
 
+import json
 import os
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -21,9 +22,8 @@ from regcache.body import Source
 from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
 from regcache.inflight import SingleFlight
 from regcache.reference import Digest, check_tag, is_digest
-from regcache.store import Manifest
-from regcache.tags import TagEntry, TagKey, accept_key
-from regcache.upstream import MANIFEST_TYPES
+from regcache.store import MAX_MANIFEST, Manifest
+from regcache.tags import MANIFEST_MEDIA_TYPES, SCHEMA1_TYPES, TagEntry, TagKey, accept_key, accepted
 
 STALE_WARNING = '110 regcache "Response is Stale"'
 
@@ -80,27 +80,28 @@ class Mirror:
 
     async def manifest(self, route, reference: str, accept: List[str], want_body: bool) -> ManifestAnswer:
         if is_digest(reference):
-            m, cache = await self._by_digest(route, Digest.parse(reference), accept)
+            m, cache = await self._by_digest(route, Digest.parse(reference))
             return ManifestAnswer(m.digest, m.media_type, m.size, m.body, cache)
-        return await self._by_tag(route, check_tag(reference), accept, want_body)
+        return await self._by_tag(route, check_tag(reference), accepted(accept), want_body)
 
-    async def _by_digest(self, route, digest: Digest, accept: List[str]):
-        m = await self.store.manifest(digest)
+    async def _by_digest(self, route, digest: Digest):
+        m = await self._held(digest)
         if m is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
             return m, "hit"
         self.metrics.cache.labels("manifest", "miss").inc()
         # Content is pinned by the digest, so ask with every type: an Accept
         # that leaves one out only risks a needless 404.
-        wanted = _merge(accept, MANIFEST_TYPES)
         m = await self._manifest_gets.run(
-            digest, lambda: Deferred.fromCoroutine(self._fetch_manifest(route, digest, wanted))
+            digest, lambda: Deferred.fromCoroutine(self._fetch_manifest(route, digest))
         )
         return m, "miss"
 
-    async def _fetch_manifest(self, route, digest: Digest, accept: List[str]) -> Manifest:
+    async def _fetch_manifest(self, route, digest: Digest) -> Manifest:
         try:
-            m = await route.upstream.get_manifest(route.name, str(digest), accept, digest, retry=True)
+            m = _typed(await route.upstream.get_manifest(
+                route.name, str(digest), list(MANIFEST_MEDIA_TYPES), digest, retry=True
+            ))
         except UpstreamNotFound:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}@{digest}")
         except UpstreamError as e:
@@ -108,21 +109,42 @@ class Mirror:
         await self.store.put_manifest(m)
         return m
 
-    async def _by_tag(self, route, tag: str, accept: List[str], want_body: bool) -> ManifestAnswer:
-        key = TagKey(route.upstream.key, route.name, tag, accept_key(accept))
-        entry = self.tags.get(key)
+    async def _held(self, digest: Digest) -> Optional[Manifest]:
+        """The manifest ``digest`` if the store holds it; never asks upstream."""
+        return await self.store.manifest(digest)
+
+    def _holds(self, digest: Digest) -> bool:
+        """Whether the store holds the manifest ``digest``, for decisions made before reading it."""
+        return self.store.has_manifest(digest)
+
+    async def _by_tag(self, route, tag: str, types: Tuple[str, ...], want_body: bool) -> ManifestAnswer:
+        """
+        ``types`` are the manifest media types the client accepts.  The
+        answer's size and type are the manifest's own whenever regcache
+        holds it; only a HEAD of a tag never fetched relays upstream's
+        HEAD, and only what passed ``_described``.
+        """
+        if not types:
+            raise RegistryError(
+                "MANIFEST_UNKNOWN",
+                f"manifest unknown: {route.name}:{tag}: the Accept header names none of the manifest media "
+                f"types regcache serves ({', '.join(MANIFEST_MEDIA_TYPES)})",
+            )
+        key = TagKey(route.upstream.key, route.name, tag, accept_key(types))
+        entry = known = await self.tags.get(key)
         warning = None
+        # Whether ``entry`` is this key's own, not another kind of client's.
+        own = True
         if entry is not None and self.policy.fresh(entry):
             cache = "hit"
         else:
-            known = entry
             # With a copy to fall back on, fail fast: a stale answer now beats
             # a fresh one after retries.  Without one, retrying is all there is.
-            fallback = self._stand_in(key, known, accept, want_body)
+            fallback = await self._stand_in(key, known, types, want_body)
             retry = fallback is None
             try:
                 entry = await self._tag_checks.run(
-                    key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, accept, key, known, retry))
+                    key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, types, key, known, retry))
                 )
                 cache = "revalidated" if known is not None and known.digest == entry.digest else "miss"
             except UpstreamNotFound:
@@ -136,15 +158,28 @@ class Mirror:
                     age=self.clock.seconds() - fallback.checked, error=str(e),
                 )
                 entry, cache, warning = fallback, "stale", STALE_WARNING
+                own = fallback is known
         self.metrics.cache.labels("tag", cache).inc()
         digest = entry.parsed_digest
-        if want_body or entry.size < 0:
-            m, _ = await self._by_digest(route, digest, accept)
-            body = m.body if want_body else None
-            return ManifestAnswer(digest, m.media_type, m.size, body, cache, warning)
-        return ManifestAnswer(digest, entry.media_type, entry.size, None, cache, warning)
+        media_type, size, body = entry.media_type, entry.size, None
+        if want_body or size < 0:
+            m, _ = await self._by_digest(route, digest)
+        else:
+            m = await self._held(digest) if self._holds(digest) else None
+        if m is not None:
+            media_type, size, body = m.media_type, m.size, m.body if want_body else None
+            if own and (entry.media_type, entry.size) != (media_type, size):
+                # The manifest corrects what upstream's HEAD said about it.
+                self.tags.put(key, replace(entry, media_type=media_type, size=size))
+        if media_type not in types:
+            raise RegistryError(
+                "MANIFEST_UNKNOWN",
+                f"manifest unknown: {route.name}:{tag} is a {media_type} manifest, "
+                "which the Accept header does not include",
+            )
+        return ManifestAnswer(digest, media_type, size, body, cache, warning)
 
-    def _stand_in(self, key: TagKey, known: Optional[TagEntry], accept: List[str], want_body: bool):
+    async def _stand_in(self, key: TagKey, known: Optional[TagEntry], types: Tuple[str, ...], want_body: bool):
         """
         The cached entry that may stand in for a tag upstream cannot confirm:
         this client's own, or else what another kind of client was served
@@ -152,35 +187,36 @@ class Mirror:
         does not fail containerd just because only dockerd pulled the tag.
         """
         def usable(entry: TagEntry) -> bool:
-            return self.policy.stale_allowed(entry) and (
-                not want_body or self.store.has_manifest(entry.parsed_digest)
-            )
+            return self.policy.stale_allowed(entry) and (not want_body or self._holds(entry.parsed_digest))
 
         if known is not None and usable(known):
             return known
-        for entry in self.tags.siblings(key):
-            if (not accept or "*/*" in accept or entry.media_type in accept) and usable(entry):
+        for entry in await self.tags.siblings(key):
+            if entry.media_type in types and usable(entry):
                 return entry
         return None
 
-    async def _check_tag(self, route, tag: str, accept: List[str], key: TagKey, known, retry: bool) -> TagEntry:
-        info = await route.upstream.head_manifest(route.name, tag, accept, retry=retry)
+    async def _check_tag(self, route, tag: str, types: Tuple[str, ...], key: TagKey, known, retry: bool) -> TagEntry:
+        current = self.tags.cached(key)
+        if current is not None and self.policy.fresh(current):
+            # Another request's check ended while this one read the disk.
+            return current
+        info = await route.upstream.head_manifest(route.name, tag, list(types), retry=retry)
         now = self.clock.seconds()
         if info is None:
             # Upstream answered the HEAD but named no digest: only a GET can
             # tell.  Docker Hub always names it, so this costs no pulls there.
-            m = await route.upstream.get_manifest(route.name, tag, accept)
+            m = _typed(await route.upstream.get_manifest(route.name, tag, list(types)))
             await self.store.put_manifest(m)
             digest, media_type, size = m.digest, m.media_type, m.size
         else:
-            digest, media_type, size = info.digest, info.media_type, info.size
+            digest = info.digest
+            media_type, size = _described(info)
         if known is not None and known.digest == str(digest):
-            self.tags.touch(key, now)
-            return known
-        if size is None:
-            size = -1
-        entry = TagEntry(str(digest), media_type, size, now)
-        self.tags.put(key, entry)
+            # What regcache learned of this manifest (its own size and type)
+            # stays: the same digest is the same bytes.
+            return self.tags.touch(key, known, now)
+        entry = self.tags.put(key, TagEntry(str(digest), media_type, size, now))
         if known is not None:
             self.log.info("Tag {name}:{tag} moved from {old} to {new}",
                           name=route.name, tag=tag, old=known.digest, new=str(digest))
@@ -264,9 +300,38 @@ class Mirror:
         return code, link, body
 
 
-def _merge(first, second) -> List[str]:
-    seen = list(first)
-    for t in second:
-        if t not in seen:
-            seen.append(t)
-    return seen
+def _described(info) -> Tuple[str, int]:
+    """
+    The (media type, size) an upstream HEAD gives that regcache may relay:
+    a manifest media type and a size a manifest can have.  Anything else
+    (``text/html``, a length past MAX_MANIFEST, none) reads as unknown, and
+    the manifest itself is fetched before a client is answered.
+    """
+    if info.media_type not in MANIFEST_MEDIA_TYPES:
+        return "", -1
+    if info.size is None or not 0 < info.size <= MAX_MANIFEST:
+        return info.media_type, -1
+    return info.media_type, info.size
+
+
+def _typed(m: Manifest) -> Manifest:
+    """
+    ``m`` with a manifest media type: the Content-Type upstream sent if it
+    is one, else the one its body declares (schema1 declares itself by
+    ``schemaVersion``, as containerd reads a ``text/plain`` one).  Bytes
+    that declare none are not served as a manifest at all.
+    """
+    if m.media_type in MANIFEST_MEDIA_TYPES:
+        return m
+    try:
+        doc = json.loads(m.body)
+    except ValueError:
+        doc = None
+    declared = None
+    if isinstance(doc, dict):
+        declared = doc.get("mediaType")
+        if declared is None and doc.get("schemaVersion") == 1:
+            declared = SCHEMA1_TYPES[1] if "signatures" in doc else SCHEMA1_TYPES[0]
+    if declared not in MANIFEST_MEDIA_TYPES:
+        raise UpstreamError(f"upstream sent a {m.media_type[:100]} body, not a manifest, for {m.digest}", 502)
+    return Manifest(m.body, declared, m.digest)

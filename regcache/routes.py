@@ -28,13 +28,13 @@ def merged_accept(request) -> list:
     Every media type of every Accept header, in order, without parameters:
     dockerd sends one header per type, containerd one comma-joined header.
     """
-    types = []
+    types = {}
     for line in request.requestHeaders.getRawHeaders(b"accept", []):
         for part in line.decode("latin-1").split(","):
             t = part.split(";")[0].strip()
-            if t and t not in types:
-                types.append(t)
-    return types
+            if t:
+                types[t] = None
+    return list(types)
 
 
 def sized(request, body) -> bytes:

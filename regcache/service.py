@@ -91,15 +91,14 @@ class RegcacheSite(Site):
         self.metrics = metrics
         self.displayTracebacks = False
 
+    def getResourceFor(self, request):
+        # Every answer passes here first: no client may sniff one into HTML.
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        return super().getResourceFor(request)
+
     def log(self, request):  # noqa: F811 - twisted.web calls Site.log(request)
-        path = request.path.decode("latin-1")
-        route = path if not path.startswith("/v2/") else (
-            "manifests" if "/manifests/" in path else
-            "blobs" if "/blobs/" in path else
-            "tags" if path.endswith("/tags/list") else "v2"
-        )
+        self.metrics.count_request(request.path, request.method, request.code)
         method = request.method.decode("latin-1")
-        self.metrics.requests.labels(route, method, str(request.code)).inc()
         Logger(namespace="regcache.access").info(
             "{method} {uri} {status} {length} {cache}",
             method=method, uri=request.uri.decode("latin-1"), status=request.code, length=request.sentLength,
@@ -271,7 +270,9 @@ def build(config, reactor) -> MultiService:
 
     policy = Policy([upstream], reactor, config.tag_ttl, config.max_stale)
     fills = Fills(store, reactor, metrics)
-    mirror = Mirror(store, TagMap(config.storage), fills, policy, metrics, reactor)
+    tags = TagMap(config.storage, run, store.index)
+    tags.count()
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor)
     readiness = Readiness(store, run, reactor)
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)
     site = RegcacheSite(routes.app.resource(), metrics, reactor)

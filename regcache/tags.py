@@ -1,32 +1,91 @@
+# test-case-name: tests.test_tags
 """
 Tag maps: which digest a tag named, when regcache last checked, per upstream.
 
 A tag resolves differently depending on what the client accepts (a manifest
 list, or Hub's linux/amd64 child for an old client), so an entry is keyed by
-(upstream, name, tag, accepted-type set).  Entries persist as small JSON files
-under ``tags/`` so a restart, or an upstream outage right after one, still
+(upstream, name, tag, accepted types).  The accepted types are the subset of
+the manifest media types regcache serves that the client's Accept admits,
+never the raw header: whatever clients send, a tag has at most 63 keys (one
+per non-empty subset of six types), and real clients make two or three.
+
+Entries persist as small JSON files, ``tags/<upstream>/<name>/_tags/<tag>/
+<key>.json``, so a restart, or an upstream outage right after one, still
 knows every tag it served.  They are hints, not content: losing one costs a
-revalidation, never a wrong byte, so they are written without fsync.
+revalidation, never a wrong byte, so they are written without fsync, and an
+entry the disk refuses lives in memory only.
+
+All disk work runs in the store's thread runner.  A read of an entry not in
+memory waits for it; a write is handed to it and not waited for: until it
+lands, the entry is served from memory.  Writes of one entry run one at a
+time, the newest last, so a pool of threads cannot land an older one over a
+newer one.  Memory holds a bounded number of entries, least recently used
+out first, and nothing for a tag upstream does not have.
+
+What the files take on disk counts toward the store's size (``Index.tags``),
+rounded up to whole blocks as a filesystem allocates them: start-up counts
+them (and removes entries of older layouts, which nothing reads any more),
+and each write adds what it changed.
 """
 
-import hashlib
 import json
 import os
+import shutil
 import uuid
-from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, List, Optional
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.reference import Digest
+from regcache.errors import RegistryError
+from regcache.reference import TAG_RE, Digest
+from regcache.upstream import MANIFEST_TYPES
+
+SCHEMA1_TYPES = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+
+#: Every manifest media type regcache serves, in the fixed order accept
+#: keys are made in (and that upstream is asked with).
+MANIFEST_MEDIA_TYPES = MANIFEST_TYPES + SCHEMA1_TYPES
+
+#: Entries kept in memory, least recently used out first.  About 1 KiB each.
+MEMORY = 10_000
+
+#: Seconds a revalidation that found a tag unchanged may go without being
+#: written down.  A restart then sees the tag as up to this much older than
+#: it is, which only errs toward revalidating sooner and serving stale less
+#: long (--max-stale), never toward serving an answer older than allowed;
+#: in return a hot tag costs one write per five minutes, not one per window.
+TOUCH_EVERY = 300.0
+
+#: What a filesystem allocates at least, per file and per directory.
+BLOCK = 4096
 
 
-def accept_key(media_types: Iterable[str]) -> str:
+def accepted(accept: Iterable[str]) -> Tuple[str, ...]:
     """
-    A short stable name for a set of accepted media types.
+    The manifest media types a client's Accept list admits, in the fixed
+    order.  No Accept at all, ``*/*`` and ``application/*`` admit them all.
     """
-    joined = ",".join(sorted(set(media_types)))
-    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+    patterns = {a.split(";")[0].strip().lower() for a in accept}
+    if not patterns or "*/*" in patterns:
+        return MANIFEST_MEDIA_TYPES
+    return tuple(t for t in MANIFEST_MEDIA_TYPES if t in patterns or t.split("/")[0] + "/*" in patterns)
+
+
+def accept_key(types: Iterable[str]) -> str:
+    """The file name of a set of manifest media types: their bits in MANIFEST_MEDIA_TYPES, in hex."""
+    wanted = set(types)
+    mask = sum(1 << i for i, t in enumerate(MANIFEST_MEDIA_TYPES) if t in wanted)
+    return f"{mask:02x}"
+
+
+_ALL_KEYS = [f"{mask:02x}" for mask in range(1, 2 ** len(MANIFEST_MEDIA_TYPES))]
+_KEY_FILES = {key + ".json": key for key in _ALL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -37,88 +96,313 @@ class TagKey:
     accept: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class TagEntry:
     digest: str
     media_type: str
+    #: -1 when not known (upstream's HEAD gave no size regcache trusts).
     size: int
-    #: Wall-clock seconds of the last upstream answer that confirmed it.
+    #: Clock seconds of the last upstream answer that confirmed it.
     checked: float
+    #: The ``checked`` its file holds; not itself written.
+    saved: float = field(default=-1.0, compare=False, repr=False)
 
     @property
     def parsed_digest(self) -> Digest:
         return Digest.parse(self.digest)
 
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"digest": self.digest, "media_type": self.media_type, "size": self.size, "checked": self.checked}
+        ).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "TagEntry":
+        """Raises ValueError for anything but an entry this version wrote."""
+        try:
+            doc = json.loads(data)
+            entry = cls(str(doc["digest"]), str(doc["media_type"]), int(doc["size"]), float(doc["checked"]))
+            entry.parsed_digest
+        except (KeyError, TypeError, AttributeError, RegistryError) as e:
+            raise ValueError(f"not a tag entry: {e}")
+        return replace(entry, saved=entry.checked)
+
 
 class TagMap:
     log = Logger()
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, run, index, memory: int = MEMORY):
+        """
+        ``run`` is the store's thread runner; ``index`` the store's Index,
+        told what tag files take on disk.
+        """
         self.root = os.path.join(root, "tags")
         self._tmp = os.path.join(root, "tmp")
-        self._entries: Dict[TagKey, Optional[TagEntry]] = {}
+        self._run = run
+        self._index = index
+        self._memory = memory
+        self._entries: "OrderedDict[TagKey, TagEntry]" = OrderedDict()
+        #: Entries whose newest version is not on disk yet, and the keys
+        #: with a write under way: at most one per key at a time.
+        self._unsaved: Dict[TagKey, TagEntry] = {}
+        self._writing: Dict[TagKey, TagEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: TagKey) -> bool:
+        return key in self._entries
+
+    def _dir(self, key: TagKey) -> str:
+        upstream = key.upstream.replace(":", "_")
+        return os.path.join(self.root, upstream, key.name, "_tags", key.tag)
 
     def _path(self, key: TagKey) -> str:
-        upstream = key.upstream.replace(":", "_")
-        return os.path.join(self.root, upstream, key.name, "_tags", key.tag, key.accept + ".json")
+        return os.path.join(self._dir(key), key.accept + ".json")
 
-    def get(self, key: TagKey) -> Optional[TagEntry]:
-        if key in self._entries:
-            return self._entries[key]
-        entry = None
-        try:
-            with open(self._path(key), encoding="utf-8") as f:
-                entry = TagEntry(**json.load(f))
-        except FileNotFoundError:
-            pass
-        except (ValueError, TypeError, OSError):
-            self.log.warn("Ignoring unreadable tag entry {path}", path=self._path(key))
-        self._entries[key] = entry
+    # Reading
+
+    def get(self, key: TagKey) -> Deferred:
+        """A Deferred of the entry for ``key``, or of None."""
+        entry = self._known(key)
+        if entry is not None:
+            return succeed(entry)
+        d = self._run(_read, self._path(key))
+        d.addCallback(self._loaded, key)
+        return d
+
+    def cached(self, key: TagKey) -> Optional[TagEntry]:
+        """The entry for ``key`` if memory has it: what get gives without the disk."""
+        return self._known(key)
+
+    def _known(self, key: TagKey) -> Optional[TagEntry]:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        return self._unsaved.get(key) or self._writing.get(key)
+
+    def _loaded(self, found, key: TagKey) -> Optional[TagEntry]:
+        data, problem = found
+        # Whatever the reactor learned while the read ran is newer.
+        entry = self._known(key)
+        if entry is not None:
+            return entry
+        if problem is None and data is not None:
+            try:
+                entry = TagEntry.from_json(data)
+            except ValueError as e:
+                problem = str(e)
+        if problem is not None:
+            self.log.warn("Ignoring unreadable tag entry {path}: {problem}", path=self._path(key), problem=problem)
+            return None
+        if entry is not None:
+            self._remember(key, entry)
         return entry
 
-    def put(self, key: TagKey, entry: TagEntry) -> None:
+    def siblings(self, key: TagKey) -> Deferred:
         """
-        Remember an entry, and persist it if the disk allows: on a full or
-        failing disk the entry lives in memory only (it is a hint).
+        A Deferred of the entries for the same tag under other accepted
+        types, newest check first: what another kind of client was last
+        served.  The tag's directory (63 entries at most) is read in the
+        runner; memory wins over what it found.
         """
+        d = self._run(_read_dir, self._dir(key))
+        d.addCallback(self._gathered, key)
+        return d
+
+    def _gathered(self, found: Dict[str, bytes], key: TagKey) -> List[TagEntry]:
+        entries = []
+        for accept in _ALL_KEYS:
+            if accept == key.accept:
+                continue
+            entry = self._known(TagKey(key.upstream, key.name, key.tag, accept))
+            if entry is None and accept in found:
+                try:
+                    entry = TagEntry.from_json(found[accept])
+                except ValueError:
+                    continue
+            if entry is not None:
+                entries.append(entry)
+        return sorted(entries, key=lambda e: e.checked, reverse=True)
+
+    # Writing
+
+    def put(self, key: TagKey, entry: TagEntry) -> TagEntry:
+        """
+        Remember an entry now and write it in the background.  Returns the
+        entry as remembered.
+        """
+        entry = replace(entry, saved=entry.checked)
+        self._remember(key, entry)
+        self._unsaved[key] = entry
+        if key not in self._writing:
+            self._write(key)
+        return entry
+
+    def touch(self, key: TagKey, entry: TagEntry, checked: float) -> TagEntry:
+        """
+        Record a check that found ``entry`` unchanged.  Written down only
+        once TOUCH_EVERY passed since its file was, so that --max-stale
+        measures from about the real last check after a restart.
+        """
+        if checked - entry.saved >= TOUCH_EVERY:
+            return self.put(key, replace(entry, checked=checked))
+        entry = replace(entry, checked=checked)
+        self._remember(key, entry)
+        return entry
+
+    def _remember(self, key: TagKey, entry: TagEntry) -> None:
         self._entries[key] = entry
-        path = self._path(key)
-        tmp = os.path.join(self._tmp, f"tag.{uuid.uuid4().hex}")
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._memory:
+            self._entries.popitem(last=False)
+
+    def _write(self, key: TagKey) -> None:
+        entry = self._unsaved.pop(key)
+        self._writing[key] = entry
+        d = self._run(_write, self._dir(key), self._path(key), self._tmp, entry.to_json())
+        d.addCallback(self._grew)
+        d.addErrback(lambda f: self.log.warn(
+            "Could not persist tag entry {path}: {error}", path=self._path(key), error=f.getErrorMessage()))
+        d.addBoth(lambda _: self._written(key))
+
+    def _grew(self, added: int) -> None:
+        self._index.tags += added
+
+    def _written(self, key: TagKey) -> None:
+        del self._writing[key]
+        if key in self._unsaved:
+            self._write(key)
+
+    # Start-up
+
+    def count(self) -> Deferred:
+        """
+        Count what the tag files take into the store's size, removing
+        entries no key of this version names.  Runs once, at start-up.
+        A write that lands while it runs may be counted twice (a block or
+        two: the count is for eviction, which has room to spare).
+        """
+        d = self._run(_count, self.root)
+        d.addCallback(self._counted)
+        d.addErrback(lambda f: self.log.failure("Counting the tag entries failed", f))
+        return d
+
+    def _counted(self, result: Tuple[int, int]) -> None:
+        size, removed = result
+        self._index.tags += size
+        if removed:
+            self.log.info("Removed {removed} tag entries of an older layout", removed=removed)
+
+
+# In the runner: blocking file work, which must not log (the reactor does).
+
+
+def _read(path: str):
+    """(bytes or None if there is no file, a problem or None)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64 * 1024), None
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, e.strerror
+
+
+def _read_dir(directory: str) -> Dict[str, bytes]:
+    """The key files of one tag directory, by key; unreadable ones left out."""
+    found: Dict[str, bytes] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return found
+    for name in names:
+        if name in _KEY_FILES:
+            data, _ = _read(os.path.join(directory, name))
+            if data is not None:
+                found[_KEY_FILES[name]] = data
+    return found
+
+
+def _write(directory: str, path: str, tmp_dir: str, data: bytes) -> int:
+    """Write one entry; returns how many bytes tags/ grew by on disk."""
+    added = _make_dirs(directory)
+    try:
+        old = _blocks(os.path.getsize(path))
+    except FileNotFoundError:
+        old = 0
+    tmp = os.path.join(tmp_dir, f"tag.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(asdict(entry), f)
-            os.replace(tmp, path)
-        except OSError as e:
-            self.log.warn("Could not persist tag entry {path}: {error}", path=path, error=e.strerror)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return added + _blocks(len(data)) - old
+
+
+def _make_dirs(directory: str) -> int:
+    """Create ``directory`` and what it lacks above it; returns the blocks they take."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    made = 0
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+            made += 1
+        except FileExistsError:
+            pass  # another write made it: that one counts it
+    return BLOCK * made
+
+
+def _blocks(size: int) -> int:
+    return max(1, -(-size // BLOCK)) * BLOCK
+
+
+def _count(root: str) -> Tuple[int, int]:
+    """
+    (bytes on disk, entries removed) of everything under ``root``.  Below a
+    ``_tags`` directory come tag directories, and in those key files only:
+    anything else is left by an older layout.  A repository name cannot
+    contain ``_tags``, so nothing else is mistaken for one.
+    """
+    size = removed = 0
+    for directory, dirs, names in os.walk(root):
+        parent = os.path.basename(os.path.dirname(directory))
+        in_tag_dir = parent == "_tags" and TAG_RE.fullmatch(os.path.basename(directory))
+        if in_tag_dir:
+            for d in dirs:
+                removed += _remove_tree(os.path.join(directory, d))
+            dirs[:] = []
+        for name in names:
+            path = os.path.join(directory, name)
+            if in_tag_dir and name not in _KEY_FILES:
+                removed += _remove(path)
+                continue
             try:
-                os.unlink(tmp)
-            except OSError:
+                size += _blocks(os.path.getsize(path))
+            except FileNotFoundError:
                 pass
+        size += BLOCK * len(dirs)
+    return size, removed
 
-    def siblings(self, key: TagKey) -> List[TagEntry]:
-        """
-        Entries for the same tag under other accepted-type sets, newest
-        check first: what another kind of client was last served.
-        """
-        directory = os.path.dirname(self._path(key))
-        try:
-            names = [n for n in os.listdir(directory) if n.endswith(".json")]
-        except FileNotFoundError:
-            return []
-        found = []
-        for n in names:
-            other = TagKey(key.upstream, key.name, key.tag, n[: -len(".json")])
-            if other != key and self.get(other) is not None:
-                found.append(self.get(other))
-        return sorted(found, key=lambda e: e.checked, reverse=True)
 
-    def touch(self, key: TagKey, checked: float) -> None:
-        """
-        Record a successful check of an unchanged tag.  Persisted too, so
-        --max-stale measures from the real last check after a restart.
-        """
-        entry = self.get(key)
-        if entry is not None:
-            entry.checked = checked
-            self.put(key, entry)
+def _remove(path: str) -> int:
+    try:
+        os.unlink(path)
+        return 1
+    except FileNotFoundError:
+        return 0
+
+
+def _remove_tree(path: str) -> int:
+    removed = sum(len(names) for _, _, names in os.walk(path))
+    shutil.rmtree(path, ignore_errors=True)
+    return removed

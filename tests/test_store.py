@@ -140,11 +140,11 @@ class DiskFullTests(SynchronousTestCase):
         """
         from regcache.tags import TagEntry, TagKey, TagMap
 
-        tags = TagMap(self.root)
+        tags = TagMap(self.root, inline, self.store.index)
         key = TagKey("up", "library/a", "1", "k")
         fill_up(self.root)
         tags.put(key, TagEntry("sha256:" + "a" * 64, OCI_MANIFEST, 10, 0.0))
-        self.assertEqual(tags.get(key).size, 10)
+        self.assertEqual(self.successResultOf(tags.get(key)).size, 10)
         self.assertEqual(self.rig.temp_files(), [])
 
 
