@@ -19,13 +19,11 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 
 from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound, transport_error
-from regcache.exchange import abandon
 from regcache.reference import Digest
-from regcache.headers import header
+from regcache.remote import BlobStream, Remote
 
 
 class SingleFlight:
@@ -82,18 +80,20 @@ class SingleFlight:
 
 class _FillProtocol(Protocol):
     """
-    Receives one upstream response body into a Fill, skipping ``skip`` bytes
-    first (an upstream that ignored our Range), and ends the response if it
-    stalls for ``idle`` seconds.  A pause while the store makes room is
-    regcache's own wait, not upstream's stall: the idle timer stops for it.
+    Receives one upstream blob body into a Fill, skipping ``skip`` bytes
+    first (an upstream that sent the whole blob to a resume), and ends the
+    response if it stalls for ``idle`` seconds.  A pause while the store
+    makes room is regcache's own wait, not upstream's stall: the idle timer
+    stops for it.
     """
 
-    def __init__(self, fill: "Fill", skip: int, clock, idle: float):
+    def __init__(self, fill: "Fill", skip: int, clock, idle: float, source: str):
         self.fill = fill
         self.skip = skip
         self.done: Deferred = Deferred()
         self._clock = clock
         self._idle = idle
+        self._source = source
         self._timer = None
         self._error: Optional[Exception] = None
         self._waiting_room = False
@@ -113,7 +113,7 @@ class _FillProtocol(Protocol):
     def _stalled(self) -> None:
         self._timer = None
         self._error = UpstreamError(
-            f"upstream {self.fill.upstream.key} stopped sending the blob for {self._idle:g} s (--idle-timeout)"
+            f"upstream {self._source} stopped sending the blob for {self._idle:g} s (--idle-timeout)"
         )
         self.transport.stopProducing()
 
@@ -158,7 +158,7 @@ class _FillProtocol(Protocol):
         elif reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
-            self.done.errback(transport_error(f"upstream {self.fill.upstream.key}", reason, "reading a blob"))
+            self.done.errback(transport_error(f"upstream {self._source}", reason, "reading a blob"))
 
 
 class Fill:
@@ -177,7 +177,7 @@ class Fill:
     #: Resumes in a row without a byte of progress before the fill gives up.
     MAX_STALLED_RESUMES = 3
 
-    def __init__(self, upstream, name: str, digest: Digest, store, clock, metrics):
+    def __init__(self, upstream: Remote, name: str, digest: Digest, store, clock, metrics):
         self.upstream = upstream
         self.name = name
         self.digest = digest
@@ -283,22 +283,12 @@ class Fill:
 
     async def _download(self) -> None:
         stalled = 0
+        stream = await self.upstream.open_blob(self.name, self.digest)
         while True:
-            response = await self.upstream.open_blob(self.name, self.digest, self.written)
-            try:
-                total, skip = self._extent(response)
-                if self.size is None and total is not None:
-                    self.size = total
-                    self._writer.reserve(total)
-                    self._fire_started()
-                elif total is not None and total != self.size:
-                    raise IntegrityError(f"upstream changed the size of {self.digest}")
-            except Exception:
-                abandon(response)
-                raise
+            self._sized(stream)
             before = self.written
-            reader = _FillProtocol(self, skip, self.clock, self.upstream.timeouts.idle)
-            response.deliverBody(reader)
+            reader = _FillProtocol(self, self.written - stream.start, self.clock, stream.idle, stream.source)
+            stream.deliver(reader)
             try:
                 await reader.done
             except UpstreamError as e:
@@ -310,50 +300,33 @@ class Fill:
                     "Resuming {digest} at byte {offset} after: {error}",
                     digest=str(self.digest), offset=self.written, error=str(e),
                 )
-                continue
-            if self.size is None:
-                self.size = self.written
-                return
-            if self.written >= self.size:
-                return
-            stalled = 0 if self.written > before else stalled + 1
-            if stalled >= self.MAX_STALLED_RESUMES:
-                raise UpstreamError(f"upstream {self.upstream.key} keeps ending the blob {self.digest} early")
+            else:
+                if self.size is None:
+                    self.size = self.written
+                    return
+                if self.written >= self.size:
+                    return
+                stalled = 0 if self.written > before else stalled + 1
+                if stalled >= self.MAX_STALLED_RESUMES:
+                    raise UpstreamError(f"upstream {stream.source} keeps ending the blob {self.digest} early")
+            # The upstream that sent the bytes so far sends the rest.
+            stream = await stream.resume(self.written)
 
-    def _extent(self, response):
+    def _sized(self, stream: BlobStream) -> None:
         """
-        (total size or None, bytes to skip) of an upstream blob response,
-        checking that a 206 starts where the fill stands.
+        Learn the blob's size from the first stream that tells it, and
+        refuse (giving up its connection) a stream that tells another.
         """
-        if response.code == 206:
-            value = header(response.headers, b"content-range") or ""
-            try:
-                unit, _, rest = value.partition(" ")
-                span, _, total = rest.partition("/")
-                start = int(span.split("-")[0])
-            except ValueError:
-                raise UpstreamError(
-                    f"upstream {self.upstream.key} sent a malformed Content-Range: {value[:80]}", 502
-                )
-            if unit != "bytes" or start != self.written:
-                raise UpstreamError(
-                    f"upstream {self.upstream.key} resumed the blob at the wrong place: {value[:80]}", 502
-                )
-            if total.isdigit():
-                return int(total), 0
-            length = _length(response)
-            return (start + length if length is not None else self.size), 0
-        # A 200 to a resume is the whole blob again: skip what we have.
-        return _length(response), self.written
-
-
-def _length(response) -> Optional[int]:
-    """
-    The body length upstream announced.  Twisted's client takes
-    Content-Length out of the headers and puts it here.
-    """
-    length = getattr(response, "length", UNKNOWN_LENGTH)
-    return None if length is UNKNOWN_LENGTH or length is None else length
+        try:
+            if self.size is None and stream.total is not None:
+                self.size = stream.total
+                self._writer.reserve(stream.total)
+                self._fire_started()
+            elif stream.total is not None and stream.total != self.size:
+                raise IntegrityError(f"upstream changed the size of {self.digest}")
+        except Exception:
+            stream.abandon()
+            raise
 
 
 class Fills:
@@ -376,7 +349,7 @@ class Fills:
     def get(self, digest: Digest) -> Optional[Fill]:
         return self._fills.get(digest)
 
-    def start(self, upstream, name: str, digest: Digest) -> Fill:
+    def start(self, upstream: Remote, name: str, digest: Digest) -> Fill:
         fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics)
         self._fills[digest] = fill
         started = self.clock.seconds()

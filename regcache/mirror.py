@@ -21,7 +21,9 @@ from twisted.logger import Logger
 from regcache.body import Source
 from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
 from regcache.inflight import SingleFlight
+from regcache.policy import Route
 from regcache.reference import Digest, check_tag, is_digest
+from regcache.remote import ManifestInfo
 from regcache.store import MAX_MANIFEST, Manifest
 from regcache.tags import MANIFEST_MEDIA_TYPES, SCHEMA1_TYPES, TagEntry, TagKey, accept_key, accepted
 
@@ -78,13 +80,13 @@ class Mirror:
 
     # Manifests
 
-    async def manifest(self, route, reference: str, accept: List[str], want_body: bool) -> ManifestAnswer:
+    async def manifest(self, route: Route, reference: str, accept: List[str], want_body: bool) -> ManifestAnswer:
         if is_digest(reference):
             m, cache = await self._by_digest(route, Digest.parse(reference))
             return ManifestAnswer(m.digest, m.media_type, m.size, m.body, cache)
         return await self._by_tag(route, check_tag(reference), accepted(accept), want_body)
 
-    async def _by_digest(self, route, digest: Digest):
+    async def _by_digest(self, route: Route, digest: Digest):
         m = await self._held(digest)
         if m is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
@@ -97,7 +99,7 @@ class Mirror:
         )
         return m, "miss"
 
-    async def _fetch_manifest(self, route, digest: Digest) -> Manifest:
+    async def _fetch_manifest(self, route: Route, digest: Digest) -> Manifest:
         try:
             m = _typed(await route.upstream.get_manifest(
                 route.name, str(digest), list(MANIFEST_MEDIA_TYPES), digest, retry=True
@@ -117,7 +119,7 @@ class Mirror:
         """Whether the store holds the manifest ``digest``, for decisions made before reading it."""
         return self.store.has_manifest(digest)
 
-    async def _by_tag(self, route, tag: str, types: Tuple[str, ...], want_body: bool) -> ManifestAnswer:
+    async def _by_tag(self, route: Route, tag: str, types: Tuple[str, ...], want_body: bool) -> ManifestAnswer:
         """
         ``types`` are the manifest media types the client accepts.  The
         answer's size and type are the manifest's own whenever regcache
@@ -196,7 +198,9 @@ class Mirror:
                 return entry
         return None
 
-    async def _check_tag(self, route, tag: str, types: Tuple[str, ...], key: TagKey, known, retry: bool) -> TagEntry:
+    async def _check_tag(
+        self, route: Route, tag: str, types: Tuple[str, ...], key: TagKey, known, retry: bool
+    ) -> TagEntry:
         current = self.tags.cached(key)
         if current is not None and self.policy.fresh(current):
             # Another request's check ended while this one read the disk.
@@ -224,7 +228,7 @@ class Mirror:
 
     # Blobs
 
-    async def blob(self, route, digest: Digest) -> BlobAnswer:
+    async def blob(self, route: Route, digest: Digest) -> BlobAnswer:
         for _ in range(3):
             opened = self.store.open_blob(digest)
             if opened is not None:
@@ -243,7 +247,7 @@ class Mirror:
             # The fill moved into the store meanwhile: open it there.
         raise RegistryError("UNAVAILABLE", f"blob {digest} could not be opened", status=503)
 
-    async def blob_size(self, route, digest: Digest):
+    async def blob_size(self, route: Route, digest: Digest):
         """
         (size, cache result) for a HEAD, without downloading: a HEAD that
         started a fill would pull the whole blob for a client that wants
@@ -287,20 +291,20 @@ class Mirror:
 
     # Tag lists
 
-    async def tags_list(self, route, client_name: str, query: bytes):
+    async def tags_list(self, route: Route, client_name: str, query: bytes):
         try:
-            code, headers, body = await route.upstream.tags_list(route.name, query)
+            answer = await route.upstream.tags_list(route.name, query)
         except UpstreamNotFound:
             raise RegistryError("NAME_UNKNOWN", f"repository unknown: {client_name}")
         except UpstreamError as e:
             raise self.policy.failure(e, "the tag list")
-        link = headers.getRawHeaders(b"link")
+        link = answer.link
         if link and route.name != client_name:
             link = [v.replace(f"/v2/{route.name}/".encode(), f"/v2/{client_name}/".encode()) for v in link]
-        return code, link, body
+        return answer.status, link, answer.body
 
 
-def _described(info) -> Tuple[str, int]:
+def _described(info: ManifestInfo) -> Tuple[str, int]:
     """
     The (media type, size) an upstream HEAD gives that regcache may relay:
     a manifest media type and a size a manifest can have.  Anything else

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from regcache.errors import RegistryError, UpstreamError
 from regcache.reference import check_name
+from regcache.remote import Remote
 from regcache.tags import TagEntry
 
 
@@ -24,12 +25,12 @@ class Route:
     names it (``library/alpine`` for Docker Hub's ``alpine``).
     """
 
-    upstream: object
+    upstream: Remote
     name: str
 
 
 class Policy:
-    def __init__(self, upstreams: Sequence, clock, tag_ttl: float, max_stale: Optional[float]):
+    def __init__(self, upstreams: Sequence[Remote], clock, tag_ttl: float, max_stale: Optional[float]):
         if not upstreams:
             raise ValueError("at least one upstream")
         self.upstreams = list(upstreams)

@@ -10,25 +10,29 @@ headers.
 
 Bodies are never buffered whole except tokens, manifests, tag lists and
 error pages, which are small and read under a cap and deadlines
-(exchange.py); a blob response is handed back unread for the caller to
-stream.  Every failure is raised as an UpstreamError whose message names
-this upstream (or its token server or blob host) in words.
+(exchange.py); a blob comes back as a ResponseStream, its status and
+Content-Range read here and its body unread for the caller to stream.
+Every failure is raised as an UpstreamError whose message names this
+upstream (or its token server or blob host) in words.  Upstream implements
+regcache.remote.Remote.
 """
 
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
-from regcache.exchange import Limits
+from regcache.exchange import Limits, abandon
 from regcache.reference import Digest
 from regcache.headers import content_length, header, media_type_of, retry_after
+from regcache.remote import BlobStream, ManifestInfo, TagList
 from regcache.store import MAX_MANIFEST, Manifest
 
 MANIFEST_TYPES = (
@@ -63,13 +67,6 @@ class Timeouts:
     attempts: int = 3
     #: No retry starts later than this after the first attempt.
     retry_budget: float = 10.0
-
-
-@dataclass(frozen=True)
-class ManifestInfo:
-    digest: Digest
-    media_type: str
-    size: Optional[int]
 
 
 class Upstream:
@@ -167,15 +164,20 @@ class Upstream:
         media_type = media_type_of(response.headers) or _sniff_media_type(body)
         return Manifest(body, media_type, digest)
 
-    async def open_blob(self, name: str, digest: Digest, offset: int = 0):
+    async def open_blob(self, name: str, digest: Digest) -> BlobStream:
         """
         Start a blob download, following redirects to a CDN here rather than
         passing them to the client, and sending Authorization only to the
-        origin that asked for it.  Returns the response with its body unread:
-        200 for the whole blob, or 206 from ``offset`` when resuming.  A
-        failure anywhere on that path (registry or CDN) is retried.
+        origin that asked for it.  A failure anywhere on that path (registry
+        or CDN) is retried.
         """
-        return await self._retrying("GET", f"blob {digest}", lambda: self._open_blob(name, digest, offset))
+        return await self._blob_from(name, digest, 0)
+
+    async def _blob_from(self, name: str, digest: Digest, offset: int) -> BlobStream:
+        """The blob from ``offset`` (with Range when past 0), its stream resuming here."""
+        response = await self._retrying("GET", f"blob {digest}", lambda: self._open_blob(name, digest, offset))
+        return blob_stream(response, offset, self.key, self.timeouts.idle,
+                           lambda at: self._blob_from(name, digest, at))
 
     async def head_blob(self, name: str, digest: Digest) -> int:
         """
@@ -218,9 +220,9 @@ class Upstream:
             self._expect(response, (200, 206), "blob")
         return response
 
-    async def tags_list(self, name: str, query: bytes):
+    async def tags_list(self, name: str, query: bytes) -> TagList:
         """
-        Forward a tag list request; returns (status, headers, body).
+        Forward a tag list request.
         """
         path = f"/v2/{name}/tags/list" + ("?" + query.decode("ascii") if query else "")
         response, _ = await self._request("GET", path, "tags", name, {}, retry=True)
@@ -228,7 +230,7 @@ class Upstream:
             await self._drain(response)
             raise UpstreamNotFound(name)
         body = await self.limits.read(response, MAX_TAG_LIST, self.who, "tag list")
-        return response.code, response.headers, body
+        return TagList(response.code, response.headers.getRawHeaders(b"link"), body)
 
     # Plumbing
 
@@ -378,6 +380,78 @@ class Upstream:
         if left > 0:
             raise UpstreamError(f"{self.who} is rate limiting (pausing requests for {left:.0f} s)", 429,
                                 retry_after=left)
+
+
+class ResponseStream:
+    """
+    A BlobStream over one HTTP response to a blob GET, resumed with
+    ``resume`` (another GET, with Range, of the same upstream).
+    """
+
+    def __init__(self, response, total: Optional[int], start: int, source: str, idle: float,
+                 resume: Callable[[int], Awaitable[BlobStream]]):
+        self.total = total
+        self.start = start
+        self.source = source
+        self.idle = idle
+        self._response = response
+        self._resume = resume
+
+    def deliver(self, protocol) -> None:
+        self._response.deliverBody(protocol)
+
+    def abandon(self) -> None:
+        abandon(self._response)
+
+    def resume(self, offset: int) -> Awaitable[BlobStream]:
+        return self._resume(offset)
+
+
+def blob_stream(response, offset: int, source: str, idle: float,
+                resume: Callable[[int], Awaitable[BlobStream]]) -> ResponseStream:
+    """
+    The stream of a 200 or 206 ``response`` to a GET of a blob from
+    ``offset``.  A 206 must start at ``offset`` exactly; one that starts
+    anywhere else, or whose Content-Range cannot be read, is given up with
+    its connection and raised as an UpstreamError.  A 200 is the whole blob,
+    whatever was asked: its stream starts at 0 and the reader skips what it
+    has (skipping here would hide from the reader's idle timer the bytes
+    that do arrive).
+    """
+    try:
+        total, start = _extent(response, offset, f"upstream {source}")
+    except UpstreamError:
+        abandon(response)
+        raise
+    return ResponseStream(response, total, start, source, idle, resume)
+
+
+def _extent(response, offset: int, who: str):
+    """(size of the whole blob or None, offset of the first byte) of a blob response."""
+    if response.code != 206:
+        return _length(response), 0
+    value = header(response.headers, b"content-range") or ""
+    try:
+        unit, _, rest = value.partition(" ")
+        span, _, total = rest.partition("/")
+        start = int(span.split("-")[0])
+    except ValueError:
+        raise UpstreamError(f"{who} sent a malformed Content-Range: {value[:80]}", 502) from None
+    if unit != "bytes" or start != offset:
+        raise UpstreamError(f"{who} resumed the blob at the wrong place: {value[:80]}", 502)
+    if total.isdigit():
+        return int(total), start
+    length = _length(response)
+    return (start + length if length is not None else None), start
+
+
+def _length(response) -> Optional[int]:
+    """
+    The body length upstream announced.  Twisted's client takes
+    Content-Length out of the headers and puts it here.
+    """
+    length = getattr(response, "length", UNKNOWN_LENGTH)
+    return None if length is UNKNOWN_LENGTH or length is None else length
 
 
 def _accept(types) -> dict:

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from regcache.errors import UpstreamNotFound
+from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
 from regcache.mirror import Mirror
@@ -31,7 +31,7 @@ from regcache.routes import RegistryRoutes
 from regcache.service import RegcacheSite
 from regcache.store import Store
 from regcache.tags import TagMap
-from regcache.upstream import Timeouts
+from regcache.upstream import Timeouts, blob_stream
 
 
 def inline(f, *args):
@@ -78,12 +78,16 @@ class FedBody:
 
 class HandFedUpstream:
     """
-    Stands in for regcache.upstream.Upstream: every open_blob and head_blob
-    call is recorded and answered when the test says so.
+    A regcache.remote.Remote whose blob answers the test gives by hand:
+    every open_blob, resume and head_blob is recorded and answered when the
+    test says so.  Its answers are FedBody responses read by upstream.py's
+    own blob_stream, so a fill meets the same streams, checks and refusals
+    as with the real client.
     """
 
     key = "hand-fed"
-    timeouts = Timeouts(idle=30)
+    #: The idle timeout its streams carry.
+    idle = 30.0
 
     def __init__(self):
         self.calls = []  # (name, digest, offset, Deferred)
@@ -92,7 +96,19 @@ class HandFedUpstream:
     def repository(self, name):
         return name
 
-    def open_blob(self, name, digest, offset=0):
+    def head_manifest(self, name, reference, accept, retry=False):
+        raise NotImplementedError("hand-fed upstreams serve blobs only")
+
+    def get_manifest(self, name, reference, accept, expect=None, retry=False):
+        raise NotImplementedError("hand-fed upstreams serve blobs only")
+
+    def tags_list(self, name, query):
+        raise NotImplementedError("hand-fed upstreams serve blobs only")
+
+    def open_blob(self, name, digest):
+        return self._open(name, digest, 0)
+
+    def _open(self, name, digest, offset):
         d = Deferred()
         self.calls.append((name, digest, offset, d))
         return d
@@ -103,7 +119,15 @@ class HandFedUpstream:
         return d
 
     def answer(self, i, body):
-        self.calls[i][3].callback(body)
+        """Answer call ``i`` with the response ``body`` (a FedBody), refused as upstream.py refuses it."""
+        name, digest, offset, d = self.calls[i]
+        resume = lambda at: self._open(name, digest, at)
+        try:
+            stream = blob_stream(body, offset, self.key, self.idle, resume)
+        except UpstreamError:
+            d.errback()
+            return
+        d.callback(stream)
 
     def missing(self, i):
         self.calls[i][3].errback(UpstreamNotFound("blob"))

@@ -294,7 +294,7 @@ class RoomTests(SynchronousTestCase):
         self.rig.upstream.answer(0, body)
         body.feed(data[:100])
         self.assertEqual(body.transport.producerState, "paused")
-        idle = self.rig.upstream.timeouts.idle
+        idle = self.rig.upstream.idle
         self.rig.reactor.advance(idle * 3)
         self.assertEqual(body.transport.producerState, "paused")
         self.held.run_all()
