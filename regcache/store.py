@@ -45,9 +45,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.errors import BlobTooLarge, RegistryError
+from regcache.errors import BlobTooLarge
 from regcache.expiry import BLOB, MANIFEST, Entry, Index, Scan
-from regcache.reference import ALGORITHMS, Digest
+from regcache.reference import ALGORITHMS, Digest, InvalidReference
 
 #: A runner for blocking work: takes f and args, returns a Deferred of the
 #: result.  Production passes a bounded thread pool; tests run inline.
@@ -624,7 +624,7 @@ def references(body: bytes) -> Iterator[Tuple[Digest, Optional[int]]]:
     for desc in descriptors:
         try:
             digest = Digest.parse(str(desc.get("digest", "")))
-        except RegistryError:
+        except InvalidReference:
             continue
         size = desc.get("size")
         yield digest, size if isinstance(size, int) and size >= 0 else None

@@ -39,8 +39,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.errors import RegistryError
-from regcache.reference import TAG_RE, Digest
+from regcache.reference import TAG_RE, Digest, InvalidReference
 from regcache.upstream import MANIFEST_TYPES
 
 SCHEMA1_TYPES = (
@@ -123,7 +122,7 @@ class TagEntry:
             doc = json.loads(data)
             entry = cls(str(doc["digest"]), str(doc["media_type"]), int(doc["size"]), float(doc["checked"]))
             entry.parsed_digest
-        except (KeyError, TypeError, AttributeError, RegistryError) as e:
+        except (KeyError, TypeError, AttributeError, InvalidReference) as e:
             raise ValueError(f"not a tag entry: {e}")
         return replace(entry, saved=entry.checked)
 

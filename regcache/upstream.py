@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits
-from regcache.reference import Digest
+from regcache.reference import Digest, InvalidReference
 from regcache.headers import content_length, header, media_type_of, retry_after
 from regcache.store import MAX_MANIFEST, Manifest
 
@@ -242,7 +242,7 @@ class Upstream:
     def _announced(self, digest: str) -> Digest:
         try:
             return Digest.parse(digest)
-        except Exception:
+        except InvalidReference:
             self.log.warn("Upstream {upstream} sent a bad Docker-Content-Digest {digest}",
                           upstream=self.url, digest=digest[:100])
             raise UpstreamError(f"{self.who} sent a malformed Docker-Content-Digest", 502) from None

@@ -351,6 +351,18 @@ class HeadTruthTests(SynchronousTestCase):
         c = rig.get(f"/v2/library/small/manifests/{image.digest}", "HEAD")
         self.assertEqual(c.header("Content-Type"), image.media_type)
 
+    def test_a_malformed_digest_from_upstream_is_upstream_failing(self):
+        """
+        A Docker-Content-Digest upstream sent that is no digest is upstream's
+        fault, told in words, and not the client's bad digest.
+        """
+        rig, image = self.rig("HEAD", {b"docker-content-digest": b"sha256:../../etc"})
+        c = rig.get(self.path, headers={"Accept": ALL})
+        self.assertEqual(c.status(), 503)
+        [error] = json.loads(c.body())["errors"]
+        self.assertEqual(error["code"], "UNAVAILABLE")
+        self.assertIn("sent a malformed Docker-Content-Digest", error["message"])
+
     def test_every_response_says_nosniff(self):
         """Every answer, error or not, carries X-Content-Type-Options: nosniff."""
         rig = HubRig()
