@@ -18,7 +18,8 @@ from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.expiry import Index
-from regcache.tags import MANIFEST_MEDIA_TYPES, TOUCH_EVERY, TagEntry, TagKey, TagMap, accept_key, accepted
+from regcache.manifests import MANIFEST_MEDIA_TYPES
+from regcache.tags import TOUCH_EVERY, TagEntry, TagKey, TagMap, accept_key, accepted
 from tests.support import HubRig, inline
 from tests.test_expiry import Deferring
 
