@@ -14,7 +14,7 @@ from typing import Dict, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from regcache.reference import split_path
+from regcache.routes import split_path
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

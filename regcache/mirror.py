@@ -10,7 +10,6 @@ Docker Hub counts as a pull, happens only for a digest regcache does not
 hold.
 """
 
-import json
 import os
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
@@ -21,11 +20,11 @@ from twisted.logger import Logger
 from regcache.body import Source
 from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
 from regcache.inflight import SingleFlight
+from regcache.manifests import MANIFEST_MEDIA_TYPES, MAX_MANIFEST, Manifest, declared_type
 from regcache.policy import Route
 from regcache.reference import Digest, check_tag, is_digest
 from regcache.remote import ManifestInfo
-from regcache.store import MAX_MANIFEST, Manifest
-from regcache.tags import MANIFEST_MEDIA_TYPES, SCHEMA1_TYPES, TagEntry, TagKey, accept_key, accepted
+from regcache.tags import TagEntry, TagKey, accept_key, accepted
 
 STALE_WARNING = '110 regcache "Response is Stale"'
 
@@ -321,21 +320,12 @@ def _described(info: ManifestInfo) -> Tuple[str, int]:
 def _typed(m: Manifest) -> Manifest:
     """
     ``m`` with a manifest media type: the Content-Type upstream sent if it
-    is one, else the one its body declares (schema1 declares itself by
-    ``schemaVersion``, as containerd reads a ``text/plain`` one).  Bytes
-    that declare none are not served as a manifest at all.
+    is one, else the one its body declares.  Bytes that declare none are
+    upstream's failure, and are not served as a manifest at all.
     """
     if m.media_type in MANIFEST_MEDIA_TYPES:
         return m
-    try:
-        doc = json.loads(m.body)
-    except ValueError:
-        doc = None
-    declared = None
-    if isinstance(doc, dict):
-        declared = doc.get("mediaType")
-        if declared is None and doc.get("schemaVersion") == 1:
-            declared = SCHEMA1_TYPES[1] if "signatures" in doc else SCHEMA1_TYPES[0]
-    if declared not in MANIFEST_MEDIA_TYPES:
+    declared = declared_type(m.body)
+    if declared is None:
         raise UpstreamError(f"upstream sent a {m.media_type[:100]} body, not a manifest, for {m.digest}", 502)
     return Manifest(m.body, declared, m.digest)

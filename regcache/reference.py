@@ -4,15 +4,16 @@ The grammar of repository names, tags and digests, checked before anything
 touches the disk or the upstream.
 
 A name or digest ends up in a file path and an upstream URL, so the checks are
-strict: a request that does not fit the grammar is refused with a 400, never
-normalised into something that might.
+strict: a string that does not fit the grammar is refused, never normalised
+into something that might.  A refusal is an InvalidReference, which says
+what kind of reference was wrong and knows no HTTP: the routes answer it as
+a 400 with the OCI code for its kind, and code that parses stored or
+upstream data catches it as bad data.
 """
 
 import hashlib
 import re
 from dataclasses import dataclass
-
-from regcache.errors import RegistryError
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -24,16 +25,31 @@ MAX_NAME = 255
 #: The algorithms regcache can verify, and the length of their hex form.
 ALGORITHMS = {"sha256": 64, "sha384": 96, "sha512": 128}
 
+class InvalidReference(ValueError):
+    """
+    A string that is not a reference of ``kind``, and why, in words fit for
+    the person who sent it.  The kind is "name", "tag", "digest", or
+    "algorithm" for a well-formed digest regcache cannot verify.
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"InvalidReference({self.kind!r}, {self.message!r})"
+
 
 def check_name(name: str) -> str:
     if len(name) > MAX_NAME or not NAME_RE.fullmatch(name):
-        raise RegistryError("NAME_INVALID", f"invalid repository name: {name[:300]!r}")
+        raise InvalidReference("name", f"invalid repository name: {name[:300]!r}")
     return name
 
 
 def check_tag(tag: str) -> str:
     if not TAG_RE.fullmatch(tag):
-        raise RegistryError("TAG_INVALID", f"invalid tag: {tag[:200]!r}")
+        raise InvalidReference("tag", f"invalid tag: {tag[:200]!r}")
     return tag
 
 
@@ -56,18 +72,17 @@ class Digest:
     def parse(cls, text: str) -> "Digest":
         m = DIGEST_RE.fullmatch(text)
         if not m:
-            raise RegistryError("DIGEST_INVALID", f"invalid digest: {text[:200]!r}")
+            raise InvalidReference("digest", f"invalid digest: {text[:200]!r}")
         algorithm, encoded = m.groups()
         if algorithm not in ALGORITHMS:
             # Well-formed but unverifiable: refusing is safer than caching
-            # bytes nobody checked.  A 400 DIGEST_INVALID, as distribution
-            # answers: the request is fine but for its digest.
-            raise RegistryError(
-                "DIGEST_INVALID",
+            # bytes nobody checked.
+            raise InvalidReference(
+                "algorithm",
                 f"digest algorithm {algorithm[:50]!r} is not supported (regcache verifies {', '.join(ALGORITHMS)})",
             )
         if len(encoded) != ALGORITHMS[algorithm] or not re.fullmatch("[a-f0-9]+", encoded):
-            raise RegistryError("DIGEST_INVALID", f"invalid {algorithm} digest: {text[:200]!r}")
+            raise InvalidReference("digest", f"invalid {algorithm} digest: {text[:200]!r}")
         return cls(algorithm, encoded)
 
     @classmethod
@@ -78,21 +93,3 @@ class Digest:
 def is_digest(reference: str) -> bool:
     return ":" in reference
 
-
-def split_path(path: str):
-    """
-    Split what follows ``/v2/`` into (name, kind, rest), routing on the last
-    ``/manifests/``, ``/blobs/`` or ``/tags/list`` so that a name may itself
-    contain those words as components.  Returns None for no match.
-    """
-    if path.endswith("/tags/list"):
-        return path[: -len("/tags/list")], "tags", ""
-    best = None
-    for kind in ("manifests", "blobs"):
-        i = path.rfind(f"/{kind}/")
-        if i > 0 and (best is None or i > best[0]):
-            best = (i, kind)
-    if best is None:
-        return None
-    i, kind = best
-    return path[:i], kind, path[i + len(kind) + 2 :]

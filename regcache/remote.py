@@ -24,7 +24,7 @@ from typing import Awaitable, List, Optional, Protocol, Sequence, runtime_checka
 from twisted.internet.interfaces import IProtocol
 
 from regcache.reference import Digest
-from regcache.store import Manifest
+from regcache.manifests import Manifest
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 """
 The HTTP face of regcache: the registry v2 pull routes on a Klein app.
 
-Handlers only translate: the request into a route and a domain call on the
-Mirror, the answer into status, headers and body, and every RegistryError
-into OCI error JSON in one handler.  Nothing here decides what is cached.
+Handlers only translate: the request path into a name and a route, the
+request into a domain call on the Mirror, the answer into status, headers
+and body, and every RegistryError (and every InvalidReference the grammar
+raised) into OCI error JSON in one handler.  Nothing here decides what is
+cached.
 """
 
 import json
@@ -17,10 +19,35 @@ from werkzeug.exceptions import HTTPException
 
 from regcache import __version__, body
 from regcache.errors import RegistryError
-from regcache.reference import Digest, check_name, split_path
+from regcache.reference import Digest, InvalidReference, check_name
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 PULL_METHODS = ["GET", "HEAD"]
+
+#: The OCI code a client gets for each kind of reference the grammar
+#: refuses; an unverifiable algorithm is a bad digest, as distribution
+#: answers it (the request is fine but for its digest).
+REFERENCE_CODES = {"name": "NAME_INVALID", "tag": "TAG_INVALID", "digest": "DIGEST_INVALID",
+                   "algorithm": "DIGEST_INVALID"}
+
+
+def split_path(path: str):
+    """
+    Split what follows ``/v2/`` into (name, kind, rest), routing on the last
+    ``/manifests/``, ``/blobs/`` or ``/tags/list`` so that a name may itself
+    contain those words as components.  Returns None for no match.
+    """
+    if path.endswith("/tags/list"):
+        return path[: -len("/tags/list")], "tags", ""
+    best = None
+    for kind in ("manifests", "blobs"):
+        i = path.rfind(f"/{kind}/")
+        if i > 0 and (best is None or i > best[0]):
+            best = (i, kind)
+    if best is None:
+        return None
+    i, kind = best
+    return path[:i], kind, path[i + len(kind) + 2 :]
 
 
 def merged_accept(request) -> list:
@@ -224,6 +251,11 @@ class RegistryRoutes:
             request.setHeader("WWW-Authenticate", 'Basic realm="regcache"')
         request.error_code = error.code
         return sized(request, error.body())
+
+    @app.handle_errors(InvalidReference)
+    def invalid_reference(self, request, failure):
+        error = failure.value
+        return self.registry_error(request, Failure(RegistryError(REFERENCE_CODES[error.kind], error.message)))
 
     @app.handle_errors(HTTPException)
     def http_error(self, request, failure):

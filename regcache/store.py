@@ -33,7 +33,6 @@ from memory.
 """
 
 import errno
-import json
 import os
 import re
 import stat
@@ -45,27 +44,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.errors import BlobTooLarge, RegistryError
+from regcache.errors import BlobTooLarge
 from regcache.expiry import BLOB, MANIFEST, Entry, Index, Scan
+from regcache.manifests import MAX_MANIFEST, Manifest, references
 from regcache.reference import ALGORITHMS, Digest
 
 #: A runner for blocking work: takes f and args, returns a Deferred of the
 #: result.  Production passes a bounded thread pool; tests run inline.
 Runner = Callable[..., Deferred]
-
-MAX_MANIFEST = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Manifest:
-    body: bytes
-    media_type: str
-    digest: Digest
-
-    @property
-    def size(self) -> int:
-        return len(self.body)
-
 
 #: One version of a file: (inode, mtime in ns, size).
 Identity = Tuple[int, int, int]
@@ -600,34 +586,6 @@ class Store:
             kind = MANIFEST if digest in refs else BLOB
             entries[digest] = Entry(declared.get(digest, size), kind, mtime, mtime)
         return Scan(entries, refs, strays)
-
-
-def references(body: bytes) -> Iterator[Tuple[Digest, Optional[int]]]:
-    """
-    The (digest, declared size) of every descriptor a manifest or index
-    names: config, layers, child manifests.  Anything unparsable names
-    nothing (the bytes matched their digest; they are simply not a manifest
-    regcache understands).
-    """
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return
-    if not isinstance(doc, dict):
-        return
-    descriptors = []
-    if isinstance(doc.get("config"), dict):
-        descriptors.append(doc["config"])
-    for key in ("layers", "manifests", "blobs"):
-        if isinstance(doc.get(key), list):
-            descriptors.extend(x for x in doc[key] if isinstance(x, dict))
-    for desc in descriptors:
-        try:
-            digest = Digest.parse(str(desc.get("digest", "")))
-        except RegistryError:
-            continue
-        size = desc.get("size")
-        yield digest, size if isinstance(size, int) and size >= 0 else None
 
 
 _HEX = {alg: re.compile(f"[0-9a-f]{{{n}}}") for alg, n in ALGORITHMS.items()}

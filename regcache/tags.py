@@ -39,18 +39,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from regcache.errors import RegistryError
-from regcache.reference import TAG_RE, Digest
-from regcache.upstream import MANIFEST_TYPES
-
-SCHEMA1_TYPES = (
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-)
-
-#: Every manifest media type regcache serves, in the fixed order accept
-#: keys are made in (and that upstream is asked with).
-MANIFEST_MEDIA_TYPES = MANIFEST_TYPES + SCHEMA1_TYPES
+from regcache.manifests import MANIFEST_MEDIA_TYPES
+from regcache.reference import TAG_RE, Digest, InvalidReference
 
 #: Entries kept in memory, least recently used out first.  About 1 KiB each.
 MEMORY = 10_000
@@ -123,7 +113,7 @@ class TagEntry:
             doc = json.loads(data)
             entry = cls(str(doc["digest"]), str(doc["media_type"]), int(doc["size"]), float(doc["checked"]))
             entry.parsed_digest
-        except (KeyError, TypeError, AttributeError, RegistryError) as e:
+        except (KeyError, TypeError, AttributeError, InvalidReference) as e:
             raise ValueError(f"not a tag entry: {e}")
         return replace(entry, saved=entry.checked)
 

@@ -30,17 +30,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits, abandon
-from regcache.reference import Digest
 from regcache.headers import content_length, header, media_type_of, retry_after
+from regcache.manifests import MAX_MANIFEST, Manifest, sniffed_type
+from regcache.reference import Digest, InvalidReference
 from regcache.remote import BlobStream, ManifestInfo, TagList
-from regcache.store import MAX_MANIFEST, Manifest
-
-MANIFEST_TYPES = (
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-)
 
 DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
 
@@ -161,7 +154,7 @@ class Upstream:
         digest = Digest.of(body, expect.algorithm if expect else "sha256")
         if expect is not None and digest != expect:
             raise UpstreamError(f"the manifest {self.who} sent does not match {expect}", 502)
-        media_type = media_type_of(response.headers) or _sniff_media_type(body)
+        media_type = media_type_of(response.headers) or sniffed_type(body)
         return Manifest(body, media_type, digest)
 
     async def open_blob(self, name: str, digest: Digest) -> BlobStream:
@@ -244,7 +237,7 @@ class Upstream:
     def _announced(self, digest: str) -> Digest:
         try:
             return Digest.parse(digest)
-        except Exception:
+        except InvalidReference:
             self.log.warn("Upstream {upstream} sent a bad Docker-Content-Digest {digest}",
                           upstream=self.url, digest=digest[:100])
             raise UpstreamError(f"{self.who} sent a malformed Docker-Content-Digest", 502) from None
@@ -462,17 +455,3 @@ def _origin(url: str):
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def _sniff_media_type(body: bytes) -> str:
-    import json
-
-    try:
-        value = json.loads(body).get("mediaType")
-    except (ValueError, AttributeError):
-        value = None
-    if isinstance(value, str) and value:
-        return value
-    # containerd maps text/plain to schema1, which is what an untyped
-    # manifest most likely is.
-    return "application/vnd.docker.distribution.manifest.v1+prettyjws"

@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.expiry import BLOB, MANIFEST, TOUCH_EVERY, Expiry
 from regcache.reference import Digest
-from regcache.store import Manifest, Store
+from regcache.manifests import Manifest
+from regcache.store import Store
 from tests.support import FedBody, Rig, blob, inline
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

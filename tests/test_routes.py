@@ -7,8 +7,10 @@ touches the disk or the upstream, and Range on cached blobs.
 import json
 import os
 
+from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from regcache.routes import split_path
 from tests.support import Rig, blob, conformance_cases
 
 
@@ -152,11 +154,52 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(c.status(), 400)
         self.assertUntouched()
 
+    def test_each_refused_reference_is_its_oci_error(self):
+        """
+        A name, tag or digest the grammar refuses is a 400 with the OCI code
+        for its kind (an unverifiable algorithm is a bad digest) and the
+        grammar's words as the message.
+        """
+        supported = "regcache verifies sha256, sha384, sha512"
+        for path, code, message in [
+            ("/v2/Library/a/manifests/latest", "NAME_INVALID", "invalid repository name: 'Library/a'"),
+            ("/v2/library/a_/blobs/sha256:" + "a" * 64, "NAME_INVALID", "invalid repository name: 'library/a_'"),
+            ("/v2/library/a/manifests/.bad", "TAG_INVALID", "invalid tag: '.bad'"),
+            ("/v2/library/a/manifests/" + "t" * 129, "TAG_INVALID", f"invalid tag: {'t' * 129!r}"),
+            ("/v2/library/a/blobs/sha256:" + "A" * 64, "DIGEST_INVALID", f"invalid sha256 digest: 'sha256:{'A' * 64}'"),
+            ("/v2/library/a/manifests/sha256:x:y", "DIGEST_INVALID", "invalid digest: 'sha256:x:y'"),
+            ("/v2/library/a/blobs/blake3:" + "a" * 64, "DIGEST_INVALID",
+             f"digest algorithm 'blake3' is not supported ({supported})"),
+        ]:
+            c = self.rig.client(path)
+            self.assertEqual(c.status(), 400, path)
+            self.assertEqual(c.header("Content-Type"), "application/json", path)
+            self.assertEqual(json.loads(c.body()), {"errors": [{"code": code, "message": message}]}, path)
+        self.assertUntouched()
+
     def test_unknown_paths_get_oci_json(self):
         """A /v2/ path that is not part of the pull API gets an OCI error, not HTML."""
         c = self.rig.client("/v2/library/a/nothing")
         self.assertEqual(c.status(), 404)
         self.assertIn("errors", json.loads(c.body()))
+
+
+class SplitPathTests(SynchronousTestCase):
+    def test_split_routes_on_the_last_keyword(self):
+        """A name may contain 'blobs' or 'manifests' components: the last keyword routes."""
+        for path, expected in [
+            ("library/alpine/manifests/3.20", ("library/alpine", "manifests", "3.20")),
+            ("a/blobs/b/manifests/latest", ("a/blobs/b", "manifests", "latest")),
+            ("a/manifests/b/blobs/sha256:x", ("a/manifests/b", "blobs", "sha256:x")),
+            ("org/team/app/tags/list", ("org/team/app", "tags", "")),
+            ("blobs/blobs/sha256:x", ("blobs", "blobs", "sha256:x")),
+        ]:
+            self.assertEqual(split_path(path), expected, path)
+
+    def test_split_rejects_non_api_paths(self):
+        """Paths without a pull-API keyword do not route."""
+        self.assertIsNone(split_path("library/alpine"))
+        self.assertIsNone(split_path("/manifests/x"))
 
 
 class RangeTests(SynchronousTestCase):
@@ -294,3 +337,10 @@ class TagListTests(SynchronousTestCase):
             self.assertEqual(head.header(name), get.header(name), name)
         self.assertEqual(head.body(), b"")
         self.assertIn(b'"tags"', get.body())
+
+
+@given(st.text(max_size=300))
+def test_split_never_crashes(text):
+    """Any string splits into (name, kind, rest) or does not route."""
+    parts = split_path(text)
+    assert parts is None or (len(parts) == 3 and parts[1] in ("manifests", "blobs", "tags"))

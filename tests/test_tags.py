@@ -18,7 +18,8 @@ from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.expiry import Index
-from regcache.tags import MANIFEST_MEDIA_TYPES, TOUCH_EVERY, TagEntry, TagKey, TagMap, accept_key, accepted
+from regcache.manifests import MANIFEST_MEDIA_TYPES
+from regcache.tags import TOUCH_EVERY, TagEntry, TagKey, TagMap, accept_key, accepted
 from tests.support import HubRig, inline
 from tests.test_expiry import Deferring
 
@@ -350,6 +351,18 @@ class HeadTruthTests(SynchronousTestCase):
         self.assertEqual(c.body(), image.manifest)
         c = rig.get(f"/v2/library/small/manifests/{image.digest}", "HEAD")
         self.assertEqual(c.header("Content-Type"), image.media_type)
+
+    def test_a_malformed_digest_from_upstream_is_upstream_failing(self):
+        """
+        A Docker-Content-Digest upstream sent that is no digest is upstream's
+        fault, told in words, and not the client's bad digest.
+        """
+        rig, image = self.rig("HEAD", {b"docker-content-digest": b"sha256:../../etc"})
+        c = rig.get(self.path, headers={"Accept": ALL})
+        self.assertEqual(c.status(), 503)
+        [error] = json.loads(c.body())["errors"]
+        self.assertEqual(error["code"], "UNAVAILABLE")
+        self.assertIn("sent a malformed Docker-Content-Digest", error["message"])
 
     def test_every_response_says_nosniff(self):
         """Every answer, error or not, carries X-Content-Type-Options: nosniff."""

@@ -17,7 +17,7 @@ import socket
 import urllib.request
 from collections import Counter
 
-from regcache.tags import MANIFEST_MEDIA_TYPES
+from regcache.manifests import MANIFEST_MEDIA_TYPES
 
 TOTAL = 100_000
 WARM_UP = 20_000
