@@ -20,8 +20,8 @@ from twisted.logger import Logger
 
 from regcache.body import Source
 from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
-from regcache.inflight import SingleFlight
 from regcache.reference import Digest, check_tag, is_digest
+from regcache.singleflight import SingleFlight
 from regcache.store import MAX_MANIFEST, Manifest
 from regcache.tags import MANIFEST_MEDIA_TYPES, SCHEMA1_TYPES, TagEntry, TagKey, accept_key, accepted
 
