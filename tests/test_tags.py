@@ -17,7 +17,7 @@ import tempfile
 from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.expiry import Index
+from regcache.index import Index
 from regcache.tags import MANIFEST_MEDIA_TYPES, TOUCH_EVERY, TagEntry, TagKey, TagMap, accept_key, accepted
 from tests.support import HubRig, inline
 from tests.test_expiry import Deferring
