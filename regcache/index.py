@@ -43,8 +43,8 @@ MANIFEST = "manifest"
 TOUCH_EVERY = 600.0
 
 #: The most a download writes between two room checks (one read from the
-#: upstream socket, up to upstream_http.READ_SIZE: 1 MiB), with room to
-#: spare.  tests/test_body.py checks the two agree.
+#: upstream socket, up to upstream_http.UPSTREAM_READ_SIZE: 1 MiB), with
+#: room to spare.  tests/test_body.py checks the two agree.
 CHUNK_HEADROOM = 2 * 1024 * 1024
 
 #: How far ahead of its written bytes a download counts its announced size.

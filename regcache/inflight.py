@@ -7,7 +7,8 @@ A Fill writes a blob into the store while any number of readers follow the
 growing file at their own pace.  The disk is the one consumer the download
 waits for; a slow reader only falls behind in the file, it never slows the
 download or grows memory.  A client that hangs up only stops following; the
-download goes on for the others and for the cache.
+download goes on for the others and for the cache, and on shutdown
+FillDrain gives the downloads under way a few seconds to land.
 
 Work shared by key without a file to follow (tag checks, manifest GETs,
 tokens) is regcache.singleflight's.
@@ -15,6 +16,7 @@ tokens) is regcache.singleflight's.
 
 from typing import Callable, Dict, List, Optional
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -371,3 +373,21 @@ class Fills:
             d.addBoth(lambda r, w=w: (w.callback(None), r)[1])
             waits.append(w)
         return DeferredList(waits)
+
+
+class FillDrain(Service):
+    """
+    On shutdown, wait (briefly) for blob downloads under way, so a rolling
+    restart does not throw away a nearly finished fill.
+    """
+
+    def __init__(self, fills, reactor, grace: float = 10.0):
+        self.fills = fills
+        self.reactor = reactor
+        self.grace = grace
+
+    def stopService(self):
+        super().stopService()
+        if not len(self.fills):
+            return None
+        return self.fills.drain().addTimeout(self.grace, self.reactor).addErrback(lambda _: None)
