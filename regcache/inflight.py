@@ -1,19 +1,22 @@
+# test-case-name: tests.test_inflight,tests.test_range_inflight
 """
-Work in flight, shared: one upstream download per blob, one upstream check
-per tag, one token fetch per scope, however many clients ask at once.
-
-The shared work is never handed to a caller directly.  Each caller gets a
-Deferred of its own, so a client that hangs up (Klein cancels its Deferred)
-cancels only its own wait, never the download the others depend on.
+One upstream download per blob, however many clients ask at once, followed
+by every waiting client.
 
 A Fill writes a blob into the store while any number of readers follow the
 growing file at their own pace.  The disk is the one consumer the download
 waits for; a slow reader only falls behind in the file, it never slows the
-download or grows memory.
+download or grows memory.  A client that hangs up only stops following; the
+download goes on for the others and for the cache, and on shutdown
+FillDrain gives the downloads under way a few seconds to land.
+
+Work shared by key without a file to follow (tag checks, manifest GETs,
+tokens) is regcache.singleflight's.
 """
 
-from typing import Callable, Dict, Hashable, List, Optional
+from typing import Callable, Dict, List, Optional
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -21,61 +24,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from regcache.errors import IntegrityError, RegistryError, UpstreamError, UpstreamNotFound, transport_error
+from regcache.errors import IntegrityError, UpstreamError, transport_error
 from regcache.reference import Digest
 from regcache.remote import BlobStream, Remote
-
-
-class SingleFlight:
-    """
-    Run at most one ``work`` per key at a time; every caller for that key
-    gets its own Deferred of the shared result.
-    """
-
-    log = Logger()
-
-    def __init__(self) -> None:
-        self._waiting: Dict[Hashable, List[Deferred]] = {}
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._waiting
-
-    def run(self, key: Hashable, work: Callable[[], Deferred]) -> Deferred:
-        waiters = self._waiting.get(key)
-        first = waiters is None
-        if first:
-            waiters = self._waiting[key] = []
-        d: Deferred = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
-        waiters.append(d)
-        if first:
-            try:
-                shared = work()
-            except Exception:
-                shared = fail()
-            shared.addBoth(self._deliver, key)
-        return d
-
-    def _deliver(self, result, key: Hashable) -> None:
-        waiters = self._waiting.pop(key, [])
-        if not waiters and isinstance(result, Failure):
-            self._unheard(result, key)
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-
-    def _unheard(self, failure: Failure, key: Hashable) -> None:
-        """
-        Every caller gave up before the work failed: nobody else will say
-        so.  An upstream or integrity failure is news for the log; anything
-        else is a bug and keeps its traceback.
-        """
-        if failure.check(UpstreamError, UpstreamNotFound, IntegrityError, RegistryError):
-            self.log.warn("Shared work for {key} failed after every caller left: {error}",
-                          key=repr(key), error=failure.getErrorMessage())
-        else:
-            self.log.failure("Shared work for {key} failed after every caller left", failure, key=repr(key))
 
 
 class _FillProtocol(Protocol):
@@ -395,3 +346,21 @@ class Fills:
             d.addBoth(lambda r, w=w: (w.callback(None), r)[1])
             waits.append(w)
         return DeferredList(waits)
+
+
+class FillDrain(Service):
+    """
+    On shutdown, wait (briefly) for blob downloads under way, so a rolling
+    restart does not throw away a nearly finished fill.
+    """
+
+    def __init__(self, fills, reactor, grace: float = 10.0):
+        self.fills = fills
+        self.reactor = reactor
+        self.grace = grace
+
+    def stopService(self):
+        super().stopService()
+        if not len(self.fills):
+            return None
+        return self.fills.drain().addTimeout(self.grace, self.reactor).addErrback(lambda _: None)

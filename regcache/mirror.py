@@ -19,11 +19,11 @@ from twisted.logger import Logger
 
 from regcache.body import Source
 from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
-from regcache.inflight import SingleFlight
 from regcache.manifests import MANIFEST_MEDIA_TYPES, MAX_MANIFEST, Manifest, declared_type
 from regcache.policy import Route
 from regcache.reference import Digest, check_tag, is_digest
 from regcache.remote import ManifestInfo
+from regcache.singleflight import SingleFlight
 from regcache.tags import TagEntry, TagKey, accept_key, accepted
 
 STALE_WARNING = '110 regcache "Response is Stale"'

@@ -14,7 +14,7 @@ hashed while it was written, fsync'd, and renamed into place after the digest
 and length matched.  A crash leaves at worst a temp file, which start-up
 removes.  The filesystem is the metadata: sizes and access times come from
 ``stat``, so nothing can disagree with the files.  The in-memory index that
-eviction needs (regcache.expiry) is rebuilt from them at every start.
+eviction needs (regcache.index) is rebuilt from them at every start.
 
 Manifests go further, being small: each one read from disk is hashed again,
 and one kept in memory is served only while its file is unchanged, so a
@@ -45,7 +45,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from regcache.errors import BlobTooLarge
-from regcache.expiry import BLOB, MANIFEST, Entry, Index, Scan
+from regcache.index import BLOB, MANIFEST, Entry, Index, Scan
 from regcache.manifests import MAX_MANIFEST, Manifest, references
 from regcache.reference import ALGORITHMS, Digest
 

@@ -28,7 +28,7 @@ from regcache.policy import Policy
 from regcache.readiness import Readiness
 from regcache.reference import Digest
 from regcache.routes import RegistryRoutes
-from regcache.service import RegcacheSite
+from regcache.site import RegcacheSite
 from regcache.store import Store
 from regcache.tags import TagMap
 from regcache.upstream import Timeouts, blob_stream

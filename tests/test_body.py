@@ -10,8 +10,9 @@ import shutil
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache import body, service
+from regcache import body
 from regcache.expiry import Expiry
+from regcache.upstream_http import UPSTREAM_READ_SIZE
 from tests.integration.synthetic import store_bytes
 from tests.support import FedBody, Rig, blob
 from tests.test_expiry import Deferring, cache_blob
@@ -23,14 +24,14 @@ class HeadroomTests(SynchronousTestCase):
     def test_a_download_never_takes_the_disk_past_the_limit(self):
         """
         While evicted files are still being deleted, a download whose body
-        arrives in upstream socket reads (service.UPSTREAM_READ_SIZE each)
-        never puts more bytes on disk than the size limit allows.  The
-        store is filled so that the first read passes its room check with
-        exactly the headroom left, the worst case: the read after it lands
-        before the next check can pause the download, so it must fit in
-        that headroom.
+        arrives in upstream socket reads (UPSTREAM_READ_SIZE each, the most
+        one read from an upstream connection takes) never puts more bytes
+        on disk than the size limit allows.  The store is filled so that
+        the first read passes its room check with exactly the headroom
+        left, the worst case: the read after it lands before the next check
+        can pause the download, so it must fit in that headroom.
         """
-        read = service.UPSTREAM_READ_SIZE
+        read = UPSTREAM_READ_SIZE
         rig = Rig()
         self.addCleanup(shutil.rmtree, rig.root, True)
         headroom = rig.store.index.headroom

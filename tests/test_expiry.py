@@ -12,7 +12,8 @@ import shutil
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.expiry import BLOB, MANIFEST, TOUCH_EVERY, Expiry
+from regcache.expiry import Expiry
+from regcache.index import BLOB, MANIFEST, TOUCH_EVERY
 from regcache.reference import Digest
 from regcache.manifests import Manifest
 from regcache.store import Store

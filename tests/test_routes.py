@@ -302,7 +302,7 @@ class ConnectionTests(SynchronousTestCase):
         blob response is still under way (waiting on a slow upstream) is
         left open however long it takes, and then completes.
         """
-        from regcache.service import IDLE_CLIENT_TIMEOUT
+        from regcache.site import IDLE_CLIENT_TIMEOUT
         from tests.support import FedBody
 
         rig = Rig()

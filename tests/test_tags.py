@@ -17,7 +17,7 @@ import tempfile
 from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.expiry import Index
+from regcache.index import Index
 from regcache.manifests import MANIFEST_MEDIA_TYPES
 from regcache.tags import TOUCH_EVERY, TagEntry, TagKey, TagMap, accept_key, accepted
 from tests.support import HubRig, inline
