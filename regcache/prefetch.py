@@ -180,7 +180,7 @@ def select(index: dict, platforms: Optional[List[Platform]]) -> List[dict]:
     platforms asked for.  An index with none of them is a failure: the
     warm-up would have warmed nothing a pull of those platforms needs.
     """
-    entries = index.get("manifests") or []
+    entries = descriptors(index.get("manifests") or [])
     if platforms is None:
         return list(entries)
     chosen = [d for d in entries if any(p.matches(d.get("platform") or {}) for p in platforms)]
@@ -197,7 +197,19 @@ def _platform_fields(descriptor: dict) -> dict:
 
 def blobs_of(manifest: dict) -> List[dict]:
     """The blobs an image manifest names: its config, then its layers."""
-    return [d for d in [manifest.get("config"), *(manifest.get("layers") or [])] if d]
+    return descriptors([manifest.get("config")]) + descriptors(manifest.get("layers") or [])
+
+
+def descriptors(entries) -> List[dict]:
+    """
+    ``entries`` as descriptors, each an object with a digest (a string; the
+    grammar checks it before use): anything else fails the image here,
+    instead of somewhere deeper.
+    """
+    if not isinstance(entries, list) or not all(isinstance(d, dict) and isinstance(d.get("digest"), str)
+                                                for d in entries):
+        raise Failed("a manifest lists something that is not a descriptor")
+    return entries
 
 
 @dataclass
@@ -275,6 +287,8 @@ class MirrorClient:
             except Retryable as e:
                 if i == ATTEMPTS - 1:
                     raise Failed(f"{what}: {e} ({ATTEMPTS} attempts)")
+            except Failed as e:
+                raise Failed(f"{what}: {e}")
 
     def open(self, url: str, accept: Sequence[str] = ()):
         headers = dict(self.headers)
@@ -301,8 +315,8 @@ class MirrorClient:
                     r.headers.get("X-Cache")
 
         what = f"manifest {reference}"
-        if ":" in reference:
-            # A digest read from a manifest goes into a URL: the grammar first.
+        if reference != image.tag:
+            # A digest read from an index goes into a URL: the grammar first.
             _hasher(reference, what)
         body, named, media_type, cache = self.retrying(what, attempt)
         if len(body) > MAX_MANIFEST:
@@ -317,7 +331,9 @@ class MirrorClient:
         try:
             doc = json.loads(body)
         except ValueError:
-            raise Failed(f"{what}: not JSON")
+            doc = None
+        if not isinstance(doc, dict):
+            raise Failed(f"{what}: not a JSON object")
         return digest, doc.get("mediaType") or media_type, doc, cache
 
     def blob(self, image: ImageRef, descriptor: dict, progress) -> str:
@@ -328,9 +344,11 @@ class MirrorClient:
         """
         digest, size = descriptor.get("digest", ""), descriptor.get("size")
         what = f"blob {digest}"
+        # Checked before it goes into a URL, and the hasher for every attempt.
+        _hasher(digest, what)
 
         def attempt():
-            h = _hasher(digest, what)
+            h = Digest.parse(digest).hasher()
             seen = 0
             try:
                 with self.open(self.url(image, "blobs", digest)) as r:
@@ -350,7 +368,7 @@ class MirrorClient:
                 raise
             if h.hexdigest() != _hex(digest) or (isinstance(size, int) and seen != size):
                 progress(-seen)
-                raise Failed(f"{what}: got {seen} bytes that do not match the digest and size {size}")
+                raise Failed(f"got {seen} bytes that do not match the digest and size {size}")
             return cache
 
         return self.retrying(what, attempt)

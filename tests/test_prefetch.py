@@ -10,7 +10,9 @@ import io
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.prefetch import Bar, Failed, ImageRef, Platform, Tally, main, parse_image, parse_platforms, select
+from regcache.prefetch import (
+    Bar, Failed, ImageRef, Platform, Tally, blobs_of, main, parse_image, parse_platforms, select,
+)
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -94,6 +96,24 @@ class PlatformTests(SynchronousTestCase):
         for text in ["linux", "linux/arm64/v8/x", "Linux/AMD64", "linux//v8"]:
             with self.assertRaises(ValueError, msg=text):
                 parse_platforms(text)
+
+
+class ManifestTests(SynchronousTestCase):
+    def test_blobs_are_the_config_then_the_layers(self):
+        """An image manifest's blobs are its config and its layers, in order."""
+        config, layer = {"digest": DIGEST, "size": 1}, {"digest": "sha256:" + "b" * 64, "size": 2}
+        self.assertEqual(blobs_of({"config": config, "layers": [layer]}), [config, layer])
+
+    def test_malformed_manifests_fail_the_image(self):
+        """A missing config, a layer or index entry that is no descriptor: a Failed, not a crash."""
+        for doc in [{"layers": []}, {"config": {"digest": DIGEST}, "layers": [7]},
+                    {"config": {"digest": DIGEST}, "layers": [{"digest": 7}]},
+                    {"config": {"digest": DIGEST}, "layers": {"digest": DIGEST, "x": 1}}]:
+            with self.assertRaises(Failed, msg=doc):
+                blobs_of(doc)
+        for index in [{"manifests": [None]}, {"manifests": "x"}]:
+            with self.assertRaises(Failed, msg=index):
+                select(index, None)
 
 
 class ReportTests(SynchronousTestCase):
