@@ -6,12 +6,16 @@ command line's refusals.  tests/integration/test_prefetch_proc.py runs it
 against a real regcache.
 """
 
+import contextlib
+import hashlib
+import http.server
 import io
+import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.prefetch import (
-    Bar, Failed, ImageRef, Platform, Tally, blobs_of, main, parse_image, parse_platforms, select,
+    Bar, Failed, ImageRef, MirrorClient, Platform, Tally, blobs_of, main, parse_image, parse_platforms, select,
 )
 
 DIGEST = "sha256:" + "a" * 64
@@ -146,8 +150,6 @@ class ReportTests(SynchronousTestCase):
 class CommandLineTests(SynchronousTestCase):
     def refused(self, argv, environ=None):
         err = io.StringIO()
-        import contextlib
-
         with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as caught:
             main(argv, io.StringIO(), environ or {})
         self.assertEqual(caught.exception.code, 2)
@@ -161,3 +163,98 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("--mirror", self.refused(["alpine"], {"REGCACHE_MIRROR": "ftp://x"}))
         self.assertIn("--creds", self.refused(["--creds", "token", "alpine"]))
         self.assertIn("--from-file", self.refused(["--from-file", "/nonexistent/images.txt"]))
+
+
+class ScriptedMirror:
+    """
+    A stand-in mirror on loopback that answers each GET with the next of a
+    list of (status, headers, body), and records what it was asked.
+    """
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.requests = []
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                mirror.requests.append((self.path, dict(self.headers)))
+                status, headers, body = mirror.answers.pop(0)
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+class ClientTests(SynchronousTestCase):
+    image = ImageRef("ghcr.io", "owner/app", "v1", None)
+    data = b"layer bytes"
+
+    def client(self, answers):
+        mirror = ScriptedMirror(answers)
+        self.addCleanup(mirror.close)
+        return mirror, MirrorClient(mirror.url, creds="ci:s3cret", timeout=10)
+
+    def descriptor(self, data=None):
+        return {"digest": "sha256:" + hashlib.sha256(data or self.data).hexdigest(), "size": len(data or self.data)}
+
+    def test_a_blob_is_checked_against_its_digest(self):
+        """Bytes that do not match the blob's digest fail it, whatever the mirror's status said."""
+        mirror, client = self.client([(200, {"X-Cache": "hit"}, b"other bytes")])
+        with self.assertRaises(Failed) as caught:
+            client.blob(self.image, self.descriptor(), lambda n: None)
+        self.assertIn("do not match", str(caught.exception))
+
+    def test_5xx_is_retried_and_the_request_names_the_registry(self):
+        """A 503 is tried again; every request carries ?ns=, Basic credentials, and the outcome is X-Cache's."""
+        seen = []
+        mirror, client = self.client([(503, {}, b'{"errors":[{"code":"UNAVAILABLE","message":"upstream down"}]}'),
+                                      (200, {"X-Cache": "miss"}, self.data)])
+        self.assertEqual(client.blob(self.image, self.descriptor(), seen.append), "miss")
+        self.assertEqual(sum(seen), len(self.data))
+        digest = self.descriptor()["digest"]
+        self.assertEqual([p for p, _ in mirror.requests], [f"/v2/owner/app/blobs/{digest}?ns=ghcr.io"] * 2)
+        self.assertEqual(mirror.requests[0][1]["Authorization"], "Basic Y2k6czNjcmV0")
+
+    def test_persistent_5xx_fails_in_words(self):
+        """Three 5xx answers in a row fail the blob with the mirror's message and the attempts made."""
+        error = (502, {}, b'{"errors":[{"code":"UNAVAILABLE","message":"upstream down"}]}')
+        mirror, client = self.client([error] * 3)
+        with self.assertRaises(Failed) as caught:
+            client.blob(self.image, self.descriptor(), lambda n: None)
+        self.assertEqual(str(caught.exception), f"blob {self.descriptor()['digest']}: 502 upstream down (3 attempts)")
+
+    def test_a_4xx_is_not_retried(self):
+        """A 404 fails at once: asking again would only be told the same."""
+        mirror, client = self.client([(404, {}, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"nope"}]}')])
+        with self.assertRaises(Failed) as caught:
+            client.manifest(self.image, "v1")
+        self.assertEqual(str(caught.exception), "manifest v1: 404 nope")
+        self.assertEqual(len(mirror.requests), 1)
+
+    def test_a_tag_manifest_is_checked_against_the_digest_the_mirror_names(self):
+        """A tag's manifest must match its Docker-Content-Digest, and a digest read from an index is checked first."""
+        body = b'{"mediaType": "application/vnd.oci.image.manifest.v1+json"}'
+        named = "sha256:" + hashlib.sha256(body).hexdigest()
+        mirror, client = self.client([(200, {"Docker-Content-Digest": named, "X-Cache": "hit"}, body),
+                                      (200, {"Docker-Content-Digest": named}, body + b" ")])
+        self.assertEqual(client.manifest(self.image, "v1")[::3], (named, "hit"))
+        with self.assertRaises(Failed):
+            client.manifest(self.image, "v1")
+        with self.assertRaises(Failed):
+            client.manifest(self.image, "../../etc")
+        self.assertEqual(len(mirror.requests), 2)
