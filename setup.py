@@ -19,6 +19,8 @@ setup(
         "pyopenssl>=23.2",
         # One home for counters, with the exposition format Prometheus scrapes.
         "prometheus-client>=0.17",
+        # regcache prefetch's progress bar on a terminal: maintained, and no curses.
+        "rich>=13",
     ],
     extras_require={
         "test": [

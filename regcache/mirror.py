@@ -228,16 +228,21 @@ class Mirror:
     # Blobs
 
     async def blob(self, route: Route, digest: Digest) -> BlobAnswer:
+        # A fill this request started or joined decides the outcome, even
+        # when it lands before the request reads it: the blob was not cached.
+        cache = "hit"
         for _ in range(3):
             opened = self.store.open_blob(digest)
             if opened is not None:
                 fd, size = opened
-                self.metrics.cache.labels("blob", "hit").inc()
-                return BlobAnswer(size, fd, Source(size), "hit", self.store.pin(digest))
+                self.metrics.cache.labels("blob", cache).inc()
+                return BlobAnswer(size, fd, Source(size), cache, self.store.pin(digest))
             fill = self.fills.get(digest)
-            cache = "join" if fill is not None else "miss"
             if fill is None:
+                cache = "miss"
                 fill = self.fills.start(route.upstream, route.name, digest)
+            elif cache == "hit":
+                cache = "join"
             size = await self._started(fill, digest)
             fd = fill.reader()
             if fd is not None:

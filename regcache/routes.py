@@ -171,7 +171,7 @@ class RegistryRoutes:
         answer = await self.mirror.manifest(
             route, reference, merged_accept(request), want_body=request.method == b"GET"
         )
-        request.cache_result = answer.cache
+        self._cache_result(request, answer.cache)
         request.setHeader("Content-Type", answer.media_type)
         request.setHeader("Docker-Content-Digest", str(answer.digest))
         request.setHeader("Etag", f'"{answer.digest}"')
@@ -185,14 +185,15 @@ class RegistryRoutes:
     async def _blob(self, request, route, reference):
         digest = Digest.parse(reference)
         if request.method == b"HEAD":
-            size, request.cache_result = await self.mirror.blob_size(route, digest)
+            size, cache = await self.mirror.blob_size(route, digest)
+            self._cache_result(request, cache)
             self._blob_headers(request, digest, size)
             return b""
         answer = await self.mirror.blob(route, digest)
         # The answer owns a descriptor: whatever happens from here on, this
         # is where it is given back.
         try:
-            request.cache_result = answer.cache
+            self._cache_result(request, answer.cache)
             span = self._blob_headers(request, digest, answer.size)
             if span is None:
                 return b""
@@ -200,6 +201,16 @@ class RegistryRoutes:
             return await body.send(request, answer, start, end, self.reactor, self.metrics)
         finally:
             answer.release()
+
+    @staticmethod
+    def _cache_result(request, cache: str) -> None:
+        """
+        The outcome (hit, miss, join, stale, revalidated) goes to the access
+        log and to the client as ``X-Cache``: ``regcache prefetch`` reports
+        from it what was already cached.
+        """
+        request.cache_result = cache
+        request.setHeader("X-Cache", cache)
 
     def _blob_headers(self, request, digest, size: int):
         """

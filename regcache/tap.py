@@ -22,7 +22,9 @@ class Options(usage.Options):
         "set in the environment (names in brackets); the command line wins, then the environment, "
         "then the default.\n\n"
         "`regcache verify [--storage DIR]` re-hashes every cached file and removes those that do "
-        "not match their digest (exit status 1 if any did); `regcache verify --help` for more."
+        "not match their digest (exit status 1 if any did); `regcache verify --help` for more.\n\n"
+        "`regcache prefetch IMAGE...` warms a running regcache with those images (exit status 1 if "
+        "any failed); `regcache prefetch --help` for more."
     )
     optParameters = [
         [s.name, None, None, f"{s.help} [{', '.join(s.env)}]" + (f" (default: {s.default})" if s.default else "")]
@@ -54,6 +56,7 @@ def main(argv=None):
     ``regcache [options]``: run the server in the foreground, as
     ``twistd -n --pidfile= regcache [options]`` would.
     ``regcache verify [--storage DIR]``: check the store (regcache.verify).
+    ``regcache prefetch IMAGE...``: warm a running regcache (regcache.prefetch).
     """
     from twisted.scripts.twistd import run
 
@@ -62,5 +65,9 @@ def main(argv=None):
         from regcache.verify import main as verify
 
         raise SystemExit(verify(argv[1:]))
+    if argv[:1] == ["prefetch"]:
+        from regcache.prefetch import main as prefetch
+
+        raise SystemExit(prefetch(argv[1:]))
     sys.argv = ["twistd", "-n", "--pidfile=", "regcache", *argv]
     run()

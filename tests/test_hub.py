@@ -645,3 +645,37 @@ class ErrorWordsTests(SynchronousTestCase):
             rig.pass_time(12)
             self.assertEqual(c.status(), 503)
             assert_in_words(self, c, "upstream registry.fake", words)
+
+
+class CacheHeaderTests(SynchronousTestCase):
+    """
+    ``X-Cache`` tells a client (``regcache prefetch``) what the mirror did
+    for it, so a warm-up can report what was already cached.
+    """
+
+    path = "/v2/library/small/manifests/1"
+
+    def test_manifest_answers_say_their_outcome(self):
+        """A tag's first GET is a miss, then a hit; past the window, revalidated; in an outage, stale."""
+        rig = HubRig(tag_ttl=60)
+        outcomes = [rig.get(self.path, headers={"Accept": ALL}).header("X-Cache")]
+        outcomes.append(rig.get(self.path, headers={"Accept": ALL}).header("X-Cache"))
+        rig.reactor.advance(61)
+        outcomes.append(rig.get(self.path, method="HEAD", headers={"Accept": ALL}).header("X-Cache"))
+        rig.reactor.advance(61)
+        rig.hub.fault("status", scope="manifests", status=503)
+        outcomes.append(rig.get(self.path, headers={"Accept": ALL}).header("X-Cache"))
+        self.assertEqual(outcomes, ["miss", "hit", "revalidated", "stale"])
+        digest = rig.images["library/small:1"].digest
+        c = rig.get(f"/v2/library/small/manifests/{digest}", headers={"Accept": ALL})
+        self.assertEqual((c.status(), c.header("X-Cache")), (200, "hit"))
+
+    def test_blob_answers_say_their_outcome(self):
+        """A blob's first GET is a miss, the next a hit, and a HEAD of a cached blob a hit."""
+        rig = HubRig()
+        path = f"/v2/library/small/blobs/{rig.images['library/small:1'].layers[0].digest}"
+        first = rig.get(path)
+        first.body()
+        self.assertEqual((first.status(), first.header("X-Cache")), (200, "miss"))
+        self.assertEqual(rig.get(path).header("X-Cache"), "hit")
+        self.assertEqual(rig.get(path, method="HEAD").header("X-Cache"), "hit")
