@@ -105,6 +105,9 @@ class HandFedUpstream:
     def tags_list(self, name, query):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
 
+    def referrers(self, name, digest, artifact_type=None):
+        raise NotImplementedError("hand-fed upstreams serve blobs only")
+
     def open_blob(self, name, digest):
         return self._open(name, digest, 0)
 
@@ -243,14 +246,21 @@ _hub_images = {}
 def hub_images():
     """Small versions of the standard images, generated once per test run."""
     if not _hub_images:
-        from tests.fakes.images import moved_images, standard_images
+        from tests.fakes.images import moved_images, signature, standard_images
 
         root = tempfile.mkdtemp(prefix="regcache-hub-images-")
         _hub_images["current"] = standard_images(
             root, large_size=3 * 1024 * 1024, small_size=64 * 1024, multi_sizes=(32 * 1024,) * 6
         )
         _hub_images["moved"] = moved_images(root)
+        _hub_images["signature"] = signature(root, _hub_images["current"]["library/small:1"])
     return _hub_images["current"], _hub_images["moved"]
+
+
+def hub_signature():
+    """The signature of library/small:1 every HubRig's fake Hub publishes (a referrer, and its .sig tag)."""
+    hub_images()
+    return _hub_images["signature"]
 
 
 class HubRig(Rig):
@@ -267,6 +277,7 @@ class HubRig(Rig):
 
         current, moved = hub_images()
         self.images, self.moved = current, moved
+        self.signature = hub_signature()
         self._credentials = credentials
         self._timeouts = timeouts or Timeouts(header=5, idle=5, attempts=3, retry_budget=10)
         self._hub_options = hub_options
@@ -274,7 +285,7 @@ class HubRig(Rig):
 
         def make(reactor, metrics):
             self.hub = FakeHub(
-                current.values(), clock=reactor, alternates=moved.values(),
+                [*current.values(), self.signature], clock=reactor, alternates=moved.values(),
                 users={"ci": "s3cret"}, private={"ci/private": "ci"}, **hub_options
             )
             self.treq = StubTreq(self.hub.app.resource())
