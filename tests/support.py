@@ -26,6 +26,7 @@ from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy
 from regcache.readiness import Readiness
+from regcache.referrers import ReferrersCache
 from regcache.reference import Digest
 from regcache.routes import RegistryRoutes
 from regcache.service import RegcacheSite
@@ -105,7 +106,7 @@ class HandFedUpstream:
     def tags_list(self, name, query):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
 
-    def referrers(self, name, digest, artifact_type=None):
+    def referrers(self, name, digest, artifact_type=None, retry=False):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
 
     def open_blob(self, name, digest):
@@ -174,7 +175,8 @@ class Rig:
         self.fills = Fills(self.store, self.reactor, self.metrics)
         tags = TagMap(self.root, inline, self.store.index)
         tags.count()
-        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor)
+        referrers = ReferrersCache(self.root, inline, self.store.index)
+        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
         self.readiness = Readiness(self.store, inline, self.reactor)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
