@@ -5,7 +5,8 @@ and what to do when upstream fails.
 Digests are local-first: content never changes, so a cached digest is served
 with no upstream call, outage or not.  Tags are policy-first: fresh within
 the revalidation window, then checked with a HEAD (free on Docker Hub), and
-served stale when that check fails.  A manifest GET upstream, the request
+served stale when that check fails; referrers indexes, which change as
+images are signed, are kept the same way.  A manifest GET upstream, the request
 Docker Hub counts as a pull, happens only for a digest regcache does not
 hold.
 """
