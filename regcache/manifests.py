@@ -17,6 +17,7 @@ from regcache.reference import Digest, InvalidReference
 #: Larger is no manifest: neither read from upstream nor from the disk.
 MAX_MANIFEST = 4 * 1024 * 1024
 
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
@@ -27,7 +28,7 @@ MANIFEST_MEDIA_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
+    OCI_INDEX,
     SCHEMA1,
     SCHEMA1_SIGNED,
 )
@@ -78,6 +79,31 @@ def declared_type(body: bytes) -> Optional[str]:
     if declared is None and doc.get("schemaVersion") == 1:
         declared = SCHEMA1_SIGNED if "signatures" in doc else SCHEMA1
     return declared if declared in MANIFEST_MEDIA_TYPES else None
+
+
+def check_index(body: bytes) -> None:
+    """
+    Raise ValueError unless ``body`` is an OCI image index, as a referrers
+    answer must be: schemaVersion 2, no other mediaType, and a list of
+    descriptors, each with a media type, a digest and a size.  regcache
+    serves these bytes as they came, so they are checked before they are.
+    """
+    doc = _document(body)
+    if doc is None or doc.get("schemaVersion") != 2 or doc.get("mediaType", OCI_INDEX) != OCI_INDEX:
+        raise ValueError("not an OCI image index")
+    manifests = doc.get("manifests")
+    if not isinstance(manifests, list):
+        raise ValueError("an image index without a list of manifests")
+    for desc in manifests:
+        if not isinstance(desc, dict) or not isinstance(desc.get("mediaType"), str):
+            raise ValueError("an image index entry without a media type")
+        size = desc.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError("an image index entry without a size")
+        try:
+            Digest.parse(str(desc.get("digest", "")))
+        except InvalidReference as e:
+            raise ValueError(f"an image index entry with an {e.message}") from None
 
 
 def references(body: bytes) -> Iterator[Tuple[Digest, Optional[int]]]:

@@ -23,7 +23,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # distinct request.
 
 #: The routes' kinds; "other" is whatever no route serves.
-REQUEST_ROUTES = ("root", "healthz", "readyz", "metrics", "v2", "manifests", "blobs", "tags", "other")
+REQUEST_ROUTES = ("root", "healthz", "readyz", "metrics", "v2", "manifests", "blobs", "tags", "referrers", "other")
 _FIXED_ROUTES = {b"/": "root", b"/healthz": "healthz", b"/readyz": "readyz", b"/metrics": "metrics",
                  b"/v2": "v2", b"/v2/": "v2"}
 REQUEST_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other")
@@ -82,7 +82,7 @@ class Metrics:
         )
         self.cache = Counter(
             "regcache_cache_lookups",
-            "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, join, stale)",
+            "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale)",
             ["kind", "result"], registry=r,
         )
         self.upstream_requests = Counter(

@@ -5,12 +5,14 @@ and what to do when upstream fails.
 Digests are local-first: content never changes, so a cached digest is served
 with no upstream call, outage or not.  Tags are policy-first: fresh within
 the revalidation window, then checked with a HEAD (free on Docker Hub), and
-served stale when that check fails.  A manifest GET upstream, the request
+served stale when that check fails; referrers indexes, which change as
+images are signed, are kept the same way.  A manifest GET upstream, the request
 Docker Hub counts as a pull, happens only for a digest regcache does not
 hold.
 """
 
 import os
+import re
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
@@ -22,11 +24,16 @@ from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, Upstrea
 from regcache.manifests import MANIFEST_MEDIA_TYPES, MAX_MANIFEST, Manifest, declared_type
 from regcache.policy import Route
 from regcache.reference import Digest, check_tag, is_digest
+from regcache.referrers import ReferrersEntry, ReferrersKey
 from regcache.remote import ManifestInfo
 from regcache.singleflight import SingleFlight
 from regcache.tags import TagEntry, TagKey, accept_key, accepted
 
 STALE_WARNING = '110 regcache "Response is Stale"'
+
+#: A media type (RFC 6838's restricted names), as an artifactType filter
+#: must be before it goes upstream and into a cache key.
+_MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 
 
 @dataclass
@@ -35,6 +42,15 @@ class ManifestAnswer:
     media_type: str
     size: int
     body: Optional[bytes]
+    cache: str
+    warning: Optional[str] = None
+
+
+@dataclass
+class ReferrersAnswer:
+    body: bytes
+    #: Whether upstream applied the artifactType filter.
+    filtered: bool
     cache: str
     warning: Optional[str] = None
 
@@ -67,15 +83,17 @@ class BlobAnswer:
 class Mirror:
     log = Logger()
 
-    def __init__(self, store, tags, fills, policy, metrics, clock):
+    def __init__(self, store, tags, fills, policy, metrics, clock, referrers):
         self.store = store
         self.tags = tags
+        self.referrers_cache = referrers
         self.fills = fills
         self.policy = policy
         self.metrics = metrics
         self.clock = clock
         self._tag_checks = SingleFlight()
         self._manifest_gets = SingleFlight()
+        self._referrers_gets = SingleFlight()
 
     # Manifests
 
@@ -292,6 +310,54 @@ class Mirror:
             raise RegistryError("UNAVAILABLE", str(e))
         except OSError as e:
             raise RegistryError("UNAVAILABLE", f"cache cannot store the blob: {e.strerror}", status=503)
+
+    # Referrers
+
+    async def referrers(self, route: Route, digest: Digest, artifact_type: Optional[str]) -> ReferrersAnswer:
+        """
+        The referrers index of ``digest``, kept like a tag: fresh within the
+        window, else asked again, and the last one served stale while
+        upstream fails.  Upstream's 404 (no referrers API) is passed on even
+        with a copy at hand: it is an answer, not an outage, and it sends
+        clients to the ``sha256-<hex>`` tags.
+        """
+        if artifact_type is not None and not _MEDIA_TYPE_RE.fullmatch(artifact_type):
+            raise RegistryError("UNSUPPORTED", "artifactType must be a media type", status=400)
+        key = ReferrersKey(route.upstream.key, route.name, str(digest), artifact_type)
+        known = await self.referrers_cache.get(key)
+        if known is not None and self.policy.fresh(known):
+            self.metrics.cache.labels("referrers", "hit").inc()
+            return ReferrersAnswer(known.body, known.filtered, "hit")
+        fallback = known if self.policy.stale_allowed(known) else None
+        what = f"the referrers of {route.name}@{digest}"
+        try:
+            entry = await self._referrers_gets.run(key, lambda: Deferred.fromCoroutine(
+                self._fetch_referrers(route, digest, key, retry=fallback is None)))
+        except UpstreamNotFound:
+            raise RegistryError("NAME_UNKNOWN", f"{what}: upstream offers no referrers API for it "
+                                "(look for a sha256-<hex> tag)")
+        except UpstreamError as e:
+            if fallback is None:
+                if e.status == 502:
+                    # Upstream answered, wrongly: its fault, not an outage.
+                    raise RegistryError("UNAVAILABLE", f"{what} is not cached and {e}", status=502)
+                raise self.policy.failure(e, what)
+            self.log.warn("Serving {what} from cache (fetched {age:.0f}s ago): upstream failed: {error}",
+                          what=what, age=self.clock.seconds() - fallback.checked, error=str(e))
+            self.metrics.cache.labels("referrers", "stale").inc()
+            return ReferrersAnswer(fallback.body, fallback.filtered, "stale", STALE_WARNING)
+        cache = "revalidated" if known is not None and known.body == entry.body else "miss"
+        self.metrics.cache.labels("referrers", cache).inc()
+        return ReferrersAnswer(entry.body, entry.filtered, cache)
+
+    async def _fetch_referrers(self, route: Route, digest: Digest, key: ReferrersKey, retry: bool):
+        answer = await route.upstream.referrers(route.name, digest, key.artifact_type, retry=retry)
+        now = self.clock.seconds()
+        # Another request's fetch may have ended while this one read the disk.
+        known = await self.referrers_cache.get(key)
+        if known is not None and (known.body, known.filtered) == (answer.body, answer.filtered):
+            return self.referrers_cache.touch(key, known, now)
+        return self.referrers_cache.put(key, ReferrersEntry(answer.body, answer.filtered, now))
 
     # Tag lists
 

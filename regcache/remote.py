@@ -45,6 +45,23 @@ class TagList:
     body: bytes
 
 
+#: The most of a referrers index read: it lists signatures, SBOMs and
+#: attestations, a few KiB even for an image signed many times over.
+MAX_REFERRERS = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Referrers:
+    """
+    A referrers index as upstream answered it (an image index of at most
+    MAX_REFERRERS bytes), and whether upstream applied the artifactType filter
+    (``OCI-Filters-Applied``).
+    """
+
+    body: bytes
+    filtered: bool
+
+
 @runtime_checkable
 class BlobStream(Protocol):
     """
@@ -112,3 +129,12 @@ class Remote(Protocol):
 
     def tags_list(self, name: str, query: bytes) -> Awaitable[TagList]:
         """A tag list, ``query`` (pagination) passed on as given."""
+
+    def referrers(
+        self, name: str, digest: Digest, artifact_type: Optional[str] = None, retry: bool = False
+    ) -> Awaitable[Referrers]:
+        """
+        The OCI 1.1 referrers index of ``digest``, checked to be an image
+        index, filtered by ``artifact_type`` if upstream does so;
+        UpstreamNotFound when upstream has no referrers API (it answers 404).
+        """

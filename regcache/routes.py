@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from regcache import __version__, body
 from regcache.errors import RegistryError
+from regcache.manifests import OCI_INDEX
 from regcache.reference import Digest, InvalidReference, check_name
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -34,13 +35,14 @@ REFERENCE_CODES = {"name": "NAME_INVALID", "tag": "TAG_INVALID", "digest": "DIGE
 def split_path(path: str):
     """
     Split what follows ``/v2/`` into (name, kind, rest), routing on the last
-    ``/manifests/``, ``/blobs/`` or ``/tags/list`` so that a name may itself
-    contain those words as components.  Returns None for no match.
+    ``/manifests/``, ``/blobs/``, ``/referrers/`` or ``/tags/list`` so that
+    a name may itself contain those words as components.  Returns None for
+    no match.
     """
     if path.endswith("/tags/list"):
         return path[: -len("/tags/list")], "tags", ""
     best = None
-    for kind in ("manifests", "blobs"):
+    for kind in ("manifests", "blobs", "referrers"):
         i = path.rfind(f"/{kind}/")
         if i > 0 and (best is None or i > best[0]):
             best = (i, kind)
@@ -165,6 +167,8 @@ class RegistryRoutes:
             return await self._manifest(request, route, reference)
         if kind == "blobs":
             return await self._blob(request, route, reference)
+        if kind == "referrers":
+            return await self._referrers(request, route, reference)
         return await self._tags(request, route, name)
 
     async def _manifest(self, request, route, reference):
@@ -234,6 +238,21 @@ class RegistryRoutes:
             request.setHeader("Content-Range", f"bytes {start}-{end - 1}/{size}")
         request.setHeader("Content-Length", str(end - start))
         return start, end
+
+    async def _referrers(self, request, route, reference):
+        digest = Digest.parse(reference)
+        artifact_type = request.args.get(b"artifactType", [None])[0]
+        answer = await self.mirror.referrers(
+            route, digest, artifact_type.decode("utf-8", "replace") if artifact_type is not None else None
+        )
+        request.cache_result = answer.cache
+        request.setHeader("Content-Type", OCI_INDEX)
+        if answer.filtered:
+            request.setHeader("OCI-Filters-Applied", "artifactType")
+        if answer.warning:
+            request.setHeader("Warning", answer.warning)
+        body = sized(request, answer.body)
+        return b"" if request.method == b"HEAD" else body
 
     async def _tags(self, request, route, name):
         # Only the pagination parameters go upstream; ``ns`` is ours.

@@ -25,6 +25,7 @@ from regcache.readiness import Readiness
 from regcache.routes import RegistryRoutes
 from regcache.site import RegcacheSite
 from regcache.store import Store
+from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
 from regcache.upstream import Timeouts, Upstream
 
@@ -62,7 +63,8 @@ def build(config, reactor) -> MultiService:
     fills = Fills(store, reactor, metrics)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
-    mirror = Mirror(store, tags, fills, policy, metrics, reactor)
+    referrers = ReferrersCache(config.storage, run, store.index)
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)
     site = RegcacheSite(routes.app.resource(), metrics, reactor)

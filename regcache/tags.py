@@ -157,7 +157,7 @@ class TagMap:
         entry = self._known(key)
         if entry is not None:
             return succeed(entry)
-        d = self._run(_read, self._path(key))
+        d = self._run(read_entry, self._path(key))
         d.addCallback(self._loaded, key)
         return d
 
@@ -251,7 +251,7 @@ class TagMap:
     def _write(self, key: TagKey) -> None:
         entry = self._unsaved.pop(key)
         self._writing[key] = entry
-        d = self._run(_write, self._dir(key), self._path(key), self._tmp, entry.to_json())
+        d = self._run(write_entry, self._dir(key), self._path(key), self._tmp, entry.to_json())
         d.addCallback(self._grew)
         d.addErrback(lambda f: self.log.warn(
             "Could not persist tag entry {path}: {error}", path=self._path(key), error=f.getErrorMessage()))
@@ -287,13 +287,15 @@ class TagMap:
 
 
 # In the runner: blocking file work, which must not log (the reactor does).
+# read_entry and write_entry serve every small file under tags/ (the
+# referrer indexes too), so that all of them are counted the same way.
 
 
-def _read(path: str):
-    """(bytes or None if there is no file, a problem or None)."""
+def read_entry(path: str, limit: int = 64 * 1024):
+    """(at most ``limit`` bytes, or None if there is no file; a problem or None)."""
     try:
         with open(path, "rb") as f:
-            return f.read(64 * 1024), None
+            return f.read(limit), None
     except FileNotFoundError:
         return None, None
     except OSError as e:
@@ -309,13 +311,13 @@ def _read_dir(directory: str) -> Dict[str, bytes]:
         return found
     for name in names:
         if name in _KEY_FILES:
-            data, _ = _read(os.path.join(directory, name))
+            data, _ = read_entry(os.path.join(directory, name))
             if data is not None:
                 found[_KEY_FILES[name]] = data
     return found
 
 
-def _write(directory: str, path: str, tmp_dir: str, data: bytes) -> int:
+def write_entry(directory: str, path: str, tmp_dir: str, data: bytes) -> int:
     """Write one entry; returns how many bytes tags/ grew by on disk."""
     added = _make_dirs(directory)
     try:

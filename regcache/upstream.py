@@ -20,7 +20,7 @@ regcache.remote.Remote.
 import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -31,9 +31,9 @@ from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits, abandon
 from regcache.headers import content_length, header, media_type_of, retry_after
-from regcache.manifests import MAX_MANIFEST, Manifest, sniffed_type
+from regcache.manifests import MAX_MANIFEST, OCI_INDEX, Manifest, check_index, sniffed_type
 from regcache.reference import Digest, InvalidReference
-from regcache.remote import BlobStream, ManifestInfo, TagList
+from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, Referrers, TagList
 
 DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
 
@@ -224,6 +224,31 @@ class Upstream:
             raise UpstreamNotFound(name)
         body = await self.limits.read(response, MAX_TAG_LIST, self.who, "tag list")
         return TagList(response.code, response.headers.getRawHeaders(b"link"), body)
+
+    async def referrers(
+        self, name: str, digest: Digest, artifact_type: Optional[str] = None, retry: bool = False
+    ) -> Referrers:
+        """
+        GET the referrers index of ``digest``; a 404 (a registry without the
+        API) raises UpstreamNotFound, for the client to fall back to tags.
+        The bytes are served as they come, so they must be an image index.
+        """
+        path = f"/v2/{name}/referrers/{digest}"
+        if artifact_type is not None:
+            path += "?" + urlencode({"artifactType": artifact_type})
+        response, _ = await self._request(
+            "GET", path, "referrers", name, {b"Accept": [OCI_INDEX.encode("ascii")]}, retry
+        )
+        if response.code != 200:
+            await self._drain(response)
+            self._expect(response, (200,), "referrers index")
+        body = await self.limits.read(response, MAX_REFERRERS, self.who, "referrers index")
+        try:
+            check_index(body)
+        except ValueError as e:
+            raise UpstreamError(f"{self.who} sent a bad referrers index: {e}", 502) from None
+        applied = (header(response.headers, b"oci-filters-applied") or "").split(",")
+        return Referrers(body, artifact_type is not None and "artifactType" in (f.strip() for f in applied))
 
     # Plumbing
 

@@ -26,6 +26,7 @@ from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy
 from regcache.readiness import Readiness
+from regcache.referrers import ReferrersCache
 from regcache.reference import Digest
 from regcache.routes import RegistryRoutes
 from regcache.site import RegcacheSite
@@ -105,6 +106,9 @@ class HandFedUpstream:
     def tags_list(self, name, query):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
 
+    def referrers(self, name, digest, artifact_type=None, retry=False):
+        raise NotImplementedError("hand-fed upstreams serve blobs only")
+
     def open_blob(self, name, digest):
         return self._open(name, digest, 0)
 
@@ -171,7 +175,8 @@ class Rig:
         self.fills = Fills(self.store, self.reactor, self.metrics)
         tags = TagMap(self.root, inline, self.store.index)
         tags.count()
-        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor)
+        referrers = ReferrersCache(self.root, inline, self.store.index)
+        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
         self.readiness = Readiness(self.store, inline, self.reactor)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
@@ -243,14 +248,21 @@ _hub_images = {}
 def hub_images():
     """Small versions of the standard images, generated once per test run."""
     if not _hub_images:
-        from tests.fakes.images import moved_images, standard_images
+        from tests.fakes.images import moved_images, signature, standard_images
 
         root = tempfile.mkdtemp(prefix="regcache-hub-images-")
         _hub_images["current"] = standard_images(
             root, large_size=3 * 1024 * 1024, small_size=64 * 1024, multi_sizes=(32 * 1024,) * 6
         )
         _hub_images["moved"] = moved_images(root)
+        _hub_images["signature"] = signature(root, _hub_images["current"]["library/small:1"])
     return _hub_images["current"], _hub_images["moved"]
+
+
+def hub_signature():
+    """The signature of library/small:1 every HubRig's fake Hub publishes (a referrer, and its .sig tag)."""
+    hub_images()
+    return _hub_images["signature"]
 
 
 class HubRig(Rig):
@@ -267,6 +279,7 @@ class HubRig(Rig):
 
         current, moved = hub_images()
         self.images, self.moved = current, moved
+        self.signature = hub_signature()
         self._credentials = credentials
         self._timeouts = timeouts or Timeouts(header=5, idle=5, attempts=3, retry_budget=10)
         self._hub_options = hub_options
@@ -274,7 +287,7 @@ class HubRig(Rig):
 
         def make(reactor, metrics):
             self.hub = FakeHub(
-                current.values(), clock=reactor, alternates=moved.values(),
+                [*current.values(), self.signature], clock=reactor, alternates=moved.values(),
                 users={"ci": "s3cret"}, private={"ci/private": "ci"}, **hub_options
             )
             self.treq = StubTreq(self.hub.app.resource())

@@ -43,9 +43,18 @@ no ``Docker-Content-Digest``, like Hub's.  On loopback, a TLS ClientHello on
 any port gets Go's "HTTP request to an HTTPS server" 400 at once, so clients
 that try https first fall back to http without a 10 s handshake timeout.
 
+**Referrers** (OCI 1.1).  ``GET /v2/<repo>/referrers/<digest>[?artifactType=T]``
+answers an image index of the repo's manifests whose ``subject`` is that
+digest (possibly none), filtered by ``artifactType`` with
+``OCI-Filters-Applied: artifactType``.  ``referrers=False`` (or ``POST
+/_fake/referrers {"enabled": false}``) makes it a registry without the API,
+which answers 404, so clients fall back to ``sha256-<hex>`` tags.  A
+referrers fault takes every kind a manifest GET does.
+
 **Faults** (``FakeHub.fault`` or ``POST /_fake/fault``), each with a ``scope``
 of ``manifests`` (registry manifest GET/HEAD), ``blobs`` (CDN GETs), ``token``
-(the realm), ``tags`` (tag list GETs) or ``all`` (manifests and blobs), an optional ``path`` substring the
+(the realm), ``tags`` (tag list GETs), ``referrers`` (referrers GETs) or ``all`` (manifests and blobs), an
+optional ``path`` substring the
 request path must contain, and ``times`` (how many requests it hits; default
 until cleared).  The token realm takes every kind; a body kind there shapes
 the token's JSON answer.  Kinds:
@@ -83,6 +92,7 @@ the token's JSON answer.  Kinds:
 - ``POST /_fake/ratelimit``: ``{"limit": L, "remaining": R, "retry_after": S}``;
   ``"limit": null`` stops sending rate-limit headers (unlimited).
 - ``POST /_fake/expire-tokens``: every issued token becomes expired.
+- ``POST /_fake/referrers``: ``{"enabled": false}`` turns the referrers API off.
 
 **Stats** (``FakeHub.stats()``; per-key dicts are keyed by repo or digest)::
 
@@ -92,6 +102,7 @@ the token's JSON answer.  Kinds:
      "manifest_gets_by_ref": {"repo:tag" or "repo@digest": n},
      "manifest_heads": {repo: n}, "manifest_heads_total": n,
      "manifest_heads_by_ref": {...}, "rate_limited": n,
+     "referrers_gets": {"repo@digest": n},
      "registry_blob_gets": {digest: n}, "registry_blob_gets_total": n,
      "registry_blob_heads": {digest: n},
      "cdn_blob_gets": {digest: n}, "cdn_blob_gets_total": n,
@@ -128,7 +139,7 @@ from tests.fakes.images import DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, Blob, Image
 
 SERVICE = "registry.docker.io"
 CDN_PREFIX = "/registry-v2/docker/registry/v2/blobs/sha256/"
-SCOPES = ("manifests", "blobs", "token", "tags", "all")
+SCOPES = ("manifests", "blobs", "token", "tags", "referrers", "all")
 KINDS = ("status", "hang", "reset", "stall", "short", "wrong", "drip", "norange", "huge")
 #: The kinds that answer in place of the real response, rather than shaping its body.
 INSTEAD = ("status", "hang", "huge")
@@ -200,7 +211,7 @@ class _Stats:
             out[name] = self.counters[name]
         for name in ("manifest_gets", "manifest_gets_by_ref", "manifest_heads", "manifest_heads_by_ref",
                      "registry_blob_gets", "registry_blob_heads", "cdn_blob_gets", "cdn_range_gets",
-                     "token_scopes"):
+                     "token_scopes", "referrers_gets"):
             out[name] = dict(self.by.get(name, {}))
         for name in ("manifest_gets", "manifest_heads", "registry_blob_gets", "cdn_blob_gets"):
             out[name + "_total"] = self.counters[name + "_total"]
@@ -393,6 +404,7 @@ class FakeHub:
         token_ttl: int = 300,
         rate_limit: Optional[int] = 100000,
         cdn_url_ttl: int = 1200,
+        referrers: bool = True,
     ):
         self.clock = clock
         self.hosts = {"registry": registry_host, "auth": auth_host, "cdn": cdn_host, "control": control_host}
@@ -401,6 +413,7 @@ class FakeHub:
         self.token_ttl = token_ttl
         self.cdn_url_ttl = cdn_url_ttl
         self.initial_rate_limit = rate_limit
+        self.initial_referrers = referrers
         self.server: Optional["LoopbackHub"] = None
         self._secret = secrets.token_bytes(16)
         self.tokens: Dict[str, _Token] = {}
@@ -430,6 +443,7 @@ class FakeHub:
             if repo not in self.repos and self._private_image is not None:
                 self.add_image(self._private_image, repo=repo)
         self.set_ratelimit(self.initial_rate_limit)
+        self.referrers_api = self.initial_referrers
 
     def add_image(self, image: Image, repo: Optional[str] = None, tag: Optional[str] = None) -> None:
         """Publish ``image`` (its manifests and blobs) and point the tag at it."""
@@ -580,7 +594,7 @@ class FakeHub:
         if role != "registry":
             return _error(request, 404, "NOT_FOUND", "not found")
         request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        m = re.fullmatch(r"(?P<repo>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)", rest)
+        m = re.fullmatch(r"(?P<repo>.+)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|tags/list)", rest)
         if m is None:
             return _error(request, 404, "NAME_UNKNOWN", "repository name not known to registry")
         repo = m.group("repo")
@@ -591,6 +605,8 @@ class FakeHub:
             return self._manifest(request, repo, m.group("ref"))
         if m.group("kind") == "blobs":
             return self._blob(request, repo, m.group("ref"))
+        if m.group("kind") == "referrers":
+            return self._referrers(request, repo, m.group("ref"))
         return self._tags(request, repo)
 
     def _ratelimit_headers(self, request) -> None:
@@ -711,6 +727,29 @@ class FakeHub:
         expires = int(self.clock.seconds()) + self.cdn_url_ttl
         return (f"{self.cdn_url}{CDN_PREFIX}{blob.hex[:2]}/{blob.hex}/data"
                 f"?verify={expires}-{self._signature(blob.hex, expires)}")
+
+    def _referrers(self, request, repo: str, digest: str):
+        self._stats.bump("referrers_gets", f"{repo}@{digest}")
+        if not self.referrers_api:
+            return _error(request, 404, "NOT_FOUND", "page not found")
+        fault = self._take_fault("referrers", request.path.decode("latin-1"))
+        if fault is not None and fault.kind in INSTEAD:
+            return self._instead(request, fault)
+        wanted = request.args.get(b"artifactType", [b""])[0].decode("latin-1")
+        found = [m for m in self.repos[repo].manifests.values()
+                 if m.subject == digest and (not wanted or m.artifact_type == wanted)]
+        if wanted:
+            request.setHeader(b"oci-filters-applied", b"artifactType")
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": m.media_type, "digest": m.digest, "size": m.size, "artifactType": m.artifact_type}
+            for m in sorted(found, key=lambda m: m.digest)
+        ]}
+        body = json.dumps(index).encode()
+        request.setHeader(b"content-type", OCI_INDEX.encode())
+        request.setHeader(b"content-length", str(len(body)).encode())
+        if fault is not None and fault.kind == "norange":
+            fault = None
+        return _Sender(request, _BytesFile(body), len(body), fault, self.clock, lambda n: None).start()
 
     def _tags(self, request, repo: str):
         fault = self._take_fault("tags", request.path.decode("latin-1"), INSTEAD)
@@ -944,6 +983,8 @@ class FakeHub:
             self.set_ratelimit(body.get("limit"), body.get("remaining"), body.get("retry_after"))
         elif what == "expire-tokens":
             self.expire_tokens()
+        elif what == "referrers":
+            self.referrers_api = bool(body["enabled"])
         else:
             raise KeyError(f"no POST /_fake/{what}")
         return None

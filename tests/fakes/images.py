@@ -52,6 +52,9 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+COSIGN_SIG = "application/vnd.dev.cosign.artifact.sig.v1+json"
+COSIGN_PAYLOAD = "application/vnd.dev.cosign.simplesigning.v1+json"
 
 INDEX_TYPES = (DOCKER_LIST, OCI_INDEX)
 
@@ -98,6 +101,9 @@ class Image:
     children: Tuple["Image", ...] = ()
     platform: Optional[dict] = None
     version: int = 1
+    #: For an artifact: the manifest digest it refers to, and its type.
+    subject: Optional[str] = None
+    artifact_type: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -312,6 +318,35 @@ def make_index(root: Path, repo: str, tag: str, children: Sequence[Image], *, oc
     return Image(
         repo, tag, media_type, body, "sha256:" + hashlib.sha256(body).hexdigest(),
         children=tuple(children), version=version,
+    )
+
+
+def signature(root: Path, image: Image) -> Image:
+    """
+    A cosign-like signature of ``image``: an OCI manifest with ``subject``
+    and ``artifactType``, an empty config and one payload layer, tagged
+    ``sha256-<hex>.sig`` in the image's repo as the tag-schema fallback
+    names it.
+    """
+    store = _Store(root)
+    config = store.put(b"{}", OCI_EMPTY)
+    payload = json.dumps({"critical": {"image": {"docker-manifest-digest": image.digest},
+                                       "type": "cosign container image signature"}}).encode()
+    layer = store.put(payload, COSIGN_PAYLOAD)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": COSIGN_SIG,
+        "config": config.descriptor(),
+        "layers": [layer.descriptor()],
+        "subject": {"mediaType": image.media_type, "digest": image.digest, "size": image.size},
+    }
+    body = _dumps(manifest)
+    store.put(body, OCI_MANIFEST)
+    tag = image.digest.replace(":", "-") + ".sig"
+    return Image(
+        image.repo, tag, OCI_MANIFEST, body, "sha256:" + hashlib.sha256(body).hexdigest(),
+        config=config, layers=(layer,), subject=image.digest, artifact_type=COSIGN_SIG,
     )
 
 

@@ -10,13 +10,15 @@ process::
         [--users alice:secret ...] [--private REPO[=OWNER] ...]
         [--token-ttl S] [--rate-limit N | --no-rate-limit]
 
-It generates (or reuses) the standard and moved images in DIR, listens on
+It generates (or reuses) the standard and moved images in DIR, plus a
+signature of library/small:1 (a referrer, also its ``.sig`` tag), listens on
 four ephemeral ports of 127.0.0.1, prints ONE JSON line on stdout and runs
 until killed::
 
     {"registry": "http://127.0.0.1:P1", "auth": "http://127.0.0.1:P2",
      "cdn": "http://127.0.0.1:P3", "control": "http://127.0.0.1:P4",
      "images": {"library/small:1": "sha256:...", ...},
+     "artifacts": {"library/small:sha256-<hex>.sig": "sha256:..."},
      "alternates": {"library/small:1#2": "sha256:...", ...}}
 
 Warnings and errors are logged to stderr.  ``FakeHubProcess`` starts it and
@@ -66,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 textFileLogObserver)
 
     from tests.fakes.hub import FakeHub, LoopbackHub
-    from tests.fakes.images import moved_images, standard_images
+    from tests.fakes.images import moved_images, signature, standard_images
 
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(
         textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])], redirectStandardIO=False)
@@ -77,8 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         private[repo] = owner or next(iter(users), "")
     images = standard_images(args.images_dir, large_size=args.large_size)
     alternates = moved_images(args.images_dir)
+    artifacts = [signature(args.images_dir, images["library/small:1"])]
     hub = FakeHub(
-        images.values(),
+        [*images.values(), *artifacts],
         clock=reactor,
         users=users,
         private=private,
@@ -90,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     server = LoopbackHub(hub, reactor, interface=args.interface).start()
     line = dict(server.urls())
     line["images"] = {name: image.digest for name, image in images.items()}
+    line["artifacts"] = {a.name: a.digest for a in artifacts}
     line["alternates"] = {FakeHub.catalog_key(image): image.digest for image in alternates.values()}
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
@@ -234,6 +238,10 @@ class FakeHubProcess:
 
     def expire_tokens(self) -> None:
         self._call("POST", "expire-tokens")
+
+    def referrers(self, enabled: bool) -> None:
+        """Turn the referrers API on or off (off: 404, as a registry without it)."""
+        self._call("POST", "referrers", {"enabled": enabled})
 
 
 if __name__ == "__main__":
