@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from regcache import __version__, body
 from regcache.errors import RegistryError
-from regcache.reference import Digest, check_name, split_path
+from regcache.reference import Digest, split_path
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 PULL_METHODS = ["GET", "HEAD"]
@@ -129,11 +129,14 @@ class RegistryRoutes:
         if parts is None:
             raise RegistryError("UNSUPPORTED", "not a registry v2 pull path", status=404)
         name, kind, reference = parts
-        check_name(name)
-        if request.method not in (b"GET", b"HEAD"):
-            raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
         route = self.policy.route(name, ns)
+        if route.ns is not None:
+            # The distribution spec's proxying section: a registry that used
+            # ns says so.
+            request.setHeader("OCI-Namespace", route.ns)
+        if request.method not in (b"GET", b"HEAD"):
+            raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
         if kind == "manifests":
             return await self._manifest(request, route, reference)
         if kind == "blobs":

@@ -32,7 +32,7 @@ from regcache.expiry import Expiry
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
 from regcache.mirror import Mirror
-from regcache.policy import Policy
+from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
 from regcache.routes import RegistryRoutes
 from regcache.store import Store
@@ -236,6 +236,25 @@ class Listener(Service):
         return None
 
 
+def _registry(config, reactor, pool, metrics) -> Registry:
+    """
+    The upstream ``config`` describes, with a client of its own timeouts
+    on the shared connection pool.
+    """
+    if len(config.urls) > 1:
+        raise ConfigError(f"upstream {config.name!r}: {len(config.urls)} URLs: chains are not supported yet")
+    url = config.urls[0]
+    http = HTTPClient(Agent(reactor, connectTimeout=config.connect_timeout, pool=pool))
+    credentials = Credentials(url.username, url.password) if url.username else None
+    timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
+    upstream = Upstream(url.url, http, reactor, metrics, credentials, timeouts, docker_hub=config.docker_hub)
+    return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias)
+
+
+def _served(config) -> str:
+    return ", ".join(f"{u.name} ({' '.join(url.url for url in u.urls)})" for u in config.upstreams)
+
+
 def build(config, reactor) -> MultiService:
     """
     The whole regcache service for one Config.  Raises ConfigError, naming
@@ -263,12 +282,8 @@ def build(config, reactor) -> MultiService:
     tcp.Client.bufferSize = UPSTREAM_READ_SIZE
     http_pool = HTTPConnectionPool(reactor, persistent=True)
     http_pool.maxPersistentPerHost = 8
-    http = HTTPClient(Agent(reactor, connectTimeout=config.connect_timeout, pool=http_pool))
-    credentials = Credentials(config.username, config.password) if config.username else None
-    timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
-    upstream = Upstream(config.upstream, http, reactor, metrics, credentials, timeouts)
-
-    policy = Policy([upstream], reactor, config.tag_ttl, config.max_stale)
+    registries = [_registry(u, reactor, http_pool, metrics) for u in config.upstreams]
+    policy = Policy(registries, reactor, config.default)
     fills = Fills(store, reactor, metrics)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
@@ -282,6 +297,6 @@ def build(config, reactor) -> MultiService:
     Expiry(store, config.max_size, reactor, metrics).setServiceParent(top)
     readiness.setServiceParent(top)
     Listener(endpoint, config.listen, site, reactor,
-             served=f"caching {config.upstream} in {config.storage}").setServiceParent(top)
+             served=f"caching {_served(config)} in {config.storage}").setServiceParent(top)
     FillDrain(fills, reactor).setServiceParent(top)
     return top
