@@ -8,6 +8,7 @@ into OCI error JSON in one handler.  Nothing here decides what is cached.
 """
 
 import json
+import re
 from urllib.parse import urlencode
 
 from klein import Klein
@@ -46,6 +47,15 @@ def sized(request, body) -> bytes:
         body = body.encode("utf-8")
     request.setHeader("Content-Length", str(len(body)))
     return body
+
+
+def _with_ns(link: bytes, ns: str) -> bytes:
+    """A Link header value whose URL carries ``?ns=`` too."""
+    def add(m):
+        url = m.group(1)
+        return b"<" + url + (b"&" if b"?" in url else b"?") + urlencode({"ns": ns}).encode("latin-1") + b">"
+
+    return re.sub(rb"<([^>]*)>", add, link, count=1)
 
 
 class RegistryRoutes:
@@ -206,6 +216,10 @@ class RegistryRoutes:
         code, link, data = await self.mirror.tags_list(route, name, query.encode("ascii"))
         request.setResponseCode(code)
         request.setHeader("Content-Type", "application/json")
+        if link and route.ns:
+            # The next page must reach the same registry: the client follows
+            # the Link as it is, without adding ns again.
+            link = [_with_ns(v, route.ns) for v in link]
         if link:
             request.responseHeaders.setRawHeaders(b"Link", link)
         return sized(request, data)
