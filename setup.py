@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     # twisted.plugins is listed by hand: the plugin directory has no __init__.py on purpose.
     packages=["regcache", "twisted.plugins"],
-    package_data={"twisted.plugins": ["regcache_plugin.py"]},
+    package_data={"twisted.plugins": ["regcache_plugin.py"], "regcache": ["config.schema.json"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "treq>=23.11",
@@ -21,6 +21,11 @@ setup(
         "prometheus-client>=0.17",
         # regcache prefetch's progress bar on a terminal: maintained, and no curses.
         "rich>=13",
+        # The config file: YAML read with safe_load (no object tags), and
+        # checked against the JSON Schema shipped in the package, so a bad
+        # file is refused by a standard validator rather than by hand.
+        "PyYAML>=6.0",
+        "jsonschema>=4.18",
     ],
     extras_require={
         "test": [

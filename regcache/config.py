@@ -1,21 +1,43 @@
 # test-case-name: tests.test_config
 """
 The settings regcache runs with, merged once from the command line, the
-environment and the defaults, in that order of precedence.
+environment, the config file and the defaults, in that order of precedence.
 
 Environment names include distribution's (``REGISTRY_PROXY_*``), so regcache
 drops in where ``registry:2`` ran in proxy mode.  Everything is coerced and
 checked here, so the rest of the code only ever sees valid, typed values and a
-bad value stops start-up with one line that names it.
+bad value stops start-up with one line that names it (for the config file:
+the file, the key and its line).
+
+Without a config file the single-upstream options are a one-upstream config
+that answers for its own host and for Docker Hub's names: as registry:2 is run,
+such a mirror is a Docker Hub mirror even when its URL is another cache in
+front of Docker Hub.
 """
 
+import json
 import os
 import re
-from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional, Tuple
+
+import jsonschema
+import yaml
 from urllib.parse import urlsplit
 
 DOCKER_HUB = "https://registry-1.docker.io"
+
+#: Docker Hub's registry host names: ``docker.io`` in image references,
+#: the others in URLs and old configs.
+DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io")
+
+#: Where Docker Hub's registry sends clients for tokens.
+DOCKER_HUB_REALMS = ("auth.docker.io",)
+
+_SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.schema.json")
+
+#: Top-level keys the schema reserves for settings of a later release.
+RESERVED = ("policy", "auth")
 
 
 class ConfigError(ValueError):
@@ -45,6 +67,8 @@ def _default_storage() -> str:
 
 
 SETTINGS = (
+    Setting("config", ("REGCACHE_CONFIG",), None,
+            "YAML file of upstreams, routing and cache settings (see docs/regcache.example.yaml)"),
     Setting("listen", ("REGCACHE_LISTEN",), "tcp:5000",
             "Twisted endpoint to serve on, e.g. tcp:5000, ssl:5443:privateKey=k.pem, unix:/run/regcache.sock"),
     Setting("storage", ("REGCACHE_STORAGE", "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY"), None,
@@ -123,19 +147,20 @@ def _unlimited(text: str) -> bool:
     return text.strip().lower() in _UNLIMITED
 
 
-def parse_upstream(text: str) -> str:
+def parse_upstream(text: str, where: str = "--upstream", hint: str = "--username and --password-file") -> str:
+    """
+    The registry root of an upstream URL; ``where`` names the setting and
+    ``hint`` where credentials go instead, for the error.
+    """
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--upstream: not an http(s) URL: {text!r}")
+        raise ConfigError(f"{where}: not an http(s) URL: {text!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(
-            "--upstream: no query, fragment or credentials in the URL "
-            "(use --username and --password-file)"
-        )
+        raise ConfigError(f"{where}: no query, fragment or credentials in the URL (use {hint})")
     try:
         parts.port
     except ValueError:
-        raise ConfigError(f"--upstream: bad port in {text!r}") from None
+        raise ConfigError(f"{where}: bad port in {text!r}") from None
     # The registry's root, where regcache adds /v2/...: an upstream copied
     # with its API path would otherwise be asked for /v2/v2/...
     root = text.strip().rstrip("/")
@@ -143,24 +168,64 @@ def parse_upstream(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class Config:
-    listen: str
-    storage: str
-    upstream: str
-    username: Optional[str]
-    password: Optional[str]
-    tag_ttl: float
-    max_stale: Optional[float]
-    max_size: Optional[int]
-    connect_timeout: float
-    header_timeout: float
-    idle_timeout: float
+class UpstreamURL:
+    """One URL of an upstream, with the credentials regcache sends there."""
+
+    url: str
+    username: Optional[str] = None
+    password: Optional[str] = None
 
     def __repr__(self) -> str:
         # Never let the password reach a log line or a traceback.
-        shown = {k: v for k, v in vars(self).items() if k != "password"}
-        shown["password"] = "<set>" if self.password else None
-        return f"Config({shown})"
+        return f"UpstreamURL({self.url!r}, username={self.username!r}, password={'<set>' if self.password else None})"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """
+    One upstream registry: what regcache calls it (its tags are filed under
+    ``name``), the registry hosts and path alias clients reach it by, and
+    the URLs it is fetched from, in order.
+    """
+
+    name: str
+    hosts: Tuple[str, ...]
+    urls: Tuple[UpstreamURL, ...]
+    docker_hub: bool
+    tag_ttl: float
+    max_stale: Optional[float]
+    connect_timeout: float
+    header_timeout: float
+    idle_timeout: float
+    alias: Optional[str] = None
+    realms: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str
+    storage: str
+    max_size: Optional[int]
+    upstreams: Tuple[UpstreamConfig, ...]
+    #: The name of the upstream for requests that name no registry.
+    default: str
+    #: The config file read, if any.
+    file: Optional[str] = None
+
+
+def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
+    """
+    The raw string value of every setting given on the command line, else
+    by the first environment name that is set; the rest are absent.
+    """
+    raw = {}
+    for s in SETTINGS:
+        value = cli.get(s.name)
+        if value is None:
+            value = next((environ[e] for e in s.env if environ.get(e)), None)
+        if value is not None:
+            raw[s.name] = value
+    return raw
 
 
 def merge(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
@@ -168,50 +233,328 @@ def merge(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
     The raw string value of every setting: the command line if given, then
     the first environment name that is set, then the default.
     """
-    raw = {}
-    for s in SETTINGS:
-        value = cli.get(s.name)
-        if value is None:
-            value = next((environ[e] for e in s.env if environ.get(e)), None)
-        if value is None:
-            value = s.default
-        raw[s.name] = value
-    return raw
+    raw = explicit(cli, environ)
+    return {s.name: raw.get(s.name, s.default) for s in SETTINGS}
+
+
+def _duration(name: str, text: str, positive: bool = False) -> float:
+    seconds = parse_duration(name, text)
+    if positive and seconds <= 0:
+        raise ConfigError(f"--{name}: must be more than zero")
+    return seconds
+
+
+def _limit_duration(name: str, text: str) -> Optional[float]:
+    return None if _unlimited(text) else parse_duration(name, text)
+
+
+_TIMEOUTS = ("connect-timeout", "header-timeout", "idle-timeout")
+
+
+def _windows(raw: Mapping[str, str]) -> dict:
+    """The per-upstream durations of the options given in ``raw``, by field name."""
+    out = {}
+    if "tag-ttl" in raw:
+        out["tag_ttl"] = _duration("tag-ttl", raw["tag-ttl"])
+    if "max-stale" in raw:
+        out["max_stale"] = _limit_duration("max-stale", raw["max-stale"])
+    for name in _TIMEOUTS:
+        if name in raw:
+            out[name.replace("-", "_")] = _duration(name, raw[name], positive=True)
+    return out
+
+
+def _read_password(where: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path!r}: {e.strerror}")
+
+
+def single_upstream(raw: Mapping[str, Optional[str]], cli: Mapping[str, Optional[str]]) -> UpstreamConfig:
+    """
+    The one upstream the single-upstream options describe.  Its name is
+    the one its tags were filed under before config files existed, so an
+    existing cache keeps its tags.
+    """
+    password = raw["password"]
+    if raw["password-file"]:
+        if cli.get("password") is not None:
+            raise ConfigError("--password and --password-file: give only one")
+        password = _read_password("--password-file", raw["password-file"])
+    if password and not raw["username"]:
+        raise ConfigError("--password needs --username")
+    url = parse_upstream(raw["upstream"])
+    parts = urlsplit(url)
+    hub = parts.hostname in DOCKER_HUB_HOSTS + ("registry.hub.docker.com",)
+    hosts = tuple(dict.fromkeys([parts.netloc.lower(), *DOCKER_HUB_HOSTS]))
+    windows = {
+        "tag_ttl": _duration("tag-ttl", raw["tag-ttl"]),
+        "max_stale": _limit_duration("max-stale", raw["max-stale"]),
+        **{n.replace("-", "_"): _duration(n, raw[n], positive=True) for n in _TIMEOUTS},
+    }
+    return UpstreamConfig(
+        name="docker.io" if hub else parts.netloc,
+        hosts=hosts,
+        urls=(UpstreamURL(url, raw["username"] or None, password or None),),
+        docker_hub=hub,
+        realms=DOCKER_HUB_REALMS if hub else (),
+        **windows,
+    )
 
 
 def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config:
     """
     Build the one Config the process runs with, or raise ConfigError.
     """
+    given = explicit(cli, environ)
     raw = merge(cli, environ)
-    password = raw["password"]
-    if raw["password-file"]:
-        if cli.get("password") is not None:
-            raise ConfigError("--password and --password-file: give only one")
-        try:
-            with open(raw["password-file"], encoding="utf-8") as f:
-                password = f.read().strip()
-        except OSError as e:
-            raise ConfigError(f"--password-file: cannot read {raw['password-file']!r}: {e.strerror}")
-    if password and not raw["username"]:
-        raise ConfigError("--password needs --username")
-    for name in ("tag-ttl", "connect-timeout", "header-timeout", "idle-timeout"):
-        parse_duration(name, raw[name])
-    for name in ("connect-timeout", "header-timeout", "idle-timeout"):
-        if parse_duration(name, raw[name]) <= 0:
-            raise ConfigError(f"--{name}: must be more than zero")
     if not raw["listen"] or not raw["listen"].strip():
         raise ConfigError("--listen: empty endpoint")
+    file = raw["config"]
+    cache: dict = {}
+    if file:
+        for name in ("upstream", "username", "password", "password-file"):
+            if name in given:
+                raise ConfigError(f"--{name}: the upstreams are set in the config file {file} (--config)")
+        document = read(file, environ)
+        cache = document.cache
+        overrides = _windows(given)
+        upstreams = tuple(replace(u, **overrides) for u in document.upstreams)
+        default = document.default
+    else:
+        upstream = single_upstream(raw, cli)
+        upstreams, default = (upstream,), upstream.name
+    storage = given.get("storage") or cache.get("storage") or _default_storage()
+    if "max-size" in given or "max_size" not in cache:
+        max_size = None if _unlimited(raw["max-size"]) else parse_size("max-size", raw["max-size"])
+    else:
+        max_size = cache["max_size"]
     return Config(
         listen=raw["listen"].strip(),
-        storage=os.path.abspath(raw["storage"] or _default_storage()),
-        upstream=parse_upstream(raw["upstream"]),
-        username=raw["username"] or None,
-        password=password or None,
-        tag_ttl=parse_duration("tag-ttl", raw["tag-ttl"]),
-        max_stale=None if _unlimited(raw["max-stale"]) else parse_duration("max-stale", raw["max-stale"]),
-        max_size=None if _unlimited(raw["max-size"]) else parse_size("max-size", raw["max-size"]),
-        connect_timeout=parse_duration("connect-timeout", raw["connect-timeout"]),
-        header_timeout=parse_duration("header-timeout", raw["header-timeout"]),
-        idle_timeout=parse_duration("idle-timeout", raw["idle-timeout"]),
+        storage=os.path.abspath(storage),
+        max_size=max_size,
+        upstreams=upstreams,
+        default=default,
+        file=file or None,
     )
+
+
+
+
+# The config file
+
+
+@dataclass(frozen=True)
+class Document:
+    """What a config file declares, checked and typed."""
+
+    upstreams: Tuple[UpstreamConfig, ...]
+    default: str
+    #: ``storage`` and ``max_size`` if the file sets them.
+    cache: Mapping[str, Any]
+
+
+def _schema() -> dict:
+    with open(_SCHEMA_PATH, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _key_path(path) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+class _Located:
+    """
+    Error messages for one file: the key path and the line its node starts
+    on, found by walking the composed YAML the way the data was walked.
+    """
+
+    def __init__(self, file: str, root):
+        self.file = file
+        self.root = root
+
+    def _node(self, path):
+        node = self.root
+        for part in path:
+            node = _child(node, part)
+            if node is None:
+                return None
+        return node
+
+    def line(self, path) -> Optional[int]:
+        node = self._node(path)
+        return node.start_mark.line + 1 if node is not None else None
+
+    def key_line(self, path, key: str) -> Optional[int]:
+        """The line of ``key`` itself within the mapping at ``path``."""
+        parent = self._node(path)
+        if isinstance(parent, yaml.MappingNode):
+            for k, _ in parent.value:
+                if k.value == key:
+                    return k.start_mark.line + 1
+        return self.line(path)
+
+    def error(self, path, message: str, line: Optional[int] = None) -> ConfigError:
+        line = line or self.line(path) or self.line(path[:-1]) or 1
+        return ConfigError(f"{self.file}:{line}: {_key_path(path)}: {message}")
+
+
+def _child(node, part):
+    if isinstance(node, yaml.MappingNode):
+        return next((v for k, v in node.value if k.value == part), None)
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        return node.value[part]
+    return None
+
+
+def _schema_error(where: _Located, error: jsonschema.ValidationError) -> ConfigError:
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = error.schema.get("properties", {})
+        extra = sorted(k for k in error.instance if k not in allowed)[0]
+        return where.error(path + [extra], "unknown key", where.key_line(path, extra))
+    if error.validator == "required":
+        return where.error(path, error.message.replace("is a required property", "is required"))
+    return where.error(path, error.message)
+
+
+def read(file: str, environ: Mapping[str, str]) -> Document:
+    """
+    Parse, validate and type the config file ``file``, or raise a
+    ConfigError naming the file, the line and the key at fault.
+    """
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {file!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {file} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{file}{line}: not valid YAML: {problem}") from None
+    where = _Located(file, root)
+    if data is None:
+        raise where.error([], "the file is empty: it must declare upstreams")
+    errors = list(jsonschema.Draft202012Validator(_schema()).iter_errors(data))
+    if errors:
+        raise _schema_error(where, jsonschema.exceptions.best_match(errors))
+    for key in RESERVED:
+        if key in data:
+            raise where.error([key], "not supported yet", where.key_line([], key))
+    if "upstreams" not in data:
+        raise where.error([], "'upstreams' is required")
+    upstreams = tuple(_upstream(where, i, u, environ) for i, u in enumerate(data["upstreams"]))
+    _check_unique(where, upstreams)
+    return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})))
+
+
+def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[str, str]) -> UpstreamConfig:
+    path = ["upstreams", i]
+    urls = tuple(_url(where, path + ["urls", j], entry, environ) for j, entry in enumerate(u["urls"]))
+
+    def duration(key: str, default: str, positive: bool = False, limit: bool = False):
+        text = str(u.get(key, default))
+        try:
+            if limit and _unlimited(text):
+                return None
+            return _duration(key, text, positive)
+        except ConfigError as e:
+            raise where.error(path + [key], str(e).split(": ", 1)[1]) from None
+
+    hosts = tuple(h.lower() for h in u.get("hosts", ()))
+    if not hosts:
+        hosts = tuple(dict.fromkeys(urlsplit(url.url).netloc.lower() for url in urls))
+    docker_hub = u.get("docker_hub", any(h in DOCKER_HUB_HOSTS for h in hosts))
+    if docker_hub and "hosts" not in u:
+        hosts = tuple(dict.fromkeys(hosts + DOCKER_HUB_HOSTS))
+    return UpstreamConfig(
+        name=u["name"],
+        hosts=hosts,
+        urls=urls,
+        docker_hub=docker_hub,
+        tag_ttl=duration("tag_ttl", "60s"),
+        max_stale=duration("max_stale", "unlimited", limit=True),
+        connect_timeout=duration("connect_timeout", "5s", positive=True),
+        header_timeout=duration("header_timeout", "5s", positive=True),
+        idle_timeout=duration("idle_timeout", "15s", positive=True),
+        alias=u.get("alias"),
+        realms=tuple(r.lower() for r in u.get("realms", DOCKER_HUB_REALMS if docker_hub else ())),
+    )
+
+
+def _url(where: _Located, path, entry, environ: Mapping[str, str]) -> UpstreamURL:
+    if isinstance(entry, str):
+        entry = {"url": entry}
+        url_path = path
+    else:
+        url_path = path + ["url"]
+    try:
+        url = parse_upstream(entry["url"], "url", "username with password, password_env or password_file")
+    except ConfigError as e:
+        raise where.error(url_path, str(e).split(": ", 1)[1]) from None
+    sources = [k for k in ("password", "password_env", "password_file") if k in entry]
+    if len(sources) > 1:
+        raise where.error(path + [sources[1]], f"give only one of {', '.join(sources)}")
+    password = entry.get("password")
+    if "password_env" in entry:
+        password = environ.get(entry["password_env"])
+        if not password:
+            raise where.error(path + ["password_env"], f"the environment variable {entry['password_env']} is not set")
+    if "password_file" in entry:
+        try:
+            password = _read_password("x", entry["password_file"])
+        except ConfigError as e:
+            raise where.error(path + ["password_file"], str(e).split(": ", 1)[1]) from None
+    if sources and "username" not in entry:
+        raise where.error(path + [sources[0]], "a password needs a username")
+    if "username" in entry and not sources:
+        raise where.error(path + ["username"], "a username needs password, password_env or password_file")
+    return UpstreamURL(url, entry.get("username"), password)
+
+
+def _check_unique(where: _Located, upstreams: Tuple[UpstreamConfig, ...]) -> None:
+    """
+    Names, hosts and aliases each pick one upstream: a host two upstreams
+    answer for would make which registry's content a client gets a matter
+    of order.
+    """
+    seen: dict = {}
+    for i, u in enumerate(upstreams):
+        for kind, values in (("name", [u.name]), ("hosts", u.hosts), ("alias", [u.alias] if u.alias else [])):
+            for value in values:
+                other = seen.setdefault((kind, value.lower()), i)
+                if other != i:
+                    raise where.error(["upstreams", i, kind], f"{value!r} is already in upstreams[{other}]")
+
+
+def _default(where: _Located, data: Mapping[str, Any], upstreams: Tuple[UpstreamConfig, ...]) -> str:
+    names = [u.name for u in upstreams]
+    if "default" in data:
+        if data["default"] not in names:
+            raise where.error(["default"], f"no upstream is named {data['default']!r} (upstreams: {', '.join(names)})")
+        return data["default"]
+    return next((u.name for u in upstreams if "docker.io" in u.hosts), names[0])
+
+
+def _cache(where: _Located, cache: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    if "storage" in cache:
+        out["storage"] = cache["storage"]
+    if "max_size" in cache:
+        text = str(cache["max_size"])
+        try:
+            out["max_size"] = None if _unlimited(text) else parse_size("max_size", text)
+        except ConfigError as e:
+            raise where.error(["cache", "max_size"], str(e).split(": ", 1)[1]) from None
+    return out

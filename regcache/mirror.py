@@ -149,17 +149,17 @@ class Mirror:
                 f"manifest unknown: {route.name}:{tag}: the Accept header names none of the manifest media "
                 f"types regcache serves ({', '.join(MANIFEST_MEDIA_TYPES)})",
             )
-        key = TagKey(route.upstream.key, route.name, tag, accept_key(types))
+        key = TagKey(route.registry.name, route.name, tag, accept_key(types))
         entry = known = await self.tags.get(key)
         warning = None
         # Whether ``entry`` is this key's own, not another kind of client's.
         own = True
-        if entry is not None and self.policy.fresh(entry):
+        if entry is not None and self.policy.fresh(route, entry):
             cache = "hit"
         else:
             # With a copy to fall back on, fail fast: a stale answer now beats
             # a fresh one after retries.  Without one, retrying is all there is.
-            fallback = await self._stand_in(key, known, types, want_body)
+            fallback = await self._stand_in(route, key, known, types, want_body)
             retry = fallback is None
             try:
                 entry = await self._tag_checks.run(
@@ -198,7 +198,7 @@ class Mirror:
             )
         return ManifestAnswer(digest, media_type, size, body, cache, warning)
 
-    async def _stand_in(self, key: TagKey, known: Optional[TagEntry], types: Tuple[str, ...], want_body: bool):
+    async def _stand_in(self, route, key: TagKey, known: Optional[TagEntry], types: Tuple[str, ...], want_body: bool):
         """
         The cached entry that may stand in for a tag upstream cannot confirm:
         this client's own, or else what another kind of client was served
@@ -206,7 +206,7 @@ class Mirror:
         does not fail containerd just because only dockerd pulled the tag.
         """
         def usable(entry: TagEntry) -> bool:
-            return self.policy.stale_allowed(entry) and (not want_body or self._holds(entry.parsed_digest))
+            return self.policy.stale_allowed(route, entry) and (not want_body or self._holds(entry.parsed_digest))
 
         if known is not None and usable(known):
             return known
@@ -219,7 +219,7 @@ class Mirror:
         self, route: Route, tag: str, types: Tuple[str, ...], key: TagKey, known, retry: bool
     ) -> TagEntry:
         current = self.tags.cached(key)
-        if current is not None and self.policy.fresh(current):
+        if current is not None and self.policy.fresh(route, current):
             # Another request's check ended while this one read the disk.
             return current
         info = await route.upstream.head_manifest(route.name, tag, list(types), retry=retry)
@@ -323,12 +323,12 @@ class Mirror:
         """
         if artifact_type is not None and not _MEDIA_TYPE_RE.fullmatch(artifact_type):
             raise RegistryError("UNSUPPORTED", "artifactType must be a media type", status=400)
-        key = ReferrersKey(route.upstream.key, route.name, str(digest), artifact_type)
+        key = ReferrersKey(route.registry.name, route.name, str(digest), artifact_type)
         known = await self.referrers_cache.get(key)
-        if known is not None and self.policy.fresh(known):
+        if known is not None and self.policy.fresh(route, known):
             self.metrics.cache.labels("referrers", "hit").inc()
             return ReferrersAnswer(known.body, known.filtered, "hit")
-        fallback = known if self.policy.stale_allowed(known) else None
+        fallback = known if self.policy.stale_allowed(route, known) else None
         what = f"the referrers of {route.name}@{digest}"
         try:
             entry = await self._referrers_gets.run(key, lambda: Deferred.fromCoroutine(

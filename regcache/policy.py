@@ -9,8 +9,9 @@ turns what the client asked for into what regcache will do, so a pull policy
 extend it rather than every handler.
 """
 
+import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import FrozenSet, Optional, Sequence
 
 from regcache.errors import RegistryError, UpstreamError
 from regcache.reference import check_name
@@ -19,43 +20,110 @@ from regcache.tags import TagEntry
 
 
 @dataclass(frozen=True)
-class Route:
+class Registry:
     """
-    Where a request goes: the upstream, and the repository as that upstream
-    names it (``library/alpine`` for Docker Hub's ``alpine``).
+    One configured upstream as routing sees it: the name its tags are kept
+    under, the registry hosts and path alias that select it, the client
+    that fetches from it, and its tag windows.
     """
 
-    upstream: Remote
     name: str
+    hosts: FrozenSet[str]
+    upstream: Remote
+    tag_ttl: float
+    max_stale: Optional[float]
+    alias: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    Where a request goes: the registry, and the repository as its upstream
+    names it (``library/alpine`` for Docker Hub's ``alpine``).  ``ns`` is
+    the client's ``?ns=`` when it chose the registry, to echo back.
+    """
+
+    registry: Registry
+    name: str
+    ns: Optional[str] = None
+
+    @property
+    def upstream(self):
+        return self.registry.upstream
+
+
+#: A registry host as a path's first component may spell it: the schema's
+#: host pattern (config.schema.json).
+HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+
+
+def is_host(component: str) -> bool:
+    """
+    Whether a path's first component names a registry host, by the rule
+    image references use: it has a dot or a port, or is ``localhost``.
+    """
+    return "." in component or ":" in component or component == "localhost"
 
 
 class Policy:
-    def __init__(self, upstreams: Sequence[Remote], clock, tag_ttl: float, max_stale: Optional[float]):
-        if not upstreams:
+    def __init__(self, registries: Sequence[Registry], clock, default: Optional[str] = None):
+        if not registries:
             raise ValueError("at least one upstream")
-        self.upstreams = list(upstreams)
+        self.registries = list(registries)
         self.clock = clock
-        self.tag_ttl = tag_ttl
-        self.max_stale = max_stale
+        self._by_host = {h.lower(): r for r in self.registries for h in r.hosts}
+        self._by_alias = {r.alias: r for r in self.registries if r.alias}
+        self.default = next(r for r in self.registries if r.name == default) if default else self.registries[0]
 
-    def route(self, name: str, ns: Optional[str] = None) -> Route:
+    def route(self, path_name: str, ns: Optional[str] = None) -> Route:
         """
-        Decide which upstream serves ``name``.  containerd's ``?ns=`` names
-        the registry the client meant; with one upstream it is accepted and
-        the one upstream serves it.
+        Decide which registry serves ``path_name`` (what followed ``/v2/``).
+        containerd's ``?ns=`` names the registry; clients that cannot send
+        it put the registry's host or alias first in the path; anything
+        else is the default registry's.  A registry no upstream answers for
+        is refused here, so nothing is fetched for it: its name must never
+        be given another registry's content.  ``ns`` and the path are only
+        ever keys into the configured upstreams, never places to connect to.
         """
-        check_name(name)
-        upstream = self.upstreams[0]
-        return Route(upstream, check_name(upstream.repository(name)))
+        first, _, rest = path_name.partition("/")
+        # The grammar first, so that a malformed name is a 400 whatever it
+        # would have routed to.
+        check_name(rest if rest and is_host(first) and HOST_RE.fullmatch(first) else path_name)
+        if ns is not None:
+            registry = self._lookup(ns)
+            if rest and self._prefix(first) is registry:
+                # A rewrite (k3s) or override_path put the prefix in too.
+                path_name = rest
+        elif rest and is_host(first):
+            registry = self._lookup(first)
+            path_name = rest
+        elif rest and first in self._by_alias:
+            registry, path_name = self._by_alias[first], rest
+        else:
+            registry = self.default
+        return Route(registry, check_name(registry.upstream.repository(path_name)), ns)
 
-    def fresh(self, entry: TagEntry) -> bool:
-        """
-        A tag checked within the revalidation window is served from cache
-        with no upstream call at all.
-        """
-        return self.clock.seconds() - entry.checked < self.tag_ttl
+    def _prefix(self, component: str) -> Optional[Registry]:
+        if is_host(component):
+            return self._by_host.get(component.lower())
+        return self._by_alias.get(component)
 
-    def stale_allowed(self, entry: Optional[TagEntry]) -> bool:
+    def _lookup(self, host: str) -> Registry:
+        registry = self._by_host.get(host.lower())
+        if registry is None:
+            raise RegistryError(
+                "NAME_UNKNOWN", f"registry {host[:255]!r} is not mirrored here: no upstream answers for it"
+            )
+        return registry
+
+    def fresh(self, route: Route, entry: TagEntry) -> bool:
+        """
+        A tag checked within its registry's revalidation window is served
+        from cache with no upstream call at all.
+        """
+        return self.clock.seconds() - entry.checked < route.registry.tag_ttl
+
+    def stale_allowed(self, route: Route, entry: Optional[TagEntry]) -> bool:
         """
         Whether a tag may be served from cache while its revalidation
         failed: always, unless --max-stale bounds its age.  The bound is
@@ -64,9 +132,9 @@ class Policy:
         """
         if entry is None:
             return False
-        if self.max_stale is None:
+        if route.registry.max_stale is None:
             return True
-        return self.clock.seconds() - entry.checked < self.max_stale
+        return self.clock.seconds() - entry.checked < route.registry.max_stale
 
     def failure(self, error: UpstreamError, what: str) -> RegistryError:
         """

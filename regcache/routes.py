@@ -10,6 +10,7 @@ cached.
 """
 
 import json
+import re
 from urllib.parse import urlencode
 
 from klein import Klein
@@ -20,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from regcache import __version__, body
 from regcache.errors import RegistryError
 from regcache.manifests import OCI_INDEX
-from regcache.reference import Digest, InvalidReference, check_name
+from regcache.reference import Digest, InvalidReference
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 PULL_METHODS = ["GET", "HEAD"]
@@ -75,6 +76,15 @@ def sized(request, body) -> bytes:
         body = body.encode("utf-8")
     request.setHeader("Content-Length", str(len(body)))
     return body
+
+
+def _with_ns(link: bytes, ns: str) -> bytes:
+    """A Link header value whose URL carries ``?ns=`` too."""
+    def add(m):
+        url = m.group(1)
+        return b"<" + url + (b"&" if b"?" in url else b"?") + urlencode({"ns": ns}).encode("latin-1") + b">"
+
+    return re.sub(rb"<([^>]*)>", add, link, count=1)
 
 
 class RegistryRoutes:
@@ -158,11 +168,14 @@ class RegistryRoutes:
         if parts is None:
             raise RegistryError("UNSUPPORTED", "not a registry v2 pull path", status=404)
         name, kind, reference = parts
-        check_name(name)
-        if request.method not in (b"GET", b"HEAD"):
-            raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
         route = self.policy.route(name, ns)
+        if route.ns is not None:
+            # The distribution spec's proxying section: a registry that used
+            # ns says so.
+            request.setHeader("OCI-Namespace", route.ns)
+        if request.method not in (b"GET", b"HEAD"):
+            raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
         if kind == "manifests":
             return await self._manifest(request, route, reference)
         if kind == "blobs":
@@ -260,6 +273,10 @@ class RegistryRoutes:
         code, link, data = await self.mirror.tags_list(route, name, query.encode("ascii"))
         request.setResponseCode(code)
         request.setHeader("Content-Type", "application/json")
+        if link and route.ns:
+            # The next page must reach the same registry: the client follows
+            # the Link as it is, without adding ns again.
+            link = [_with_ns(v, route.ns) for v in link]
         if link:
             request.responseHeaders.setRawHeaders(b"Link", link)
         return sized(request, data)

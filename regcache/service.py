@@ -20,7 +20,7 @@ from regcache.inflight import FillDrain, Fills
 from regcache.listener import Listener, listen_endpoint
 from regcache.metrics import Metrics
 from regcache.mirror import Mirror
-from regcache.policy import Policy
+from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
 from regcache.routes import RegistryRoutes
 from regcache.site import RegcacheSite
@@ -28,6 +28,25 @@ from regcache.store import Store
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
 from regcache.upstream import Timeouts, Upstream
+
+
+def _registry(config, reactor, metrics) -> Registry:
+    """
+    The upstream ``config`` describes, with an HTTP client (and connection
+    pool) of its own, under its own timeouts.
+    """
+    if len(config.urls) > 1:
+        raise ConfigError(f"upstream {config.name!r}: {len(config.urls)} URLs: chains are not supported yet")
+    url = config.urls[0]
+    http = upstream_http.client(reactor, config.connect_timeout)
+    credentials = Credentials(url.username, url.password) if url.username else None
+    timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
+    upstream = Upstream(url.url, http, reactor, metrics, credentials, timeouts, docker_hub=config.docker_hub)
+    return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias)
+
+
+def _served(config) -> str:
+    return ", ".join(f"{u.name} ({' '.join(url.url for url in u.urls)})" for u in config.upstreams)
 
 
 def build(config, reactor) -> MultiService:
@@ -54,12 +73,8 @@ def build(config, reactor) -> MultiService:
     if removed:
         Logger().info("Removed {n} unfinished downloads left by an earlier run", n=removed)
 
-    http = upstream_http.client(reactor, config.connect_timeout)
-    credentials = Credentials(config.username, config.password) if config.username else None
-    timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
-    upstream = Upstream(config.upstream, http, reactor, metrics, credentials, timeouts)
-
-    policy = Policy([upstream], reactor, config.tag_ttl, config.max_stale)
+    registries = [_registry(u, reactor, metrics) for u in config.upstreams]
+    policy = Policy(registries, reactor, config.default)
     fills = Fills(store, reactor, metrics)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
@@ -74,6 +89,6 @@ def build(config, reactor) -> MultiService:
     Expiry(store, config.max_size, reactor, metrics).setServiceParent(top)
     readiness.setServiceParent(top)
     Listener(endpoint, config.listen, site, reactor,
-             served=f"caching {config.upstream} in {config.storage}").setServiceParent(top)
+             served=f"caching {_served(config)} in {config.storage}").setServiceParent(top)
     FillDrain(fills, reactor).setServiceParent(top)
     return top

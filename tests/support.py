@@ -24,7 +24,7 @@ from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
 from regcache.mirror import Mirror
-from regcache.policy import Policy
+from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
 from regcache.referrers import ReferrersCache
 from regcache.reference import Digest
@@ -164,14 +164,20 @@ class Rig:
     MemoryReactorClock.
     """
 
-    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None):
+    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=()):
+        """
+        ``upstream`` answers for ``hosts`` and is the default; ``others``
+        are more regcache.policy.Registry entries, as a config file's
+        further upstreams.
+        """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
         self.metrics = Metrics()
         self.store = Store(self.root, inline, self.reactor.seconds)
         self.store.prepare()
         self.upstream = upstream(self.reactor, self.metrics) if callable(upstream) else upstream or HandFedUpstream()
-        self.policy = Policy([self.upstream], self.reactor, tag_ttl, max_stale)
+        main = Registry("docker.io", frozenset(hosts), self.upstream, tag_ttl, max_stale)
+        self.policy = Policy([main, *others], self.reactor)
         self.fills = Fills(self.store, self.reactor, self.metrics)
         tags = TagMap(self.root, inline, self.store.index)
         tags.count()

@@ -738,3 +738,42 @@ def test_helm_test_gets_v2_through_the_service_with_regcache_image():
     assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert pod["spec"]["imagePullSecrets"] == pod_spec(objects)["imagePullSecrets"]
+
+
+def test_config_values_become_a_mounted_config_file(tmp_path):
+    """
+    values.config is a ConfigMap mounted into the pod, named by
+    REGCACHE_CONFIG, with no single-upstream variables beside it; the
+    file it holds is one regcache loads.
+    """
+    from regcache.config import load
+
+    config = {"upstreams": [
+        {"name": "dockerhub", "alias": "dockerhub", "urls": ["https://registry-1.docker.io"]},
+        {"name": "ghcr", "alias": "ghcr", "hosts": ["ghcr.io"], "urls": ["https://ghcr.io"]},
+    ]}
+    objects, _ = render(merged(SEED, {"config": config}))
+    variables = env(objects)
+    path = variables["REGCACHE_CONFIG"]["value"]
+    assert not {"REGCACHE_UPSTREAM", "REGCACHE_USERNAME", "REGCACHE_PASSWORD_FILE"} & set(variables)
+    mount = next(m for m in container(objects)["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == mount["name"])
+    configmap = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == volume["configMap"]["name"])
+    (tmp_path / "regcache.yaml").write_text(configmap["data"][path.rsplit("/", 1)[1]])
+    loaded = load({"config": str(tmp_path / "regcache.yaml")}, {})
+    assert [u.name for u in loaded.upstreams] == ["dockerhub", "ghcr"]
+
+
+def test_config_values_are_checked_by_the_schema():
+    """A config without upstreams, or with the reserved policy key, fails the chart's schema."""
+    for bad, where in (({"upstreams": []}, "/config/upstreams"),
+                       ({"upstreams": [{"name": "a", "urls": ["https://a.io"]}], "policy": {}}, "/config/policy")):
+        with pytest.raises(helm.errors.HelmValuesError, match=where):
+            _chart().validate_schema(merged(SEED, {"config": bad}))
+
+
+def test_no_config_means_no_configmap():
+    """Without values.config there is no ConfigMap and no REGCACHE_CONFIG."""
+    objects, _ = render(SEED)
+    assert "ConfigMap" not in kinds(objects)
+    assert "REGCACHE_CONFIG" not in env(objects)

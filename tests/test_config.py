@@ -10,15 +10,23 @@ import sys
 
 import pytest
 
-from regcache.config import DOCKER_HUB, ConfigError, load, parse_duration, parse_size
+from regcache.config import DOCKER_HUB, ConfigError, UpstreamURL, load, parse_duration, parse_size
+
+
+def only(config):
+    """The one upstream of a config without a file, and its one URL."""
+    (upstream,) = config.upstreams
+    (url,) = upstream.urls
+    return upstream, url
 
 
 def test_defaults():
     """With nothing given, regcache caches Docker Hub on port 5000 with a 60 s tag window."""
     c = load({}, {})
-    assert c.listen == "tcp:5000" and c.upstream == DOCKER_HUB
-    assert c.tag_ttl == 60 and c.max_stale is None and c.max_size is None
-    assert c.username is None and c.password is None
+    upstream, url = only(c)
+    assert c.listen == "tcp:5000" and url.url == DOCKER_HUB
+    assert upstream.tag_ttl == 60 and upstream.max_stale is None and c.max_size is None
+    assert url.username is None and url.password is None
 
 
 def test_distribution_environment_names():
@@ -28,17 +36,17 @@ def test_distribution_environment_names():
         "REGISTRY_PROXY_USERNAME": "bob",
         "REGISTRY_PROXY_PASSWORD": "s3cret",
     })
-    assert (c.upstream, c.username, c.password) == ("https://mirror.gcr.io", "bob", "s3cret")
+    assert only(c)[1] == UpstreamURL("https://mirror.gcr.io", "bob", "s3cret")
 
 
 def test_precedence_cli_then_env_then_default():
     """The command line beats REGCACHE_*, which beats REGISTRY_PROXY_*, which beats the default."""
     env = {"REGCACHE_UPSTREAM": "https://a.example", "REGISTRY_PROXY_REMOTEURL": "https://b.example",
            "REGCACHE_TAG_TTL": "5m"}
-    assert load({}, env).upstream == "https://a.example"
-    assert load({"upstream": "https://c.example"}, env).upstream == "https://c.example"
-    assert load({}, env).tag_ttl == 300
-    assert load({"tag-ttl": "10"}, env).tag_ttl == 10
+    assert only(load({}, env))[1].url == "https://a.example"
+    assert only(load({"upstream": "https://c.example"}, env))[1].url == "https://c.example"
+    assert only(load({}, env))[0].tag_ttl == 300
+    assert only(load({"tag-ttl": "10"}, env))[0].tag_ttl == 10
 
 
 def test_password_file(tmp_path):
@@ -46,7 +54,7 @@ def test_password_file(tmp_path):
     f = tmp_path / "pw"
     f.write_text("tok3n\n")
     c = load({"username": "u", "password-file": str(f)}, {})
-    assert c.password == "tok3n"
+    assert only(c)[1].password == "tok3n"
     assert "tok3n" not in repr(c)
 
 
@@ -74,19 +82,19 @@ def test_bad_values_name_the_setting(cli, fragment):
 ])
 def test_upstream_api_suffix_is_dropped(given, expected):
     """An upstream given with its /v2 API path is its registry root: requests must not go to /v2/v2/."""
-    assert load({"upstream": given}, {}).upstream == expected
+    assert only(load({"upstream": given}, {}))[1].url == expected
 
 
 @pytest.mark.parametrize("text", ["0", "0s", "0m", " 0 "])
 def test_max_stale_zero_means_no_stale_serving(text):
     """Every spelling of zero for --max-stale means never serve a tag stale, never "unlimited"."""
-    assert load({"max-stale": text}, {}).max_stale == 0
+    assert only(load({"max-stale": text}, {}))[0].max_stale == 0
 
 
 @pytest.mark.parametrize("text", ["unlimited", "none", "off", "UNLIMITED"])
 def test_max_stale_words_mean_unlimited(text):
     """Only the words unlimited, none and off lift the --max-stale bound."""
-    assert load({"max-stale": text}, {}).max_stale is None
+    assert only(load({"max-stale": text}, {}))[0].max_stale is None
 
 
 def test_max_stale_zero_serves_nothing_stale():
@@ -97,7 +105,7 @@ def test_max_stale_zero_serves_nothing_stale():
     from tests.support import HubRig
     from tests.test_hub import ALL
 
-    rig = HubRig(tag_ttl=0, max_stale=load({"max-stale": "0"}, {}).max_stale)
+    rig = HubRig(tag_ttl=0, max_stale=only(load({"max-stale": "0"}, {}))[0].max_stale)
     path = "/v2/library/small/manifests/1"
     assert rig.get(path, headers={"Accept": ALL}).status() == 200
     rig.hub.fault("status", scope="manifests", status=503)

@@ -394,6 +394,15 @@ def standard_images(
     return {i.name: i for i in images}
 
 
+def ghcr_images(root: Path, *, size: int = 512 * 1024) -> Dict[str, Image]:
+    """
+    A ghcr-like catalog: ``owner/app:v1``, whose bytes no standard image
+    shares, so a client served it knows which registry answered.
+    """
+    image = make_image(root, "owner/app", "v1", [size], oci=True)
+    return {image.name: image}
+
+
 def moved_images(root: Path, *, small_size: int = MiB, multi_sizes: Sequence[int] = MULTI_SIZES) -> Dict[str, Image]:
     """
     Version 2 of the standard set minus ``large``: same names, other bytes,

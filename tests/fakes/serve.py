@@ -8,10 +8,12 @@ process::
 
     python -m tests.fakes.serve --images-dir DIR [--large-size BYTES]
         [--users alice:secret ...] [--private REPO[=OWNER] ...]
-        [--token-ttl S] [--rate-limit N | --no-rate-limit]
+        [--token-ttl S] [--rate-limit N | --no-rate-limit] [--catalog hub|ghcr]
 
 It generates (or reuses) the standard and moved images in DIR, plus a
-signature of library/small:1 (a referrer, also its ``.sig`` tag), listens on
+signature of library/small:1 (a referrer, also its ``.sig`` tag); with
+``--catalog ghcr``: the ghcr-like ``owner/app:v1`` instead, behind its own
+token realm, as a second registry.  It listens on
 four ephemeral ports of 127.0.0.1, prints ONE JSON line on stdout and runs
 until killed::
 
@@ -58,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rate-limit", type=int, default=100000)
     p.add_argument("--no-rate-limit", action="store_true", help="send no rate-limit headers")
     p.add_argument("--interface", default="127.0.0.1")
+    p.add_argument("--catalog", choices=("hub", "ghcr"), default="hub",
+                   help="Docker Hub's standard images, or a ghcr-like registry's owner/app:v1")
     return p.parse_args(argv)
 
 
@@ -68,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 textFileLogObserver)
 
     from tests.fakes.hub import FakeHub, LoopbackHub
-    from tests.fakes.images import moved_images, signature, standard_images
+    from tests.fakes.images import ghcr_images, moved_images, signature, standard_images
 
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(
         textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])], redirectStandardIO=False)
@@ -77,15 +81,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for spec in args.private:
         repo, _, owner = spec.partition("=")
         private[repo] = owner or next(iter(users), "")
-    images = standard_images(args.images_dir, large_size=args.large_size)
-    alternates = moved_images(args.images_dir)
-    artifacts = [signature(args.images_dir, images["library/small:1"])]
+    if args.catalog == "ghcr":
+        images, alternates, artifacts = ghcr_images(args.images_dir), {}, []
+        users, private = {}, {}
+    else:
+        images = standard_images(args.images_dir, large_size=args.large_size)
+        alternates = moved_images(args.images_dir)
+        artifacts = [signature(args.images_dir, images["library/small:1"])]
     hub = FakeHub(
         [*images.values(), *artifacts],
         clock=reactor,
         users=users,
         private=private,
-        private_image=images["library/small:1"],
+        private_image=next(iter(images.values())),
         alternates=alternates.values(),
         token_ttl=args.token_ttl,
         rate_limit=None if args.no_rate_limit else args.rate_limit,
@@ -116,6 +124,7 @@ class FakeHubProcess:
         token_ttl: Optional[int] = None,
         rate_limit: Optional[int] = None,
         no_rate_limit: bool = False,
+        catalog: str = "hub",
         extra_args: Sequence[str] = (),
         start_timeout: float = 120.0,
     ):
@@ -132,7 +141,7 @@ class FakeHubProcess:
             self.args += ["--rate-limit", str(rate_limit)]
         if no_rate_limit:
             self.args.append("--no-rate-limit")
-        self.args += list(extra_args)
+        self.args += ["--catalog", catalog, *extra_args]
         self.start_timeout = start_timeout
         self.proc: Optional[subprocess.Popen] = None
         self.info: Dict[str, Any] = {}

@@ -116,17 +116,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 class Podman:
     """
-    podman with its own storage (vfs) and a registries.conf whose docker.io
-    location is a closed port, so only the mirror can answer.
+    podman with its own storage (vfs) and a registries.conf whose
+    ``prefix`` registry's location is a closed port, so only the mirror
+    (``mirror_host``, with a path if given one) can answer.
     """
 
-    def __init__(self, mirror_host: str):
+    def __init__(self, mirror_host: str, prefix: str = "docker.io"):
         self.dir = tempfile.mkdtemp(prefix="regcache-podman-")
         self.conf = os.path.join(self.dir, "registries.conf")
         with open(self.conf, "w") as f:
             f.write(f"""short-name-mode = "disabled"
 [[registry]]
-prefix = "docker.io"
+prefix = "{prefix}"
 location = "127.0.0.1:{closed_port()}"
 insecure = true
 [[registry.mirror]]

@@ -52,13 +52,14 @@ def tail(path: str, size: int = 3000) -> str:
 
 class Regcache:
     """
-    ``twistd -n regcache`` as a subprocess on 127.0.0.1, its log in a file
+    ``twistd -n regcache`` as a subprocess on 127.0.0.1 (``upstream`` None
+    when ``args`` give a ``--config`` file instead), its log in a file
     beside the storage directory, and its stderr (what happens before the
     log starts: a bad option, an import error) in another.  Never a pipe:
     nobody reads one while the test runs, and a full pipe stops the process.
     """
 
-    def __init__(self, storage: str, upstream: str, args: List[str] = (), env=None, port: int = None,
+    def __init__(self, storage: str, upstream: Optional[str], args: List[str] = (), env=None, port: int = None,
                  listen: Optional[str] = None):
         self.storage = storage
         self.upstream = upstream
@@ -78,7 +79,7 @@ class Regcache:
         cmd = [
             TWISTD, "-n", "--pidfile=", "-l", self.log_path, "regcache",
             "--listen", self.listen,
-            "--storage", self.storage, "--upstream", self.upstream, *self.args,
+            "--storage", self.storage, *(["--upstream", self.upstream] if self.upstream else []), *self.args,
         ]
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -115,7 +115,11 @@ StatefulSet passes false and brings "data" from volumeClaimTemplates.
 */}}
 {{- define "regcache.podTemplate" -}}
 {{- $root := .root }}
-{{- $secret := include "regcache.upstreamSecretName" $root }}
+{{- /* With a config file the file names each upstream's credentials. */}}
+{{- $secret := "" }}
+{{- if not $root.Values.config }}
+{{- $secret = include "regcache.upstreamSecretName" $root }}
+{{- end }}
 {{- $annotations := dict }}
 {{- if and $secret (not $root.Values.upstream.existingSecret) }}
 {{- /* regcache reads its credentials once, at start: roll the pods on change. */}}
@@ -159,8 +163,13 @@ spec:
           value: "tcp:5000"
         - name: REGCACHE_STORAGE
           value: /var/lib/registry
+        {{- if $root.Values.config }}
+        - name: REGCACHE_CONFIG
+          value: /etc/regcache/config/regcache.yaml
+        {{- else }}
         - name: REGCACHE_UPSTREAM
           value: {{ $root.Values.upstream.url | quote }}
+        {{- end }}
         {{- if $secret }}
         - name: REGCACHE_USERNAME
           valueFrom:
@@ -199,6 +208,11 @@ spec:
           mountPath: /etc/regcache/upstream
           readOnly: true
         {{- end }}
+        {{- if $root.Values.config }}
+        - name: config
+          mountPath: /etc/regcache/config
+          readOnly: true
+        {{- end }}
   volumes:
     {{- if not $root.Values.persistence.enabled }}
     - name: data
@@ -212,6 +226,11 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: {{ $root.Values.tmpDir.sizeLimit }}
+    {{- if $root.Values.config }}
+    - name: config
+      configMap:
+        name: {{ include "regcache.fullname" $root }}-config
+    {{- end }}
     {{- if $secret }}
     - name: upstream-credentials
       secret:
