@@ -19,6 +19,9 @@ setup(
         "pyopenssl>=23.2",
         # One home for counters, with the exposition format Prometheus scrapes.
         "prometheus-client>=0.17",
+        # The registrable domain of a token realm, so credentials go only to the registry's own
+        # (auth.docker.io for registry-1.docker.io), never to a realm an upstream names elsewhere.
+        "publicsuffixlist>=1.0",
     ],
     extras_require={
         "test": [
