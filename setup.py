@@ -26,6 +26,9 @@ setup(
         # file is refused by a standard validator rather than by hand.
         "PyYAML>=6.0",
         "jsonschema>=4.18",
+        # The registrable domain of a token realm, so credentials go only to the registry's own
+        # (auth.docker.io for registry-1.docker.io), never to a realm an upstream names elsewhere.
+        "publicsuffixlist>=1.0",
     ],
     extras_require={
         "test": [

@@ -12,20 +12,33 @@ bounded like any upstream exchange (header timeout, then a capped body read
 under the idle timer and body deadline): a token server that stalls fails
 the fetch, stale copies stand in, and the next pull tries again.  Clients
 choose the repository names, so the tokens held are bounded too.
+
+A token request carries the upstream's credentials, and the realm it goes to
+is named by whatever answered the registry's URL.  So a realm is asked only
+when it lies on the registry's own registrable domain (``auth.docker.io``
+for ``registry-1.docker.io``, by the Public Suffix List, so that
+``evil.github.io`` is not ``github.io``'s), or is one of the realm hosts the
+operator listed for that upstream: distribution's proxy sent its credentials
+to any realm an upstream named (CVE-2026-33540).  A host with no registrable
+domain (an IP literal, ``localhost``) must be the registry's own host, on
+any port, as a token server beside the registry often is.
 """
 
 import base64
+import functools
+import ipaddress
 import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from regcache.errors import UpstreamError
+from regcache.headers import USER_AGENT
 from regcache.singleflight import SingleFlight
 
 _PARAM = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
@@ -77,6 +90,50 @@ class Credentials:
         return b"Basic " + base64.b64encode(raw)
 
 
+@functools.lru_cache(maxsize=1)
+def _suffixes():
+    """The Public Suffix List, parsed once, on the first realm checked."""
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList()
+
+
+def registrable_domain(host: str) -> Optional[str]:
+    """
+    The domain a registrant controls (``docker.io`` for ``auth.docker.io``),
+    or None for a host that has none: an IP literal, a single label, or a
+    public suffix itself.
+    """
+    host = host.lower().rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if "." not in host:
+        return None
+    return _suffixes().privatesuffix(host)
+
+
+class Realms:
+    """
+    Which token realms one registry's credentials may be sent to: hosts on
+    ``registry``'s registrable domain, ``registry`` itself on any port, and
+    the ``extra`` realm hosts configured for it.
+    """
+
+    def __init__(self, registry: str, extra: Iterable[str] = ()):
+        self.registry = registry.lower().rstrip(".")
+        self.extra = frozenset(h.lower().rstrip(".") for h in extra)
+        self._domain = registrable_domain(self.registry)
+
+    def allows(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        if host == self.registry or host in self.extra:
+            return True
+        return self._domain is not None and registrable_domain(host) == self._domain
+
+
 @dataclass
 class _Token:
     value: str
@@ -99,19 +156,20 @@ class TokenCache:
     """
     Bearer tokens per (realm, service, scope, user), valid until shortly
     before they expire, at most ``capacity`` of them.  The token server is
-    asked under the upstream's ``limits`` (exchange.py); ``who`` names the
-    registry in errors.
+    asked under the upstream's ``limits`` (exchange.py), and only if
+    ``realms`` allows its host; ``who`` names the registry in errors.
     """
 
     log = Logger()
 
-    def __init__(self, http, clock, credentials: Optional[Credentials], limits, who: str,
+    def __init__(self, http, clock, credentials: Optional[Credentials], limits, who: str, realms: Realms,
                  capacity: int = MAX_TOKENS):
         self._http = http
         self._clock = clock
         self._credentials = credentials
         self._limits = limits
         self._who = who
+        self._realms = realms
         self._capacity = capacity
         self._tokens: "OrderedDict[Tuple, _Token]" = OrderedDict()
         self._flights = SingleFlight()
@@ -180,6 +238,16 @@ class TokenCache:
             self.log.warn("{registry} named an unusable token realm {realm}",
                           registry=self._who, realm=challenge.realm[:200])
             raise UpstreamError(f"{self._who} named an unusable token realm")
+        if not self._realms.allows(realm.hostname):
+            self.log.error(
+                "{registry} named the token realm {realm}, which is neither on its own domain nor a realm "
+                "configured for it: refused, and no credentials sent there",
+                registry=self._who, realm=challenge.realm[:200],
+            )
+            raise UpstreamError(
+                f"{self._who} named the token realm {realm.netloc[:100]}, which is not on its own domain "
+                "nor a realm configured for it; regcache asks no token there", 403,
+            )
         who = f"token server {realm.netloc}"
         query = []
         if challenge.params.get("service"):
@@ -187,7 +255,7 @@ class TokenCache:
         if scope:
             query.append(("scope", scope))
         url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
-        headers = {}
+        headers = {b"User-Agent": [USER_AGENT]}
         if self._credentials:
             headers[b"Authorization"] = [self._credentials.basic()]
         response = await self._limits.answer(

@@ -1,11 +1,17 @@
 """
 Reading the few upstream response headers regcache acts on, tolerantly: a
-missing or garbled header reads as None, never as an exception.
+missing or garbled header reads as None, never as an exception; and the
+one header every upstream request carries, the ``User-Agent`` (Docker Hub's
+front end has answered 403 to requests without one).
 """
 
 from typing import Optional
 
 from twisted.web.http_headers import Headers
+
+from regcache import __version__
+
+USER_AGENT = f"regcache/{__version__}".encode("ascii")
 
 
 def media_type_of(headers: Headers) -> Optional[str]:

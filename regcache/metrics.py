@@ -9,7 +9,7 @@ global one, so tests and several mirrors in one process never share numbers.
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -85,14 +85,17 @@ class Metrics:
             "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale)",
             ["kind", "result"], registry=r,
         )
+        # ``member`` is the host of the one registry of an upstream's chain
+        # that was asked (the upstream's own host when it has one URL): a
+        # configured value, never one a client chose.
         self.upstream_requests = Counter(
             "regcache_upstream_requests", "Requests sent upstream",
-            ["upstream", "method", "kind", "status"], registry=r,
+            ["upstream", "member", "method", "kind", "status"], registry=r,
         )
         self.upstream_pulls = Counter(
             "regcache_upstream_pulls",
             "Manifest GETs sent upstream: what Docker Hub counts as pulls",
-            ["upstream"], registry=r,
+            ["upstream", "member"], registry=r,
         )
         self.upstream_bytes = Counter(
             "regcache_upstream_blob_bytes", "Blob bytes received from upstream", ["upstream"], registry=r
@@ -117,15 +120,17 @@ class Metrics:
             "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r
         )
         self.ratelimit_limit = Gauge(
-            "regcache_upstream_ratelimit_limit", "Latest ratelimit-limit from upstream", ["upstream"], registry=r
+            "regcache_upstream_ratelimit_limit", "Latest ratelimit-limit from upstream",
+            ["upstream", "member"], registry=r,
         )
         self.ratelimit_remaining = Gauge(
             "regcache_upstream_ratelimit_remaining", "Latest ratelimit-remaining from upstream",
-            ["upstream"], registry=r,
+            ["upstream", "member"], registry=r,
         )
-        self.ratelimits: Dict[str, RateLimit] = {}
+        #: Keyed by (upstream, member): each registry of a chain counts its own pulls.
+        self.ratelimits: Dict[Tuple[str, str], RateLimit] = {}
 
-    def observe_ratelimit(self, upstream: str, headers, now: float) -> None:
+    def observe_ratelimit(self, upstream: str, member: str, headers, now: float) -> None:
         """
         Keep the latest rate-limit headers of an upstream answer.  Names are
         matched case-insensitively (twisted Headers does that) and the
@@ -135,14 +140,14 @@ class Metrics:
         remaining, rwindow = _parse_rl(_first(headers, b"ratelimit-remaining"))
         if limit is None and remaining is None:
             return
-        rl = self.ratelimits.setdefault(upstream, RateLimit())
+        rl = self.ratelimits.setdefault((upstream, member), RateLimit())
         rl.limit, rl.remaining, rl.window = limit, remaining, window or rwindow
         rl.source = _first(headers, b"docker-ratelimit-source")
         rl.seen = now
         if limit is not None:
-            self.ratelimit_limit.labels(upstream).set(limit)
+            self.ratelimit_limit.labels(upstream, member).set(limit)
         if remaining is not None:
-            self.ratelimit_remaining.labels(upstream).set(remaining)
+            self.ratelimit_remaining.labels(upstream, member).set(remaining)
 
     def count_request(self, path: bytes, method: bytes, code: int) -> None:
         self.requests.labels(*request_labels(path, method, code)).inc()

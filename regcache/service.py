@@ -14,6 +14,7 @@ from twisted.python.threadpool import ThreadPool
 
 from regcache import upstream_http
 from regcache.auth import Credentials
+from regcache.chain import Chain
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills
@@ -32,16 +33,18 @@ from regcache.upstream import Timeouts, Upstream
 
 def _registry(config, reactor, metrics) -> Registry:
     """
-    The upstream ``config`` describes, with an HTTP client (and connection
-    pool) of its own, under its own timeouts.
+    The upstream ``config`` describes: one registry, or a chain of them
+    tried in order, each member with an HTTP client (and connection pool),
+    credentials and tokens of its own, under the upstream's timeouts.
     """
-    if len(config.urls) > 1:
-        raise ConfigError(f"upstream {config.name!r}: {len(config.urls)} URLs: chains are not supported yet")
-    url = config.urls[0]
-    http = upstream_http.client(reactor, config.connect_timeout)
-    credentials = Credentials(url.username, url.password) if url.username else None
     timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
-    upstream = Upstream(url.url, http, reactor, metrics, credentials, timeouts, docker_hub=config.docker_hub)
+    members = [
+        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout), reactor, metrics,
+                 Credentials(url.username, url.password) if url.username else None, timeouts,
+                 docker_hub=config.docker_hub, key=config.name, realms=config.realms)
+        for url in config.urls
+    ]
+    upstream = members[0] if len(members) == 1 else Chain(members, reactor, key=config.name)
     return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias)
 
 

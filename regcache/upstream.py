@@ -19,7 +19,7 @@ regcache.remote.Remote.
 
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Iterable, Optional
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from twisted.internet.task import deferLater
@@ -27,10 +27,10 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from regcache.auth import Challenge, Credentials, TokenCache, parse_challenge
+from regcache.auth import Challenge, Credentials, Realms, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits, abandon
-from regcache.headers import content_length, header, media_type_of, retry_after
+from regcache.headers import USER_AGENT, content_length, header, media_type_of, retry_after
 from regcache.manifests import MAX_MANIFEST, OCI_INDEX, Manifest, check_index, sniffed_type
 from regcache.reference import Digest, InvalidReference
 from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, Referrers, TagList
@@ -64,7 +64,10 @@ class Timeouts:
 
 class Upstream:
     """
-    One upstream registry.
+    One upstream registry.  ``key`` names the upstream it serves (its tags
+    and its metrics' ``upstream`` label; by default from its host), which
+    several members of one chain share; ``realms`` are the token realm hosts
+    allowed beside its own domain (auth.py).
     """
 
     log = Logger()
@@ -79,6 +82,8 @@ class Upstream:
         timeouts: Timeouts = Timeouts(),
         jitter=random.random,
         docker_hub: Optional[bool] = None,
+        key: Optional[str] = None,
+        realms: Iterable[str] = (),
     ):
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
@@ -87,7 +92,7 @@ class Upstream:
         #: "decide from the host name".
         self.is_docker_hub = parts.hostname in DOCKER_HUB_HOSTS if docker_hub is None else docker_hub
         #: The name the cache files this upstream's tags under.
-        self.key = "docker.io" if parts.hostname in DOCKER_HUB_HOSTS else parts.netloc
+        self.key = key or ("docker.io" if parts.hostname in DOCKER_HUB_HOSTS else parts.netloc)
         self.http = http
         self.clock = clock
         self.metrics = metrics
@@ -96,7 +101,7 @@ class Upstream:
         #: Who the client's error names when this upstream fails.
         self.who = f"upstream {self.host}"
         self.limits = Limits(clock, timeouts.header, timeouts.idle, timeouts.body)
-        self.tokens = TokenCache(http, clock, credentials, self.limits, self.who)
+        self.tokens = TokenCache(http, clock, credentials, self.limits, self.who, Realms(parts.hostname or "", realms))
         self._challenge: Optional[Challenge] = None
         self._jitter = jitter
         self._cooldown_until = 0.0
@@ -169,7 +174,7 @@ class Upstream:
     async def _blob_from(self, name: str, digest: Digest, offset: int) -> BlobStream:
         """The blob from ``offset`` (with Range when past 0), its stream resuming here."""
         response = await self._retrying("GET", f"blob {digest}", lambda: self._open_blob(name, digest, offset))
-        return blob_stream(response, offset, self.key, self.timeouts.idle,
+        return blob_stream(response, offset, self.host, self.timeouts.idle,
                            lambda at: self._blob_from(name, digest, at))
 
     async def head_blob(self, name: str, digest: Digest) -> int:
@@ -348,6 +353,7 @@ class Upstream:
 
     async def _send(self, method: str, url: str, headers: Headers, kind: str):
         started = self.clock.seconds()
+        headers.setRawHeaders(b"User-Agent", [USER_AGENT])
         send = lambda: self.http.request(method, url, headers=headers, unbuffered=True, allow_redirects=False)
         try:
             response = await self.limits.answer(send, self._who(url), f"sending {method} {url.split('?')[0]}")
@@ -358,18 +364,18 @@ class Upstream:
             self._count(method, kind, "error")
             raise
         self._count(method, kind, str(response.code))
-        self.metrics.observe_ratelimit(self.key, response.headers, self.clock.seconds())
+        self.metrics.observe_ratelimit(self.key, self.host, response.headers, self.clock.seconds())
         self.log.info(
             "upstream {method} {url} {status} in {took:.3f}s",
             method=method, url=url.split("?")[0], status=response.code, kind=kind,
-            took=self.clock.seconds() - started, upstream=self.key, event="upstream",
+            took=self.clock.seconds() - started, upstream=self.key, member=self.host, event="upstream",
         )
         return response
 
     def _count(self, method: str, kind: str, status: str) -> None:
-        self.metrics.upstream_requests.labels(self.key, method, kind, status).inc()
+        self.metrics.upstream_requests.labels(self.key, self.host, method, kind, status).inc()
         if method == "GET" and kind == "manifest":
-            self.metrics.upstream_pulls.labels(self.key).inc()
+            self.metrics.upstream_pulls.labels(self.key, self.host).inc()
 
     def _who(self, url: str) -> str:
         """The registry itself, or the host it redirected a blob to."""

@@ -298,7 +298,7 @@ class HubRig(Rig):
             )
             self.treq = StubTreq(self.hub.app.resource())
             return Upstream(self.hub.registry_url, self.treq, reactor, metrics, credentials, self._timeouts,
-                            jitter=lambda: 0.5, docker_hub=True)
+                            jitter=lambda: 0.5, docker_hub=True, realms=[self.hub.hosts["auth"]])
 
         super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root)
 

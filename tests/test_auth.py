@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.auth import TokenCache, parse_challenge
+from regcache.auth import Realms, TokenCache, parse_challenge
 from regcache.exchange import Limits
 from regcache.errors import UpstreamError
 from tests.fakes.hub import FakeHub
@@ -28,7 +28,7 @@ class TokenTableTests(SynchronousTestCase):
 
     def cache(self, limit):
         return TokenCache(self.treq, self.clock, None, Limits(self.clock, 5, 5, 30), "upstream registry.fake",
-                          capacity=limit)
+                          Realms("registry.fake", ["auth.fake"]), capacity=limit)
 
     def fetch(self, tokens, name):
         d = Deferred.fromCoroutine(tokens.authorization(self.challenge, f"repository:{name}:pull"))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from regcache.config import ConfigError, UpstreamURL, load
+from regcache.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,13 +202,28 @@ def test_twistd_prints_one_line_for_a_bad_file(tmp_path):
     assert lines[-1] == f"regcache: {path}:4: upstreams[0].tag_ttl: not a duration: 'soon' (use e.g. 60s, 5m, 1h)"
 
 
-def test_several_urls_are_refused_until_chains_exist(tmp_path):
-    """An upstream with more than one URL stops start-up with a clear error while chains are not supported."""
+def test_several_urls_make_a_chain_of_their_own_clients(tmp_path):
+    """
+    An upstream with several URLs is served by a chain of one client per
+    URL, in order, each with its own credentials and filed under the
+    upstream's name.
+    """
     from twisted.internet.testing import MemoryReactorClock
 
-    from regcache.service import build
+    from regcache.chain import Chain
+    from regcache.service import _registry
 
-    c = load({"config": write(tmp_path, "upstreams: [{name: hub, urls: [https://a.io, https://b.io]}]\n"),
-              "storage": str(tmp_path / "s")}, {})
-    with pytest.raises(ConfigError, match="upstream 'hub': 2 URLs: chains are not supported yet"):
-        build(c, MemoryReactorClock())
+    (tmp_path / "pw").write_text("tok\n")
+    c = load({"config": write(tmp_path, f"""\
+upstreams:
+  - name: hub
+    urls:
+      - https://a.io
+      - {{url: https://b.io, username: ci, password_file: {tmp_path / 'pw'}}}
+"""), "storage": str(tmp_path / "s")}, {})
+    registry = _registry(c.upstreams[0], MemoryReactorClock(), Metrics())
+    assert isinstance(registry.upstream, Chain)
+    a, b = registry.upstream.members
+    assert (a.url, b.url) == ("https://a.io", "https://b.io")
+    assert (a.credentials, b.credentials.username, b.credentials.password) == (None, "ci", "tok")
+    assert (registry.upstream.key, a.key, b.key) == ("hub", "hub", "hub")

@@ -13,6 +13,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 
+from regcache.chain import Chain
 from regcache.errors import UpstreamError
 from regcache.reference import Digest
 from regcache.remote import BlobStream, Remote
@@ -46,6 +47,11 @@ class ConformanceTests(SynchronousTestCase):
         """The single-registry client offers exactly what the Remote interface declares, with the same parameters."""
         rig = HubRig()
         self.assertImplements(Upstream, Remote, rig.upstream)
+
+    def test_chain_is_a_remote(self):
+        """A chain of upstreams offers the same interface, so the cache cannot tell it from one registry."""
+        rig = HubRig()
+        self.assertImplements(Chain, Remote, Chain([rig.upstream], rig.reactor))
 
     def test_hand_fed_upstream_is_a_remote(self):
         """The unit tests' upstream implements the same interface, so the fill tests test what production runs."""

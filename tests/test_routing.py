@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 
 from regcache.errors import RegistryError
 from regcache.policy import Policy, Registry
+from regcache.reference import InvalidReference
 from tests.support import HubRig, Rig, blob
 
 
@@ -97,13 +98,16 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(self.route("ghcr/app", "docker.io"), ("dockerhub", "ghcr/app", "docker.io"))
 
     def test_malformed_names_are_invalid_wherever_they_would_route(self):
-        """A name outside the grammar is 400 NAME_INVALID, prefix or not, ns or not."""
+        """
+        A name outside the grammar is refused as a name (which the routes
+        answer as 400 NAME_INVALID), prefix or not, ns or not.
+        """
         for name, ns in [("ghcr.io/Owner/app", None), ("../x/y", None), ("ghcr.io/a//b", None),
                          ("-bad.io/x", None), ("Owner/app", "ghcr.io"), ("a/../b", None)]:
             with self.subTest(name=name, ns=ns):
-                with self.assertRaises(RegistryError) as e:
+                with self.assertRaises(InvalidReference) as e:
                     policy().route(name, ns)
-                self.assertEqual(e.exception.code, "NAME_INVALID")
+                self.assertEqual(e.exception.kind, "name")
 
 
 class RoutedRequestTests(unittest.TestCase):

@@ -81,7 +81,8 @@ the token's JSON answer.  Kinds:
 **Control endpoints** (control host; JSON in and out):
 
 - ``GET /_fake/stats``: the counters (``FakeHub.stats()``).
-- ``GET /_fake/log``: the last requests, ``[{"host","method","path","status"}]``.
+- ``GET /_fake/log``: the last requests, ``[{"host","method","path","status","agent"}]``
+  (``agent``: the User-Agent sent, or "").
 - ``POST /_fake/fault``: ``{"kind": ..., "scope": ..., ...}`` as above;
   ``{"kind": "clear"}`` removes every fault.
 - ``POST /_fake/reset``: counters, faults, tags and rate limit back to the start.
@@ -542,7 +543,9 @@ class FakeHub:
         return None
 
     def _record(self, request, role: Optional[str]) -> None:
-        entry = {"host": role, "method": request.method.decode(), "path": request.uri.decode("latin-1"), "status": None}
+        agent = (request.getHeader(b"user-agent") or b"").decode("latin-1")
+        entry = {"host": role, "method": request.method.decode(), "path": request.uri.decode("latin-1"),
+                 "status": None, "agent": agent}
         self.requests.append(entry)
         request.notifyFinish().addBoth(lambda _: entry.update(status=request.code))
 

@@ -141,3 +141,69 @@ def test_failures_reach_the_client_in_words(regcache, tmp_path, mode, words):
     finally:
         if raw is not None:
             raw.close()
+
+
+class ForeignRealmUpstream:
+    """
+    A registry on 127.0.0.1 whose every answer is a 401 naming a token realm
+    on 127.0.0.2, where a listener that never accepts keeps every connection
+    made to it in its backlog, to be counted at the end.
+    """
+
+    def __init__(self):
+        self.realm = socket.socket()
+        self.realm.bind(("127.0.0.2", 0))
+        self.realm.listen(16)
+        self.registry = socket.socket()
+        self.registry.bind(("127.0.0.1", 0))
+        self.registry.listen(16)
+        self.url = f"http://127.0.0.1:{self.registry.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def connections(self) -> int:
+        """The connections the realm's listener received (the kernel completed them unaccepted)."""
+        self.realm.setblocking(False)
+        count = 0
+        while True:
+            try:
+                conn, _ = self.realm.accept()
+            except BlockingIOError:
+                return count
+            count += 1
+            conn.close()
+
+    def serve(self):
+        realm = f"http://127.0.0.2:{self.realm.getsockname()[1]}/token"
+        answer = (f'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="{realm}",service="x"\r\n'
+                  "Content-Length: 0\r\nConnection: close\r\n\r\n").encode()
+        while True:
+            try:
+                conn, _ = self.registry.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(answer)
+            conn.close()
+
+    def close(self):
+        self.realm.close()
+        self.registry.close()
+
+
+def test_foreign_token_realm_is_never_contacted(regcache):
+    """
+    An upstream that names a token realm on another host gets a 503 naming
+    that realm, and the realm's listener receives no connection at all, so
+    the configured credentials cannot reach it.
+    """
+    upstream = ForeignRealmUpstream()
+    try:
+        rc = regcache(upstream=upstream.url)
+        status, _, body = rc.get(PATH, headers=ACCEPT, timeout=20)
+        assert status == 503
+        message = error_message(body)
+        assert "127.0.0.2" in message and "not on its own domain" in message
+        assert "token realm" in rc.log()
+        assert upstream.connections() == 0
+    finally:
+        upstream.close()

@@ -1,0 +1,98 @@
+# test-case-name: tests.integration.test_chain_proc
+"""
+An upstream chain in a real regcache process: two fake registries as the
+URLs of one upstream, tried in order, the first (like mirror.gcr.io) lacking
+the image and needing no credentials, the second (the fake Hub) serving it
+with the team's account.
+"""
+
+import concurrent.futures
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.serve import FakeHubProcess
+from tests.integration.clients import dir_digests, skopeo_pull
+from tests.integration.conftest import USERS
+from tests.integration.procs import Regcache
+
+
+@pytest.fixture(scope="module")
+def first_dir():
+    d = Path(tempfile.mkdtemp(prefix="regcache-chain-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def first(first_dir):
+    """A registry that has other images than Docker Hub's, and no accounts."""
+    with FakeHubProcess(first_dir, catalog="ghcr", no_rate_limit=True) as f:
+        yield f
+
+
+@pytest.fixture
+def chained(tmp_path, hub, first):
+    (tmp_path / "password").write_text(USERS["ci"] + "\n")
+    config = tmp_path / "regcache.yaml"
+    config.write_text(f"""\
+upstreams:
+  - name: dockerhub
+    hosts: [docker.io]
+    urls:
+      - {first.registry_url}
+      - url: {hub.registry_url}
+        username: ci
+        password_file: {tmp_path / 'password'}
+""")
+    rc = Regcache(str(tmp_path / "store"), None, ["--config", str(config)])
+    rc.start()
+    yield rc
+    rc.stop()
+
+
+def expected_files(image):
+    files = {b.digest.split(":")[1]: b.digest.split(":")[1] for b in image.blobs()}
+    files["manifest.json"] = image.digest.split(":")[1]
+    return files
+
+
+def asked(fake, fragment):
+    return [e for e in fake.request_log() if fragment in e["path"] and e["host"] == "registry"]
+
+
+def test_first_member_lacks_the_image_second_serves_it(chained, hub, first, images, tmp_path):
+    """
+    Four concurrent skopeo pulls of an image only the second member has all
+    get its exact bytes; the first member is asked once per tag check and
+    once per digest (not once per client); the second serves each manifest
+    and blob once.
+    """
+    image = images["library/small:1"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda i: skopeo_pull(f"{chained.host}/library/small:1", str(tmp_path / f"p{i}")),
+                             range(4)))
+    for i, r in enumerate(runs):
+        assert r.returncode == 0, r.stderr
+        assert dir_digests(str(tmp_path / f"p{i}")) == expected_files(image)
+
+    tag_checks = [e for e in asked(first, "/library/small/manifests/1") if e["method"] == "HEAD"]
+    assert len(tag_checks) == 1, tag_checks
+    for blob in image.blobs():
+        assert len([e for e in asked(first, f"/blobs/{blob.digest}") if e["status"] != 401]) == 1, blob.digest
+        assert hub.stats()["cdn_blob_gets"].get(blob.digest, 0) == 1, blob.digest
+    assert all(e["status"] in (401, 404) for e in asked(first, "/library/small/"))
+    assert hub.stats()["manifest_gets_by_ref"].get(image.digest, 0) == 1
+
+
+def test_a_failing_first_member_falls_through(chained, hub, first, images, tmp_path):
+    """
+    With the first member answering 503 to everything, pulls still succeed
+    from the second, and regcache says nothing of it to the client.
+    """
+    first.fault("status", scope="all", status=503)
+    r = skopeo_pull(f"{chained.host}/library/small:1", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    assert dir_digests(str(tmp_path / "p")) == expected_files(images["library/small:1"])
