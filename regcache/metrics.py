@@ -82,7 +82,7 @@ class Metrics:
         )
         self.cache = Counter(
             "regcache_cache_lookups",
-            "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, join, stale)",
+            "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, join, stale, unreadable)",
             ["kind", "result"], registry=r,
         )
         self.upstream_requests = Counter(

@@ -229,7 +229,7 @@ class Mirror:
 
     async def blob(self, route: Route, digest: Digest) -> BlobAnswer:
         for _ in range(3):
-            opened = self.store.open_blob(digest)
+            opened = self._opened(digest, self.store.open_blob, digest)
             if opened is not None:
                 fd, size = opened
                 self.metrics.cache.labels("blob", "hit").inc()
@@ -239,7 +239,7 @@ class Mirror:
             if fill is None:
                 fill = self.fills.start(route.upstream, route.name, digest)
             size = await self._started(fill, digest)
-            fd = fill.reader()
+            fd = self._opened(digest, fill.reader)
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()
                 return BlobAnswer(size, fd, fill, cache, self.store.pin(digest))
@@ -253,7 +253,7 @@ class Mirror:
         none of it, and could evict cached images to make room.  Upstream
         is asked with a HEAD, and nothing it says is cached.
         """
-        opened = self.store.open_blob(digest)
+        opened = self._opened(digest, self.store.open_blob, digest)
         if opened is not None:
             fd, size = opened
             os.close(fd)
@@ -272,6 +272,18 @@ class Mirror:
             raise self.policy.failure(e, f"blob {digest}")
         self.metrics.cache.labels("blob", "miss").inc()
         return size, "miss"
+
+    def _opened(self, digest: Digest, open_, *args):
+        """
+        What ``open_`` gives, or a 503 if the cache cannot open the blob
+        now (descriptors exhausted, I/O error): the blob is still cached,
+        so this is a moment's unavailability, never a miss.
+        """
+        try:
+            return open_(*args)
+        except OSError as e:
+            self.metrics.cache.labels("blob", "unreadable").inc()
+            raise RegistryError("UNAVAILABLE", f"the cache cannot open blob {digest} now: {e.strerror}", status=503)
 
     async def _started(self, fill, digest: Digest) -> int:
         """A fill's size once upstream answered, its failure as the client's error."""
