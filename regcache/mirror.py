@@ -111,8 +111,17 @@ class Mirror:
         return m
 
     async def _held(self, digest: Digest) -> Optional[Manifest]:
-        """The manifest ``digest`` if the store holds it; never asks upstream."""
-        return await self.store.manifest(digest)
+        """
+        The manifest ``digest`` if the store holds it; never asks upstream.
+        One the disk cannot read now (no descriptor left, an I/O error) is
+        still held: a 503, never a miss or a 500.
+        """
+        try:
+            return await self.store.manifest(digest)
+        except OSError as e:
+            self.metrics.cache.labels("manifest", "unreadable").inc()
+            raise RegistryError("UNAVAILABLE", f"the cache cannot read manifest {digest} now: {e.strerror}",
+                                status=503)
 
     def _holds(self, digest: Digest) -> bool:
         """Whether the store holds the manifest ``digest``, for decisions made before reading it."""

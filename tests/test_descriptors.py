@@ -181,3 +181,32 @@ class OutOfDescriptorsTests(SynchronousTestCase):
         self.assertEqual(first.body(), self.data)
         self.assertIn(self.digest, self.rig.store.index)
         self.assertEqual(open_under(self.rig.root), [])
+
+    def test_cached_manifest_kept_when_reading_fails(self):
+        """
+        A cached manifest the runner cannot open (EMFILE) answers 503 and
+        stays cached: once descriptors are back it is served with no
+        upstream request.
+        """
+        import errno
+
+        import regcache.store
+        from tests.support import HubRig
+
+        rig = HubRig()
+        digest = rig.images["library/small:1"].digest
+        path = f"/v2/library/small/manifests/{digest}"
+        self.assertEqual(rig.get(path).status(), 200)
+        gets = rig.stats()["manifest_gets_total"]
+        rig.store._manifests.clear()
+
+        def refused(*args, **kwargs):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        regcache.store.open = refused
+        try:
+            self.assertUnavailable(rig.get(path))
+        finally:
+            del regcache.store.open
+        self.assertEqual(rig.get(path).status(), 200)
+        self.assertEqual(rig.stats()["manifest_gets_total"], gets)
