@@ -28,6 +28,7 @@ import base64
 import functools
 import ipaddress
 import json
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -151,6 +152,42 @@ MAX_TOKENS = 1024
 #: Docker Hub's tokens are a few KiB; GCR's and ECR's not much more.
 MAX_TOKEN_BODY = 1024 * 1024
 
+#: The lifetimes a token server may state, in seconds: a token that never
+#: expires (``"nan"``, 1e300) would outlive revoked credentials, and one
+#: under a second would cost a fetch per request.  The token spec's default
+#: is 60 s.
+LIFETIME_RANGE = (1.0, 3600.0)
+DEFAULT_LIFETIME = 60.0
+
+#: What may go into an Authorization header unchanged: visible ASCII.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def _lifetime(stated) -> float:
+    """A stated ``expires_in``, within LIFETIME_RANGE; the default when absent or NaN."""
+    if not stated or isinstance(stated, bool):
+        return DEFAULT_LIFETIME
+    try:
+        seconds = float(stated)
+    except OverflowError:  # an integer past float's range
+        seconds = math.inf
+    if math.isnan(seconds):
+        return DEFAULT_LIFETIME
+    low, high = LIFETIME_RANGE
+    return min(max(seconds, low), high)
+
+
+def _realm(realm: str):
+    """The split URL of a usable token realm (http or https, with a host), else None."""
+    try:
+        parts = urlsplit(realm)
+        parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
+
 
 class TokenCache:
     """
@@ -233,8 +270,8 @@ class TokenCache:
         )
 
     async def _fetch(self, challenge: Challenge, scope: str) -> str:
-        realm = urlsplit(challenge.realm)
-        if realm.scheme not in ("http", "https") or not realm.hostname:
+        realm = _realm(challenge.realm)
+        if realm is None:
             self.log.warn("{registry} named an unusable token realm {realm}",
                           registry=self._who, realm=challenge.realm[:200])
             raise UpstreamError(f"{self._who} named an unusable token realm")
@@ -274,10 +311,12 @@ class TokenCache:
         try:
             doc = json.loads(body)
             value = doc.get("token") or doc.get("access_token")
-            expires_in = float(doc.get("expires_in") or 60)
+            expires_in = _lifetime(doc.get("expires_in"))
         except (ValueError, AttributeError, TypeError):
             raise UpstreamError(f"{who} sent no usable token") from None
-        if not isinstance(value, str) or not value or not value.isprintable():
+        # It goes into a header as it is: visible ASCII only, checked before
+        # it is cached, or every later request would fail on it.
+        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
             raise UpstreamError(f"{who} sent no usable token")
         # Expiry counts from when the token arrived here, not issued_at, so a
         # skewed upstream clock cannot make regcache reuse a dead token.

@@ -26,15 +26,34 @@ def header(headers: Headers, name: bytes) -> Optional[str]:
     return values[0].decode("latin-1").strip() if values else None
 
 
-def content_length(headers: Headers) -> Optional[int]:
-    value = header(headers, b"content-length")
-    if value is None or not value.isdigit():
+#: The pause a Retry-After may ask for, in seconds.  Below a second is a
+#: busy loop; past six hours (Docker Hub's rate window) a glitch or a hostile
+#: upstream would stop manifest requests for good.
+RETRY_AFTER_RANGE = (1.0, 6 * 3600.0)
+
+#: More digits than any length or pause regcache acts on could need; also
+#: keeps int() clear of its 4,300-digit refusal.
+_MAX_DIGITS = 30
+
+
+def decimal(value: Optional[str]) -> Optional[int]:
+    """
+    A header number: ASCII digits only, else None.  ``str.isdigit`` and
+    ``int`` alone also take "²", "١٢" or "1_0", which are no HTTP number.
+    """
+    if not value or len(value) > _MAX_DIGITS or not (value.isascii() and value.isdigit()):
         return None
     return int(value)
 
 
+def content_length(headers: Headers) -> Optional[int]:
+    return decimal(header(headers, b"content-length"))
+
+
 def retry_after(headers: Headers) -> Optional[float]:
-    value = header(headers, b"retry-after")
-    if value and value.isdigit():
-        return float(value)
-    return None
+    """Seconds to wait, clamped to RETRY_AFTER_RANGE; None if absent or unreadable (HTTP dates included)."""
+    seconds = decimal(header(headers, b"retry-after"))
+    if seconds is None:
+        return None
+    low, high = RETRY_AFTER_RANGE
+    return min(max(float(seconds), low), high)

@@ -104,9 +104,6 @@ class Index:
         self.written = 0
         #: Bytes of evicted files whose deletion is still under way.
         self.deleting = 0
-        #: Bytes of tag entries under ``tags/``, which regcache.tags reports:
-        #: never evicted, but on the same disk, so they count.
-        self.tags = 0
         #: The limit in force (set by Expiry), for ``room``.
         self.limit: Optional[int] = None
         #: How far below the limit ``room`` starts pausing downloads.
@@ -120,8 +117,8 @@ class Index:
 
     @property
     def total(self) -> int:
-        """Bytes on disk: complete entries, downloads under way, tag entries."""
-        return self.stored + self.writing + self.tags
+        """Bytes on disk: complete entries and downloads under way (tag files have a bound of their own)."""
+        return self.stored + self.writing
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -17,7 +17,7 @@ tokens) is regcache.singleflight's.
 from typing import Callable, Dict, List, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -354,6 +354,8 @@ class FillDrain(Service):
     restart does not throw away a nearly finished fill.
     """
 
+    log = Logger()
+
     def __init__(self, fills, reactor, grace: float = 10.0):
         self.fills = fills
         self.reactor = reactor
@@ -363,4 +365,14 @@ class FillDrain(Service):
         super().stopService()
         if not len(self.fills):
             return None
-        return self.fills.drain().addTimeout(self.grace, self.reactor).addErrback(lambda _: None)
+        d = self.fills.drain().addTimeout(self.grace, self.reactor)
+        d.addErrback(self._unfinished)
+        return d
+
+    def _unfinished(self, failure: Failure) -> None:
+        """Running out of grace is the expected way to give up; anything else is a bug to see."""
+        if failure.check(TimeoutError):
+            self.log.info("Stopping with {count} blob fills unfinished after {grace}s",
+                          count=len(self.fills), grace=self.grace)
+        else:
+            self.log.failure("Waiting for blob fills to finish failed", failure)

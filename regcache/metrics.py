@@ -82,7 +82,7 @@ class Metrics:
         )
         self.cache = Counter(
             "regcache_cache_lookups",
-            "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale)",
+            "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale, unreadable)",
             ["kind", "result"], registry=r,
         )
         # ``member`` is the host of the one registry of an upstream's chain

@@ -129,8 +129,17 @@ class Mirror:
         return m
 
     async def _held(self, digest: Digest) -> Optional[Manifest]:
-        """The manifest ``digest`` if the store holds it; never asks upstream."""
-        return await self.store.manifest(digest)
+        """
+        The manifest ``digest`` if the store holds it; never asks upstream.
+        One the disk cannot read now (no descriptor left, an I/O error) is
+        still held: a 503, never a miss or a 500.
+        """
+        try:
+            return await self.store.manifest(digest)
+        except OSError as e:
+            self.metrics.cache.labels("manifest", "unreadable").inc()
+            raise RegistryError("UNAVAILABLE", f"the cache cannot read manifest {digest} now: {e.strerror}",
+                                status=503)
 
     def _holds(self, digest: Digest) -> bool:
         """Whether the store holds the manifest ``digest``, for decisions made before reading it."""
@@ -250,7 +259,7 @@ class Mirror:
         # when it lands before the request reads it: the blob was not cached.
         cache = "hit"
         for _ in range(3):
-            opened = self.store.open_blob(digest)
+            opened = self._opened(digest, self.store.open_blob, digest)
             if opened is not None:
                 fd, size = opened
                 self.metrics.cache.labels("blob", cache).inc()
@@ -262,7 +271,7 @@ class Mirror:
             elif cache == "hit":
                 cache = "join"
             size = await self._started(fill, digest)
-            fd = fill.reader()
+            fd = self._opened(digest, fill.reader)
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()
                 return BlobAnswer(size, fd, fill, cache, self.store.pin(digest))
@@ -276,7 +285,7 @@ class Mirror:
         none of it, and could evict cached images to make room.  Upstream
         is asked with a HEAD, and nothing it says is cached.
         """
-        opened = self.store.open_blob(digest)
+        opened = self._opened(digest, self.store.open_blob, digest)
         if opened is not None:
             fd, size = opened
             os.close(fd)
@@ -295,6 +304,18 @@ class Mirror:
             raise self.policy.failure(e, f"blob {digest}")
         self.metrics.cache.labels("blob", "miss").inc()
         return size, "miss"
+
+    def _opened(self, digest: Digest, open_, *args):
+        """
+        What ``open_`` gives, or a 503 if the cache cannot open the blob
+        now (descriptors exhausted, I/O error): the blob is still cached,
+        so this is a moment's unavailability, never a miss.
+        """
+        try:
+            return open_(*args)
+        except OSError as e:
+            self.metrics.cache.labels("blob", "unreadable").inc()
+            raise RegistryError("UNAVAILABLE", f"the cache cannot open blob {digest} now: {e.strerror}", status=503)
 
     async def _started(self, fill, digest: Digest) -> int:
         """A fill's size once upstream answered, its failure as the client's error."""

@@ -12,8 +12,9 @@ Memory holds the most recently used indexes within a byte budget (an index
 may be up to MAX_REFERRERS).  Each also lives in a small file beside the
 tag entries, ``tags/<upstream>/<name>/_referrers/<alg>-<hex>/<filter>.json``
 (no repository name component can start with ``_``), so a restart still has
-it and it counts toward the store's size the way tag files do: TagMap.count
-finds it at start-up, and each write adds what it changed.  A file is one
+it.  The files fall under the tag files' bound and eviction (regcache.tags):
+TagMap.count finds them at start-up, and each write and read is reported to
+the TagMap.  A file is one
 JSON line of metadata, then the index bytes verbatim; losing one costs a
 refetch, never a wrong byte.  Disk work runs in the store's thread runner,
 and writes of one key one at a time, the newest last.
@@ -79,15 +80,15 @@ class ReferrersEntry:
 class ReferrersCache:
     log = Logger()
 
-    def __init__(self, root: str, run, index, memory: int = MEMORY):
+    def __init__(self, root: str, run, tags, memory: int = MEMORY):
         """
-        ``run`` is the store's thread runner; ``index`` the store's Index,
-        told what the files take on disk.
+        ``run`` is the store's thread runner; ``tags`` the TagMap, whose
+        bound and eviction cover these files too.
         """
         self.root = os.path.join(root, "tags")
         self._tmp = os.path.join(root, "tmp")
         self._run = run
-        self._index = index
+        self._tags = tags
         self._memory = memory
         self._bytes = 0
         self._entries: "OrderedDict[ReferrersKey, ReferrersEntry]" = OrderedDict()
@@ -110,6 +111,7 @@ class ReferrersCache:
 
     def get(self, key: ReferrersKey) -> Deferred:
         """A Deferred of the entry for ``key``, or of None."""
+        self._tags.used(self._path(key))
         entry = self._known(key)
         if entry is not None:
             return succeed(entry)
@@ -179,13 +181,10 @@ class ReferrersCache:
         entry = self._unsaved.pop(key)
         self._writing[key] = entry
         d = self._run(write_entry, self._dir(key), self._path(key), self._tmp, entry.to_file())
-        d.addCallback(self._grew)
+        d.addCallback(self._tags.wrote, self._path(key))
         d.addErrback(lambda f: self.log.warn(
             "Could not persist referrers entry {path}: {error}", path=self._path(key), error=f.getErrorMessage()))
         d.addBoth(lambda _: self._written(key))
-
-    def _grew(self, added: int) -> None:
-        self._index.tags += added
 
     def _written(self, key: ReferrersKey) -> None:
         del self._writing[key]

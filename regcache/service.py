@@ -81,7 +81,7 @@ def build(config, reactor) -> MultiService:
     fills = Fills(store, reactor, metrics)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
-    referrers = ReferrersCache(config.storage, run, store.index)
+    referrers = ReferrersCache(config.storage, run, tags)
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)

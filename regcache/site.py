@@ -9,8 +9,14 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from regcache.errors import RegistryError
+
 #: Seconds an idle client connection is kept open.
 IDLE_CLIENT_TIMEOUT = 120
+
+
+#: The refusal of a request body: what any body gets, route or none.
+_NO_BODY = RegistryError("UNSUPPORTED", "regcache is a read-only mirror and takes no request body", status=413)
 
 
 class Channel(HTTPChannel):
@@ -19,11 +25,24 @@ class Channel(HTTPChannel):
     does.  skopeo, podman and containerd try HTTPS first against an
     "insecure" registry; without an answer they wait ten seconds for the
     handshake to time out before falling back to HTTP.
+
+    Refuses any request that announces a body (a Content-Length above zero,
+    or any Transfer-Encoding) as soon as its headers are in.  Twisted would
+    otherwise read the body before any route runs, spooling all past 100 KB
+    of it to a temp file, however large it claims to be; a read-only mirror
+    has no use for a byte of it.  The answer is 413 whatever the method:
+    it is given before routing, so one answer fits every path (the routes'
+    405 for a push would need the route), and the limit really is zero
+    bytes.  The connection is closed, since the body it announced is never
+    read, and what arrives of it meanwhile is dropped unread.
     """
 
     _first = True
+    _refused = False
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._first:
             self._first = False
             if data[:1] == b"\x16" and not ISSLTransport.providedBy(self.transport):
@@ -33,6 +52,33 @@ class Channel(HTTPChannel):
                 self.transport.loseConnection()
                 return
         super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        if self.length != 0 or request.requestHeaders.hasHeader(b"transfer-encoding"):
+            self._refuse_body(request)
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        # LineReceiver hands on what it already buffered after the headers.
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def _refuse_body(self, request) -> None:
+        self._refused = True
+        # Not 0, so Twisted does not go on to process the request.
+        self.length = None
+        body = _NO_BODY.body()
+        self.transport.write(
+            b"HTTP/1.1 %d Content Too Large\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%s" % (_NO_BODY.status, len(body), body)
+        )
+        self.loseConnection()
+        # The access log and metrics see it as any answered request.
+        request.method, request.uri, request.path = self._command, self._path, self._path.split(b"?")[0]
+        request.code, request.sentLength, request.error_code = _NO_BODY.status, len(body), _NO_BODY.code
+        self.site.log(request)
 
 
 class RegcacheSite(Site):

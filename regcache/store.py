@@ -261,6 +261,11 @@ class Store:
         """
         (fd, size) of a complete blob, or None.  The caller owns the fd.
 
+        Only a missing file is a missing blob.  Any other failure to open
+        it (no descriptor left, a permission or I/O error) says nothing
+        about the bytes, so it is raised and the entry stays: dropping it
+        would turn a moment of descriptor exhaustion into lost cache.
+
         A file whose size is not the one recorded for it (at commit, or the
         size a cached manifest declares) is treated as missing: it leaves
         the index and the disk, so no later eviction of its entry can take
@@ -271,11 +276,12 @@ class Store:
         path = self.blob_path(digest)
         try:
             fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
-                self.log.warn("Cannot open cached {path}: {error}", path=path, error=e.strerror)
+        except (FileNotFoundError, NotADirectoryError):
             self.index.remove(digest)
             return None
+        except OSError as e:
+            self.log.warn("Cannot open cached {path}: {error}", path=path, error=e.strerror)
+            raise
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             # A directory (or worse) where the file belongs, put there by

@@ -22,10 +22,18 @@ time, the newest last, so a pool of threads cannot land an older one over a
 newer one.  Memory holds a bounded number of entries, least recently used
 out first, and nothing for a tag upstream does not have.
 
-What the files take on disk counts toward the store's size (``Index.tags``),
-rounded up to whole blocks as a filesystem allocates them: start-up counts
-them (and removes entries of older layouts, which nothing reads any more),
-and each write adds what it changed.
+Tag files never crowd out content.  Clients choose names, tags and Accept
+sets, so what tag files take is bounded by itself, not by eviction of blobs:
+a twentieth of the store's size limit, 1 MiB at least (``TAG_SHARE``,
+``TAG_FLOOR``), or ``TAG_BOUND`` with no limit.  Past it the least recently
+written or read files are deleted, with the directories they leave empty,
+in the runner, down to three quarters of the bound.  Those bytes are not
+part of ``Index.total``: the store holds up to --max-size of content plus
+its tag bound, and a flood of HEADs can cost revalidations, never an image.
+What the files take is counted in whole blocks, as a filesystem allocates
+them: start-up counts them in the walk it already makes (and removes
+entries of older layouts, which nothing reads any more), oldest first, and
+each write adds what it changed.
 """
 
 import json
@@ -54,6 +62,12 @@ TOUCH_EVERY = 300.0
 
 #: What a filesystem allocates at least, per file and per directory.
 BLOCK = 4096
+
+#: Tag files may take this share of the store's size limit (1/20), at
+#: least TAG_FLOOR (256 files), and TAG_BOUND when there is no limit.
+TAG_SHARE = 20
+TAG_FLOOR = 1024 * 1024
+TAG_BOUND = 256 * 1024 * 1024
 
 
 def accepted(accept: Iterable[str]) -> Tuple[str, ...]:
@@ -136,6 +150,16 @@ class TagMap:
         #: with a write under way: at most one per key at a time.
         self._unsaved: Dict[TagKey, TagEntry] = {}
         self._writing: Dict[TagKey, TagEntry] = {}
+        #: Bytes tags/ takes on disk, and its entry files (path -> bytes),
+        #: least recently used first.
+        self.bytes = 0
+        self._files: "OrderedDict[str, int]" = OrderedDict()
+        self._evicting = False
+
+    def bound(self) -> int:
+        """What tag files may take on disk now (see the module docstring)."""
+        limit = self._index.limit
+        return TAG_BOUND if limit is None else max(TAG_FLOOR, limit // TAG_SHARE)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -154,10 +178,12 @@ class TagMap:
 
     def get(self, key: TagKey) -> Deferred:
         """A Deferred of the entry for ``key``, or of None."""
+        path = self._path(key)
+        self.used(path)
         entry = self._known(key)
         if entry is not None:
             return succeed(entry)
-        d = self._run(read_entry, self._path(key))
+        d = self._run(read_entry, path)
         d.addCallback(self._loaded, key)
         return d
 
@@ -251,14 +277,53 @@ class TagMap:
     def _write(self, key: TagKey) -> None:
         entry = self._unsaved.pop(key)
         self._writing[key] = entry
-        d = self._run(write_entry, self._dir(key), self._path(key), self._tmp, entry.to_json())
-        d.addCallback(self._grew)
+        path = self._path(key)
+        d = self._run(write_entry, self._dir(key), path, self._tmp, entry.to_json())
+        d.addCallback(self.wrote, path)
         d.addErrback(lambda f: self.log.warn(
             "Could not persist tag entry {path}: {error}", path=self._path(key), error=f.getErrorMessage()))
         d.addBoth(lambda _: self._written(key))
 
-    def _grew(self, added: int) -> None:
-        self._index.tags += added
+    def used(self, path: str) -> None:
+        """A file under tags/ was read: last in line for eviction."""
+        if path in self._files:
+            self._files.move_to_end(path)
+
+    def wrote(self, result: Tuple[int, int], path: str) -> None:
+        """
+        A file under tags/ was written (``write_entry``'s result): counted
+        in the bound, and last in line for eviction.  The referrers cache's
+        files are reported here too, so one bound covers both.
+        """
+        added, size = result
+        self.bytes += added
+        self._files[path] = size
+        self._files.move_to_end(path)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Past the bound, delete the least recently used files (one batch at a time)."""
+        if self._evicting or self.bytes <= self.bound():
+            return
+        writing = {self._path(k) for k in self._writing}
+        candidates = [path for path in self._files if path not in writing]
+        if not candidates:
+            return
+        self._evicting = True
+        d = self._run(_evict, candidates, self.root, self.bytes - self.bound() * 3 // 4)
+        d.addCallback(self._shrank)
+        d.addErrback(lambda f: self.log.failure("Deleting tag entries failed", f))
+        d.addBoth(lambda _: self._evicted())
+
+    def _shrank(self, result: Tuple[int, List[str]]) -> None:
+        freed, removed = result
+        self.bytes -= freed
+        for path in removed:
+            self._files.pop(path, None)
+
+    def _evicted(self) -> None:
+        self._evicting = False
+        self._trim()
 
     def _written(self, key: TagKey) -> None:
         del self._writing[key]
@@ -279,9 +344,14 @@ class TagMap:
         d.addErrback(lambda f: self.log.failure("Counting the tag entries failed", f))
         return d
 
-    def _counted(self, result: Tuple[int, int]) -> None:
-        size, removed = result
-        self._index.tags += size
+    def _counted(self, result: Tuple[int, int, List[Tuple[str, int]]]) -> None:
+        size, removed, files = result
+        self.bytes += size
+        # Files written meanwhile are newer than every file found.
+        found = OrderedDict((path, n) for path, n in files if path not in self._files)
+        found.update(self._files)
+        self._files = found
+        self._trim()
         if removed:
             self.log.info("Removed {removed} tag entries of an older layout", removed=removed)
 
@@ -317,8 +387,8 @@ def _read_dir(directory: str) -> Dict[str, bytes]:
     return found
 
 
-def write_entry(directory: str, path: str, tmp_dir: str, data: bytes) -> int:
-    """Write one entry; returns how many bytes tags/ grew by on disk."""
+def write_entry(directory: str, path: str, tmp_dir: str, data: bytes) -> Tuple[int, int]:
+    """Write one entry; returns how many bytes tags/ grew by on disk, and what the file takes."""
     added = _make_dirs(directory)
     try:
         old = _blocks(os.path.getsize(path))
@@ -335,7 +405,7 @@ def write_entry(directory: str, path: str, tmp_dir: str, data: bytes) -> int:
         except OSError:
             pass
         raise
-    return added + _blocks(len(data)) - old
+    return added + _blocks(len(data)) - old, _blocks(len(data))
 
 
 def _make_dirs(directory: str) -> int:
@@ -358,17 +428,21 @@ def _blocks(size: int) -> int:
     return max(1, -(-size // BLOCK)) * BLOCK
 
 
-def _count(root: str) -> Tuple[int, int]:
+def _count(root: str) -> Tuple[int, int, List[Tuple[str, int]]]:
     """
-    (bytes on disk, entries removed) of everything under ``root``.  Below a
+    (bytes on disk, entries removed, entry files as (path, bytes) least
+    recently written first) of everything under ``root``.  Below a
     ``_tags`` directory come tag directories, and in those key files only:
-    anything else is left by an older layout.  A repository name cannot
-    contain ``_tags``, so nothing else is mistaken for one.
+    anything else is left by an older layout; below ``_referrers``, the
+    referrers cache's index files.  A repository name cannot contain
+    ``_tags`` or ``_referrers``, so nothing else is mistaken for one.
     """
     size = removed = 0
+    files: List[Tuple[float, str, int]] = []
     for directory, dirs, names in os.walk(root):
         parent = os.path.basename(os.path.dirname(directory))
         in_tag_dir = parent == "_tags" and TAG_RE.fullmatch(os.path.basename(directory))
+        in_referrers_dir = parent == "_referrers"
         if in_tag_dir:
             for d in dirs:
                 removed += _remove_tree(os.path.join(directory, d))
@@ -379,11 +453,45 @@ def _count(root: str) -> Tuple[int, int]:
                 removed += _remove(path)
                 continue
             try:
-                size += _blocks(os.path.getsize(path))
+                st = os.stat(path)
             except FileNotFoundError:
-                pass
+                continue
+            size += _blocks(st.st_size)
+            if in_tag_dir or in_referrers_dir:
+                files.append((st.st_mtime, path, _blocks(st.st_size)))
         size += BLOCK * len(dirs)
-    return size, removed
+    files.sort()
+    return size, removed, [(path, n) for _, path, n in files]
+
+
+def _evict(paths: List[str], root: str, need: int) -> Tuple[int, List[str]]:
+    """
+    Delete entry files in order, with the directories they leave empty
+    below ``root``, until ``need`` bytes are freed; returns (bytes freed,
+    paths gone).  Freed bytes are only known as directories empty, hence
+    here and not chosen on the reactor.
+    """
+    freed = 0
+    gone: List[str] = []
+    for path in paths:
+        if freed >= need:
+            break
+        gone.append(path)
+        try:
+            n = _blocks(os.path.getsize(path))
+            os.unlink(path)
+            freed += n
+        except FileNotFoundError:
+            continue
+        directory = os.path.dirname(path)
+        while directory != root and directory.startswith(root):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+            freed += BLOCK
+            directory = os.path.dirname(directory)
+    return freed, gone
 
 
 def _remove(path: str) -> int:

@@ -30,7 +30,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from regcache.auth import Challenge, Credentials, Realms, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits, abandon
-from regcache.headers import USER_AGENT, content_length, header, media_type_of, retry_after
+from regcache.headers import USER_AGENT, content_length, decimal, header, media_type_of, retry_after
 from regcache.manifests import MAX_MANIFEST, OCI_INDEX, Manifest, check_index, sniffed_type
 from regcache.reference import Digest, InvalidReference
 from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, Referrers, TagList
@@ -200,9 +200,9 @@ class Upstream:
             hops += 1
             if not location or hops > 5:
                 raise UpstreamError(f"{self.who} redirected the blob without a usable Location", 502)
-            target = urljoin(url, location)
-            if urlsplit(target).scheme not in ("http", "https"):
-                raise UpstreamError(f"{self.who} redirected the blob to a non-HTTP URL", 502)
+            target = _redirect_target(url, location)
+            if target is None:
+                raise UpstreamError(f"{self.who} redirected the blob to an unusable URL: {location[:80]}", 502)
             if _origin(target) != _origin(url):
                 authorization = None
             url = target
@@ -455,16 +455,16 @@ def _extent(response, offset: int, who: str):
     if response.code != 206:
         return _length(response), 0
     value = header(response.headers, b"content-range") or ""
-    try:
-        unit, _, rest = value.partition(" ")
-        span, _, total = rest.partition("/")
-        start = int(span.split("-")[0])
-    except ValueError:
-        raise UpstreamError(f"{who} sent a malformed Content-Range: {value[:80]}", 502) from None
+    unit, _, rest = value.partition(" ")
+    span, _, total = rest.partition("/")
+    start = decimal(span.split("-")[0])
+    if start is None:
+        raise UpstreamError(f"{who} sent a malformed Content-Range: {value[:80]}", 502)
     if unit != "bytes" or start != offset:
         raise UpstreamError(f"{who} resumed the blob at the wrong place: {value[:80]}", 502)
-    if total.isdigit():
-        return int(total), start
+    size = decimal(total)
+    if size is not None:
+        return size, start
     length = _length(response)
     return (start + length if length is not None else None), start
 
@@ -480,6 +480,23 @@ def _length(response) -> Optional[int]:
 
 def _accept(types) -> dict:
     return {b"Accept": [", ".join(types).encode("latin-1")]} if types else {}
+
+
+def _redirect_target(url: str, location: str) -> Optional[str]:
+    """
+    The absolute http(s) URL a redirect's Location names, or None if it
+    names none.  urlsplit raises ValueError for a bad IPv6 literal, and its
+    ``port`` for a port out of range: upstream's words, checked here once.
+    """
+    try:
+        target = urljoin(url, location)
+        parts = urlsplit(target)
+        parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return target
 
 
 def _origin(url: str):

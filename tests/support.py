@@ -181,7 +181,7 @@ class Rig:
         self.fills = Fills(self.store, self.reactor, self.metrics)
         tags = TagMap(self.root, inline, self.store.index)
         tags.count()
-        referrers = ReferrersCache(self.root, inline, self.store.index)
+        referrers = ReferrersCache(self.root, inline, tags)
         self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
         self.readiness = Readiness(self.store, inline, self.reactor)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem)
@@ -277,7 +277,8 @@ class HubRig(Rig):
     to the in-memory fake Docker Hub, everything on one MemoryReactorClock.
     """
 
-    def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, **hub_options):
+    def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, wrap=None,
+                 **hub_options):
         from treq.testing import StubTreq
 
         from regcache.upstream import Upstream
@@ -296,7 +297,9 @@ class HubRig(Rig):
                 [*current.values(), self.signature], clock=reactor, alternates=moved.values(),
                 users={"ci": "s3cret"}, private={"ci/private": "ci"}, **hub_options
             )
-            self.treq = StubTreq(self.hub.app.resource())
+            resource = self.hub.app.resource()
+            # ``wrap`` may put a resource between regcache and the fake Hub, to reshape its answers.
+            self.treq = StubTreq(wrap(resource) if wrap else resource)
             return Upstream(self.hub.registry_url, self.treq, reactor, metrics, credentials, self._timeouts,
                             jitter=lambda: 0.5, docker_hub=True, realms=[self.hub.hosts["auth"]])
 

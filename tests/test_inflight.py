@@ -339,3 +339,46 @@ class Sha512Tests(SynchronousTestCase):
         self.assertEqual(c.body(), data)
         self.assertEqual(c.header("Docker-Content-Digest"), str(digest))
         self.assertEqual(rig.blob_file(digest), data)
+
+
+class FillDrainTests(SynchronousTestCase):
+    """
+    Shutdown waits a grace period for downloads under way, then goes on:
+    running out of time is expected, any other failure is logged.
+    """
+
+    class Fills:
+        def __init__(self, drained):
+            self.drained = drained
+
+        def __len__(self):
+            return 1
+
+        def drain(self):
+            return self.drained
+
+    def stop(self, drained):
+        from twisted.internet.task import Clock
+
+        from regcache.inflight import FillDrain
+
+        clock = Clock()
+        service = FillDrain(self.Fills(drained), clock, grace=10.0)
+        service.startService()
+        return clock, service.stopService()
+
+    def test_grace_running_out_stops_quietly(self):
+        """A drain that outlasts the grace period lets shutdown go on, and logs no error."""
+        from twisted.internet.defer import Deferred
+
+        clock, stopped = self.stop(Deferred())
+        self.assertNoResult(stopped)
+        clock.advance(10.0)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_other_failure_is_logged(self):
+        """A drain that fails for any other reason lets shutdown go on, and the failure is logged."""
+        clock, stopped = self.stop(fail(RuntimeError("drain broke")))
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

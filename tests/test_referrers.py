@@ -115,13 +115,16 @@ class ReferrersTests(SynchronousTestCase):
         self.assertEqual(c.body(), first.body())
         self.assertEqual(c.header("Warning"), STALE_WARNING)
 
-    def test_counted_in_the_store_size(self):
-        """What the index files take on disk counts toward the store's size, as tag files do."""
-        before = self.rig.store.index.tags
+    def test_counted_under_the_tag_bound(self):
+        """
+        What the index files take on disk counts in the bound tag files
+        have (see regcache.tags), when written and again after a restart.
+        """
+        before = self.rig.mirror.tags.bytes
         self.rig.get(self.path)
-        self.assertGreater(self.rig.store.index.tags, before)
+        self.assertGreater(self.rig.mirror.tags.bytes, before)
         fresh = HubRig(root=self.rig.root)
-        self.assertEqual(fresh.store.index.tags, self.rig.store.index.tags)
+        self.assertEqual(fresh.mirror.tags.bytes, self.rig.mirror.tags.bytes)
 
     def test_404_passed_on(self):
         """An upstream without the API answers 404, and so does regcache, so that clients fall back to tags."""

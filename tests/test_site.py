@@ -4,9 +4,13 @@ The side facing clients: a TLS ClientHello on the plain port is answered at
 once, and every request is one structured access-log event.
 """
 
+import io
+import json
+
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http
 
 from tests.support import Rig
 
@@ -46,3 +50,60 @@ class AccessLogTests(SynchronousTestCase):
             {k: access[0][k] for k in ("method", "uri", "status", "length")},
             {"method": "GET", "uri": "/v2/", "status": 200, "length": len(c.body())},
         )
+
+
+class RequestBodyTests(SynchronousTestCase):
+    """
+    A read-only mirror takes no request body: one announced (a
+    Content-Length above zero, or any Transfer-Encoding) is refused with
+    413 and an OCI error as soon as the headers are in, before a byte of
+    it is read, and the connection is closed.
+    """
+
+    def send(self, head: bytes, body: bytes = b""):
+        rig = Rig()
+        channel = rig.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        spooled = []
+        self.patch(http, "_getContentFile", lambda length: spooled.append(length) or io.BytesIO())
+        channel.dataReceived(head + b"\r\n\r\n" + body)
+        return rig, transport, spooled
+
+    def assertRefused(self, rig, transport, spooled):
+        raw = transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:80])
+        error = json.loads(raw.split(b"\r\n\r\n", 1)[1])["errors"][0]
+        self.assertEqual(error["code"], "UNSUPPORTED")
+        self.assertIn("read-only", error["message"])
+        self.assertIn(b"\r\nconnection: close\r\n", raw.lower())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(spooled, [], "no body was spooled")
+        self.assertEqual(len(rig.upstream.calls), 0)
+
+    def test_push_with_a_huge_content_length(self):
+        """A PUT announcing 1e11 bytes is refused at its headers; the bytes that follow are dropped unread."""
+        head = b"PUT /v2/library/a/blobs/uploads/x HTTP/1.1\r\nHost: m\r\nContent-Length: 100000000000"
+        rig, transport, spooled = self.send(head, b"x" * 200_000)
+        self.assertRefused(rig, transport, spooled)
+
+    def test_chunked_body(self):
+        """A body in any Transfer-Encoding is refused the same way, whatever the method."""
+        for method, coding in ((b"POST", b"chunked"), (b"GET", b"chunked"), (b"GET", b"identity")):
+            with self.subTest(method=method, coding=coding):
+                head = method + b" /v2/library/a/blobs/uploads/ HTTP/1.1\r\nHost: m\r\nTransfer-Encoding: " + coding
+                self.assertRefused(*self.send(head, b"5\r\nhello\r\n0\r\n\r\n"))
+
+    def test_body_on_a_health_check(self):
+        """Health endpoints get the same refusal for a body; without one they answer as ever."""
+        self.assertRefused(*self.send(b"GET /healthz HTTP/1.1\r\nHost: m\r\nContent-Length: 3", b"abc"))
+        rig, transport, spooled = self.send(b"GET /healthz HTTP/1.1\r\nHost: m\r\nContent-Length: 0")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_refusal_is_counted_and_logged(self):
+        """The refusal is one access-log event and one counted request, like any answer."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        rig, _, _ = self.send(b"PATCH /v2/library/a/blobs/uploads/x HTTP/1.1\r\nHost: m\r\nContent-Length: 9", b"123456789")
+        access = [e for e in events if e.get("log_namespace") == "regcache.access"]
+        self.assertEqual([(e["method"], e["status"]) for e in access], [("PATCH", 413)])
+        self.assertEqual(rig.metrics.requests.labels("blobs", "PATCH", "413")._value.get(), 1)

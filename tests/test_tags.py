@@ -155,24 +155,69 @@ class BoundedStateTests(TempDirs, SynchronousTestCase):
 
 
 class TagBytesTests(TempDirs, SynchronousTestCase):
-    def test_tag_files_count_toward_the_store_size(self):
+    def test_tag_files_never_evict_content(self):
         """
-        What tag files and their directories take on disk is part of the
-        store's total (what --max-size bounds), after writes and after a
-        restart counts them again.
+        With a size limit smaller than what 63 Accept sets of three tags
+        write, the pulled image's manifest and layer stay cached: tag
+        files have their own bound and do not count toward --max-size.
         """
-        rig = HubRig()
-        before = rig.store.index.total
-        for tag_path in ("/v2/library/small/manifests/1", "/v2/library/multi/manifests/1"):
-            for accept in (ALL, OCI, SCHEMA2):
-                rig.get(tag_path, "HEAD", headers={"Accept": accept})
-        self.assertGreater(disk_bytes(rig.root), 0)
-        self.assertEqual(rig.store.index.tags, disk_bytes(rig.root))
-        self.assertEqual(rig.store.index.total - before, disk_bytes(rig.root))
+        from itertools import combinations
 
+        from regcache.expiry import Expiry
+
+        rig = HubRig()
+        expiry = Expiry(rig.store, 400 * 1024, rig.reactor)
+        expiry.startService()
+        self.addCleanup(expiry.stopService)
+        image = rig.images["library/small:1"]
+        self.assertEqual(rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL}).status(), 200)
+        layer = image.layers[0].digest
+        self.assertEqual(rig.get(f"/v2/library/small/blobs/{layer}").status(), 200)
+        held = set(rig.store.index.entries)
+        subsets = [c for n in range(1, 7) for c in combinations(MANIFEST_MEDIA_TYPES, n)]
+        self.assertEqual(len(subsets), 63)
+        for name in ("small", "multi", "large"):
+            for types in subsets:
+                rig.get(f"/v2/library/{name}/manifests/1", "HEAD", headers={"Accept": ", ".join(types)})
+        rig.reactor.advance(60)
+        self.assertGreater(disk_bytes(rig.root), 400 * 1024)
+        self.assertEqual(set(rig.store.index.entries), held)
+        self.assertEqual(rig.get(f"/v2/library/small/blobs/{layer}").status(), 200)
+
+    def test_tag_files_are_bounded_least_recently_used_out(self):
+        """
+        Past their bound (a twentieth of the size limit, 1 MiB at least)
+        tag files are deleted least recently used first, in the runner;
+        what they take is counted exactly, after writes and at start-up.
+        """
+        root = self.tempdir()
+        for sub in ("tmp", "tags"):
+            os.makedirs(os.path.join(root, sub))
         index = Index(lambda: 0.0)
-        self.successResultOf(TagMap(rig.root, inline, index).count())
-        self.assertEqual(index.tags, disk_bytes(rig.root))
+        index.limit = 1024
+        tags = TagMap(root, inline, index)
+        self.assertEqual(tags.bound(), 1024 * 1024)
+        keys = [TagKey("docker.io", f"library/n{i}", "1", "3f") for i in range(400)]
+        for i, key in enumerate(keys):
+            tags.put(key, TagEntry(DIGEST, OCI, 10, float(i)))
+            tags.get(keys[0])  # in use throughout: outlives younger entries
+            self.assertLessEqual(tags.bytes, tags.bound())
+        self.assertEqual(tags.bytes, disk_bytes(root))
+        on_disk = {os.path.relpath(p, root) for p in tag_files(root)}
+        self.assertIn(os.path.relpath(tags._path(keys[0]), root), on_disk)
+        self.assertNotIn(os.path.relpath(tags._path(keys[1]), root), on_disk)
+        self.assertIn(os.path.relpath(tags._path(keys[-1]), root), on_disk)
+
+        again = TagMap(root, inline, Index(lambda: 0.0))
+        self.successResultOf(again.count())
+        self.assertEqual(again.bytes, disk_bytes(root))
+
+    def test_unlimited_store_has_a_fixed_tag_bound(self):
+        """Without --max-size, tag files are still bounded, by TAG_BOUND."""
+        from regcache.tags import TAG_BOUND
+
+        tags = TagMap(self.tempdir(), inline, Index(lambda: 0.0))
+        self.assertEqual(tags.bound(), TAG_BOUND)
 
     def test_start_up_removes_entries_of_an_older_layout(self):
         """
