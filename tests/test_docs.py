@@ -6,19 +6,31 @@ reads (see shared PROTOCOL.md §4-5).
 A snippet is a fenced block whose info string is ``<language> <file>``,
 e.g. ```` ```toml /etc/containerd/certs.d/docker.io/hosts.toml ````; the
 file picks the checker.  Every JSON, TOML and YAML block must name a file
-that has a checker, so a new snippet cannot slip in unchecked.
+that has a checker, so a new snippet cannot slip in unchecked.  A
+``regcache.yaml`` is loaded with regcache.config.load, and the client
+snippets of clients.md that point at ``regcache.example:5000`` are routed
+through regcache's Policy for that file, so each is known to reach the
+upstream of the registry it is for (PROTOCOL.md §9).
 """
 
 import json
 import re
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import helm_python as helm
 import pytest
 import yaml
+
+from regcache import config as regcache_config
+from regcache.errors import RegistryError
+from regcache.policy import Policy, Registry
+from twisted.internet.task import Clock
+
+from tests.test_routing import Named
 
 try:
     import tomllib
@@ -100,15 +112,38 @@ HOST_KEYS = {"capabilities", "skip_verify", "ca", "client", "header", "override_
 CAPABILITIES = {"pull", "resolve", "push", "referrers"}
 
 
+def registry_dir(target):
+    """
+    The registry a hosts.toml is for: its certs.d directory's name, with
+    containerd's ``host_port_`` spelling of host:port undone.
+    """
+    match = re.fullmatch(r"/etc/containerd/certs\.d/([^/]+)/hosts\.toml", target)
+    assert match, target
+    name = match.group(1)
+    port = re.fullmatch(r"(.+)_(\d+)_", name)
+    return f"{port.group(1)}:{port.group(2)}" if port else name
+
+
 def check_hosts_toml(config, target):
-    assert re.fullmatch(r"/etc/containerd/certs\.d/[^/]+/hosts\.toml", target), target
+    """
+    ``server`` is the fallback: the directory's own registry (containerd's
+    default when it is left out), and left out in ``_default``, which serves
+    every registry: a server there would send all of them to one host.
+    """
+    registry = registry_dir(target)
     subset(config, {"server", "host"} | HOST_KEYS, "hosts.toml")
-    server = http_url(config["server"])
+    if registry == "_default":
+        assert "server" not in config, "_default: no server, so each registry falls back to itself"
+        server = None
+    else:
+        server = http_url(config.get("server", f"https://{registry}"))
+        own = regcache_config.DOCKER_HUB_HOSTS if registry == "docker.io" else (registry,)
+        assert server.netloc in own, f"{target}: server {server.netloc} is not {registry}"
     hosts = config["host"]
     assert hosts, "at least one [host.\"...\"] mirror"
     for url, host in hosts.items():
         parts = http_url(url, path_allowed=True)
-        assert parts.netloc != server.netloc, "the mirror is a host, not the server"
+        assert server is None or parts.netloc != server.netloc, "the mirror is a host, not the server"
         subset(host, HOST_KEYS, f"[host.{url!r}]")
         caps = host.get("capabilities", sorted(CAPABILITIES))
         subset(caps, CAPABILITIES, f"[host.{url!r}].capabilities")
@@ -153,16 +188,25 @@ def check_registries_conf(config):
             assert isinstance(mirror.get("insecure", False), bool)
 
 
-def mirror_flag(args):
+def mirror_flags(args):
     """
-    The URL after --registry-mirror in dockerd arguments, or None.
+    The URL after each --registry-mirror in dockerd arguments, in order
+    (None for a flag with no value), or [None] when there is none.
     """
+    urls = []
     for i, arg in enumerate(args):
         if arg == "--registry-mirror":
-            return args[i + 1] if i + 1 < len(args) else None
-        if arg.startswith("--registry-mirror="):
-            return arg.split("=", 1)[1]
-    return None
+            urls.append(args[i + 1] if i + 1 < len(args) else None)
+        elif arg.startswith("--registry-mirror="):
+            urls.append(arg.split("=", 1)[1])
+    return urls or [None]
+
+
+def check_mirror_flags(args):
+    urls = mirror_flags(args)
+    for url in urls:
+        http_url(url)
+    return urls
 
 
 def check_gitlab_ci(config):
@@ -179,7 +223,7 @@ def check_gitlab_ci(config):
             entrypoint = service.get("entrypoint")
             if command is not None:
                 assert all(isinstance(a, str) for a in command), "command is a list of strings"
-                http_url(mirror_flag(command))
+                check_mirror_flags(command)
                 configured += 1
             elif entrypoint is not None:
                 assert "dockerd-entrypoint.sh" in " ".join(entrypoint)
@@ -200,12 +244,12 @@ def check_runner_config(config):
         for variable in runner.get("environment", []):
             name, _, value = variable.partition("=")
             if name == "DOCKER_OPTS":
-                http_url(mirror_flag(value.split()))
+                check_mirror_flags(value.split())
                 ways += 1
         docker = runner.get("docker", {})
         for service in docker.get("services", []):
             if "dind" in service["name"]:
-                http_url(mirror_flag(service["command"]))
+                check_mirror_flags(service["command"])
                 ways += 1
         for volume in docker.get("volumes", []):
             parts = volume.split(":")
@@ -238,6 +282,26 @@ def check_gke_containerd(config):
                 assert re.fullmatch(r"\d+(\.\d+)?s", host["dialTimeout"])
 
 
+def secrets_named(data):
+    """
+    A value for each environment variable the config's URLs read a
+    password from, as an operator would have set them.
+    """
+    return {url["password_env"]: "doc-secret" for u in data.get("upstreams", ())
+            for url in u.get("urls", ()) if isinstance(url, dict) and "password_env" in url}
+
+
+def check_regcache_config(data):
+    """
+    A regcache config file loads as `regcache --config` loads it: schema,
+    durations, credentials, unique hosts and aliases, the default.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "regcache.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return regcache_config.load({"config": str(path)}, secrets_named(data))
+
+
 def check_chart_values(values):
     helm.Chart.load(ROOT / "chart" / "regcache").validate_schema(values)
 
@@ -252,6 +316,7 @@ CHECKERS = [
     (r"/etc/gitlab-runner/config\.toml", check_runner_config),
     (r"containerd-mirror\.yaml", check_gke_containerd),
     (r"values\.yaml|[\w-]+-values\.yaml", check_chart_values),
+    (r"regcache\.yaml", check_regcache_config),
 ]
 
 
@@ -264,9 +329,8 @@ def checker_for(target):
 
 def run_checker(check, config, target):
     if check is check_hosts_toml:
-        check(config, target)
-    else:
-        check(config)
+        return check(config, target)
+    return check(config)
 
 
 # --- Tests ----------------------------------------------------------------
@@ -289,7 +353,8 @@ def test_every_client_is_documented():
     """
     docs/ has a checked snippet for each client issue 5 lists: dockerd,
     containerd, k3s, podman/CRI-O, GitLab dind (service command, runner
-    config and DOCKER_OPTS) and GKE, plus chart values.
+    config and DOCKER_OPTS) and GKE, plus chart values and regcache
+    config files.
     """
     covered = {checker_for(s[3]) for s in CONFIG_SNIPPETS}
     assert {check for _, check in CHECKERS} <= covered
@@ -322,6 +387,12 @@ def test_shell_snippets_are_valid_bash(snippet):
     (check_hosts_toml, {"server": "https://registry-1.docker.io",
                         "host": {"https://m.example": {}}},
      "/etc/containerd/hosts.toml"),
+    (check_hosts_toml, {"server": "https://registry-1.docker.io",
+                        "host": {"http://regcache.example:5000": {"capabilities": ["pull", "resolve"]}}},
+     "/etc/containerd/certs.d/_default/hosts.toml"),
+    (check_hosts_toml, {"server": "https://registry-1.docker.io",
+                        "host": {"http://regcache.example:5000": {"capabilities": ["pull", "resolve"]}}},
+     "/etc/containerd/certs.d/ghcr.io/hosts.toml"),
     (check_containerd_config, {"version": 3, "plugins": {"io.containerd.grpc.v1.cri": {
         "registry": {"config_path": "/etc/containerd/certs.d"}}}}, ""),
     (check_registries_yaml, {"mirrors": {"docker.io": {"endpoint": "https://m.example"}}}, ""),
@@ -333,6 +404,15 @@ def test_shell_snippets_are_valid_bash(snippet):
     (check_gitlab_ci, {"build": {"services": ["docker:dind"]}}, ""),
     (check_gitlab_ci, {"build": {"services": [{"name": "docker:dind",
                                                "command": ["--registry-mirror"]}]}}, ""),
+    (check_gitlab_ci, {"build": {"services": [{"name": "docker:dind", "command": [
+        "--registry-mirror=https://mirror.gcr.io", "--registry-mirror=regcache.example:5000"]}]}}, ""),
+    (check_runner_config, {"runners": [{"name": "r", "environment": [
+        "DOCKER_OPTS=--registry-mirror=https://mirror.gcr.io --registry-mirror"]}]}, ""),
+    (check_regcache_config, {"upstreams": [{"name": "hub", "url": "https://registry-1.docker.io"}]}, ""),
+    (check_regcache_config, {"upstreams": [{"name": "a", "hosts": ["ghcr.io"], "urls": ["https://ghcr.io"]},
+                                           {"name": "b", "hosts": ["ghcr.io"], "urls": ["https://b.io"]}]}, ""),
+    (check_regcache_config, {"upstreams": [{"name": "hub", "urls": ["https://registry-1.docker.io"]}],
+                             "default": "ghcr"}, ""),
     (check_runner_config, {"runners": [{"name": "r", "docker": {
         "volumes": ["/srv/daemon.json:/etc/docker/daemon.json"]}}]}, ""),
     (check_runner_config, {"runners": [{"name": "r", "environment": ["DOCKER_OPTS=--debug"]}]}, ""),
@@ -346,8 +426,151 @@ def test_checkers_reject_what_clients_would_not_read(check, config, target):
     Each checker really checks: a wrong key, a URL where a host is wanted
     (or the reverse), a bad capability or a missing mirror fails it.
     """
-    with pytest.raises((AssertionError, KeyError, TypeError)):
+    with pytest.raises((AssertionError, KeyError, TypeError, regcache_config.ConfigError)):
         run_checker(check, config, target)
+
+
+# --- Several registries behind one regcache (docs/clients.md) -------------
+
+#: The mirror address of the several-registry snippets in clients.md.
+REGCACHE = "regcache.example:5000"
+CLIENTS = [s for s in CONFIG_SNIPPETS if s[0] == "clients.md"]
+REGCACHE_CONFIGS = [s for s in CLIENTS if s[3] == "regcache.yaml"]
+WANTED_HOSTS_TOML = {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "_default"}
+
+
+def documented_policy():
+    """
+    The routing regcache would run with the config of "Which registries
+    does regcache serve?" (the first regcache.yaml in clients.md).
+    """
+    config = check_regcache_config(yaml.safe_load(REGCACHE_CONFIGS[0][4]))
+    registries = [Registry(u.name, frozenset(u.hosts), Named(u.docker_hub), u.tag_ttl, u.max_stale, u.alias)
+                  for u in config.upstreams]
+    return Policy(registries, Clock(), config.default)
+
+
+def sample_name(registry):
+    """A repository as the client sends it for that registry."""
+    return "library/alpine" if registry in regcache_config.DOCKER_HUB_HOSTS else "owner/app"
+
+
+def routed(route, registry, name):
+    """The route reaches the upstream answering for ``registry``, asking it for ``name``."""
+    assert registry in route.registry.hosts, f"{registry} reaches {route.registry.name} ({route.registry.hosts})"
+    assert route.name == name, f"{registry}: upstream asked for {route.name!r}, not {name!r}"
+
+
+def go_rewrite(rewrites, name):
+    """
+    k3s's rewrite of a repository name: the first Go regexp that matches,
+    with its $1 / ${1} references.
+    """
+    for pattern, replacement in rewrites.items():
+        if re.search(pattern, name):
+            return re.sub(pattern, re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", replacement), name, count=1)
+    return name
+
+
+def mirrored(text):
+    """Whether a snippet points a client at the several-registry regcache."""
+    return REGCACHE in text
+
+
+def test_the_several_registry_sections_are_shown():
+    """
+    clients.md has the regcache config the client sections are checked
+    against, hosts.toml for docker.io, ghcr.io, quay.io, registry.k8s.io and
+    _default, k3s with several mirrors and a rewrite, and podman/CRI-O with
+    a path-prefix mirror, all pointing at regcache.
+    """
+    assert len(REGCACHE_CONFIGS) >= 2, "the registries config and the GitLab chain"
+    hosts_toml = {registry_dir(s[3]) for s in CLIENTS if checker_for(s[3]) is check_hosts_toml and mirrored(s[4])}
+    assert WANTED_HOSTS_TOML <= hosts_toml
+    k3s = [yaml.safe_load(s[4]) for s in CLIENTS if checker_for(s[3]) is check_registries_yaml and mirrored(s[4])]
+    assert any(len(c["mirrors"]) >= 3 and any("rewrite" in m for m in c["mirrors"].values()) for c in k3s)
+    conf = [tomllib.loads(s[4]) for s in CLIENTS if checker_for(s[3]) is check_registries_conf and mirrored(s[4])]
+    assert any("/" in m["location"] for c in conf for r in c["registry"] for m in r["mirror"])
+
+
+@pytest.mark.parametrize("snippet", [s for s in CLIENTS if checker_for(s[3]) is check_hosts_toml and mirrored(s[4])],
+                         ids=snippet_id)
+def test_containerd_hosts_reach_their_registry(snippet):
+    """
+    containerd sends ?ns=<the directory's registry>: each hosts.toml for a
+    registry reaches the upstream answering for it, and through _default a
+    registry regcache has no upstream for (gcr.io) is a 404 NAME_UNKNOWN,
+    so containerd falls back to that registry itself.
+    """
+    registry = registry_dir(snippet[3])
+    policy = documented_policy()
+    if registry == "_default":
+        with pytest.raises(RegistryError) as e:
+            policy.route("project/app", "gcr.io")
+        assert (e.value.status, e.value.code) == (404, "NAME_UNKNOWN")
+    else:
+        routed(policy.route(sample_name(registry), registry), registry, sample_name(registry))
+
+
+@pytest.mark.parametrize("snippet", [s for s in CLIENTS if checker_for(s[3]) is check_registries_yaml
+                                     and mirrored(s[4])], ids=snippet_id)
+def test_k3s_mirrors_reach_their_registry(snippet):
+    """
+    k3s's containerd sends ?ns=<registry> and the name after its rewrite;
+    each mirror, rewritten or not, reaches the upstream answering for the
+    registry and asks it for the name the user pulled.
+    """
+    policy = documented_policy()
+    for registry, mirror in yaml.safe_load(snippet[4])["mirrors"].items():
+        for endpoint in mirror["endpoint"]:
+            path = urlsplit(endpoint).path.strip("/").removeprefix("v2").strip("/")
+            name = sample_name(registry)
+            sent = "/".join(p for p in (path, go_rewrite(mirror.get("rewrite", {}), name)) if p)
+            routed(policy.route(sent, registry), registry, name)
+
+
+@pytest.mark.parametrize("snippet", [s for s in CLIENTS if checker_for(s[3]) is check_registries_conf
+                                     and mirrored(s[4])], ids=snippet_id)
+def test_podman_mirrors_reach_their_registry(snippet):
+    """
+    podman and CRI-O send no ns and put the location's path before the
+    name: each mirror reaches the upstream answering for its prefix's
+    registry, Docker Hub's with no path through the default upstream.
+    """
+    policy = documented_policy()
+    for registry in tomllib.loads(snippet[4])["registry"]:
+        host = registry["prefix"].split("/")[0]
+        for mirror in registry["mirror"]:
+            path = mirror["location"].partition("/")[2]
+            name = sample_name(host)
+            routed(policy.route(f"{path}/{name}" if path else name), host, name)
+
+
+def test_dockerd_reaches_docker_hub():
+    """
+    dockerd sends no ns and no prefix: the documented config's default
+    upstream is Docker Hub's, so its mirror requests get Docker Hub images.
+    """
+    routed(documented_policy().route("library/alpine"), "docker.io", "library/alpine")
+
+
+def test_gitlab_shows_the_seeds_two_mirrors_and_the_chain_that_replaces_them():
+    """
+    The GitLab section gives dind mirror.gcr.io then regcache, as a service
+    command and in DOCKER_OPTS, and a regcache config whose Docker Hub
+    upstream tries mirror.gcr.io, then Docker Hub.
+    """
+    two = ["https://mirror.gcr.io", f"http://{REGCACHE}"]
+    commands = [service["command"] for s in CLIENTS if checker_for(s[3]) is check_gitlab_ci
+                for job in yaml.safe_load(s[4]).values() for service in job.get("services", [])
+                if isinstance(service, dict) and "command" in service]
+    assert two in [mirror_flags(c) for c in commands]
+    opts = [v.partition("=")[2] for s in CLIENTS if checker_for(s[3]) is check_runner_config
+            for r in tomllib.loads(s[4])["runners"] for v in r.get("environment", []) if v.startswith("DOCKER_OPTS=")]
+    assert two in [mirror_flags(o.split()) for o in opts]
+    chains = [[url.url for url in u.urls] for s in REGCACHE_CONFIGS
+              for u in check_regcache_config(yaml.safe_load(s[4])).upstreams if "docker.io" in u.hosts]
+    assert ["https://mirror.gcr.io", "https://registry-1.docker.io"] in chains
 
 
 def helm_commands():
