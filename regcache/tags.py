@@ -42,7 +42,7 @@ import shutil
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -132,24 +132,151 @@ class TagEntry:
         return replace(entry, saved=entry.checked)
 
 
-class TagMap:
+class EntryFiles:
+    """
+    Small entries kept in memory and, one file each, under ``tags/``: tag
+    entries here, referrer indexes in regcache.referrers.  Reads and writes
+    run in the store's thread runner; an entry is served from memory while
+    its write is under way, and writes of one key go one at a time, the
+    newest last.  A subclass names the files, parses and serializes
+    entries, bounds memory (``_remember``), and hears of each file read and
+    written (``used``, ``wrote``), which is where the disk bound lives.
+    """
+
     log = Logger()
+
+    #: What one file may hold, read back; and what an entry is called in logs.
+    read_limit = 64 * 1024
+    what = "entry"
+
+    def __init__(self, root: str, run):
+        self.root = os.path.join(root, "tags")
+        self._tmp = os.path.join(root, "tmp")
+        self._run = run
+        self._entries: OrderedDict = OrderedDict()
+        #: Entries whose newest version is not on disk yet, and the keys
+        #: with a write under way: at most one per key at a time.
+        self._unsaved: Dict = {}
+        self._writing: Dict = {}
+
+    def _path(self, key) -> str:
+        raise NotImplementedError
+
+    def _dir(self, key) -> str:
+        raise NotImplementedError
+
+    def _parse(self, data: bytes):
+        """The entry a file holds; ValueError for anything this version did not write."""
+        raise NotImplementedError
+
+    def _serialize(self, entry) -> bytes:
+        raise NotImplementedError
+
+    def _remember(self, key, entry) -> None:
+        raise NotImplementedError
+
+    def used(self, path: str) -> None:
+        """The file at ``path`` was asked for."""
+
+    def wrote(self, result: Tuple[int, int], path: str) -> None:
+        """The file at ``path`` was written: write_entry's result."""
+
+    # Reading
+
+    def get(self, key) -> Deferred:
+        """A Deferred of the entry for ``key``, or of None."""
+        path = self._path(key)
+        self.used(path)
+        entry = self._known(key)
+        if entry is not None:
+            return succeed(entry)
+        d = self._run(read_entry, path, self.read_limit)
+        d.addCallback(self._loaded, key)
+        return d
+
+    def cached(self, key):
+        """The entry for ``key`` if memory has it: what get gives without the disk."""
+        return self._known(key)
+
+    def _known(self, key):
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        return self._unsaved.get(key) or self._writing.get(key)
+
+    def _loaded(self, found, key):
+        data, problem = found
+        # Whatever the reactor learned while the read ran is newer.
+        entry = self._known(key)
+        if entry is not None:
+            return entry
+        if problem is None and data is not None:
+            try:
+                entry = self._parse(data)
+            except ValueError as e:
+                problem = str(e)
+        if problem is not None:
+            self.log.warn("Ignoring unreadable {what} {path}: {problem}",
+                          what=self.what, path=self._path(key), problem=problem)
+            return None
+        if entry is not None:
+            self._remember(key, entry)
+        return entry
+
+    # Writing
+
+    def put(self, key, entry):
+        """
+        Remember an entry now and write it in the background.  Returns the
+        entry as remembered.
+        """
+        entry = replace(entry, saved=entry.checked)
+        self._remember(key, entry)
+        self._unsaved[key] = entry
+        if key not in self._writing:
+            self._write(key)
+        return entry
+
+    def touch(self, key, entry, checked: float):
+        """
+        Record a check that found ``entry`` unchanged.  Written down only
+        once TOUCH_EVERY passed since its file was, so that --max-stale
+        measures from about the real last check after a restart.
+        """
+        if checked - entry.saved >= TOUCH_EVERY:
+            return self.put(key, replace(entry, checked=checked))
+        entry = replace(entry, checked=checked)
+        self._remember(key, entry)
+        return entry
+
+    def _write(self, key) -> None:
+        entry = self._unsaved.pop(key)
+        self._writing[key] = entry
+        path = self._path(key)
+        d = self._run(write_entry, self._dir(key), path, self._tmp, self._serialize(entry))
+        d.addCallback(self.wrote, path)
+        d.addErrback(lambda f: self.log.warn(
+            "Could not persist {what} {path}: {error}", what=self.what, path=path, error=f.getErrorMessage()))
+        d.addBoth(lambda _: self._written(key))
+
+    def _written(self, key) -> None:
+        del self._writing[key]
+        if key in self._unsaved:
+            self._write(key)
+
+
+class TagMap(EntryFiles):
+    what = "tag entry"
 
     def __init__(self, root: str, run, index, memory: int = MEMORY):
         """
         ``run`` is the store's thread runner; ``index`` the store's Index,
-        told what tag files take on disk.
+        whose limit sets the tag files' bound.
         """
-        self.root = os.path.join(root, "tags")
-        self._tmp = os.path.join(root, "tmp")
-        self._run = run
+        super().__init__(root, run)
         self._index = index
         self._memory = memory
-        self._entries: "OrderedDict[TagKey, TagEntry]" = OrderedDict()
-        #: Entries whose newest version is not on disk yet, and the keys
-        #: with a write under way: at most one per key at a time.
-        self._unsaved: Dict[TagKey, TagEntry] = {}
-        self._writing: Dict[TagKey, TagEntry] = {}
         #: Bytes tags/ takes on disk, and its entry files (path -> bytes),
         #: least recently used first.
         self.bytes = 0
@@ -174,47 +301,17 @@ class TagMap:
     def _path(self, key: TagKey) -> str:
         return os.path.join(self._dir(key), key.accept + ".json")
 
-    # Reading
+    def _parse(self, data: bytes) -> TagEntry:
+        return TagEntry.from_json(data)
 
-    def get(self, key: TagKey) -> Deferred:
-        """A Deferred of the entry for ``key``, or of None."""
-        path = self._path(key)
-        self.used(path)
-        entry = self._known(key)
-        if entry is not None:
-            return succeed(entry)
-        d = self._run(read_entry, path)
-        d.addCallback(self._loaded, key)
-        return d
+    def _serialize(self, entry: TagEntry) -> bytes:
+        return entry.to_json()
 
-    def cached(self, key: TagKey) -> Optional[TagEntry]:
-        """The entry for ``key`` if memory has it: what get gives without the disk."""
-        return self._known(key)
-
-    def _known(self, key: TagKey) -> Optional[TagEntry]:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry
-        return self._unsaved.get(key) or self._writing.get(key)
-
-    def _loaded(self, found, key: TagKey) -> Optional[TagEntry]:
-        data, problem = found
-        # Whatever the reactor learned while the read ran is newer.
-        entry = self._known(key)
-        if entry is not None:
-            return entry
-        if problem is None and data is not None:
-            try:
-                entry = TagEntry.from_json(data)
-            except ValueError as e:
-                problem = str(e)
-        if problem is not None:
-            self.log.warn("Ignoring unreadable tag entry {path}: {problem}", path=self._path(key), problem=problem)
-            return None
-        if entry is not None:
-            self._remember(key, entry)
-        return entry
+    def _remember(self, key: TagKey, entry: TagEntry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._memory:
+            self._entries.popitem(last=False)
 
     def siblings(self, key: TagKey) -> Deferred:
         """
@@ -241,48 +338,6 @@ class TagMap:
             if entry is not None:
                 entries.append(entry)
         return sorted(entries, key=lambda e: e.checked, reverse=True)
-
-    # Writing
-
-    def put(self, key: TagKey, entry: TagEntry) -> TagEntry:
-        """
-        Remember an entry now and write it in the background.  Returns the
-        entry as remembered.
-        """
-        entry = replace(entry, saved=entry.checked)
-        self._remember(key, entry)
-        self._unsaved[key] = entry
-        if key not in self._writing:
-            self._write(key)
-        return entry
-
-    def touch(self, key: TagKey, entry: TagEntry, checked: float) -> TagEntry:
-        """
-        Record a check that found ``entry`` unchanged.  Written down only
-        once TOUCH_EVERY passed since its file was, so that --max-stale
-        measures from about the real last check after a restart.
-        """
-        if checked - entry.saved >= TOUCH_EVERY:
-            return self.put(key, replace(entry, checked=checked))
-        entry = replace(entry, checked=checked)
-        self._remember(key, entry)
-        return entry
-
-    def _remember(self, key: TagKey, entry: TagEntry) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._memory:
-            self._entries.popitem(last=False)
-
-    def _write(self, key: TagKey) -> None:
-        entry = self._unsaved.pop(key)
-        self._writing[key] = entry
-        path = self._path(key)
-        d = self._run(write_entry, self._dir(key), path, self._tmp, entry.to_json())
-        d.addCallback(self.wrote, path)
-        d.addErrback(lambda f: self.log.warn(
-            "Could not persist tag entry {path}: {error}", path=self._path(key), error=f.getErrorMessage()))
-        d.addBoth(lambda _: self._written(key))
 
     def used(self, path: str) -> None:
         """A file under tags/ was read: last in line for eviction."""
@@ -324,11 +379,6 @@ class TagMap:
     def _evicted(self) -> None:
         self._evicting = False
         self._trim()
-
-    def _written(self, key: TagKey) -> None:
-        del self._writing[key]
-        if key in self._unsaved:
-            self._write(key)
 
     # Start-up
 
