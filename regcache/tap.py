@@ -35,7 +35,7 @@ class Options(usage.Options):
         """
         Display regcache's version (and Twisted's) and exit.
         """
-        print(f"regcache {__version__} (Twisted {copyright.version})")
+        sys.stdout.write(f"regcache {__version__} (Twisted {copyright.version})\n")
         sys.exit(0)
 
 

@@ -27,6 +27,13 @@ def skopeo_pull(ref: str, dest: str, creds: str = None, extra=(), timeout: float
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def expected_files(image):
+    """What `skopeo copy … dir:` must produce: every blob by hex, and the manifest."""
+    files = {b.digest.split(":")[1]: b.digest.split(":")[1] for b in image.blobs()}
+    files["manifest.json"] = image.digest.split(":")[1]
+    return files
+
+
 def dir_digests(dest: str) -> dict:
     """{file name: sha256 hex} of a skopeo dir: copy, manifest included."""
     import hashlib

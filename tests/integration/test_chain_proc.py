@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.serve import FakeHubProcess
-from tests.integration.clients import dir_digests, skopeo_pull
+from tests.integration.clients import dir_digests, expected_files, skopeo_pull
 from tests.integration.conftest import USERS
 from tests.integration.procs import Regcache
 
@@ -51,12 +51,6 @@ upstreams:
     rc.start()
     yield rc
     rc.stop()
-
-
-def expected_files(image):
-    files = {b.digest.split(":")[1]: b.digest.split(":")[1] for b in image.blobs()}
-    files["manifest.json"] = image.digest.split(":")[1]
-    return files
 
 
 def asked(fake, fragment):

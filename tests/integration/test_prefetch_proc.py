@@ -9,9 +9,8 @@ import os
 import subprocess
 import sys
 
-from tests.integration.clients import dir_digests, skopeo_pull
+from tests.integration.clients import dir_digests, expected_files, skopeo_pull
 from tests.integration.procs import REPO
-from tests.integration.test_pull import expected_files
 
 
 def prefetch(rc, *args, timeout=300):

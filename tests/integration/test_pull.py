@@ -13,14 +13,7 @@ import time
 import pytest
 
 from tests.fakes.registry import RealRegistry
-from tests.integration.clients import Containerd, dir_digests, skopeo_pull
-
-
-def expected_files(image):
-    """What `skopeo copy … dir:` must produce: every blob by hex, and the manifest."""
-    files = {b.digest.split(":")[1]: b.digest.split(":")[1] for b in image.blobs()}
-    files["manifest.json"] = image.digest.split(":")[1]
-    return files
+from tests.integration.clients import Containerd, dir_digests, expected_files, skopeo_pull
 
 
 def wait_for(predicate, timeout=60.0, what="condition"):

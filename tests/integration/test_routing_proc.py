@@ -15,7 +15,7 @@ import pytest
 
 from tests.fakes.images import ghcr_images
 from tests.fakes.serve import FakeHubProcess
-from tests.integration.clients import Containerd, dir_digests, skopeo_pull
+from tests.integration.clients import Containerd, dir_digests, expected_files, skopeo_pull
 from tests.integration.conftest import USERS
 from tests.integration.procs import Regcache
 
@@ -66,12 +66,6 @@ upstreams:
 
 def upstream_requests(*fakes) -> int:
     return sum(len(f.request_log()) for f in fakes)
-
-
-def expected_files(image):
-    files = {b.digest.split(":")[1]: b.digest.split(":")[1] for b in image.blobs()}
-    files["manifest.json"] = image.digest.split(":")[1]
-    return files
 
 
 def test_skopeo_pulls_by_host_and_alias_prefix(mirror, hub, ghcr, app, images, tmp_path):

@@ -15,7 +15,6 @@ import datetime
 import hashlib
 import ipaddress
 import http.client
-import os
 import re
 import socket
 import ssl
