@@ -84,12 +84,37 @@ def test_first_member_lacks_the_image_second_serves_it(chained, hub, first, imag
     assert hub.stats()["manifest_gets_by_ref"].get(f"library/small@{image.digest}", 0) == 1
 
 
-def test_a_failing_first_member_falls_through(chained, hub, first, images, tmp_path):
+@pytest.fixture
+def broken(first_dir):
+    """A third registry, made to fail by each test."""
+    with FakeHubProcess(first_dir, catalog="ghcr", no_rate_limit=True) as b:
+        yield b
+
+
+@pytest.mark.parametrize("status", [503, 429, 403])
+def test_a_failing_member_falls_through(status, tmp_path, hub, first, broken, images):
     """
-    With the first member answering 503 to everything, pulls still succeed
-    from the second, and regcache says nothing of it to the client.
+    A chain of three, the first failing (5xx, rate limited, refusing), the
+    second lacking the image: pulls still get the third's exact bytes, and
+    the failing member was asked.
     """
-    first.fault("status", scope="all", status=503)
-    r = skopeo_pull(f"{chained.host}/library/small:1", str(tmp_path / "p"))
+    broken.fault("status", scope="all", status=status)
+    (tmp_path / "password").write_text(USERS["ci"] + "\n")
+    config = tmp_path / "regcache.yaml"
+    config.write_text(f"""\
+upstreams:
+  - name: dockerhub
+    hosts: [docker.io]
+    urls:
+      - {broken.registry_url}
+      - {first.registry_url}
+      - url: {hub.registry_url}
+        username: ci
+        password_file: {tmp_path / 'password'}
+""")
+    with Regcache(str(tmp_path / "store"), None, ["--config", str(config)]) as rc:
+        r = skopeo_pull(f"{rc.host}/library/small:1", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr
     assert dir_digests(str(tmp_path / "p")) == expected_files(images["library/small:1"])
+    assert asked(broken, "/library/small/")
+    assert asked(first, "/library/small/")
