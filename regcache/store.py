@@ -61,6 +61,14 @@ def _identity(st: os.stat_result) -> Identity:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+#: Seconds a manifest held in memory is served before its file is looked
+#: at again (one ``stat`` in the runner).  Its bytes were verified when
+#: they were read or fetched, so this bounds only how long a file that
+#: ``regcache verify`` or a hand removed goes unnoticed, while a hot
+#: manifest costs the runner one round trip a second, not one a request.
+RECHECK = 1.0
+
+
 @dataclass
 class _Held:
     """A manifest in memory."""
@@ -69,6 +77,8 @@ class _Held:
     #: Of the file it was read from or written to; None while it is in
     #: memory only (being written, or the disk could not take it).
     identity: Optional[Identity]
+    #: Clock seconds when ``identity`` was last found to be the file's.
+    checked: float = 0.0
 
 
 class BlobWriter:
@@ -339,9 +349,10 @@ class Store:
         A Deferred of the cached manifest, or of None.
 
         Memory holds the manifests used lately, but a copy there is served
-        only while its file is still the one it came from (one ``stat`` in
-        the runner): a manifest that ``regcache verify`` or a hand removed
-        or replaced is noticed.  One read from disk (in the runner: at most
+        only while its file is still the one it came from, looked at (one
+        ``stat`` in the runner) at most every RECHECK seconds: a manifest
+        that ``regcache verify`` or a hand removed or replaced is noticed
+        within that.  One read from disk (in the runner: at most
         4 MiB) is checked against its digest; one that does not match is
         treated as missing and removed, so it is fetched again.
         """
@@ -351,8 +362,9 @@ class Store:
         if digest in self._deleting:
             return None
         held = self._manifests.get(digest)
-        if held is not None and held.identity is None:
+        if held is not None and (held.identity is None or self._now() - held.checked < RECHECK):
             self._manifests.move_to_end(digest)
+            self._used(digest)
             return held.manifest
         # What the index says now, to tell a stale read from a new copy
         # that landed while the runner read the old one.
@@ -466,14 +478,14 @@ class Store:
         if held is not None:
             self._manifests.move_to_end(m.digest)
             if identity is not None:
-                held.identity = identity
+                held.identity, held.checked = identity, self._now()
             return
         if m.size > self.memory_limit:
             return
         while self._manifest_bytes + m.size > self.memory_limit:
             _, old = self._manifests.popitem(last=False)
             self._manifest_bytes -= old.manifest.size
-        self._manifests[m.digest] = _Held(m, identity)
+        self._manifests[m.digest] = _Held(m, identity, self._now())
         self._manifest_bytes += m.size
 
     # Eviction

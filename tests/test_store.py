@@ -13,7 +13,7 @@ from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.expiry import Expiry
-from regcache.store import Store
+from regcache.store import RECHECK, Store
 from regcache.reference import Digest
 from regcache.verify import main as verify_main
 from tests.support import FedBody, HubRig, Rig, blob, fill_up, inline, small_filesystem
@@ -291,13 +291,33 @@ class ManifestReadTests(SynchronousTestCase):
     def test_memory_copy_goes_with_its_file(self):
         """
         A manifest held in memory reads as missing once its file was
-        removed behind the server's back (``regcache verify``, by hand).
+        removed behind the server's back (``regcache verify``, by hand),
+        as soon as RECHECK has passed.
         """
         self.assertEqual(self.successResultOf(self.store.manifest(self.m.digest)), self.m)
         os.unlink(self.store._path("manifests", self.m.digest))
         os.unlink(self.store.blob_path(self.m.digest))
+        self.rig.reactor.advance(RECHECK)
         self.assertIsNone(self.successResultOf(self.store.manifest(self.m.digest)))
         self.assertNotIn(self.m.digest, self.store.index)
+
+    def test_memory_copy_costs_one_look_at_its_file_a_recheck(self):
+        """
+        A manifest served from memory costs the runner one look at its file
+        per RECHECK seconds, however many requests come in between: a hot
+        manifest is not a thread round trip per request.
+        """
+        self.successResultOf(self.store.manifest(self.m.digest))
+        looks = []
+        run = self.store._run
+        self.store._run = lambda f, *args: (looks.append(f.__name__), run(f, *args))[1]
+        for _ in range(100):
+            self.assertEqual(self.successResultOf(self.store.manifest(self.m.digest)), self.m)
+        self.assertEqual(looks.count("_read_manifest"), 0)
+        self.rig.reactor.advance(RECHECK)
+        for _ in range(100):
+            self.assertEqual(self.successResultOf(self.store.manifest(self.m.digest)), self.m)
+        self.assertEqual(looks.count("_read_manifest"), 1)
 
     def test_memory_copy_of_an_edited_file_is_checked_again(self):
         """
@@ -309,6 +329,7 @@ class ManifestReadTests(SynchronousTestCase):
         edit(path)
         st = os.stat(path)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        self.rig.reactor.advance(RECHECK)
         self.assertIsNone(self.successResultOf(self.store.manifest(self.m.digest)))
         self.assertFalse(os.path.exists(path))
 
@@ -391,13 +412,14 @@ class ManifestThroughTheMirrorTests(SynchronousTestCase):
     def test_manifest_removed_by_verify_is_fetched_again(self):
         """
         ``regcache verify`` beside the running mirror removes a manifest
-        that rotted on disk; the mirror then stops serving its memory copy
-        and stores the manifest again.
+        that rotted on disk; within RECHECK the mirror stops serving its
+        memory copy and stores the manifest again.
         """
         self.pull(self.hub, self.image.digest)
         gets = self.hub.stats()["manifest_gets_total"]
         edit(self.hub.store.blob_path(self.digest))
         self.assertEqual(verify_main(["--storage", self.hub.root], environ={}, out=io.StringIO()), 1)
+        self.hub.reactor.advance(RECHECK)
         self.pull(self.hub, self.image.digest)
         self.assertEqual(self.hub.stats()["manifest_gets_total"], gets + 1)
         self.assertEqual(self.hub.blob_file(self.digest), self.image.manifest)
