@@ -148,7 +148,11 @@ def blobs(tmp_path):
 def servers(tmp_path, blobs):
     storage, _ = blobs
     plain = Server(storage).start()
-    tls = Server(storage, _self_signed(tmp_path)).start()
+    try:
+        tls = Server(storage, _self_signed(tmp_path)).start()
+    except BaseException:
+        plain.stop()  # a second server that did not start must not leave the first running
+        raise
     yield {"sendfile": plain, "read": tls}
     plain.stop()
     tls.stop()
