@@ -33,13 +33,13 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Optional, Tuple
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from regcache.errors import UpstreamError
-from regcache.headers import USER_AGENT
+from regcache.headers import USER_AGENT, http_url
 from regcache.singleflight import SingleFlight
 
 _PARAM = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
@@ -177,18 +177,6 @@ def _lifetime(stated) -> float:
     return min(max(seconds, low), high)
 
 
-def _realm(realm: str):
-    """The split URL of a usable token realm (http or https, with a host), else None."""
-    try:
-        parts = urlsplit(realm)
-        parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return parts
-
-
 class TokenCache:
     """
     Bearer tokens per (realm, service, scope, user), valid until shortly
@@ -270,7 +258,7 @@ class TokenCache:
         )
 
     async def _fetch(self, challenge: Challenge, scope: str) -> str:
-        realm = _realm(challenge.realm)
+        realm = http_url(challenge.realm, "")
         if realm is None:
             self.log.warn("{registry} named an unusable token realm {realm}",
                           registry=self._who, realm=challenge.realm[:200])

@@ -6,6 +6,7 @@ front end has answered 403 to requests without one).
 """
 
 from typing import Optional
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from twisted.web.http_headers import Headers
 
@@ -57,3 +58,20 @@ def retry_after(headers: Headers) -> Optional[float]:
         return None
     low, high = RETRY_AFTER_RANGE
     return min(max(float(seconds), low), high)
+
+
+def http_url(base: str, reference: str) -> Optional[SplitResult]:
+    """
+    The split absolute http(s) URL that ``reference`` (a Location, a token
+    realm) names relative to ``base``, or None if it names none.  urljoin
+    and urlsplit raise ValueError for a bad IPv6 literal, and ``port`` for a
+    port out of range: upstream's words, checked here once.
+    """
+    try:
+        parts = urlsplit(urljoin(base, reference))
+        parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts

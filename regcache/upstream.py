@@ -20,7 +20,7 @@ regcache.remote.Remote.
 import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Optional
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -30,7 +30,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from regcache.auth import Challenge, Credentials, Realms, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits, abandon
-from regcache.headers import USER_AGENT, content_length, decimal, header, media_type_of, retry_after
+from regcache.headers import USER_AGENT, content_length, decimal, header, http_url, media_type_of, retry_after
 from regcache.manifests import MAX_MANIFEST, OCI_INDEX, Manifest, check_index, sniffed_type
 from regcache.reference import Digest, InvalidReference
 from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, Referrers, TagList
@@ -200,12 +200,12 @@ class Upstream:
             hops += 1
             if not location or hops > 5:
                 raise UpstreamError(f"{self.who} redirected the blob without a usable Location", 502)
-            target = _redirect_target(url, location)
+            target = http_url(url, location)
             if target is None:
                 raise UpstreamError(f"{self.who} redirected the blob to an unusable URL: {location[:80]}", 502)
-            if _origin(target) != _origin(url):
+            if _origin(target.geturl()) != _origin(url):
                 authorization = None
-            url = target
+            url = target.geturl()
             headers = Headers(extra)
             if authorization:
                 headers.setRawHeaders(b"Authorization", [authorization])
@@ -480,23 +480,6 @@ def _length(response) -> Optional[int]:
 
 def _accept(types) -> dict:
     return {b"Accept": [", ".join(types).encode("latin-1")]} if types else {}
-
-
-def _redirect_target(url: str, location: str) -> Optional[str]:
-    """
-    The absolute http(s) URL a redirect's Location names, or None if it
-    names none.  urlsplit raises ValueError for a bad IPv6 literal, and its
-    ``port`` for a port out of range: upstream's words, checked here once.
-    """
-    try:
-        target = urljoin(url, location)
-        parts = urlsplit(target)
-        parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return target
 
 
 def _origin(url: str):
