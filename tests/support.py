@@ -271,7 +271,27 @@ def hub_signature():
     return _hub_images["signature"]
 
 
-class HubRig(Rig):
+class TreqRig(Rig):
+    """
+    A Rig whose upstream talks through ``self.treq`` (a StubTreq): time and
+    the in-memory exchanges are stepped together.
+    """
+
+    def settle(self):
+        """Let every in-memory exchange run to its end."""
+        for _ in range(100):
+            self.treq.flush()
+            self.reactor.advance(0)
+
+    def pass_time(self, seconds, step=0.5):
+        t = 0.0
+        while t < seconds:
+            self.reactor.advance(step)
+            self.settle()
+            t += step
+
+
+class HubRig(TreqRig):
     """
     The whole mirror, with the real Upstream client talking through StubTreq
     to the in-memory fake Docker Hub, everything on one MemoryReactorClock.
@@ -304,19 +324,6 @@ class HubRig(Rig):
                             jitter=lambda: 0.5, docker_hub=True, realms=[self.hub.hosts["auth"]])
 
         super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root)
-
-    def settle(self):
-        """Let every in-memory exchange run to its end."""
-        for _ in range(100):
-            self.treq.flush()
-            self.reactor.advance(0)
-
-    def pass_time(self, seconds, step=0.5):
-        t = 0.0
-        while t < seconds:
-            self.reactor.advance(step)
-            self.settle()
-            t += step
 
     def get(self, path, method="GET", headers=None) -> "Client":
         c = self.client(path, method, headers)

@@ -20,7 +20,7 @@ from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.reference import Digest
 from regcache.upstream import Timeouts, Upstream
 from tests.fakes.hub import FakeHub
-from tests.support import Rig, hub_images
+from tests.support import TreqRig, hub_images
 from tests.test_hygiene import ALL
 
 
@@ -75,7 +75,7 @@ def fake(label, images, clock, **options):
                    cdn_host=f"cdn.{label}.fake", control_host=f"control.{label}.fake", **options)
 
 
-class ChainRig(Rig):
+class ChainRig(TreqRig):
     """
     The mirror over Chain([first, second]): ``first`` serves ``first_images``
     (none by default), ``second`` the whole catalog and the private repo
@@ -101,18 +101,6 @@ class ChainRig(Rig):
             return Chain(members, reactor)
 
         super().__init__(upstream=make)
-
-    def settle(self):
-        for _ in range(100):
-            self.treq.flush()
-            self.reactor.advance(0)
-
-    def pass_time(self, seconds, step=0.5):
-        t = 0.0
-        while t < seconds:
-            self.reactor.advance(step)
-            self.settle()
-            t += step
 
     def get(self, path, headers=None):
         c = self.client(path, "GET", headers)
