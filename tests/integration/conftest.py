@@ -60,3 +60,17 @@ def regcache(tmp_path, hub):
         r.stop()
         if os.environ.get("REGCACHE_TEST_LOGS"):
             print(r.log())
+
+
+@pytest.fixture(scope="session")
+def ghcr_dir():
+    d = Path(tempfile.mkdtemp(prefix="regcache-ghcr-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def ghcr(ghcr_dir):
+    """A second registry, ghcr-like: its own images (``owner/app:v1``), token realm, and no accounts."""
+    with FakeHubProcess(ghcr_dir, catalog="ghcr", no_rate_limit=True) as g:
+        yield g

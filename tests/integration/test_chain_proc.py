@@ -7,9 +7,6 @@ with the team's account.
 """
 
 import concurrent.futures
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -19,38 +16,36 @@ from tests.integration.conftest import USERS
 from tests.integration.procs import Regcache
 
 
-@pytest.fixture(scope="module")
-def first_dir():
-    d = Path(tempfile.mkdtemp(prefix="regcache-chain-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def first(first_dir):
-    """A registry that has other images than Docker Hub's, and no accounts."""
-    with FakeHubProcess(first_dir, catalog="ghcr", no_rate_limit=True) as f:
-        yield f
-
-
-@pytest.fixture
-def chained(tmp_path, hub, first):
+def chain(tmp_path, *members, hub):
+    """
+    regcache (not yet started) with one upstream whose URLs are
+    ``members`` in order, then the fake Hub with the team's account.
+    """
     (tmp_path / "password").write_text(USERS["ci"] + "\n")
+    urls = "".join(f"      - {m.registry_url}\n" for m in members)
     config = tmp_path / "regcache.yaml"
     config.write_text(f"""\
 upstreams:
   - name: dockerhub
     hosts: [docker.io]
     urls:
-      - {first.registry_url}
-      - url: {hub.registry_url}
+{urls}      - url: {hub.registry_url}
         username: ci
         password_file: {tmp_path / 'password'}
 """)
-    rc = Regcache(str(tmp_path / "store"), None, ["--config", str(config)])
-    rc.start()
-    yield rc
-    rc.stop()
+    return Regcache(str(tmp_path / "store"), None, ["--config", str(config)])
+
+
+@pytest.fixture
+def first(ghcr):
+    """A registry that has other images than Docker Hub's, and no accounts."""
+    return ghcr
+
+
+@pytest.fixture
+def chained(tmp_path, hub, first):
+    with chain(tmp_path, first, hub=hub) as rc:
+        yield rc
 
 
 def asked(fake, fragment):
@@ -85,9 +80,9 @@ def test_first_member_lacks_the_image_second_serves_it(chained, hub, first, imag
 
 
 @pytest.fixture
-def broken(first_dir):
+def broken(ghcr_dir):
     """A third registry, made to fail by each test."""
-    with FakeHubProcess(first_dir, catalog="ghcr", no_rate_limit=True) as b:
+    with FakeHubProcess(ghcr_dir, catalog="ghcr", no_rate_limit=True) as b:
         yield b
 
 
@@ -99,20 +94,7 @@ def test_a_failing_member_falls_through(status, tmp_path, hub, first, broken, im
     the failing member was asked.
     """
     broken.fault("status", scope="all", status=status)
-    (tmp_path / "password").write_text(USERS["ci"] + "\n")
-    config = tmp_path / "regcache.yaml"
-    config.write_text(f"""\
-upstreams:
-  - name: dockerhub
-    hosts: [docker.io]
-    urls:
-      - {broken.registry_url}
-      - {first.registry_url}
-      - url: {hub.registry_url}
-        username: ci
-        password_file: {tmp_path / 'password'}
-""")
-    with Regcache(str(tmp_path / "store"), None, ["--config", str(config)]) as rc:
+    with chain(tmp_path, broken, first, hub=hub) as rc:
         r = skopeo_pull(f"{rc.host}/library/small:1", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr
     assert dir_digests(str(tmp_path / "p")) == expected_files(images["library/small:1"])

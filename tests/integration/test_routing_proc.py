@@ -8,29 +8,13 @@ refused with nothing fetched, and the client's fallback is what fails.
 """
 
 import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from tests.fakes.images import ghcr_images
-from tests.fakes.serve import FakeHubProcess
 from tests.integration.clients import Containerd, dir_digests, expected_files, skopeo_pull
 from tests.integration.conftest import USERS
 from tests.integration.procs import Regcache
-
-
-@pytest.fixture(scope="module")
-def ghcr_dir():
-    d = Path(tempfile.mkdtemp(prefix="regcache-ghcr-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def ghcr(ghcr_dir):
-    with FakeHubProcess(ghcr_dir, catalog="ghcr", no_rate_limit=True) as g:
-        yield g
 
 
 @pytest.fixture
