@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import FrozenSet, Optional, Sequence
 
 from regcache.errors import RegistryError, UpstreamError
+from regcache.identity import EVERYONE, Identity
 from regcache.reference import check_name
 from regcache.remote import Remote
 from regcache.tags import TagEntry
@@ -46,6 +47,9 @@ class Route:
     registry: Registry
     name: str
     ns: Optional[str] = None
+    #: Who asked: the pull policy matches it, and the mirror contacts
+    #: upstream for it only if it ``may_fetch``.
+    client: Identity = EVERYONE
 
     @property
     def upstream(self):
