@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.manifests import Manifest
 from regcache.reference import Digest
-from regcache.remote import BlobStream, ManifestInfo, Referrers, Remote, TagList
+from regcache.remote import BlobStream, ManifestInfo, MemberHealth, Referrers, Remote, TagList
 
 T = TypeVar("T")
 
@@ -62,6 +62,9 @@ class Chain:
 
     def repository(self, name: str) -> str:
         return self.members[-1].repository(name)
+
+    def health(self) -> List[MemberHealth]:
+        return [h for m in self.members for h in m.health()]
 
     def head_manifest(self, name: str, reference: str, accept: Sequence[str],
                       retry: bool = False) -> Awaitable[Optional[ManifestInfo]]:

@@ -62,6 +62,23 @@ class Referrers:
     filtered: bool
 
 
+@dataclass(frozen=True)
+class MemberHealth:
+    """
+    How one registry of an upstream is doing, as the status page and
+    metrics show it.  ``state`` is one of "up", "failing" (errors, circuit
+    still closed), "open" (circuit open: not contacted until ``until``, then
+    probed), "rate limited" (a 429 pause until ``until``); ``detail`` says
+    why in words.
+    """
+
+    member: str
+    state: str
+    detail: str = ""
+    since: Optional[float] = None
+    until: Optional[float] = None
+
+
 @runtime_checkable
 class BlobStream(Protocol):
     """
@@ -129,6 +146,9 @@ class Remote(Protocol):
 
     def tags_list(self, name: str, query: bytes) -> Awaitable[TagList]:
         """A tag list, ``query`` (pagination) passed on as given."""
+
+    def health(self) -> List[MemberHealth]:
+        """How each registry behind this upstream is doing, in chain order."""
 
     def referrers(
         self, name: str, digest: Digest, artifact_type: Optional[str] = None, retry: bool = False

@@ -19,7 +19,7 @@ regcache.remote.Remote.
 
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Optional
+from typing import Awaitable, Callable, Iterable, List, Optional
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.task import deferLater
@@ -33,7 +33,7 @@ from regcache.exchange import Limits, abandon
 from regcache.headers import USER_AGENT, content_length, decimal, header, http_url, media_type_of, retry_after
 from regcache.manifests import MAX_MANIFEST, OCI_INDEX, Manifest, check_index, sniffed_type
 from regcache.reference import Digest, InvalidReference
-from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, Referrers, TagList
+from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, MemberHealth, Referrers, TagList
 
 DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
 
@@ -118,6 +118,13 @@ class Upstream:
         if self.is_docker_hub and "/" not in name:
             return "library/" + name
         return name
+
+    def health(self) -> List[MemberHealth]:
+        now = self.clock.seconds()
+        if now < self._cooldown_until:
+            return [MemberHealth(self.host, "rate limited", "answered 429: uncached manifests wait",
+                                 until=self._cooldown_until)]
+        return [MemberHealth(self.host, "up")]
 
     # The pull API
 

@@ -290,3 +290,12 @@ class MetricsTests(SynchronousTestCase):
         samples = rig.metrics.upstream_requests.collect()[0].samples
         labelled = {(s.labels["upstream"], s.labels["member"]) for s in samples}
         self.assertEqual(labelled, {("docker.io", "registry.a.fake"), ("docker.io", "registry.b.fake")})
+
+
+class HealthTests(SynchronousTestCase):
+    def test_a_chain_reports_each_member_in_order(self):
+        """A chain's health lists every member, in the order they are tried."""
+        rig = ChainRig()
+        chain = rig.policy.default.upstream
+        self.assertEqual([(h.member, h.state) for h in chain.health()],
+                         [("registry.a.fake", "up"), ("registry.b.fake", "up")])

@@ -679,3 +679,23 @@ class CacheHeaderTests(SynchronousTestCase):
         self.assertEqual((first.status(), first.header("X-Cache")), (200, "miss"))
         self.assertEqual(rig.get(path).header("X-Cache"), "hit")
         self.assertEqual(rig.get(path, method="HEAD").header("X-Cache"), "hit")
+
+
+class HealthTests(CachedTag, SynchronousTestCase):
+    def test_a_429_pause_shows_as_rate_limited_until_it_ends(self):
+        """
+        The upstream's health says when a 429 has paused uncached manifest
+        fetches, and until when, for the status page; once the pause has
+        passed it is up again.
+        """
+        rig = HubRig(tag_ttl=0)
+        upstream = rig.policy.default.upstream
+        self.assertEqual([h.state for h in upstream.health()], ["up"])
+        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
+        rig.hub.fault("status", scope="manifests", status=429)
+        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
+        [health] = upstream.health()
+        self.assertEqual(health.state, "rate limited")
+        self.assertGreater(health.until, rig.reactor.seconds())
+        rig.reactor.advance(health.until - rig.reactor.seconds() + 1)
+        self.assertEqual([h.state for h in upstream.health()], ["up"])
