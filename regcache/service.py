@@ -7,6 +7,8 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.
 """
 
+import signal
+
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -15,7 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from regcache import upstream_http
 from regcache.auth import Credentials
 from regcache.chain import Chain
-from regcache.config import ConfigError
+from regcache.config import ConfigError, restart_needed
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills
 from regcache.listener import Listener, listen_endpoint
@@ -23,7 +25,9 @@ from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
+from regcache.reload import Reloads
 from regcache.routes import RegistryRoutes
+from regcache.rules import PullRules
 from regcache.site import RegcacheSite
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
@@ -52,10 +56,36 @@ def _served(config) -> str:
     return ", ".join(f"{u.name} ({' '.join(url.url for url in u.urls)})" for u in config.upstreams)
 
 
-def build(config, reactor) -> MultiService:
+def _on_sighup(handler):
+    """Run ``handler()`` on SIGHUP; the returned callable puts the old handler back."""
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: handler())
+    return lambda: signal.signal(signal.SIGHUP, previous)
+
+
+def _policy_reloader(config, reread, run, pulls):
+    """
+    Re-read the whole configuration (off the reactor) and swap in its pull
+    policy: the rest takes a restart, which the log says when it changed.
+    """
+    log = Logger()
+
+    async def reload():
+        new = await run(reread)
+        pulls.replace(new.policy)
+        changed = restart_needed(config, new)
+        if changed:
+            log.warn("The configuration also changes {settings}: that takes a restart; only the pull policy "
+                     "was reloaded", settings=", ".join(changed))
+
+    return reload
+
+
+def build(config, reactor, reread=None) -> MultiService:
     """
     The whole regcache service for one Config.  Raises ConfigError, naming
-    the option at fault, when the config cannot be served.
+    the option at fault, when the config cannot be served.  ``reread()``
+    loads the configuration again, as a restart would: given it, SIGHUP
+    reloads what can change without one.
     """
     endpoint = listen_endpoint(reactor, config.listen)
     top = MultiService()
@@ -77,7 +107,8 @@ def build(config, reactor) -> MultiService:
         Logger().info("Removed {n} unfinished downloads left by an earlier run", n=removed)
 
     registries = [_registry(u, reactor, metrics) for u in config.upstreams]
-    policy = Policy(registries, reactor, config.default)
+    pulls = PullRules(config.policy, metrics)
+    policy = Policy(registries, reactor, config.default, pulls)
     fills = Fills(store, reactor, metrics)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
@@ -94,4 +125,9 @@ def build(config, reactor) -> MultiService:
     Listener(endpoint, config.listen, site, reactor,
              served=f"caching {_served(config)} in {config.storage}").setServiceParent(top)
     FillDrain(fills, reactor).setServiceParent(top)
+    if reread is not None:
+        reloads = Reloads(reactor, metrics, _on_sighup)
+        if config.file:
+            reloads.register("policy", _policy_reloader(config, reread, run, pulls))
+        reloads.setServiceParent(top)
     return top
