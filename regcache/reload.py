@@ -18,6 +18,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
+from regcache.config import restart_needed
+
 
 class Reloads(Service):
     """
@@ -97,3 +99,23 @@ class Reloads(Service):
             self.log.error("Reloading {what} failed, keeping the old one: {why}", what=what, why=str(failure.value))
         else:
             self.log.failure("Reloading {what} failed, keeping the old one", failure, what=what)
+
+
+def policy_reloader(config, reread: Callable, run: Callable, pulls) -> Callable:
+    """
+    The pull policy's reloader: re-read the whole configuration as a
+    restart would (``reread``, run off the reactor by ``run``) and swap its
+    rules into ``pulls``.  Anything else the file changes takes a restart;
+    the log says so, naming the settings, never their values.
+    """
+    log = Logger(namespace="regcache.reload.policy")
+
+    async def reload():
+        new = await run(reread)
+        pulls.replace(new.policy)
+        changed = restart_needed(config, new)
+        if changed:
+            log.warn("The configuration also changes {settings}: that takes a restart; only the pull policy "
+                     "was reloaded", settings=", ".join(changed))
+
+    return reload

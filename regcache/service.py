@@ -17,7 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from regcache import upstream_http
 from regcache.auth import Credentials
 from regcache.chain import Chain
-from regcache.config import ConfigError, restart_needed
+from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills
 from regcache.listener import Listener, listen_endpoint
@@ -25,7 +25,7 @@ from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
-from regcache.reload import Reloads
+from regcache.reload import Reloads, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
 from regcache.site import RegcacheSite
@@ -60,24 +60,6 @@ def _on_sighup(handler):
     """Run ``handler()`` on SIGHUP; the returned callable puts the old handler back."""
     previous = signal.signal(signal.SIGHUP, lambda signum, frame: handler())
     return lambda: signal.signal(signal.SIGHUP, previous)
-
-
-def _policy_reloader(config, reread, run, pulls):
-    """
-    Re-read the whole configuration (off the reactor) and swap in its pull
-    policy: the rest takes a restart, which the log says when it changed.
-    """
-    log = Logger()
-
-    async def reload():
-        new = await run(reread)
-        pulls.replace(new.policy)
-        changed = restart_needed(config, new)
-        if changed:
-            log.warn("The configuration also changes {settings}: that takes a restart; only the pull policy "
-                     "was reloaded", settings=", ".join(changed))
-
-    return reload
 
 
 def build(config, reactor, reread=None) -> MultiService:
