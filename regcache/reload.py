@@ -49,6 +49,11 @@ class Reloads(Service):
         for result in ("ok", "failed"):
             self.metrics.reloads.labels(what, result)
 
+    @property
+    def names(self) -> List[str]:
+        """What a SIGHUP reloads, in order."""
+        return [what for what, _ in self._reloaders]
+
     def startService(self):
         super().startService()
         self._restore = self._install(self.requested)
@@ -72,7 +77,7 @@ class Reloads(Service):
             self._again = True
             return
         self._running = True
-        self.log.info("Reloading on SIGHUP: {what}", what=", ".join(w for w, _ in self._reloaders) or "nothing")
+        self.log.info("Reloading on SIGHUP: {what}", what=", ".join(self.names) or "nothing")
         self._next(0)
 
     def _next(self, i: int) -> None:

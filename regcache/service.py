@@ -110,6 +110,6 @@ def build(config, reactor, reread=None) -> MultiService:
     if reread is not None:
         reloads = Reloads(reactor, metrics, _on_sighup)
         if config.file:
-            reloads.register("policy", _policy_reloader(config, reread, run, pulls))
+            reloads.register("policy", policy_reloader(config, reread, run, pulls))
         reloads.setServiceParent(top)
     return top

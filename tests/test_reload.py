@@ -7,10 +7,12 @@ the rules and says when the file changed more than they.
 """
 
 import os
+import shutil
 import tempfile
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,6 +22,7 @@ from regcache.metrics import Metrics
 from regcache.policy import Registry, Route
 from regcache.reload import Reloads, policy_reloader
 from regcache.rules import PullRules
+from regcache.service import build
 
 CONFIG = """\
 upstreams:
@@ -172,3 +175,19 @@ class PolicyReloaderTests(SynchronousTestCase):
         warnings = [e for e in seen if e.get("log_level") == LogLevel.warn]
         self.assertEqual([e["settings"] for e in warnings], ["upstreams"])
         self.assertNotIn("mirror.gcr.io", str([e.get("log_format") for e in warnings]))
+
+
+class WiringTests(SynchronousTestCase):
+    def test_the_service_reloads_the_policy_of_its_config_file(self):
+        """Built with a way to re-read its configuration, the service reloads the policy on SIGHUP; without, nothing."""
+        storage = tempfile.mkdtemp(prefix="regcache-test-")
+        self.addCleanup(shutil.rmtree, storage, True)
+        fd, path = tempfile.mkstemp(suffix=".yaml", prefix="regcache-reload-")
+        with os.fdopen(fd, "w") as f:
+            f.write(CONFIG.format(host="127.0.0.1:1", default="deny"))
+        self.addCleanup(os.unlink, path)
+        cli = {"listen": "tcp:0:interface=127.0.0.1", "storage": storage, "config": path}
+        config = load(cli, {})
+        top = build(config, MemoryReactorClock(), reread=lambda: load(cli, {}))
+        self.assertEqual([s.names for s in top if isinstance(s, Reloads)], [["policy"]])
+        self.assertEqual([s for s in build(config, MemoryReactorClock()) if isinstance(s, Reloads)], [])
