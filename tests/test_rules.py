@@ -332,3 +332,18 @@ class DeniedRequestTests(SynchronousTestCase):
         c = self.rig.get(f"/v2/library/small/blobs/{self.image.layers[0].digest}")
         self.assertEqual(c.status(), 200)
         self.assertEqual(self.rig.get("/v2/library/small/manifests/2").status(), 403)
+
+
+class ExampleConfigTests(SynchronousTestCase):
+    def test_the_example_follows_the_seed(self):
+        """docs/regcache.example.yaml allows Docker Official Images and the trusted organisations, denies the rest."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config = load({"config": os.path.join(root, "docs", "regcache.example.yaml")},
+                      {"GHCR_TOKEN": "x", "QUAY_PASSWORD": "y"})
+        hub = next(s for s in config.policy if s.upstream == "dockerhub")
+        sets = [hub]
+        self.assertEqual(decide(sets, "library/ubuntu", tag="20.04"), (True, "0"))
+        self.assertEqual(decide(sets, "bitnami/redis", tag="7.2"), (True, "1"))
+        self.assertEqual(decide(sets, "grafana/grafana", "content"), (True, "1"))
+        for sort in ("tag", "digest", "content"):
+            self.assertEqual(decide(sets, "myname/app", sort), (False, "default"), sort)
