@@ -244,6 +244,7 @@ class PullRules:
             message = (f"pulling {what} is denied by rule {decision.rule.index} "
                        f"({decision.pattern!r}) of the pull policy of {rules.upstream}")
         self.metrics.policy_denials.labels(rules.upstream, decision.label).inc()
-        self.log.info("Denied {kind} of {name} for {user}: rule {rule} of {upstream}", kind=kind, name=what,
-                      user=route.client.user or ANONYMOUS, rule=decision.label, upstream=rules.upstream)
+        self.log.info("Denied {kind} of {name} for {user} at {address}: rule {rule} of {upstream}", kind=kind,
+                      name=what, user=route.client.user or ANONYMOUS, address=route.client.address or "-",
+                      rule=decision.label, upstream=rules.upstream)
         raise RegistryError("DENIED", message, status=403)
