@@ -28,6 +28,7 @@ from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
 from regcache.referrers import ReferrersCache
 from regcache.reference import Digest
+from regcache.remote import MemberHealth
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
 from regcache.site import RegcacheSite
@@ -97,6 +98,9 @@ class HandFedUpstream:
 
     def repository(self, name):
         return name
+
+    def health(self):
+        return [MemberHealth(self.key, "up")]
 
     def head_manifest(self, name, reference, accept, retry=False):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
