@@ -29,6 +29,9 @@ setup(
         # The registrable domain of a token realm, so credentials go only to the registry's own
         # (auth.docker.io for registry-1.docker.io), never to a realm an upstream names elsewhere.
         "publicsuffixlist>=1.0",
+        # The pull policy's globs and tag regexes: RE2 matches in linear time, so an operator's
+        # regex can be wrong but never a catastrophic backtrack on the reactor.
+        "google-re2>=1.1",
     ],
     extras_require={
         "test": [

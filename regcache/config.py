@@ -18,12 +18,14 @@ front of Docker Hub.
 import json
 import os
 import re
-from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional, Tuple
+from dataclasses import dataclass, fields, replace
+from typing import Any, List, Mapping, Optional, Tuple
 
 import jsonschema
 import yaml
 from urllib.parse import urlsplit
+
+from regcache.rules import PatternError, Rule, RuleSet, name_regex, tag_regex
 
 DOCKER_HUB = "https://registry-1.docker.io"
 
@@ -37,7 +39,7 @@ DOCKER_HUB_REALMS = ("auth.docker.io",)
 _SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.schema.json")
 
 #: Top-level keys the schema reserves for settings of a later release.
-RESERVED = ("policy", "auth")
+RESERVED = ("auth",)
 
 
 class ConfigError(ValueError):
@@ -211,6 +213,17 @@ class Config:
     default: str
     #: The config file read, if any.
     file: Optional[str] = None
+    #: The pull policy's rules, for the upstreams that have some.
+    policy: Tuple[RuleSet, ...] = ()
+
+
+def restart_needed(old: Config, new: Config) -> List[str]:
+    """
+    The settings (never their values: they hold passwords) that differ
+    between a running config and a reread one, other than the pull policy,
+    which is the one part a reload applies.
+    """
+    return [f.name for f in fields(Config) if f.name != "policy" and getattr(old, f.name) != getattr(new, f.name)]
 
 
 def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
@@ -322,10 +335,10 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         cache = document.cache
         overrides = _windows(given)
         upstreams = tuple(replace(u, **overrides) for u in document.upstreams)
-        default = document.default
+        default, policy = document.default, document.policy
     else:
         upstream = single_upstream(raw, cli)
-        upstreams, default = (upstream,), upstream.name
+        upstreams, default, policy = (upstream,), upstream.name, ()
     storage = given.get("storage") or cache.get("storage") or _default_storage()
     if "max-size" in given or "max_size" not in cache:
         max_size = None if _unlimited(raw["max-size"]) else parse_size("max-size", raw["max-size"])
@@ -338,6 +351,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         upstreams=upstreams,
         default=default,
         file=file or None,
+        policy=policy,
     )
 
 
@@ -354,6 +368,7 @@ class Document:
     default: str
     #: ``storage`` and ``max_size`` if the file sets them.
     cache: Mapping[str, Any]
+    policy: Tuple[RuleSet, ...] = ()
 
 
 def _schema() -> dict:
@@ -420,6 +435,9 @@ def _schema_error(where: _Located, error: jsonschema.ValidationError) -> ConfigE
         return where.error(path + [extra], "unknown key", where.key_line(path, extra))
     if error.validator == "required":
         return where.error(path, error.message.replace("is a required property", "is required"))
+    if error.validator == "oneOf" and all(list(s) == ["required"] for s in error.validator_value):
+        keys = [k for s in error.validator_value for k in s["required"]]
+        return where.error(path, f"give exactly one of {', '.join(keys)}")
     return where.error(path, error.message)
 
 
@@ -456,7 +474,8 @@ def read(file: str, environ: Mapping[str, str]) -> Document:
         raise where.error([], "'upstreams' is required")
     upstreams = tuple(_upstream(where, i, u, environ) for i, u in enumerate(data["upstreams"]))
     _check_unique(where, upstreams)
-    return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})))
+    return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})),
+                    _policy(where, data.get("policy", {}), upstreams))
 
 
 def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[str, str]) -> UpstreamConfig:
@@ -558,3 +577,54 @@ def _cache(where: _Located, cache: Mapping[str, Any]) -> dict:
         except ConfigError as e:
             raise where.error(["cache", "max_size"], str(e).split(": ", 1)[1]) from None
     return out
+
+
+def _policy(where: _Located, policy: Mapping[str, Any], upstreams: Tuple[UpstreamConfig, ...]) -> Tuple[RuleSet, ...]:
+    by_name = {u.name: u for u in upstreams}
+    sets = []
+    for name, spec in policy.items():
+        if name not in by_name:
+            raise where.error(["policy", name], f"no upstream is named {name!r} (upstreams: {', '.join(by_name)})",
+                              where.key_line(["policy"], name))
+        rules = tuple(_rule(where, ["policy", name, "rules", i], i, r, by_name[name].docker_hub)
+                      for i, r in enumerate(spec.get("rules", ())))
+        sets.append(RuleSet(name, rules, spec["default"] == "allow"))
+    return tuple(sets)
+
+
+def _listed(value) -> Tuple[bool, Tuple[str, ...]]:
+    """(whether the file wrote a list, the values) of a pattern or a list of them."""
+    return (True, tuple(value)) if isinstance(value, list) else (False, (value,))
+
+
+def _rule(where: _Located, path, index: int, spec: Mapping[str, Any], docker_hub: bool) -> Rule:
+    allow = "allow" in spec
+    key = "allow" if allow else "deny"
+    listed, names = _listed(spec[key])
+    for j, name in enumerate(names):
+        at = path + [key] + ([j] if listed else [])
+        _pattern(where, at, name_regex, name)
+        if docker_hub and "/" not in name and "**" not in name:
+            raise where.error(at, f"{name!r} matches no Docker Hub repository: they are named library/{name} "
+                                  "and owner/name, so write library/...")
+    tags = None
+    if "tags" in spec and spec["tags"] is not False:
+        listed, tags = _listed(spec["tags"])
+        for j, tag in enumerate(tags):
+            _pattern(where, path + ["tags"] + ([j] if listed else []), tag_regex, tag)
+    elif "tags" in spec:
+        tags = ()
+    # A deny narrowed to some tags denies those tags, not the digests
+    # they share with the tags it leaves allowed.
+    digests = spec.get("digests", allow or not tags)
+    if tags == () and not digests:
+        raise where.error(path + ["digests"], "with tags: false as well the rule matches no pull")
+    return Rule(index, allow, names, tags, digests, frozenset(spec.get("users", ())),
+                frozenset(spec.get("groups", ())))
+
+
+def _pattern(where: _Located, path, translate, pattern: str) -> None:
+    try:
+        translate(pattern)
+    except PatternError as e:
+        raise where.error(path, str(e)) from None

@@ -127,6 +127,16 @@ class Metrics:
             "regcache_upstream_ratelimit_remaining", "Latest ratelimit-remaining from upstream",
             ["upstream", "member"], registry=r,
         )
+        # ``rule`` is a rule's index in its upstream's policy, or "default":
+        # bounded by the config file, never by what clients ask for.
+        self.policy_denials = Counter(
+            "regcache_policy_denials", "Pulls the pull policy denied, by upstream and rule", ["upstream", "rule"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "regcache_reloads", "Reloads on SIGHUP by what was reloaded (policy, ...) and result (ok, failed)",
+            ["what", "result"], registry=r,
+        )
         #: Keyed by (upstream, member): each registry of a chain counts its own pulls.
         self.ratelimits: Dict[Tuple[str, str], RateLimit] = {}
 

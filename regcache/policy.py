@@ -17,6 +17,7 @@ from regcache.errors import RegistryError, UpstreamError
 from regcache.identity import EVERYONE, Identity
 from regcache.reference import check_name
 from regcache.remote import Remote
+from regcache.rules import PullRules
 from regcache.tags import TagEntry
 
 
@@ -70,11 +71,17 @@ def is_host(component: str) -> bool:
 
 
 class Policy:
-    def __init__(self, registries: Sequence[Registry], clock, default: Optional[str] = None):
+    def __init__(self, registries: Sequence[Registry], clock, default: Optional[str] = None,
+                 pulls: Optional[PullRules] = None):
+        """
+        ``pulls`` holds the pull policy's rules; without it every pull is
+        allowed.
+        """
         if not registries:
             raise ValueError("at least one upstream")
         self.registries = list(registries)
         self.clock = clock
+        self.pulls = pulls or PullRules()
         self._by_host = {h.lower(): r for r in self.registries for h in r.hosts}
         self._by_alias = {r.alias: r for r in self.registries if r.alias}
         self.default = next(r for r in self.registries if r.name == default) if default else self.registries[0]
@@ -119,6 +126,15 @@ class Policy:
                 "NAME_UNKNOWN", f"registry {host[:255]!r} is not mirrored here: no upstream answers for it"
             )
         return registry
+
+    def check(self, route: Route, kind: str, reference: str) -> None:
+        """
+        Refuse (DENIED) a pull the pull policy does not allow, before
+        anything is looked up or fetched for it: ``kind`` is the route's
+        (manifests, blobs, referrers, tags) and ``reference`` its tag or
+        digest ("" for a tag list).
+        """
+        self.pulls.check(route, kind, reference)
 
     def fresh(self, route: Route, entry: TagEntry) -> bool:
         """

@@ -170,6 +170,7 @@ class RegistryRoutes:
         name, kind, reference = parts
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
         route = self.policy.route(name, ns)
+        self.policy.check(route, kind, reference)
         if route.ns is not None:
             # The distribution spec's proxying section: a registry that used
             # ns says so.

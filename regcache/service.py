@@ -7,6 +7,8 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.
 """
 
+import signal
+
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -23,7 +25,9 @@ from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
+from regcache.reload import Reloads, policy_reloader
 from regcache.routes import RegistryRoutes
+from regcache.rules import PullRules
 from regcache.site import RegcacheSite
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
@@ -52,10 +56,18 @@ def _served(config) -> str:
     return ", ".join(f"{u.name} ({' '.join(url.url for url in u.urls)})" for u in config.upstreams)
 
 
-def build(config, reactor) -> MultiService:
+def _on_sighup(handler):
+    """Run ``handler()`` on SIGHUP; the returned callable puts the old handler back."""
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: handler())
+    return lambda: signal.signal(signal.SIGHUP, previous)
+
+
+def build(config, reactor, reread=None) -> MultiService:
     """
     The whole regcache service for one Config.  Raises ConfigError, naming
-    the option at fault, when the config cannot be served.
+    the option at fault, when the config cannot be served.  ``reread()``
+    loads the configuration again, as a restart would: given it, SIGHUP
+    reloads what can change without one.
     """
     endpoint = listen_endpoint(reactor, config.listen)
     top = MultiService()
@@ -77,7 +89,8 @@ def build(config, reactor) -> MultiService:
         Logger().info("Removed {n} unfinished downloads left by an earlier run", n=removed)
 
     registries = [_registry(u, reactor, metrics) for u in config.upstreams]
-    policy = Policy(registries, reactor, config.default)
+    pulls = PullRules(config.policy, metrics)
+    policy = Policy(registries, reactor, config.default, pulls)
     fills = Fills(store, reactor, metrics)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
@@ -94,4 +107,9 @@ def build(config, reactor) -> MultiService:
     Listener(endpoint, config.listen, site, reactor,
              served=f"caching {_served(config)} in {config.storage}").setServiceParent(top)
     FillDrain(fills, reactor).setServiceParent(top)
+    if reread is not None:
+        reloads = Reloads(reactor, metrics, _on_sighup)
+        if config.file:
+            reloads.register("policy", policy_reloader(config, reread, run, pulls))
+        reloads.setServiceParent(top)
     return top

@@ -46,7 +46,7 @@ def makeService(options):
 
     cli = {s.name: options[s.name] for s in settings.SETTINGS}
     try:
-        return build(settings.load(cli, os.environ), reactor)
+        return build(settings.load(cli, os.environ), reactor, reread=lambda: settings.load(cli, os.environ))
     except settings.ConfigError as e:
         raise SystemExit(f"regcache: {e}")
 

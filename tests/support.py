@@ -28,7 +28,9 @@ from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
 from regcache.referrers import ReferrersCache
 from regcache.reference import Digest
+from regcache.remote import MemberHealth
 from regcache.routes import RegistryRoutes
+from regcache.rules import PullRules
 from regcache.site import RegcacheSite
 from regcache.store import Store
 from regcache.tags import TagMap
@@ -101,6 +103,9 @@ class HandFedUpstream:
 
     def repository(self, name):
         return name
+
+    def health(self):
+        return [MemberHealth(self.key, "up")]
 
     def head_manifest(self, name, reference, accept, retry=False):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
@@ -182,7 +187,7 @@ class Rig:
         self.store.prepare()
         self.upstream = upstream(self.reactor, self.metrics) if callable(upstream) else upstream or HandFedUpstream()
         main = Registry("docker.io", frozenset(hosts), self.upstream, tag_ttl, max_stale)
-        self.policy = Policy([main, *others], self.reactor)
+        self.policy = Policy([main, *others], self.reactor, pulls=PullRules(metrics=self.metrics))
         self.fills = Fills(self.store, self.reactor, self.metrics)
         tags = TagMap(self.root, inline, self.store.index)
         tags.count()
