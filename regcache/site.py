@@ -4,10 +4,12 @@ The HTTP side facing clients: the channel each client connection gets, and
 the Site that serves the routes with an access log and request metrics.
 """
 
+import re
+
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from regcache.errors import RegistryError
 
@@ -18,6 +20,14 @@ IDLE_CLIENT_TIMEOUT = 120
 #: The refusal of a request body: what any body gets, route or none.
 _NO_BODY = RegistryError("UNSUPPORTED", "regcache is a read-only mirror and takes no request body", status=413)
 
+#: A Host field value as RFC 9112 §3.2 allows it: a reg-name or an IP
+#: literal, then perhaps a port.  Anything else is a 400 there.
+_HOST = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]{0,255}|\[[0-9A-Fa-f:.]{2,63}\])(?::[0-9]{0,5})?")
+
+_BAD_HOST = RegistryError("UNSUPPORTED", "the Host header is not a host name", status=400)
+
+_REASONS = {400: b"Bad Request", 413: b"Content Too Large"}
+
 
 class Channel(HTTPChannel):
     """
@@ -25,6 +35,9 @@ class Channel(HTTPChannel):
     does.  skopeo, podman and containerd try HTTPS first against an
     "insecure" registry; without an answer they wait ten seconds for the
     handshake to time out before falling back to HTTP.
+
+    Refuses a request whose Host field is not a host (RFC 9112 §3.2: one
+    Host, a reg-name or IP literal), or several of them, with a 400.
 
     Refuses any request that announces a body (a Content-Length above zero,
     or any Transfer-Encoding) as soon as its headers are in.  Twisted would
@@ -55,8 +68,12 @@ class Channel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
+        hosts = request.requestHeaders.getRawHeaders(b"host", [])
+        if len(hosts) > 1 or (hosts and not _HOST.fullmatch(hosts[0])):
+            self._refuse(request, _BAD_HOST)
+            return
         if self.length != 0 or request.requestHeaders.hasHeader(b"transfer-encoding"):
-            self._refuse_body(request)
+            self._refuse(request, _NO_BODY)
             return
         super().allHeadersReceived()
 
@@ -65,20 +82,37 @@ class Channel(HTTPChannel):
         if not self._refused:
             super().rawDataReceived(data)
 
-    def _refuse_body(self, request) -> None:
+    def _refuse(self, request, error: RegistryError) -> None:
+        """
+        Answer ``error`` before any route runs, and close: what follows on
+        the connection (a body, pipelined requests) is never read.
+        """
         self._refused = True
         # Not 0, so Twisted does not go on to process the request.
         self.length = None
-        body = _NO_BODY.body()
+        body = error.body()
         self.transport.write(
-            b"HTTP/1.1 %d Content Too Large\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%s" % (_NO_BODY.status, len(body), body)
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%s"
+            % (error.status, _REASONS[error.status], len(body), body)
         )
         self.loseConnection()
         # The access log and metrics see it as any answered request.
         request.method, request.uri, request.path = self._command, self._path, self._path.split(b"?")[0]
-        request.code, request.sentLength, request.error_code = _NO_BODY.status, len(body), _NO_BODY.code
+        request.code, request.sentLength, request.error_code = error.status, len(body), error.code
         self.site.log(request)
+
+
+class RegcacheRequest(Request):
+    """
+    A request whose host, as the router sees it, is always the same: routes
+    answer alike whatever name regcache is reached by, and werkzeug would
+    otherwise fail (a 500) on a valid Host it cannot IDNA-encode, such as a
+    label of more than 63 characters.
+    """
+
+    def getRequestHostname(self) -> bytes:
+        return b"regcache"
 
 
 class RegcacheSite(Site):
@@ -88,6 +122,7 @@ class RegcacheSite(Site):
     """
 
     protocol = Channel
+    requestFactory = RegcacheRequest
 
     def __init__(self, resource, metrics, reactor):
         # Idle keep-alive connections are closed after two minutes rather
