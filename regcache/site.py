@@ -94,7 +94,8 @@ class Channel(HTTPChannel):
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%s"
-            % (error.status, _REASONS[error.status], len(body), body)
+            # A HEAD's answer has no body (RFC 9110 §9.3.2), only its length.
+            % (error.status, _REASONS[error.status], len(body), b"" if self._command == b"HEAD" else body)
         )
         self.loseConnection()
         # The access log and metrics see it as any answered request.

@@ -142,3 +142,14 @@ class HostTests(SynchronousTestCase):
                 self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), raw[:60])
                 self.assertIn(b"\r\nConnection: close\r\n", raw)
                 self.assertEqual(json.loads(raw.split(b"\r\n\r\n", 1)[1])["errors"][0]["code"], "UNSUPPORTED")
+
+    def test_a_refused_head_has_no_body(self):
+        """A HEAD refused before routing gets the error's length but no body, as any HEAD answer."""
+        channel = Rig().site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"HEAD /v2/ HTTP/1.1\r\nHost: a b\r\n\r\n")
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "))
+        self.assertIn(b"Content-Length: ", head)
+        self.assertEqual(body, b"")
