@@ -94,6 +94,11 @@ class HandFedUpstream:
         self.calls = []  # (name, digest, offset, Deferred)
         self.heads = []  # (name, digest, Deferred)
 
+    def health(self):
+        from regcache.remote import MemberHealth
+
+        return [MemberHealth(self.key, "up")]
+
     def repository(self, name):
         return name
 
