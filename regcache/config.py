@@ -19,7 +19,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import jsonschema
 import yaml
@@ -94,6 +94,15 @@ SETTINGS = (
             "Upstream wait for response headers"),
     Setting("idle-timeout", ("REGCACHE_IDLE_TIMEOUT",), "15s",
             "Upstream body stall that ends a download (it then resumes with Range)"),
+    Setting("client-header-timeout", ("REGCACHE_CLIENT_HEADER_TIMEOUT",), "10s",
+            "Longest a client may take to send a request's headers, from their first byte"),
+    Setting("client-progress-timeout", ("REGCACHE_CLIENT_PROGRESS_TIMEOUT",), "60s",
+            "A blob response whose client takes no bytes for this long is dropped"),
+    Setting("max-connections", ("REGCACHE_MAX_CONNECTIONS",), "auto",
+            "Most client connections open at once (health checks still answer past it); auto fits the "
+            "open-file limit, unlimited for none"),
+    Setting("max-connections-per-client", ("REGCACHE_MAX_CONNECTIONS_PER_CLIENT",), "256",
+            "Most connections open at once from one client address; unlimited for none"),
 )
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -211,6 +220,12 @@ class Config:
     default: str
     #: The config file read, if any.
     file: Optional[str] = None
+    client_header_timeout: float = 10.0
+    client_progress_timeout: float = 60.0
+    #: A number, None for no cap, or "auto": as many as the open-file limit
+    #: can serve (service.py works it out).
+    max_connections: Union[int, str, None] = "auto"
+    max_connections_per_client: Optional[int] = 256
 
 
 def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
@@ -262,6 +277,19 @@ def _windows(raw: Mapping[str, str]) -> dict:
         if name in raw:
             out[name.replace("-", "_")] = _duration(name, raw[name], positive=True)
     return out
+
+
+def _count(name: str, text: str, auto: bool = False) -> Union[int, str, None]:
+    """A positive whole number; None for unlimited; "auto" where ``auto`` allows it."""
+    word = text.strip().lower()
+    if _unlimited(word):
+        return None
+    if auto and word == "auto":
+        return "auto"
+    if not (word.isascii() and word.isdigit()) or len(word) > 9 or int(word) <= 0:
+        raise ConfigError(f"--{name}: not a positive whole number: {text[:40]!r}"
+                          + (" (or auto, or unlimited)" if auto else " (or unlimited)"))
+    return int(word)
 
 
 def _read_password(where: str, path: str) -> str:
@@ -338,6 +366,10 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         upstreams=upstreams,
         default=default,
         file=file or None,
+        client_header_timeout=_duration("client-header-timeout", raw["client-header-timeout"], positive=True),
+        client_progress_timeout=_duration("client-progress-timeout", raw["client-progress-timeout"], positive=True),
+        max_connections=_count("max-connections", raw["max-connections"], auto=True),
+        max_connections_per_client=_count("max-connections-per-client", raw["max-connections-per-client"]),
     )
 
 

@@ -7,6 +7,8 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.
 """
 
+import resource
+
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -24,7 +26,7 @@ from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
 from regcache.routes import RegistryRoutes
-from regcache.site import RegcacheSite
+from regcache.site import ClientLimits, RegcacheSite
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
@@ -46,6 +48,26 @@ def _registry(config, reactor, metrics) -> Registry:
     ]
     upstream = members[0] if len(members) == 1 else Chain(members, reactor, key=config.name)
     return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias)
+
+
+#: Descriptors kept back from client connections: the listening socket,
+#: the store's files and thread pool, upstream connections, the logs.
+DESCRIPTOR_RESERVE = 64
+
+#: The most descriptors one client connection can hold: its socket, a blob
+#: file, and the socket's duplicate the sendfile sender watches.
+DESCRIPTORS_PER_CONNECTION = 3
+
+
+def connection_cap(setting, open_files: int):
+    """
+    The total connection cap: as set, or for "auto" as many connections as
+    the open-file limit can give a blob response each, after the reserve,
+    so that running out of descriptors can never turn away a health check.
+    """
+    if setting != "auto":
+        return setting
+    return max(1, (open_files - DESCRIPTOR_RESERVE) // DESCRIPTORS_PER_CONNECTION)
 
 
 def _served(config) -> str:
@@ -85,7 +107,17 @@ def build(config, reactor) -> MultiService:
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)
-    site = RegcacheSite(routes.app.resource(), metrics, reactor)
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limits = ClientLimits(
+        head_timeout=config.client_header_timeout,
+        progress_timeout=config.client_progress_timeout,
+        max_connections=connection_cap(config.max_connections, open_files),
+        max_per_client=config.max_connections_per_client,
+    )
+    Logger().info("Client connections: at most {total} in all, {per} per address (open-file limit {files})",
+                  total=limits.max_connections or "unlimited", per=limits.max_per_client or "unlimited",
+                  files=open_files)
+    site = RegcacheSite(routes.app.resource(), metrics, reactor, limits)
 
     # Before the port: the start-up scan is under way when the first
     # request arrives, and eviction waits for it.
