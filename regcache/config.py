@@ -25,6 +25,8 @@ import jsonschema
 import yaml
 from urllib.parse import urlsplit
 
+from regcache import addresses
+
 DOCKER_HUB = "https://registry-1.docker.io"
 
 #: Docker Hub's registry host names: ``docker.io`` in image references,
@@ -94,6 +96,9 @@ SETTINGS = (
             "Upstream wait for response headers"),
     Setting("idle-timeout", ("REGCACHE_IDLE_TIMEOUT",), "15s",
             "Upstream body stall that ends a download (it then resumes with Range)"),
+    Setting("upstream-allow", ("REGCACHE_UPSTREAM_ALLOW",), None,
+            "Networks (CIDR, comma-separated) an upstream's redirects and token realms may lead to beyond the "
+            "default rule: never to an address more private than the upstream's own"),
     Setting("client-header-timeout", ("REGCACHE_CLIENT_HEADER_TIMEOUT",), "10s",
             "Longest a client may take to send a request's headers, from their first byte"),
     Setting("client-progress-timeout", ("REGCACHE_CLIENT_PROGRESS_TIMEOUT",), "60s",
@@ -226,6 +231,8 @@ class Config:
     #: can serve (service.py works it out).
     max_connections: Union[int, str, None] = "auto"
     max_connections_per_client: Optional[int] = 256
+    #: Networks upstreams may lead to beyond the rule in regcache.addresses.
+    upstream_allow: Tuple[Any, ...] = ()
 
 
 def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
@@ -290,6 +297,13 @@ def _count(name: str, text: str, auto: bool = False) -> Union[int, str, None]:
         raise ConfigError(f"--{name}: not a positive whole number: {text[:40]!r}"
                           + (" (or auto, or unlimited)" if auto else " (or unlimited)"))
     return int(word)
+
+
+def _networks(name: str, text: str) -> tuple:
+    try:
+        return addresses.networks(text.split(","))
+    except ValueError as e:
+        raise ConfigError(f"--{name}: {e}") from None
 
 
 def _read_password(where: str, path: str) -> str:
@@ -370,6 +384,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         client_progress_timeout=_duration("client-progress-timeout", raw["client-progress-timeout"], positive=True),
         max_connections=_count("max-connections", raw["max-connections"], auto=True),
         max_connections_per_client=_count("max-connections-per-client", raw["max-connections-per-client"]),
+        upstream_allow=_networks("upstream-allow", raw["upstream-allow"] or ""),
     )
 
 

@@ -8,6 +8,7 @@ receive what they use.
 """
 
 import resource
+from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
@@ -33,7 +34,7 @@ from regcache.tags import TagMap
 from regcache.upstream import Timeouts, Upstream
 
 
-def _registry(config, reactor, metrics) -> Registry:
+def _registry(config, reactor, metrics, allowed=()) -> Registry:
     """
     The upstream ``config`` describes: one registry, or a chain of them
     tried in order, each member with an HTTP client (and connection pool),
@@ -41,7 +42,8 @@ def _registry(config, reactor, metrics) -> Registry:
     """
     timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
     members = [
-        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout), reactor, metrics,
+        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout, urlsplit(url.url).hostname, allowed),
+                 reactor, metrics,
                  Credentials(url.username, url.password) if url.username else None, timeouts,
                  docker_hub=config.docker_hub, key=config.name, realms=config.realms)
         for url in config.urls
@@ -98,7 +100,7 @@ def build(config, reactor) -> MultiService:
     if removed:
         Logger().info("Removed {n} unfinished downloads left by an earlier run", n=removed)
 
-    registries = [_registry(u, reactor, metrics) for u in config.upstreams]
+    registries = [_registry(u, reactor, metrics, config.upstream_allow) for u in config.upstreams]
     policy = Policy(registries, reactor, config.default)
     fills = Fills(store, reactor, metrics)
     tags = TagMap(config.storage, run, store.index)

@@ -12,9 +12,10 @@ import os
 import string
 
 from hypothesis import given, settings, strategies as st
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.http_headers import Headers
 
-from regcache import body, config, headers, manifests
+from regcache import body, config, headers, manifests, upstream_http
 from regcache.errors import RegistryError
 from regcache.policy import Policy, Registry
 from regcache.reference import Digest, InvalidReference, check_name, check_tag
@@ -97,13 +98,18 @@ def test_a_content_length_is_a_plain_decimal_or_unknown(value):
     assert n is None or (isinstance(n, int) and 0 <= n < 10**30)
 
 
-@given(st.sampled_from(["https://registry-1.docker.io/v2/", "http://127.0.0.1:5000/x"]), tricky)
+@given(st.sampled_from(["https://registry-1.docker.io/v2/", "http://127.0.0.1:5000/x"]),
+       st.one_of(tricky, st.sampled_from(["http://[::1]:22/", "//[fe80::1%25eth0]/", "http://[::ffff:1.2.3.4]/x",
+                                          "https://ex\u00e4mple.com/", "http://a..b/", "http://" + "a" * 64 + ".com/"])))
 def test_a_location_or_realm_is_an_http_url_with_a_host_or_nothing(base, reference):
     """What upstream names as a place to go is an http(s) URL with a host and a valid port, or None."""
     parts = headers.http_url(base, reference)
     if parts is not None:
         assert parts.scheme in ("http", "https") and parts.hostname
         assert parts.port is None or 0 <= parts.port <= 65535
+        # The upstream client can make a request of it: no exception on the way.
+        reactor = MemoryReactorClock()
+        upstream_http.client(reactor, 5).get(parts.geturl()).addErrback(lambda f: None)
 
 
 json_values = st.recursive(
