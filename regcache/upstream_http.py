@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.python.compat import nativeString
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -112,17 +112,17 @@ class Destinations:
             raise DNSLookupError(f"{host} has no address")
         return found
 
-    async def choose(self, host: str, port: int) -> str:
-        """The address to connect to for ``host``, or RefusedDestination."""
+    async def choose(self, host: str, port: int) -> List[str]:
+        """The addresses ``host`` may be reached at, in resolver order; RefusedDestination if none."""
         found = await self.resolve(host, port)
         if self.home is None or host.lower() == self.home:
             self._remember(found)
-            return found[0]
+            return found
         home = await self._rank(port)
-        for address in found:
-            if refusal(address, home, self.allowed) is None:
-                return address
-        raise RefusedDestination(host, refusal(found[0], home, self.allowed))
+        usable = [a for a in found if refusal(a, home, self.allowed) is None]
+        if not usable:
+            raise RefusedDestination(host, refusal(found[0], home, self.allowed))
+        return usable
 
     def _remember(self, found: List[str]) -> None:
         self._home_rank = max(privacy(a) for a in found)
@@ -153,9 +153,19 @@ class _Guarded:
         return Deferred.fromCoroutine(self._connect(factory))
 
     async def _connect(self, factory):
-        address = await self._destinations.choose(self._host, self._port)
+        # One address after another, as HostnameEndpoint would: a host with
+        # an IPv6 address first is still reached over IPv4 where v6 fails.
+        addresses = await self._destinations.choose(self._host, self._port)
+        for address in addresses[:-1]:
+            try:
+                return await self._dial(address, factory)
+            except ConnectError:
+                continue
+        return await self._dial(addresses[-1], factory)
+
+    def _dial(self, address: str, factory):
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        return await kind(self._reactor, address, self._port, timeout=self._timeout).connect(factory)
+        return kind(self._reactor, address, self._port, timeout=self._timeout).connect(factory)
 
 
 @implementer(IAgentEndpointFactory)

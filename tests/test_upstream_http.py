@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
 from zope.interface import implementer
@@ -217,3 +218,17 @@ class DestinationTests(SynchronousTestCase):
         self.get("http://127.0.0.2:5000/blob", home="127.0.0.1")
         self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.2", 5000))
         self.failureResultOf(self.get("http://metadata.example/", home="127.0.0.1"))
+
+    def test_a_failed_address_falls_through_to_the_next(self):
+        """
+        A host with two usable addresses is tried at the second when the
+        first cannot be reached, as HostnameEndpoint would.
+        """
+        from twisted.internet.error import ConnectionRefusedError
+
+        self.names.table["two.example"] = ["104.16.0.8", "104.16.0.9"]
+        self.get("http://two.example/")
+        host, port, factory = self.reactor.tcpClients[0][:3]
+        self.assertEqual(host, "104.16.0.8")
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(self.reactor.tcpClients[1][:2], ("104.16.0.9", 80))
