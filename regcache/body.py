@@ -20,7 +20,10 @@ complete answer: it sends them only once verified.
   chunks with ``pread`` and pauses when the client's buffer is full.
 
 Either way each client has its own position and its own backpressure, so
-memory stays bounded and a slow client slows nobody else.
+memory stays bounded and a slow client slows nobody else.  A client that
+takes no bytes at all for the site's ``progress_timeout`` (while bytes are
+there to take) is disconnected, which gives back its descriptors and the pin
+on the blob: Twisted's idle timer sleeps while a response is under way.
 """
 
 import os
@@ -75,7 +78,7 @@ def send(request, blob, start: int, end: int, reactor, metrics) -> Deferred:
     if _sendfile_ok(transport, reactor):
         sender = _SendfileSender(request, transport, blob, start, end, reactor, metrics)
     else:
-        sender = _ChunkSender(request, blob, start, end, metrics)
+        sender = _ChunkSender(request, blob, start, end, reactor, metrics)
     try:
         return sender.start()
     except BaseException:
@@ -104,17 +107,60 @@ def _pending(transport) -> int:
 class _Sender:
     log = Logger()
 
-    def __init__(self, request, blob, start: int, end: int, metrics):
+    def __init__(self, request, blob, start: int, end: int, reactor, metrics):
         self.request = request
         self.blob = blob
         self.fd = blob.fd
         self.pos = start
         self.end = end
         self.source = blob.source
+        self.reactor = reactor
         self.metrics = metrics
         self.done: Deferred = Deferred(lambda d: self._close())
         self._closed = False
         self._unsubscribe: Optional[Callable[[], None]] = None
+        site = getattr(request.channel, "site", None)
+        limits = getattr(site, "limits", None)
+        self._patience = limits.progress_timeout if limits is not None else None
+        self._stall = None
+        self._moved = False
+
+    def _progress(self) -> None:
+        """
+        Bytes went to the client.  A flag, not a new timer per chunk: the
+        timer looks at it when it fires, so a stall is noticed between one
+        and two ``progress_timeout`` after the last byte.
+        """
+        self._moved = True
+
+    def _watch(self) -> None:
+        """Start (or go on) watching for a client that takes nothing."""
+        if self._patience and not self._closed and self._stall is None:
+            self._moved = False
+            self._stall = self.reactor.callLater(self._patience, self._check)
+
+    def _check(self) -> None:
+        self._stall = None
+        if self._moved:
+            self._watch()
+        else:
+            self._stalled()
+
+    def _still(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        channel = self.request.channel
+        if channel is None:
+            return
+        self.log.info("Dropping a client that took no bytes of {what} in {seconds} s",
+                      what=self.request.path.decode("latin-1"), seconds=self._patience)
+        channel.site.tripped("progress_timeout", channel)
+        self._abort()
 
     def _ready(self) -> int:
         """
@@ -144,6 +190,9 @@ class _Sender:
         """
         Caught up with a growing file: sleep until the source has more.
         """
+        # Waiting on the download, not on the client: the fill has
+        # deadlines of its own.
+        self._still()
         if self._unsubscribe is None:
             self._unsubscribe = self.source.subscribe(self._more)
 
@@ -151,12 +200,14 @@ class _Sender:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._watch()
         self._resume()
 
     def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._still()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -194,6 +245,7 @@ class _ChunkSender(_Sender):
     def start(self) -> Deferred:
         self._headers()
         self.request.registerProducer(self, True)
+        self._watch()
         self._resume()
         return self.done
 
@@ -222,6 +274,7 @@ class _ChunkSender(_Sender):
                 return self._abort()
             self.pos += len(data)
             self.metrics.served_bytes.labels("read").inc(len(data))
+            self._progress()
             self.request.write(data)
 
 
@@ -234,15 +287,15 @@ class _SendfileSender(_Sender):
     """
 
     def __init__(self, request, transport, blob, start, end, reactor, metrics):
-        super().__init__(request, blob, start, end, metrics)
+        super().__init__(request, blob, start, end, reactor, metrics)
         self.transport = transport
-        self.reactor = reactor
         self.sock = -1
         self._writing = False
 
     def start(self) -> Deferred:
         self._headers()  # into the transport's buffer, flushed before any sendfile
         self.sock = os.dup(self.transport.fileno())
+        self._watch()
         self._resume()
         return self.done
 
@@ -292,6 +345,7 @@ class _SendfileSender(_Sender):
             self.log.error("Blob file ended early at byte {pos}", pos=self.pos)
             return self._abort()
         self.pos += sent
+        self._progress()
         self.request.sentLength += sent
         self.metrics.served_bytes.labels("sendfile").inc(sent)
 

@@ -19,12 +19,13 @@ import json
 import os
 import re
 from dataclasses import dataclass, fields, replace
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import jsonschema
 import yaml
 from urllib.parse import urlsplit
 
+from regcache import addresses
 from regcache.rules import PatternError, Rule, RuleSet, name_regex, tag_regex
 
 DOCKER_HUB = "https://registry-1.docker.io"
@@ -96,6 +97,18 @@ SETTINGS = (
             "Upstream wait for response headers"),
     Setting("idle-timeout", ("REGCACHE_IDLE_TIMEOUT",), "15s",
             "Upstream body stall that ends a download (it then resumes with Range)"),
+    Setting("upstream-allow", ("REGCACHE_UPSTREAM_ALLOW",), None,
+            "Networks (CIDR, comma-separated) an upstream's redirects and token realms may lead to beyond the "
+            "default rule: never to an address more private than the upstream's own"),
+    Setting("client-header-timeout", ("REGCACHE_CLIENT_HEADER_TIMEOUT",), "10s",
+            "Longest a client may take to send a request's headers, from their first byte"),
+    Setting("client-progress-timeout", ("REGCACHE_CLIENT_PROGRESS_TIMEOUT",), "60s",
+            "A blob response whose client takes no bytes for this long is dropped"),
+    Setting("max-connections", ("REGCACHE_MAX_CONNECTIONS",), "auto",
+            "Most client connections open at once (health checks still answer past it); auto fits the "
+            "open-file limit, unlimited for none"),
+    Setting("max-connections-per-client", ("REGCACHE_MAX_CONNECTIONS_PER_CLIENT",), "256",
+            "Most connections open at once from one client address; unlimited for none"),
 )
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -213,6 +226,14 @@ class Config:
     default: str
     #: The config file read, if any.
     file: Optional[str] = None
+    client_header_timeout: float = 10.0
+    client_progress_timeout: float = 60.0
+    #: A number, None for no cap, or "auto": as many as the open-file limit
+    #: can serve (service.py works it out).
+    max_connections: Union[int, str, None] = "auto"
+    max_connections_per_client: Optional[int] = 256
+    #: Networks upstreams may lead to beyond the rule in regcache.addresses.
+    upstream_allow: Tuple[Any, ...] = ()
     #: The pull policy's rules, for the upstreams that have some.
     policy: Tuple[RuleSet, ...] = ()
 
@@ -275,6 +296,26 @@ def _windows(raw: Mapping[str, str]) -> dict:
         if name in raw:
             out[name.replace("-", "_")] = _duration(name, raw[name], positive=True)
     return out
+
+
+def _count(name: str, text: str, auto: bool = False) -> Union[int, str, None]:
+    """A positive whole number; None for unlimited; "auto" where ``auto`` allows it."""
+    word = text.strip().lower()
+    if _unlimited(word):
+        return None
+    if auto and word == "auto":
+        return "auto"
+    if not (word.isascii() and word.isdigit()) or len(word) > 9 or int(word) <= 0:
+        raise ConfigError(f"--{name}: not a positive whole number: {text[:40]!r}"
+                          + (" (or auto, or unlimited)" if auto else " (or unlimited)"))
+    return int(word)
+
+
+def _networks(name: str, text: str) -> tuple:
+    try:
+        return addresses.networks(text.split(","))
+    except ValueError as e:
+        raise ConfigError(f"--{name}: {e}") from None
 
 
 def _read_password(where: str, path: str) -> str:
@@ -352,6 +393,11 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         default=default,
         file=file or None,
         policy=policy,
+        client_header_timeout=_duration("client-header-timeout", raw["client-header-timeout"], positive=True),
+        client_progress_timeout=_duration("client-progress-timeout", raw["client-progress-timeout"], positive=True),
+        max_connections=_count("max-connections", raw["max-connections"], auto=True),
+        max_connections_per_client=_count("max-connections-per-client", raw["max-connections-per-client"]),
+        upstream_allow=_networks("upstream-allow", raw["upstream-allow"] or ""),
     )
 
 

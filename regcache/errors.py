@@ -114,6 +114,18 @@ _log = Logger(namespace="regcache.upstream")
 _CLOSED = (neterror.ConnectionLost, neterror.ConnectionDone, neterror.ConnectionClosed, ConnectionError)
 
 
+class RefusedDestination(neterror.ConnectError):
+    """An address the upstream led to that regcache will not connect to."""
+
+    def __init__(self, host: str, why: str):
+        super().__init__(string=why)
+        self.host = host
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"regcache will not connect to {self.host}: {self.why}"
+
+
 def _causes(value: BaseException) -> List[BaseException]:
     """The exception and, for the HTTP client's wrappers, every reason inside."""
     found = [value]
@@ -132,6 +144,9 @@ def in_words(who: str, value: BaseException) -> str:
     def any_of(*types) -> bool:
         return any(isinstance(c, types) for c in causes)
 
+    refused = [c for c in causes if isinstance(c, RefusedDestination)]
+    if refused:
+        return f"{who} led to a place regcache will not connect to: {refused[0].why}"
     if any_of(neterror.ConnectionRefusedError):
         return f"{who} refused the connection"
     if any_of(neterror.DNSLookupError):

@@ -8,6 +8,7 @@ front end has answered 403 to requests without one).
 from typing import Optional
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+from hyperlink import EncodedURL
 from twisted.web.http_headers import Headers
 
 from regcache import __version__
@@ -64,8 +65,9 @@ def http_url(base: str, reference: str) -> Optional[SplitResult]:
     """
     The split absolute http(s) URL that ``reference`` (a Location, a token
     realm) names relative to ``base``, or None if it names none.  urljoin
-    and urlsplit raise ValueError for a bad IPv6 literal, and ``port`` for a
-    port out of range: upstream's words, checked here once.
+    and urlsplit raise ValueError for a bad IPv6 literal, ``port`` for a
+    port out of range, and treq for a host it cannot encode: upstream's
+    words, checked here once.
     """
     try:
         parts = urlsplit(urljoin(base, reference))
@@ -73,5 +75,12 @@ def http_url(base: str, reference: str) -> Optional[SplitResult]:
     except ValueError:
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        # What treq does to a URL before it sends a request: it refuses (with
+        # an exception, not a failed Deferred) hosts that IDNA will not
+        # encode, IPv6 literals among them.
+        EncodedURL.from_text(parts.geturl()).to_uri().to_text().encode("ascii")
+    except (ValueError, UnicodeError):
         return None
     return parts

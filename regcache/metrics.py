@@ -119,6 +119,16 @@ class Metrics:
         self.evicted = Counter(
             "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r
         )
+        self.client_connections = Gauge(
+            "regcache_client_connections", "Open client connections", registry=r
+        )
+        self.client_limits = Counter(
+            "regcache_client_limits",
+            "Clients turned away by a limit: head_timeout, progress_timeout, max_connections, max_per_client",
+            ["limit"], registry=r,
+        )
+        for limit in ("head_timeout", "progress_timeout", "max_connections", "max_per_client"):
+            self.client_limits.labels(limit)
         self.ratelimit_limit = Gauge(
             "regcache_upstream_ratelimit_limit", "Latest ratelimit-limit from upstream",
             ["upstream", "member"], registry=r,

@@ -7,7 +7,9 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.
 """
 
+import resource
 import signal
+from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
@@ -28,14 +30,14 @@ from regcache.readiness import Readiness
 from regcache.reload import Reloads, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
-from regcache.site import RegcacheSite
+from regcache.site import ClientLimits, RegcacheSite
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
 from regcache.upstream import Timeouts, Upstream
 
 
-def _registry(config, reactor, metrics) -> Registry:
+def _registry(config, reactor, metrics, allowed=()) -> Registry:
     """
     The upstream ``config`` describes: one registry, or a chain of them
     tried in order, each member with an HTTP client (and connection pool),
@@ -43,13 +45,34 @@ def _registry(config, reactor, metrics) -> Registry:
     """
     timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
     members = [
-        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout), reactor, metrics,
+        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout, urlsplit(url.url).hostname, allowed),
+                 reactor, metrics,
                  Credentials(url.username, url.password) if url.username else None, timeouts,
                  docker_hub=config.docker_hub, key=config.name, realms=config.realms)
         for url in config.urls
     ]
     upstream = members[0] if len(members) == 1 else Chain(members, reactor, key=config.name)
     return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias)
+
+
+#: Descriptors kept back from client connections: the listening socket,
+#: the store's files and thread pool, upstream connections, the logs.
+DESCRIPTOR_RESERVE = 64
+
+#: The most descriptors one client connection can hold: its socket, a blob
+#: file, and the socket's duplicate the sendfile sender watches.
+DESCRIPTORS_PER_CONNECTION = 3
+
+
+def connection_cap(setting, open_files: int):
+    """
+    The total connection cap: as set, or for "auto" as many connections as
+    the open-file limit can give a blob response each, after the reserve,
+    so that running out of descriptors can never turn away a health check.
+    """
+    if setting != "auto":
+        return setting
+    return max(1, (open_files - DESCRIPTOR_RESERVE) // DESCRIPTORS_PER_CONNECTION)
 
 
 def _served(config) -> str:
@@ -88,7 +111,7 @@ def build(config, reactor, reread=None) -> MultiService:
     if removed:
         Logger().info("Removed {n} unfinished downloads left by an earlier run", n=removed)
 
-    registries = [_registry(u, reactor, metrics) for u in config.upstreams]
+    registries = [_registry(u, reactor, metrics, config.upstream_allow) for u in config.upstreams]
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
     fills = Fills(store, reactor, metrics)
@@ -98,7 +121,17 @@ def build(config, reactor, reread=None) -> MultiService:
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)
-    site = RegcacheSite(routes.app.resource(), metrics, reactor)
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limits = ClientLimits(
+        head_timeout=config.client_header_timeout,
+        progress_timeout=config.client_progress_timeout,
+        max_connections=connection_cap(config.max_connections, open_files),
+        max_per_client=config.max_connections_per_client,
+    )
+    Logger().info("Client connections: at most {total} in all, {per} per address (open-file limit {files})",
+                  total=limits.max_connections or "unlimited", per=limits.max_per_client or "unlimited",
+                  files=open_files)
+    site = RegcacheSite(routes.app.resource(), metrics, reactor, limits)
 
     # Before the port: the start-up scan is under way when the first
     # request arrives, and eviction waits for it.

@@ -7,6 +7,7 @@ calls) that touches the global reactor or the process environment.
 """
 
 import os
+import resource
 import sys
 
 from twisted import copyright
@@ -39,11 +40,29 @@ class Options(usage.Options):
         sys.exit(0)
 
 
+def raise_open_files() -> int:
+    """
+    Lift the soft open-file limit to the hard one, as nginx's
+    worker_rlimit_nofile does: the default soft limit (often 1,024) is far
+    below what a busy mirror's connections need.  Returns the limit now.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
 def makeService(options):
     from twisted.internet import reactor
 
     from regcache.service import build
 
+    raise_open_files()
     cli = {s.name: options[s.name] for s in settings.SETTINGS}
     try:
         return build(settings.load(cli, os.environ), reactor, reread=lambda: settings.load(cli, os.environ))

@@ -107,3 +107,49 @@ class RequestBodyTests(SynchronousTestCase):
         access = [e for e in events if e.get("log_namespace") == "regcache.access"]
         self.assertEqual([(e["method"], e["status"]) for e in access], [("PATCH", 413)])
         self.assertEqual(rig.metrics.requests.labels("blobs", "PATCH", "413")._value.get(), 1)
+
+
+class HostTests(SynchronousTestCase):
+    """
+    The Host field names no route: regcache answers alike whatever name it
+    is reached by, and a field that is not a host at all (RFC 9112 §3.2)
+    is a 400 before any route runs.
+    """
+
+    def send(self, *hosts: bytes) -> bytes:
+        channel = Rig().site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        head = b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+        channel.dataReceived(head + b"\r\n")
+        return transport.value()
+
+    def test_hosts_the_router_cannot_encode_are_served(self):
+        """
+        Valid host names werkzeug cannot IDNA-encode (a 64-character label,
+        an empty label, non-ASCII) are served as any other; they once made
+        the router fail with a 500.
+        """
+        for host in (b"a" * 64 + b".example", b"a..b", b"mirror:5000", b"[::1]:5000", b"127.0.0.1", b""):
+            with self.subTest(host=host):
+                self.assertTrue(self.send(host).startswith(b"HTTP/1.1 200 "))
+
+    def test_a_field_that_is_no_host_is_refused(self):
+        """Spaces, slashes, 300 characters or two Host fields: a 400 in OCI JSON, and the connection closed."""
+        for hosts in ((b"a b",), (b"evil/path",), (b"a" * 300,), (b"a", b"b"), (b"\xff",)):
+            with self.subTest(hosts=hosts):
+                raw = self.send(*hosts)
+                self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), raw[:60])
+                self.assertIn(b"\r\nConnection: close\r\n", raw)
+                self.assertEqual(json.loads(raw.split(b"\r\n\r\n", 1)[1])["errors"][0]["code"], "UNSUPPORTED")
+
+    def test_a_refused_head_has_no_body(self):
+        """A HEAD refused before routing gets the error's length but no body, as any HEAD answer."""
+        channel = Rig().site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"HEAD /v2/ HTTP/1.1\r\nHost: a b\r\n\r\n")
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "))
+        self.assertIn(b"Content-Length: ", head)
+        self.assertEqual(body, b"")

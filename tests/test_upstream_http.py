@@ -12,12 +12,18 @@ and the test makes that connection with Twisted's own tcp.Connector.
 import select
 
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
+from zope.interface import implementer
+
 from regcache import upstream_http
+from regcache.addresses import networks
 from regcache.upstream_http import UPSTREAM_READ_SIZE
 
 DEFAULT = tcp.Connection.bufferSize
@@ -135,3 +141,94 @@ class LoopbackTests(SynchronousTestCase):
         self.assertEqual(upstream.bufferSize, UPSTREAM_READ_SIZE)
         self.assertEqual(other.bufferSize, DEFAULT)
         self.close(d, upstream)
+
+
+@implementer(IHostnameResolver)
+class FixedNames:
+    """A resolver with a fixed table, so no test ever asks real DNS."""
+
+    def __init__(self, table):
+        self.table = table
+        self.asked = []
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        self.asked.append(hostName)
+        receiver.resolutionBegan(None)
+        for address in self.table.get(hostName, []):
+            kind = IPv6Address if ":" in address else IPv4Address
+            receiver.addressResolved(kind("TCP", address, portNumber))
+        receiver.resolutionComplete()
+
+
+class DestinationTests(SynchronousTestCase):
+    """
+    The upstream client dials only addresses no more private than its
+    upstream's own, whatever host a redirect names; a refused one is never
+    dialled.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.names = FixedNames({
+            "registry.example": ["104.16.0.1"],
+            "cdn.example": ["104.16.0.2"],
+            "metadata.example": ["169.254.169.254"],
+            "mixed.example": ["127.0.0.1", "104.16.0.3"],
+            "inside.example": ["10.0.0.7"],
+        })
+        self.reactor.installNameResolver(self.names)
+
+    def get(self, url, home="registry.example", allowed=()):
+        http = upstream_http.client(self.reactor, 5, home, networks(allowed))
+        return http.get(url)
+
+    def test_a_public_upstream_reaches_public_hosts(self):
+        """Its own host and a public CDN are dialled at the address they resolve to."""
+        self.get("https://registry.example/v2/")
+        self.get("http://cdn.example/blob")
+        self.assertEqual([c[:2] for c in self.reactor.tcpClients], [("104.16.0.1", 443), ("104.16.0.2", 80)])
+
+    def test_metadata_loopback_and_private_targets_are_never_dialled(self):
+        """
+        A redirect to the metadata address, a loopback literal, a private
+        host or 0.0.0.0 fails with a refusal that says why, and no
+        connection is even attempted.
+        """
+        for url, words in (("http://metadata.example/x", "169.254.169.254 is a link-local address"),
+                           ("http://127.0.0.1:22/", "loopback"), ("http://inside.example/", "private"),
+                           ("http://0.0.0.0:5000/", "unusable")):
+            with self.subTest(url=url):
+                failure = self.failureResultOf(self.get(url))
+                self.assertIn(words, str(failure.value))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_of_several_addresses_only_an_allowed_one_is_dialled(self):
+        """A name that resolves to loopback and a public address is dialled at the public one."""
+        self.get("http://mixed.example/")
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("104.16.0.3", 80))
+
+    def test_the_operator_may_open_a_network(self):
+        """``--upstream-allow 10.0.0.0/8`` lets a public upstream lead into it, and nowhere else."""
+        self.get("http://inside.example/", allowed=["10.0.0.0/8"])
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("10.0.0.7", 80))
+        self.failureResultOf(self.get("http://metadata.example/", allowed=["10.0.0.0/8"]))
+
+    def test_a_loopback_upstream_may_lead_to_loopback(self):
+        """As in the tests' fake Hub: loopback to loopback is allowed, loopback to link-local is not."""
+        self.get("http://127.0.0.2:5000/blob", home="127.0.0.1")
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.2", 5000))
+        self.failureResultOf(self.get("http://metadata.example/", home="127.0.0.1"))
+
+    def test_a_failed_address_falls_through_to_the_next(self):
+        """
+        A host with two usable addresses is tried at the second when the
+        first cannot be reached, as HostnameEndpoint would.
+        """
+        from twisted.internet.error import ConnectionRefusedError
+
+        self.names.table["two.example"] = ["104.16.0.8", "104.16.0.9"]
+        self.get("http://two.example/")
+        host, port, factory = self.reactor.tcpClients[0][:3]
+        self.assertEqual(host, "104.16.0.8")
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(self.reactor.tcpClients[1][:2], ("104.16.0.9", 80))

@@ -127,6 +127,20 @@ class ValuesTests(SynchronousTestCase):
         rig.pass_time(5)
         self.assertIn("unusable URL", self.assertCleanError(c, 502, 503))
 
+    def test_blob_redirect_to_a_host_the_client_cannot_encode(self):
+        """
+        A blob redirect to an IPv6 literal or a 64-character label (hosts
+        treq refuses with an exception, not a failed request) is a clean
+        error too; it was a 500.
+        """
+        for location in (b"http://[::1]:5000/x", b"http://" + b"a" * 64 + b".example/x"):
+            with self.subTest(location=location):
+                rig = self.rig()
+                self.reshaping.rules[:] = [("registry", "/blobs/", 307, header_rule(b"location", location))]
+                c = rig.get(self.layer(rig))
+                rig.pass_time(5)
+                self.assertIn("unusable URL", self.assertCleanError(c, 502, 503))
+
     def test_realm_with_a_broken_ipv6_literal_serves_stale(self):
         """A challenge whose realm does not split as a URL fails the revalidation, and the stale tag is served."""
         rig = self.cached_tag()

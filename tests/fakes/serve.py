@@ -60,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rate-limit", type=int, default=100000)
     p.add_argument("--no-rate-limit", action="store_true", help="send no rate-limit headers")
     p.add_argument("--interface", default="127.0.0.1")
+    p.add_argument("--cdn-host", metavar="HOST:PORT",
+                   help="the host blob redirects name instead of the CDN's own: a place regcache must refuse to go")
     p.add_argument("--catalog", choices=("hub", "ghcr"), default="hub",
                    help="Docker Hub's standard images, or a ghcr-like registry's owner/app:v1")
     return p.parse_args(argv)
@@ -99,6 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rate_limit=None if args.no_rate_limit else args.rate_limit,
     )
     server = LoopbackHub(hub, reactor, interface=args.interface).start()
+    if args.cdn_host:
+        hub.hosts["cdn"] = args.cdn_host
     line = dict(server.urls())
     line["images"] = {name: image.digest for name, image in images.items()}
     line["artifacts"] = {a.name: a.digest for a in artifacts}
