@@ -14,6 +14,7 @@ Work shared by key without a file to follow (tag checks, manifest GETs,
 tokens) is regcache.singleflight's.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from twisted.application.service import Service
@@ -280,6 +281,22 @@ class Fill:
             raise
 
 
+@dataclass(frozen=True)
+class FillProgress:
+    """
+    One download under way, as the status page shows it: ``bytes`` written
+    so far of ``total`` (None until upstream said), and the ``clients``
+    following it.
+    """
+
+    digest: str
+    repository: str
+    upstream: str
+    bytes: int
+    total: Optional[int]
+    clients: int
+
+
 class Fills:
     """
     The blob downloads under way, one per digest.
@@ -299,6 +316,20 @@ class Fills:
 
     def get(self, digest: Digest) -> Optional[Fill]:
         return self._fills.get(digest)
+
+    def progress(self) -> List[FillProgress]:
+        """
+        A read-only view of the downloads under way.  Every client reading
+        a blob pins it (regcache.index), so the pins on a digest being
+        downloaded are its clients, but for the one its writer holds while
+        it commits, once verified.
+        """
+        pins = self.store.index.pins
+        return [
+            FillProgress(str(f.digest), f.name, f.upstream.key, f.written, f.size,
+                         pins.get(f.digest, 0) - (1 if f.verified else 0))
+            for f in self._fills.values()
+        ]
 
     def start(self, upstream: Remote, name: str, digest: Digest) -> Fill:
         fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics)

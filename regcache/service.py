@@ -25,6 +25,7 @@ from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
 from regcache.routes import RegistryRoutes
 from regcache.site import RegcacheSite
+from regcache.status import Status
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
@@ -84,7 +85,11 @@ def build(config, reactor) -> MultiService:
     referrers = ReferrersCache(config.storage, run, tags)
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
-    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)
+    # Pull accounting (regcache.accounting.Accounting) is to be passed as
+    # ``usage``; without it the page counts no pulls.
+    status = Status(metrics, fills, registries, reactor, config.max_size, usage=None,
+                    docker_hub=[u.name for u in config.upstreams if u.docker_hub])
+    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status)
     site = RegcacheSite(routes.app.resource(), metrics, reactor)
 
     # Before the port: the start-up scan is under way when the first
