@@ -94,7 +94,12 @@ SETTINGS = (
             "Upstream wait for response headers"),
     Setting("idle-timeout", ("REGCACHE_IDLE_TIMEOUT",), "15s",
             "Upstream body stall that ends a download (it then resumes with Range)"),
+    Setting("log-format", ("REGCACHE_LOG_FORMAT",), "text",
+            "text (twistd's lines, for terminals) or json (one JSON object per line, for Fluent Bit)"),
 )
+
+#: What --log-format takes (regcache.logs).
+LOG_FORMATS = ("text", "json")
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {
@@ -211,6 +216,8 @@ class Config:
     default: str
     #: The config file read, if any.
     file: Optional[str] = None
+    #: One of LOG_FORMATS.
+    log_format: str = "text"
 
 
 def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
@@ -331,6 +338,9 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         max_size = None if _unlimited(raw["max-size"]) else parse_size("max-size", raw["max-size"])
     else:
         max_size = cache["max_size"]
+    log_format = raw["log-format"].strip().lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"--log-format: not a log format: {raw['log-format']!r} (use text or json)")
     return Config(
         listen=raw["listen"].strip(),
         storage=os.path.abspath(storage),
@@ -338,6 +348,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         upstreams=upstreams,
         default=default,
         file=file or None,
+        log_format=log_format,
     )
 
 

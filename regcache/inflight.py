@@ -141,6 +141,8 @@ class Fill:
         self.verified = False
         self.failure: Optional[Exception] = None
         self.resumes = 0
+        #: The registry sending the blob, once one answered.
+        self.source: Optional[str] = None
         self._writer = None
         self._listeners: List[Callable[[], None]] = []
         self._started: List[Deferred] = []
@@ -237,6 +239,7 @@ class Fill:
         stalled = 0
         stream = await self.upstream.open_blob(self.name, self.digest)
         while True:
+            self.source = stream.source
             self._sized(stream)
             before = self.written
             reader = _FillProtocol(self, self.written - stream.start, self.clock, stream.idle, stream.source)
@@ -344,25 +347,28 @@ class Fills:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
             self._running.pop(fill.digest, None)
-        took = self.clock.seconds() - started
+        # One event per download, whatever its end, with the fields of an
+        # upstream fetch (docs/logs.md): the per-request "upstream" events
+        # end at the headers; this one has the bytes.
+        fields = dict(event="fill", kind="blob", digest=str(fill.digest), upstream=fill.upstream.key,
+                      member=fill.source, bytes=fill.written, size=fill.size,
+                      duration=self.clock.seconds() - started, resumes=fill.resumes,
+                      error=result.getErrorMessage() if isinstance(result, Failure) else None)
         if isinstance(result, Failure) and fill.verified:
             self.log.warn(
-                "Blob fill verified but not stored: {digest} from {upstream}, {size} bytes in {took:.3f}s: "
+                "Blob fill verified but not stored: {digest} from {upstream}, {bytes} bytes in {duration:.3f}s: "
                 "{error}; its clients were served, the next request downloads it again",
-                digest=str(fill.digest), upstream=fill.upstream.key, size=fill.size,
-                took=took, error=result.getErrorMessage(), event="fill", outcome="unstored",
+                outcome="unstored", **fields,
             )
         elif isinstance(result, Failure):
             self.log.warn(
-                "Blob fill failed: {digest} from {upstream} after {written} bytes, {took:.3f}s: {error}",
-                digest=str(fill.digest), upstream=fill.upstream.key, written=fill.written,
-                took=took, error=result.getErrorMessage(), event="fill", outcome="failed",
+                "Blob fill failed: {digest} from {upstream} after {bytes} bytes, {duration:.3f}s: {error}",
+                outcome="failed", **fields,
             )
         else:
             self.log.info(
-                "Blob fill landed: {digest} from {upstream}, {size} bytes in {took:.3f}s, {resumes} resumes",
-                digest=str(fill.digest), upstream=fill.upstream.key, size=fill.size,
-                took=took, resumes=fill.resumes, event="fill", outcome="landed",
+                "Blob fill landed: {digest} from {upstream}, {bytes} bytes in {duration:.3f}s, {resumes} resumes",
+                outcome="landed", **fields,
             )
 
     def drain(self) -> Deferred:
