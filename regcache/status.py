@@ -300,17 +300,17 @@ TEMPLATE = """\
     </section>
     <section id="top-images">
       <h2>Most pulled</h2>
-      <table><tbody><tr t:render="top_images" class="image">
+      <div class="scroll"><table><tbody><tr t:render="top_images" class="image">
         <td><t:slot name="name"/></td><td class="num"><t:attr name="data-value"><t:slot name="pulls"/></t:attr><t:slot name="pulls"/></td>
-      </tr></tbody></table>
+      </tr></tbody></table></div>
     </section>
     <section id="upstreams">
       <h2>Upstreams</h2>
-      <table><tbody><tr t:render="upstreams" class="member">
+      <div class="scroll"><table><tbody><tr t:render="upstreams" class="member">
         <t:attr name="data-state"><t:slot name="state"/></t:attr>
-        <td><t:slot name="upstream"/></td><td><t:slot name="member"/></td>
+        <td><t:slot name="upstream"/><br/><t:slot name="member"/></td>
         <td><span><t:attr name="class">state <t:slot name="class"/></t:attr><t:slot name="state"/></span> <t:slot name="detail"/></td>
-      </tr></tbody></table>
+      </tr></tbody></table></div>
     </section>
   </div>
   <footer>regcache <t:slot name="version"/>, <t:slot name="time"/>. The same figures for scripts: <a href="status.json">status.json</a>.</footer>

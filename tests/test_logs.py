@@ -57,13 +57,13 @@ def line_schema():
     return {"type": "object", "properties": common, "required": sorted(common), "allOf": branches}
 
 
-def check_lines(case, text: str):
+def check_lines(text: str):
     """Every line of ``text`` is one JSON object matching the documented fields; returns them."""
     validator = jsonschema.Draft202012Validator(line_schema())
     lines = [json.loads(line) for line in text.splitlines()]
     for line in lines:
         errors = [e.message for e in validator.iter_errors(line)]
-        case.assertEqual(errors, [], line)
+        assert errors == [], (line, errors)
     return lines
 
 
@@ -185,7 +185,7 @@ class RequestEventTests(SynchronousTestCase):
         body.feed(data)
         body.end()
         self.assertEqual(c.body(), data)
-        lines = check_lines(self, as_json(events))
+        lines = check_lines(as_json(events))
         (request,) = [line for line in lines if line.get("event") == "request"]
         self.assertEqual({k: v for k, v in request.items() if k not in ("time", "message")}, {
             "level": "info", "namespace": "regcache.access", "event": "request", "method": "GET",
@@ -231,7 +231,7 @@ class UpstreamEventTests(SynchronousTestCase):
         image = rig.images["library/small:1"]
         self.assertEqual(rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL}).status(), 200)
         self.assertEqual(rig.get(f"/v2/library/small/blobs/{image.layers[0].digest}").status(), 200)
-        lines = check_lines(self, as_json(events))
+        lines = check_lines(as_json(events))
         upstream = [line for line in lines if line.get("event") == "upstream"]
         self.assertLessEqual({"manifest", "blob", "blob-redirect"}, {u["kind"] for u in upstream})
         self.assertEqual({u["member"] for u in upstream if u["kind"] == "manifest"}, {rig.hub.hosts["registry"]})
