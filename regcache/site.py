@@ -114,18 +114,20 @@ class RegcacheSite(Site):
     def log(self, request):  # noqa: F811 - twisted.web calls Site.log(request)
         """
         One event per answered request, its fields those docs/logs.md
-        lists.  The path is logged without its query, the one place a
-        client might put a secret, and cut to MAX_LOGGED_PATH.  Who asked
-        is client authentication's Identity when it set one.
+        lists.  Of the query only containerd's ``ns`` is kept (the rest is
+        where a client might put a secret), and the path is cut to
+        MAX_LOGGED_PATH.  Who asked is client authentication's Identity
+        when it set one.
         """
         self.metrics.count_request(request.path, request.method, request.code)
         identity = getattr(request, "identity", None)
         address = request.getClientAddress()
         started = getattr(request, "received_at", None)
+        ns = (request.args or {}).get(b"ns", [b""])[0].decode("latin-1")[:255] or None
         _access.info(
-            "{method} {path} {status} {bytes} {duration:.3f}s {cache}",
+            "{method} {path}" + ("?ns={ns}" if ns else "") + " {status} {bytes} {duration:.3f}s {cache}",
             event="request", method=request.method.decode("latin-1")[:16],
-            path=request.path.decode("latin-1")[:MAX_LOGGED_PATH], status=request.code,
+            path=request.path.decode("latin-1")[:MAX_LOGGED_PATH], ns=ns, status=request.code,
             bytes=request.sentLength,
             duration=self.reactor.seconds() - started if started is not None else 0.0,
             cache=getattr(request, "cache_result", None), upstream=getattr(request, "upstream", None),

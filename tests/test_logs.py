@@ -189,7 +189,7 @@ class RequestEventTests(SynchronousTestCase):
         (request,) = [line for line in lines if line.get("event") == "request"]
         self.assertEqual({k: v for k, v in request.items() if k not in ("time", "message")}, {
             "level": "info", "namespace": "regcache.access", "event": "request", "method": "GET",
-            "path": f"/v2/library/app/blobs/{digest}", "status": 200, "bytes": 5000, "duration": 2.5,
+            "path": f"/v2/library/app/blobs/{digest}", "ns": "docker.io", "status": 200, "bytes": 5000, "duration": 2.5,
             "cache": "miss", "upstream": "docker.io", "error": None, "client": "192.168.1.1", "user": None,
         })
         (fill,) = [line for line in lines if line.get("event") == "fill"]
