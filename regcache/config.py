@@ -109,7 +109,12 @@ SETTINGS = (
             "open-file limit, unlimited for none"),
     Setting("max-connections-per-client", ("REGCACHE_MAX_CONNECTIONS_PER_CLIENT",), "256",
             "Most connections open at once from one client address; unlimited for none"),
+    Setting("log-format", ("REGCACHE_LOG_FORMAT",), "text",
+            "text (twistd's lines, for terminals) or json (one JSON object per line, for Fluent Bit)"),
 )
+
+#: What --log-format takes (regcache.logs).
+LOG_FORMATS = ("text", "json")
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {
@@ -236,6 +241,8 @@ class Config:
     upstream_allow: Tuple[Any, ...] = ()
     #: The pull policy's rules, for the upstreams that have some.
     policy: Tuple[RuleSet, ...] = ()
+    #: One of LOG_FORMATS.
+    log_format: str = "text"
 
 
 def restart_needed(old: Config, new: Config) -> List[str]:
@@ -385,6 +392,9 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         max_size = None if _unlimited(raw["max-size"]) else parse_size("max-size", raw["max-size"])
     else:
         max_size = cache["max_size"]
+    log_format = raw["log-format"].strip().lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"--log-format: not a log format: {raw['log-format']!r} (use text or json)")
     return Config(
         listen=raw["listen"].strip(),
         storage=os.path.abspath(storage),
@@ -398,6 +408,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         max_connections=_count("max-connections", raw["max-connections"], auto=True),
         max_connections_per_client=_count("max-connections-per-client", raw["max-connections-per-client"]),
         upstream_allow=_networks("upstream-allow", raw["upstream-allow"] or ""),
+        log_format=log_format,
     )
 
 

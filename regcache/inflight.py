@@ -14,6 +14,7 @@ Work shared by key without a file to follow (tag checks, manifest GETs,
 tokens) is regcache.singleflight's.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from twisted.application.service import Service
@@ -140,6 +141,8 @@ class Fill:
         self.verified = False
         self.failure: Optional[Exception] = None
         self.resumes = 0
+        #: The registry sending the blob, once one answered.
+        self.source: Optional[str] = None
         self._writer = None
         self._listeners: List[Callable[[], None]] = []
         self._started: List[Deferred] = []
@@ -236,6 +239,7 @@ class Fill:
         stalled = 0
         stream = await self.upstream.open_blob(self.name, self.digest)
         while True:
+            self.source = stream.source
             self._sized(stream)
             before = self.written
             reader = _FillProtocol(self, self.written - stream.start, self.clock, stream.idle, stream.source)
@@ -280,6 +284,22 @@ class Fill:
             raise
 
 
+@dataclass(frozen=True)
+class FillProgress:
+    """
+    One download under way, as the status page shows it: ``bytes`` written
+    so far of ``total`` (None until upstream said), and the ``clients``
+    following it.
+    """
+
+    digest: str
+    repository: str
+    upstream: str
+    bytes: int
+    total: Optional[int]
+    clients: int
+
+
 class Fills:
     """
     The blob downloads under way, one per digest.
@@ -300,6 +320,20 @@ class Fills:
     def get(self, digest: Digest) -> Optional[Fill]:
         return self._fills.get(digest)
 
+    def progress(self) -> List[FillProgress]:
+        """
+        A read-only view of the downloads under way.  Every client reading
+        a blob pins it (regcache.index), so the pins on a digest being
+        downloaded are its clients, but for the one its writer holds while
+        it commits, once verified.
+        """
+        pins = self.store.index.pins
+        return [
+            FillProgress(str(f.digest), f.name, f.upstream.key, f.written, f.size,
+                         pins.get(f.digest, 0) - (1 if f.verified else 0))
+            for f in self._fills.values()
+        ]
+
     def start(self, upstream: Remote, name: str, digest: Digest) -> Fill:
         fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics)
         self._fills[digest] = fill
@@ -313,25 +347,28 @@ class Fills:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
             self._running.pop(fill.digest, None)
-        took = self.clock.seconds() - started
+        # One event per download, whatever its end, with the fields of an
+        # upstream fetch (docs/logs.md): the per-request "upstream" events
+        # end at the headers; this one has the bytes.
+        fields = dict(event="fill", kind="blob", digest=str(fill.digest), upstream=fill.upstream.key,
+                      member=fill.source, bytes=fill.written, size=fill.size,
+                      duration=self.clock.seconds() - started, resumes=fill.resumes,
+                      error=result.getErrorMessage() if isinstance(result, Failure) else None)
         if isinstance(result, Failure) and fill.verified:
             self.log.warn(
-                "Blob fill verified but not stored: {digest} from {upstream}, {size} bytes in {took:.3f}s: "
+                "Blob fill verified but not stored: {digest} from {upstream}, {bytes} bytes in {duration:.3f}s: "
                 "{error}; its clients were served, the next request downloads it again",
-                digest=str(fill.digest), upstream=fill.upstream.key, size=fill.size,
-                took=took, error=result.getErrorMessage(), event="fill", outcome="unstored",
+                outcome="unstored", **fields,
             )
         elif isinstance(result, Failure):
             self.log.warn(
-                "Blob fill failed: {digest} from {upstream} after {written} bytes, {took:.3f}s: {error}",
-                digest=str(fill.digest), upstream=fill.upstream.key, written=fill.written,
-                took=took, error=result.getErrorMessage(), event="fill", outcome="failed",
+                "Blob fill failed: {digest} from {upstream} after {bytes} bytes, {duration:.3f}s: {error}",
+                outcome="failed", **fields,
             )
         else:
             self.log.info(
-                "Blob fill landed: {digest} from {upstream}, {size} bytes in {took:.3f}s, {resumes} resumes",
-                digest=str(fill.digest), upstream=fill.upstream.key, size=fill.size,
-                took=took, resumes=fill.resumes, event="fill", outcome="landed",
+                "Blob fill landed: {digest} from {upstream}, {bytes} bytes in {duration:.3f}s, {resumes} resumes",
+                outcome="landed", **fields,
             )
 
     def drain(self) -> Deferred:

@@ -1,14 +1,106 @@
+# test-case-name: tests.test_logs,tests.integration.test_status_proc
 """
-Log observers for ``twistd --logger``: one JSON object per line, which
-Kubernetes log pipelines (fluent-bit, Loki) index without a parser.
+The log formats: ``--log-format text`` is twistd's own, for terminals;
+``--log-format json`` writes one JSON object per line, the shape Fluent
+Bit's ``json`` parser reads (``time`` in ISO 8601 UTC, ``level``,
+``message``) with every field of the event beside them, so the access log
+and the upstream fetches are searchable by field.  docs/logs.md lists them.
 
-    twistd -n --pidfile= --logger=regcache.logs.json regcache
+twistd starts logging to its Application's ILogObserver component when no
+``--logger`` is given, so the JSON observer is installed that way (see
+``Observed``) and works alike under ``twistd -n regcache``, the
+``regcache`` command and the container's entrypoint.  ``--logger
+regcache.logs.json`` still names the same format, for twistd command
+lines that already use it.
 """
 
+import json as _json
 import sys
+from datetime import datetime, timezone
+from typing import Optional
 
-from twisted.logger import jsonFileLogObserver
+from twisted.application.service import MultiService
+from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
+
+#: What the JSON line itself says; an event field of the same name is
+#: dropped rather than allowed to overwrite it.
+RESERVED = ("time", "level", "message", "namespace", "traceback")
+
+#: Keys legacy ``twisted.python.log`` events carry beside their log_ keys;
+#: the message already says what they hold.
+_LEGACY = ("isError", "system", "format", "why", "failure", "printed")
 
 
-def json():
-    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+def _plain(value):
+    """A value as JSON can hold it: what is not a plain value becomes its text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def json_line(event: dict) -> str:
+    """One event as one line of JSON, or, should that fail, a line saying so."""
+    try:
+        out = {
+            "time": datetime.fromtimestamp(event["log_time"], timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": event["log_level"].name,
+            "message": formatEvent(event),
+            "namespace": event.get("log_namespace"),
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            out["traceback"] = failure.getTraceback()
+        for key, value in event.items():
+            if key.startswith("log_") or key in RESERVED or key in _LEGACY:
+                continue
+            out[key] = _plain(value)
+        return _json.dumps(out, ensure_ascii=True, allow_nan=False, default=str) + "\n"
+    except Exception as e:
+        # An observer that raises is disabled for good: this line stands in.
+        return _json.dumps({"time": None, "level": "error",
+                            "message": f"regcache could not format a log event: {e!r}"}) + "\n"
+
+
+def observer(log_format: str, logfile: Optional[str] = None) -> Optional[ILogObserver]:
+    """
+    The observer ``log_format`` asks for, writing to twistd's ``--logfile``
+    if given, else stdout; None for ``text``, which twistd sets up itself.
+    Made before logging starts, so it holds the real stdout, not the one
+    twistd then redirects into the log.
+    """
+    if log_format != "json":
+        return None
+    out = sys.stdout if not logfile or logfile == "-" else LogFile.fromFullPath(logfile)
+    return FileLogObserver(out, json_line)
+
+
+def json() -> ILogObserver:
+    """``twistd --logger regcache.logs.json``: the JSON format on stdout."""
+    return FileLogObserver(sys.stdout, json_line)
+
+
+class Observed(MultiService):
+    """
+    ``service`` as twistd's Application gets it, with the log observer it
+    is to start logging to: a plugin's service meets the Application only
+    when it is added to it, so that is when the observer is named.
+    """
+
+    def __init__(self, service, log_observer: ILogObserver):
+        super().__init__()
+        self.log_observer = log_observer
+        service.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)

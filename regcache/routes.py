@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from regcache import __version__, body
 from regcache.errors import RegistryError
 from regcache.manifests import OCI_INDEX
-from regcache.reference import Digest, InvalidReference
+from regcache.reference import Digest, InvalidReference, is_digest
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 PULL_METHODS = ["GET", "HEAD"]
@@ -94,16 +94,18 @@ class RegistryRoutes:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, mirror, policy, metrics, reactor, not_ready):
+    def __init__(self, mirror, policy, metrics, reactor, not_ready, status=None):
         """
         ``not_ready()`` is None when this process should get clients, else
-        why not (regcache.readiness).
+        why not (regcache.readiness).  ``status`` (regcache.status.Status)
+        serves /status and counts the most pulled images; None: no page.
         """
         self.mirror = mirror
         self.policy = policy
         self.metrics = metrics
         self.reactor = reactor
         self.not_ready = not_ready
+        self.status = status
 
     # Probes and metrics
 
@@ -132,6 +134,34 @@ class RegistryRoutes:
 
         request.setHeader("Content-Type", CONTENT_TYPE)
         return sized(request, self.metrics.render())
+
+    # The status page
+
+    @app.route("/status", methods=["GET", "HEAD"])
+    async def status_page(self, request):
+        self._status_reader(request)
+        request.setHeader("Content-Type", "text/html; charset=utf-8")
+        # Inline styles only; nothing else may load or run.
+        request.setHeader("Content-Security-Policy",
+                          "default-src 'none'; style-src 'unsafe-inline'; img-src data:")
+        request.setHeader("Cache-Control", "no-store")
+        return sized(request, await self.status.render())
+
+    @app.route("/status.json", methods=["GET", "HEAD"])
+    def status_json(self, request):
+        self._status_reader(request)
+        request.setHeader("Content-Type", "application/json")
+        request.setHeader("Cache-Control", "no-store")
+        return sized(request, json.dumps(self.status.collect(), indent=1) + "\n")
+
+    def _status_reader(self, request) -> None:
+        """
+        Who may read the status page: the one place client authentication
+        (regcache.clientauth) is to be called for it, as at the start of
+        the /v2/ routes; until then the page is as open as /metrics.
+        """
+        if self.status is None:
+            raise RegistryError("NAME_UNKNOWN", "no status page here", status=404)
 
     # The registry API
 
@@ -171,6 +201,7 @@ class RegistryRoutes:
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
         route = self.policy.route(name, ns)
         self.policy.check(route, kind, reference)
+        request.upstream = route.registry.name
         if route.ns is not None:
             # The distribution spec's proxying section: a registry that used
             # ns says so.
@@ -190,6 +221,8 @@ class RegistryRoutes:
             route, reference, merged_accept(request), want_body=request.method == b"GET"
         )
         self._cache_result(request, answer.cache)
+        if self.status is not None and not is_digest(reference):
+            self.status.pulled(route.registry.name, route.name)
         request.setHeader("Content-Type", answer.media_type)
         request.setHeader("Docker-Content-Digest", str(answer.digest))
         request.setHeader("Etag", f'"{answer.digest}"')

@@ -31,6 +31,7 @@ from regcache.reload import Reloads, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
+from regcache.status import Status
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
@@ -120,7 +121,11 @@ def build(config, reactor, reread=None) -> MultiService:
     referrers = ReferrersCache(config.storage, run, tags)
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
-    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)
+    # Pull accounting (regcache.accounting.Accounting) is to be passed as
+    # ``usage``; without it the page counts no pulls.
+    status = Status(metrics, fills, registries, reactor, config.max_size, usage=None,
+                    docker_hub=[u.name for u in config.upstreams if u.docker_hub])
+    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status)
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     limits = ClientLimits(
         head_timeout=config.client_header_timeout,

@@ -60,14 +60,20 @@ def raise_open_files() -> int:
 def makeService(options):
     from twisted.internet import reactor
 
+    from regcache import logs
     from regcache.service import build
 
     raise_open_files()
     cli = {s.name: options[s.name] for s in settings.SETTINGS}
     try:
-        return build(settings.load(cli, os.environ), reactor, reread=lambda: settings.load(cli, os.environ))
+        config = settings.load(cli, os.environ)
+        service = build(config, reactor, reread=lambda: settings.load(cli, os.environ))
     except settings.ConfigError as e:
         raise SystemExit(f"regcache: {e}")
+    # twistd's own options (--logfile) are the parent of the plugin's.
+    twistd = options.parent or {}
+    observer = logs.observer(config.log_format, twistd.get("logfile"))
+    return service if observer is None else logs.Observed(service, observer)
 
 
 def main(argv=None):

@@ -373,9 +373,9 @@ class Upstream:
         self._count(method, kind, str(response.code))
         self.metrics.observe_ratelimit(self.key, self.host, response.headers, self.clock.seconds())
         self.log.info(
-            "upstream {method} {url} {status} in {took:.3f}s",
-            method=method, url=url.split("?")[0], status=response.code, kind=kind,
-            took=self.clock.seconds() - started, upstream=self.key, member=self.host, event="upstream",
+            "upstream {method} {url} {status} in {duration:.3f}s",
+            method=method, url=url.split("?")[0], status=response.code, kind=kind, bytes=_length(response),
+            duration=self.clock.seconds() - started, upstream=self.key, member=self.host, event="upstream",
         )
         return response
 

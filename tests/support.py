@@ -32,6 +32,7 @@ from regcache.remote import MemberHealth
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
 from regcache.site import RegcacheSite
+from regcache.status import Status
 from regcache.store import Store
 from regcache.tags import TagMap
 from regcache.upstream import Timeouts, blob_stream
@@ -119,6 +120,9 @@ class HandFedUpstream:
     def referrers(self, name, digest, artifact_type=None, retry=False):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
 
+    def health(self):
+        return [MemberHealth(self.key, "up")]
+
     def open_blob(self, name, digest):
         return self._open(name, digest, 0)
 
@@ -194,7 +198,12 @@ class Rig:
         referrers = ReferrersCache(self.root, inline, tags)
         self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
         self.readiness = Readiness(self.store, inline, self.reactor)
-        self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem)
+        # Docker Hub's name, as service.py marks a Docker Hub upstream; tests
+        # give it pull accounting (``status.usage``) and a limit as they need.
+        self.status = Status(self.metrics, self.fills, self.policy.registries, self.reactor, None,
+                             docker_hub=["docker.io"])
+        self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem,
+                                     self.status)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
 
     def client(self, path: str, method: str = "GET", headers=None) -> "Client":

@@ -40,15 +40,15 @@ class AccessLogTests(SynchronousTestCase):
     def test_each_request_is_one_structured_event(self):
         """
         A request is logged once, in the regcache.access namespace, with
-        its method, URI, status and length as fields.
+        its method, path (no query), status and bytes sent as fields.
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        c = Rig().client("/v2/")
+        c = Rig().client("/v2/?secret=x")
         access = [e for e in events if e.get("log_namespace") == "regcache.access"]
         self.assertEqual(len(access), 1)
         self.assertEqual(
-            {k: access[0][k] for k in ("method", "uri", "status", "length")},
-            {"method": "GET", "uri": "/v2/", "status": 200, "length": len(c.body())},
+            {k: access[0][k] for k in ("event", "method", "path", "status", "bytes")},
+            {"event": "request", "method": "GET", "path": "/v2/", "status": 200, "bytes": len(c.body())},
         )
 
 

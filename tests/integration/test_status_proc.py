@@ -1,0 +1,134 @@
+# test-case-name: tests.integration.test_status_proc
+"""
+The status page and the logs of a real regcache: pulls through twistd
+regcache in front of the fake Hub, /status rendered by headless Chromium
+with its key figures read back from the DOM and checked against
+/status.json, screenshots at desktop and phone width kept as artifacts,
+the JSON log lines checked against docs/logs.md, and no credential or
+token anywhere in the logs, the metrics or the status page.
+"""
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.clients import skopeo_pull
+from tests.integration.conftest import USERS
+from tests.test_logs import check_lines
+from tests.test_status import Page
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("REGCACHE_ARTIFACTS", os.path.join(tempfile.gettempdir(), "regcache-artifacts")))
+ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json, "
+                    "application/vnd.docker.distribution.manifest.v2+json"}
+
+
+def chromium(url: str, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``url``, with a profile of its own, sandboxless only as root."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    with tempfile.TemporaryDirectory(prefix="regcache-chromium-") as profile:
+        cmd = [CHROMIUM, "--headless", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
+               "--no-first-run", "--disable-extensions", *args, url]
+        if os.geteuid() == 0:
+            cmd.insert(1, "--no-sandbox")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def screenshot(url: str, name: str, width: int, height: int) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    if path.exists():
+        path.unlink()
+    chromium(url, f"--screenshot={path}", f"--window-size={width},{height}")
+    assert path.stat().st_size > 0
+    print(f"status page screenshot: {path}")
+    return path
+
+
+def test_status_page_in_chromium_matches_status_json(regcache, hub, images):
+    """
+    After a cold and a warm pull of an image, Chromium's DOM of /status
+    shows the figures /status.json gives (pulls, hit ratio, bytes saved,
+    store, the most pulled image, the upstream's health), and the page is
+    screenshot at desktop and phone width.
+    """
+    rc = regcache("--log-format", "json", "--max-size", "1Gi")
+    image = images["library/small:1"]
+    for _ in range(2):
+        status, _, _ = rc.get("/v2/library/small/manifests/1", headers=ACCEPT)
+        assert status == 200
+        for layer in image.layers:
+            status, _, body = rc.get(f"/v2/library/small/blobs/{layer.digest}")
+            assert status == 200 and len(body) == layer.size
+    status, headers, body = rc.get("/status.json")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    data = json.loads(body)
+    layer_bytes = sum(layer.size for layer in image.layers)
+    assert data["bytes"] == {"served": 2 * layer_bytes, "fetched": layer_bytes, "saved": layer_bytes}
+    # A single --upstream that is not Docker Hub is named after its host.
+    name = hub.registry_host
+    assert data["top_images"] == [{"name": f"{name}/library/small", "pulls": 2}]
+    assert data["cache"]["hits"] > 0 and data["cache"]["misses"] > 0
+    assert data["store"]["limit"] == 1024 ** 3 and data["store"]["bytes"] >= layer_bytes
+    assert [(u["upstream"], u["state"]) for u in data["upstreams"]] == [(name, "up")]
+
+    dom = chromium(rc.url + "/status", "--dump-dom").stdout
+    page = Page(dom)
+    assert page.value("pulls-6h") == str(data["docker_hub"]["pulls_6h"])
+    assert page.value("pulls-24h") == str(data["docker_hub"]["pulls_24h"])
+    assert float(page.value("hit-ratio")) == pytest.approx(data["cache"]["hit_ratio"])
+    assert page.value("bytes-saved") == str(data["bytes"]["saved"])
+    assert page.value("store-bytes") == str(data["store"]["bytes"])
+    assert page.value("store-limit") == str(data["store"]["limit"])
+    images_shown = [a["data-value"] for t, a in page.tags if t == "td" and "data-value" in a]
+    assert images_shown == [str(i["pulls"]) for i in data["top_images"]]
+    assert f"{name}/library/small" in page.text
+    assert [a["data-state"] for _, a in page.tags if a.get("class") == "member"] == ["up"]
+    assert len([t for t, _ in page.tags if t == "rect"]) == 24
+
+    screenshot(rc.url + "/status", "status-desktop.png", 1280, 900)
+    screenshot(rc.url + "/status", "status-phone.png", 390, 844)
+    requests = [line for line in check_lines(rc.log()) if line.get("event") == "request"]
+    assert {(r["path"], r["cache"]) for r in requests if "/blobs/" in r["path"]} == {
+        (f"/v2/library/small/blobs/{layer.digest}", c) for layer in image.layers for c in ("miss", "hit")}
+
+
+def test_no_credential_or_token_is_ever_shown(regcache, hub, images, tmp_path):
+    """
+    With upstream credentials and tokens issued by the fake Hub (and a
+    client that sends a secret of its own in a header and a query), no
+    log line, metric or status page holds the password, its Basic form,
+    or a token; every log line is valid JSON of the documented shape.
+    """
+    rc = regcache("--log-format", "json")
+    r = skopeo_pull(f"{rc.host}/ci/private:1", str(tmp_path / "pulled"))
+    assert r.returncode == 0, r.stderr
+    client_secret = "client-secret-0123456789"
+    rc.get(f"/v2/library/small/manifests/1?access_token={client_secret}",
+           headers=dict(ACCEPT, Authorization=f"Bearer {client_secret}"))
+    assert hub.stats()["tokens_issued"] > 0
+    password = USERS["ci"]
+    secrets = [password, base64.b64encode(f"ci:{password}".encode()).decode(), client_secret]
+    shown = {"log": rc.log()}
+    for path in ("/metrics", "/status", "/status.json"):
+        status, _, body = rc.get(path)
+        assert status == 200, path
+        shown[path] = body.decode("utf-8")
+    lines = check_lines(shown["log"])
+    # Tokens were used: every manifest request upstream after the first challenge carried one.
+    assert any(line.get("event") == "upstream" and line["kind"] == "manifest" and line["status"] == 200
+               for line in lines)
+    for where, text in shown.items():
+        for secret in secrets:
+            assert secret not in text, f"{where} shows a credential"
+        assert not re.search(r"(fake|refresh)-[0-9a-f]{32}", text), f"{where} shows a token"
