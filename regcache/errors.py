@@ -95,6 +95,22 @@ class UpstreamTimeout(UpstreamError):
     """
 
 
+class UpstreamUnreachable(UpstreamError):
+    """
+    No connection could be made: refused, no route, no DNS answer, or the
+    connect timeout.  Like a timeout, one is enough to call the upstream
+    sick (health.py).
+    """
+
+
+class UpstreamHeld(UpstreamError):
+    """
+    regcache did not contact the upstream at all: its circuit is open or a
+    429 paused it (health.py).  Retrying at once cannot help, so nothing
+    does.
+    """
+
+
 class UpstreamNotFound(Exception):
     """
     The upstream says the name, tag or digest does not exist (a 404, or
@@ -112,6 +128,10 @@ _log = Logger(namespace="regcache.upstream")
 
 #: How the connection ended when upstream (or the path to it) hung up.
 _CLOSED = (neterror.ConnectionLost, neterror.ConnectionDone, neterror.ConnectionClosed, ConnectionError)
+
+
+#: Failures to connect at all, as opposed to a connection that went wrong.
+_UNREACHABLE = (neterror.ConnectError, neterror.DNSLookupError)
 
 
 def _causes(value: BaseException) -> List[BaseException]:
@@ -163,6 +183,8 @@ def transport_error(who: str, reason, during: str) -> UpstreamError:
     message = in_words(who, value)
     detail = "; ".join(f"{type(c).__name__}: {c}" for c in _causes(value) if not getattr(c, "reasons", None))
     _log.warn("{message} while {during} ({detail})", message=message, during=during, detail=detail or repr(value))
+    if any(isinstance(c, _UNREACHABLE) for c in _causes(value)):
+        return UpstreamUnreachable(message)
     return UpstreamError(message)
 
 

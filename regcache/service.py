@@ -45,7 +45,8 @@ def _registry(config, reactor, metrics) -> Registry:
         for url in config.urls
     ]
     upstream = members[0] if len(members) == 1 else Chain(members, reactor, key=config.name)
-    return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias)
+    return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias,
+                    config.revalidate_deadline)
 
 
 def _served(config) -> str:
