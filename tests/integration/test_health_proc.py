@@ -12,6 +12,8 @@ for a state are bounded loops of attempts (bench/ has the figures).
 import json
 import re
 
+import pytest
+
 from tests.integration.clients import dir_digests, skopeo_pull
 from tests.integration.procs import until
 
