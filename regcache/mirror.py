@@ -224,8 +224,8 @@ class Mirror:
         def late(failure):
             failure.trap(TimeoutError)
             raise UpstreamError(
-                f"upstream {route.registry.name} did not confirm the tag within {deadline * 1000:g} ms (--revalidate-deadline); "
-                "the check goes on in the background"
+                f"upstream {route.registry.name} did not confirm the tag within {deadline * 1000:g} ms "
+                "(--revalidate-deadline); the check goes on in the background"
             )
 
         return check.addTimeout(deadline, self.clock).addErrback(late)

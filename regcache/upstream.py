@@ -187,7 +187,8 @@ class Upstream:
     async def _blob_from(self, name: str, digest: Digest, offset: int) -> BlobStream:
         """The blob from ``offset`` (with Range when past 0), its stream resuming here."""
         response = await self._retrying(
-            "GET", f"blob {digest}", lambda: self._exchange("GET", "blob", lambda: self._open_blob(name, digest, offset))
+            "GET", f"blob {digest}",
+            lambda: self._exchange("GET", "blob", lambda: self._open_blob(name, digest, offset)),
         )
         return blob_stream(response, offset, self.host, self.timeouts.idle,
                            lambda at: self._blob_from(name, digest, at))
