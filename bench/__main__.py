@@ -240,9 +240,13 @@ class Run:
     def outage(self) -> None:
         """
         A cached tag pull while the upstream is stopped (refused) and
-        black-holed, inside and outside regcache's revalidation window.
-        regcache restarts on its warm storage with a short window
-        (``--tag-ttl``), so "outside" comes within seconds.
+        black-holed, inside and outside regcache's revalidation window,
+        and, black-holed, once regcache's circuit for it is open; an
+        uncached manifest pull black-holed, the first time and while the
+        circuit is open.  regcache restarts on its warm storage with a short
+        window (``--tag-ttl``), so "outside" comes within seconds.  The
+        reference has no window and no circuit: its figures are the same
+        requests at the same moments.
         """
         ttl = self.args.outage_ttl
         old = self.warm["regcache"]
@@ -252,26 +256,69 @@ class Run:
         self.instances.append(m)
         self.warm["regcache"] = m
         small = self.images["small"]
+        timeout = regcache_default("header-timeout")
         for label in MIRRORS:
             m = self.warm[label]
+            regcache = label == "regcache"
             out = self.r[label].setdefault("outage", {})
             for mode in ("refuse", "blackhole"):
                 log(f"{label}: cached tag pull with the upstream {mode}")
                 self.upstream.switch("forward")
-                if label == "regcache":
+                if regcache:
+                    self._until_circuit(m, 0, lambda: self._revalidate(m, small))
                     time.sleep(ttl + 0.5)  # so the next pull revalidates: the window starts now
                 self.attempt(f"{label} pull before {mode}", measure.pull, m.host, small)
                 checked = time.monotonic()
                 self.upstream.switch(mode)
                 out[f"{mode}_inside"] = self._timed_pull(m, small)
-                if label == "regcache":
+                if regcache:
                     time.sleep(max(checked + ttl + 0.5 - time.monotonic(), 0))
                     out[f"{mode}_outside"] = self._timed_pull(m, small)
                 else:
                     out[f"{mode}_outside"] = out[f"{mode}_inside"]  # no window: every tag pull goes upstream
+            # Black-holed still: the check the last pull left running ends at
+            # the header timeout and opens the circuit.
+            if regcache:
+                self._until_circuit(m, 2, lambda: None, attempts=int(timeout * 10) + 50)
+            out["blackhole_open"] = self._timed_pull(m, small)
+            out["uncached_blackhole_open"] = self._timed_get(m, small, "uncached-open")
+            log(f"{label}: uncached pull with the upstream black-holed, circuit closed")
+            self.upstream.switch("forward")
+            if regcache:
+                self._until_circuit(m, 0, lambda: self._revalidate(m, small))
+            self.upstream.switch("blackhole")
+            out["uncached_blackhole_first"] = self._timed_get(m, small, "uncached-first")
             self.upstream.switch("forward")
         self.r["meta"]["outage_tag_ttl_s"] = ttl
-        self.r["meta"]["regcache_header_timeout_s"] = regcache_default("header-timeout")
+        self.r["meta"]["regcache_header_timeout_s"] = timeout
+
+    def _revalidate(self, m, image) -> None:
+        """A manifest request of the tag (answered whatever the upstream does), to let a probe through."""
+        measure._http(f"{m.url}/v2/{image.name}/manifests/{image.tag}", headers={"Accept": measure.ACCEPT})
+
+    def _until_circuit(self, m, state: int, nudge, attempts: int = 100) -> None:
+        """
+        Wait, in a bounded number of 0.1 s steps, for regcache's
+        regcache_upstream_circuit_state to be ``state``, calling ``nudge``
+        between looks (a closed circuit needs a request to close it).
+        """
+        for _ in range(attempts):
+            _, body = measure._http(m.url + "/metrics")
+            values = [line.rsplit(" ", 1)[1] for line in body.decode().splitlines()
+                      if line.startswith("regcache_upstream_circuit_state{")]
+            if values and float(values[0]) == state:
+                return
+            nudge()
+            time.sleep(0.1)
+        self.r["meta"].setdefault("failures", []).append(f"regcache circuit never reached state {state}")
+
+    def _timed_get(self, m, image, tag: str) -> dict:
+        """An uncached manifest pull: one GET of a tag the mirror has never seen, timed, with its answer."""
+        t = time.monotonic()
+        code, body = measure._http(f"{m.url}/v2/{image.name}/manifests/{tag}", headers={"Accept": measure.ACCEPT},
+                                   timeout=60)
+        return {"seconds": time.monotonic() - t, "ok": code == 200, "status": code,
+                "error": body.decode("utf-8", "replace")[:200]}
 
     def startup(self) -> None:
         """

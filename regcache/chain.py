@@ -8,13 +8,14 @@ A Chain is a regcache.remote.Remote, so the mirror, the fills and the
 single-flight above them do not know one is there: concurrent clients still
 cause one request, which the chain sends to each member in turn until one
 answers.  A member that lacks the content (404, Docker Hub's
-insufficient_scope), refuses us (401, 403), is rate limiting (429, or in its
-own cool-down, which then costs no request at all), fails (5xx), cannot be
-reached or does not answer in time is passed over for the next one; the
-first that answers decides, for a tag's HEAD as for everything else.
+insufficient_scope), refuses us (401, 403), is rate limiting (429, or paused
+by an earlier one), fails (5xx), cannot be reached, does not answer in time
+or has its circuit open (which, like a pause, costs no request) is passed
+over for the next one; the first that answers decides, for a tag's HEAD as
+for everything else.
 
 Each member is a whole upstream.Upstream: its own credentials, token cache,
-token realms, cool-down, timeouts and metrics labels, so nothing one member
+token realms, health (circuit and 429 pauses), timeouts and metrics labels, so nothing one member
 is given ever reaches another.  What a member sends is checked by that
 member as it would be alone (a manifest against its digest; a blob by the
 fill, whichever member it came from), and a blob's stream resumes at the
@@ -112,7 +113,9 @@ class Chain:
 
     async def _first(self, what: str, call: Callable[[Remote], Awaitable[T]]) -> T:
         """
-        ``call`` on each member in turn until one answers.  When none does,
+        ``call`` on each member in turn until one answers.  A member whose
+        circuit is open or that a 429 paused raises at once (health.py), so
+        it is skipped without being contacted.  When none does,
         the content is missing (UpstreamNotFound) only if every member said
         so; otherwise some member may have it, and it fails as an outage
         (UpstreamError, so a stale copy may stand in), in words naming what

@@ -111,12 +111,15 @@ SETTINGS = (
             "Most connections open at once from one client address; unlimited for none"),
     Setting("log-format", ("REGCACHE_LOG_FORMAT",), "text",
             "text (twistd's lines, for terminals) or json (one JSON object per line, for Fluent Bit)"),
+    Setting("revalidate-deadline", ("REGCACHE_REVALIDATE_DEADLINE",), "300ms",
+            "Longest a pull of a cached tag waits for its revalidation before the cached copy is served "
+            "(the check goes on in the background)"),
 )
 
 #: What --log-format takes (regcache.logs).
 LOG_FORMATS = ("text", "json")
 
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
@@ -137,9 +140,9 @@ _UNLIMITED = ("unlimited", "none", "off")
 
 def parse_duration(name: str, text: str) -> float:
     """
-    Seconds from ``90``, ``90s``, ``5m``, ``1.5h`` or ``2d``.
+    Seconds from ``90``, ``90s``, ``5m``, ``1.5h``, ``2d`` or ``300ms``.
     """
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|[smhd]?)\s*", text.lower())
     if not m:
         raise ConfigError(f"--{name}: not a duration: {text!r} (use e.g. 60s, 5m, 1h)")
     seconds = float(m.group(1)) * _UNITS[m.group(2)]
@@ -219,6 +222,7 @@ class UpstreamConfig:
     idle_timeout: float
     alias: Optional[str] = None
     realms: Tuple[str, ...] = ()
+    revalidate_deadline: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,8 @@ def _windows(raw: Mapping[str, str]) -> dict:
     for name in _TIMEOUTS:
         if name in raw:
             out[name.replace("-", "_")] = _duration(name, raw[name], positive=True)
+    if "revalidate-deadline" in raw:
+        out["revalidate_deadline"] = _duration("revalidate-deadline", raw["revalidate-deadline"])
     return out
 
 
@@ -354,6 +360,7 @@ def single_upstream(raw: Mapping[str, Optional[str]], cli: Mapping[str, Optional
         "tag_ttl": _duration("tag-ttl", raw["tag-ttl"]),
         "max_stale": _limit_duration("max-stale", raw["max-stale"]),
         **{n.replace("-", "_"): _duration(n, raw[n], positive=True) for n in _TIMEOUTS},
+        "revalidate_deadline": _duration("revalidate-deadline", raw["revalidate-deadline"]),
     }
     return UpstreamConfig(
         name="docker.io" if hub else parts.netloc,
@@ -564,6 +571,7 @@ def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[st
         connect_timeout=duration("connect_timeout", "5s", positive=True),
         header_timeout=duration("header_timeout", "5s", positive=True),
         idle_timeout=duration("idle_timeout", "15s", positive=True),
+        revalidate_deadline=duration("revalidate_deadline", "300ms"),
         alias=u.get("alias"),
         realms=tuple(r.lower() for r in u.get("realms", DOCKER_HUB_REALMS if docker_hub else ())),
     )

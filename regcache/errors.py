@@ -95,6 +95,22 @@ class UpstreamTimeout(UpstreamError):
     """
 
 
+class UpstreamUnreachable(UpstreamError):
+    """
+    No connection could be made: refused, no route, no DNS answer, or the
+    connect timeout.  Like a timeout, one is enough to call the upstream
+    sick (health.py).
+    """
+
+
+class UpstreamHeld(UpstreamError):
+    """
+    regcache did not contact the upstream at all: its circuit is open or a
+    429 paused it (health.py).  Retrying at once cannot help, so nothing
+    does.
+    """
+
+
 class UpstreamNotFound(Exception):
     """
     The upstream says the name, tag or digest does not exist (a 404, or
@@ -124,6 +140,10 @@ class RefusedDestination(neterror.ConnectError):
 
     def __str__(self) -> str:
         return f"regcache will not connect to {self.host}: {self.why}"
+
+
+#: Failures to connect at all, as opposed to a connection that went wrong.
+_UNREACHABLE = (neterror.ConnectError, neterror.DNSLookupError)
 
 
 def _causes(value: BaseException) -> List[BaseException]:
@@ -178,6 +198,10 @@ def transport_error(who: str, reason, during: str) -> UpstreamError:
     message = in_words(who, value)
     detail = "; ".join(f"{type(c).__name__}: {c}" for c in _causes(value) if not getattr(c, "reasons", None))
     _log.warn("{message} while {during} ({detail})", message=message, during=during, detail=detail or repr(value))
+    causes = _causes(value)
+    # A place regcache refused to go says nothing of the upstream's health.
+    if any(isinstance(c, _UNREACHABLE) for c in causes) and not any(isinstance(c, RefusedDestination) for c in causes):
+        return UpstreamUnreachable(message)
     return UpstreamError(message)
 
 

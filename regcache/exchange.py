@@ -16,7 +16,7 @@ inflight.py's idle timer.
 
 from typing import Callable, List, Optional
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -129,6 +129,9 @@ class Limits:
             return await send().addTimeout(self.header, self.clock, onTimeoutCancel=_timed_out)
         except TimeoutError:
             raise UpstreamTimeout(f"{who} did not answer within {self.header:g} s (--header-timeout)") from None
+        except CancelledError:
+            # Whoever waited gave up: no news of the upstream's health.
+            raise
         except Exception:
             raise transport_error(who, Failure(), during) from None
 

@@ -5,7 +5,8 @@ one header every upstream request carries, the ``User-Agent`` (Docker Hub's
 front end has answered 403 to requests without one).
 """
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from hyperlink import EncodedURL
@@ -59,6 +60,31 @@ def retry_after(headers: Headers) -> Optional[float]:
         return None
     low, high = RETRY_AFTER_RANGE
     return min(max(float(seconds), low), high)
+
+
+def ratelimit(headers: Headers, name: bytes) -> Tuple[Optional[int], Optional[int]]:
+    """
+    A rate-limit header, ``100;w=21600``, as (count, window seconds); None
+    for what is absent or does not read, each part on its own.
+    """
+    value = header(headers, name)
+    if not value:
+        return None, None
+    count, _, rest = value.partition(";")
+    key, _, window = rest.partition("=")
+    return decimal(count.strip()), decimal(window.strip()) if key.strip().lower() == "w" else None
+
+
+def retry_after_seconds(wait: Optional[float], default: float = 60.0) -> int:
+    """
+    The Retry-After regcache sends its own clients: whole seconds within
+    RETRY_AFTER_RANGE, whatever ``wait`` is (None, NaN or infinite reads as
+    ``default``), so no value from upstream can fail the answer.
+    """
+    if wait is None or not math.isfinite(wait):
+        wait = default
+    low, high = RETRY_AFTER_RANGE
+    return int(math.ceil(min(max(wait, low), high)))
 
 
 def http_url(base: str, reference: str) -> Optional[SplitResult]:

@@ -7,13 +7,13 @@ else keeps counts.  The registry is per instance, not prometheus-client's
 global one, so tests and several mirrors in one process never share numbers.
 """
 
-import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from regcache.headers import ratelimit
 from regcache.routes import split_path
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -59,18 +59,6 @@ class RateLimit:
     window: Optional[int] = None
     source: Optional[str] = None
     seen: Optional[float] = None
-
-
-_RL = re.compile(r"\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
-
-
-def _parse_rl(value: Optional[str]):
-    if not value:
-        return None, None
-    m = _RL.match(value)
-    if not m:
-        return None, None
-    return int(m.group(1)), int(m.group(2)) if m.group(2) else None
 
 
 class Metrics:
@@ -147,6 +135,12 @@ class Metrics:
             "regcache_reloads", "Reloads on SIGHUP by what was reloaded (policy, ...) and result (ok, failed)",
             ["what", "result"], registry=r,
         )
+        # 0 up, 1 failing (errors, circuit still closed), 2 open (health.py).
+        self.circuit_state = Gauge(
+            "regcache_upstream_circuit_state",
+            "Circuit of each upstream registry: 0 up, 1 failing, 2 open (not contacted but for one probe)",
+            ["upstream", "member"], registry=r,
+        )
         #: Keyed by (upstream, member): each registry of a chain counts its own pulls.
         self.ratelimits: Dict[Tuple[str, str], RateLimit] = {}
 
@@ -156,8 +150,8 @@ class Metrics:
         matched case-insensitively (twisted Headers does that) and the
         ``;w=`` window is kept.
         """
-        limit, window = _parse_rl(_first(headers, b"ratelimit-limit"))
-        remaining, rwindow = _parse_rl(_first(headers, b"ratelimit-remaining"))
+        limit, window = ratelimit(headers, b"ratelimit-limit")
+        remaining, rwindow = ratelimit(headers, b"ratelimit-remaining")
         if limit is None and remaining is None:
             return
         rl = self.ratelimits.setdefault((upstream, member), RateLimit())

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from regcache.body import Source
@@ -171,9 +171,12 @@ class Mirror:
             fallback = await self._stand_in(route, key, known, types, want_body)
             retry = fallback is None
             try:
-                entry = await self._tag_checks.run(
+                check = self._tag_checks.run(
                     key, lambda: Deferred.fromCoroutine(self._check_tag(route, tag, types, key, known, retry))
                 )
+                if fallback is not None:
+                    check = self._within_deadline(check, route)
+                entry = await check
                 cache = "revalidated" if known is not None and known.digest == entry.digest else "miss"
             except UpstreamNotFound:
                 raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}:{tag}")
@@ -206,6 +209,26 @@ class Mirror:
                 "which the Accept header does not include",
             )
         return ManifestAnswer(digest, media_type, size, body, cache, warning)
+
+    def _within_deadline(self, check: Deferred, route: Route) -> Deferred:
+        """
+        This client's wait for a tag check, given up at the registry's
+        revalidate deadline as an upstream failure, so that the copy at
+        hand is served at once.  Only this client's own Deferred is
+        cancelled: the shared check goes on, updates the tag when it ends,
+        and its failure, if nobody waits any more, is logged by the
+        SingleFlight.
+        """
+        deadline = route.registry.revalidate_deadline
+
+        def late(failure):
+            failure.trap(TimeoutError)
+            raise UpstreamError(
+                f"upstream {route.registry.name} did not confirm the tag within {deadline * 1000:g} ms "
+                "(--revalidate-deadline); the check goes on in the background"
+            )
+
+        return check.addTimeout(deadline, self.clock).addErrback(late)
 
     async def _stand_in(self, route, key: TagKey, known: Optional[TagEntry], types: Tuple[str, ...], want_body: bool):
         """

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import FrozenSet, Optional, Sequence
 
 from regcache.errors import RegistryError, UpstreamError
+from regcache.headers import retry_after_seconds
 from regcache.identity import EVERYONE, Identity
 from regcache.reference import check_name
 from regcache.remote import Remote
@@ -35,6 +36,9 @@ class Registry:
     tag_ttl: float
     max_stale: Optional[float]
     alias: Optional[str] = None
+    #: How long a client with a cached copy waits for a tag check before
+    #: that copy is served (mirror.py).
+    revalidate_deadline: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -163,9 +167,8 @@ class Policy:
         UpstreamError's own words (which name the upstream).
         """
         if error.rate_limited:
-            wait = int(error.retry_after) if error.retry_after else 60
             return RegistryError(
                 "TOOMANYREQUESTS", f"{what} is not cached and {error}",
-                headers={"Retry-After": str(max(wait, 1))},
+                headers={"Retry-After": str(retry_after_seconds(error.retry_after))},
             )
         return RegistryError("UNAVAILABLE", f"{what} is not cached and {error}", status=503)

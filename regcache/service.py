@@ -53,7 +53,8 @@ def _registry(config, reactor, metrics, allowed=()) -> Registry:
         for url in config.urls
     ]
     upstream = members[0] if len(members) == 1 else Chain(members, reactor, key=config.name)
-    return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias)
+    return Registry(config.name, frozenset(config.hosts), upstream, config.tag_ttl, config.max_stale, config.alias,
+                    config.revalidate_deadline)
 
 
 #: Descriptors kept back from client connections: the listening socket,

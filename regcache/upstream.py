@@ -28,9 +28,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from regcache.auth import Challenge, Credentials, Realms, TokenCache, parse_challenge
-from regcache.errors import UpstreamError, UpstreamNotFound, UpstreamTimeout
+from regcache.errors import UpstreamError, UpstreamHeld, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits, abandon
-from regcache.headers import USER_AGENT, content_length, decimal, header, http_url, media_type_of, retry_after
+from regcache.headers import (USER_AGENT, content_length, decimal, header, http_url, media_type_of, ratelimit,
+                              retry_after)
+from regcache.health import Health
 from regcache.manifests import MAX_MANIFEST, OCI_INDEX, Manifest, check_index, sniffed_type
 from regcache.reference import Digest, InvalidReference
 from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, MemberHealth, Referrers, TagList
@@ -41,6 +43,15 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 #: Docker Hub's tag lists run to a few hundred KiB for the busiest images.
 MAX_TAG_LIST = 16 * 1024 * 1024
+
+#: The most of a 429's body read to tell the pull limit from the abuse
+#: limit: Hub's is a one-line JSON error.
+MAX_429_BODY = 8 * 1024
+
+#: What Docker Hub's pull-limit 429 says ("You have reached your pull rate
+#: limit", "...your unauthenticated pull rate limit"); a 429 without it is
+#: the abuse limit.
+PULL_LIMIT_WORDS = b"pull rate limit"
 
 
 @dataclass(frozen=True)
@@ -104,8 +115,7 @@ class Upstream:
         self.tokens = TokenCache(http, clock, credentials, self.limits, self.who, Realms(parts.hostname or "", realms))
         self._challenge: Optional[Challenge] = None
         self._jitter = jitter
-        self._cooldown_until = 0.0
-        self._cooldown = 0.0
+        self._health = Health(clock, self.who, self.key, self.host, metrics)
 
     def __repr__(self) -> str:
         return f"<Upstream {self.url}>"
@@ -120,11 +130,7 @@ class Upstream:
         return name
 
     def health(self) -> List[MemberHealth]:
-        now = self.clock.seconds()
-        if now < self._cooldown_until:
-            return [MemberHealth(self.host, "rate limited", "answered 429: uncached manifests wait",
-                                 until=self._cooldown_until)]
-        return [MemberHealth(self.host, "up")]
+        return [self._health.state()]
 
     # The pull API
 
@@ -180,7 +186,10 @@ class Upstream:
 
     async def _blob_from(self, name: str, digest: Digest, offset: int) -> BlobStream:
         """The blob from ``offset`` (with Range when past 0), its stream resuming here."""
-        response = await self._retrying("GET", f"blob {digest}", lambda: self._open_blob(name, digest, offset))
+        response = await self._retrying(
+            "GET", f"blob {digest}",
+            lambda: self._exchange("GET", "blob", lambda: self._open_blob(name, digest, offset)),
+        )
         return blob_stream(response, offset, self.host, self.timeouts.idle,
                            lambda at: self._blob_from(name, digest, at))
 
@@ -189,7 +198,10 @@ class Upstream:
         A blob's size, from a HEAD (redirects followed as for a GET), so a
         client's HEAD costs no download.
         """
-        response = await self._retrying("HEAD", f"blob {digest}", lambda: self._open_blob(name, digest, 0, "HEAD"))
+        response = await self._retrying(
+            "HEAD", f"blob {digest}",
+            lambda: self._exchange("HEAD", "blob", lambda: self._open_blob(name, digest, 0, "HEAD")),
+        )
         await self._drain(response)
         size = content_length(response.headers)
         if size is None:
@@ -284,7 +296,7 @@ class Upstream:
         One authenticated request, as (response, Authorization sent),
         retried when the caller allows it.
         """
-        attempt = lambda: self._authenticated(method, path, kind, name, extra)
+        attempt = lambda: self._exchange(method, kind, lambda: self._authenticated(method, path, kind, name, extra))
         if not retry:
             return await attempt()
         return await self._retrying(method, path, attempt)
@@ -293,7 +305,8 @@ class Upstream:
         """
         Run ``attempt`` until it succeeds, retrying with jittered backoff a
         failure a retry can cure (a transport error or a 5xx), within the
-        attempt count and time budget.
+        attempt count and time budget, and never once the failure has
+        opened the circuit: the retry would be held back anyway.
         """
         start = self.clock.seconds()
         tries = 0
@@ -304,7 +317,9 @@ class Upstream:
             except UpstreamError as e:
                 delay = 0.2 * (2 ** (tries - 1)) * (0.5 + self._jitter())
                 if (
-                    (e.status is not None and e.status < 500)
+                    isinstance(e, UpstreamHeld)
+                    or self._health.open
+                    or (e.status is not None and e.status < 500)
                     or tries >= self.timeouts.attempts
                     or self.clock.seconds() + delay - start > self.timeouts.retry_budget
                 ):
@@ -315,9 +330,34 @@ class Upstream:
                 )
                 await deferLater(self.clock, delay, lambda: None)
 
+    async def _exchange(self, method: str, kind: str, attempt: Callable[[], Awaitable]):
+        """
+        One attempt at an exchange, through this registry's Health: held
+        back while it is sick or paused, and its outcome remembered.  Any
+        answer but a 5xx counts as the registry being up; a 429 pauses
+        what it limits.
+        """
+        ticket = self._health.admit(counted=method == "GET" and kind == "manifest")
+        try:
+            result = await attempt()
+        except _Limited as e:
+            raise self._health.limited(ticket, e.pull_limit, e.retry_after) from None
+        except UpstreamNotFound:
+            self._health.answered(ticket)
+            raise
+        except UpstreamError as e:
+            if e.status is None or e.status >= 500:
+                self._health.failed(ticket, e)
+            else:
+                self._health.answered(ticket)
+            raise
+        except BaseException:
+            self._health.released(ticket)
+            raise
+        self._health.answered(ticket)
+        return result
+
     async def _authenticated(self, method: str, path: str, kind: str, name: str, extra):
-        if kind == "manifest":
-            self._check_cooldown()
         scope = f"repository:{name}:pull"
         url = self.url + path
         headers = Headers(extra)
@@ -348,11 +388,7 @@ class Upstream:
                 self.log.error("Upstream {upstream} refused regcache's credentials", upstream=self.url)
                 raise UpstreamError(f"{self.who} refused regcache's credentials", 401)
         if response.code == 429:
-            await self._drain(response)
-            wait = self._start_cooldown(retry_after(response.headers))
-            raise UpstreamError(f"{self.who} is rate limiting (429)", 429, retry_after=wait)
-        if kind == "manifest" and response.code < 400:
-            self._cooldown = 0.0
+            raise _Limited(await self._says_pull_limit(response), retry_after(response.headers))
         if response.code >= 500:
             await self._drain(response)
             raise UpstreamError(f"{self.who} answered {response.code}", response.code)
@@ -372,6 +408,10 @@ class Upstream:
             raise
         self._count(method, kind, str(response.code))
         self.metrics.observe_ratelimit(self.key, self.host, response.headers, self.clock.seconds())
+        limit, window = ratelimit(response.headers, b"ratelimit-limit")
+        remaining, _ = ratelimit(response.headers, b"ratelimit-remaining")
+        self._health.observe(limit, remaining, window,
+                             counted=method == "GET" and kind == "manifest" and response.code == 200)
         self.log.info(
             "upstream {method} {url} {status} in {duration:.3f}s",
             method=method, url=url.split("?")[0], status=response.code, kind=kind, bytes=_length(response),
@@ -392,25 +432,25 @@ class Upstream:
     async def _drain(self, response) -> None:
         await self.limits.discard(response, self.who)
 
-    # Rate-limit cool-down
-
-    def _start_cooldown(self, suggested: Optional[float]) -> float:
+    async def _says_pull_limit(self, response) -> bool:
         """
-        After a 429, leave upstream's manifest endpoint alone for a while,
-        doubling the pause while it keeps answering 429.
+        Whether a 429 is Docker Hub's pull limit, from at most
+        MAX_429_BODY bytes of its body; one that cannot be read is taken
+        for the abuse limit, the safer pause.
         """
-        self._cooldown = min(max(self._cooldown * 2, 5.0), 300.0)
-        wait = suggested if suggested is not None else self._cooldown
-        self._cooldown_until = self.clock.seconds() + wait
-        self.log.warn("Upstream {upstream} is rate limiting; pausing manifest requests for {wait:g}s",
-                      upstream=self.url, wait=wait)
-        return wait
+        try:
+            body = await self.limits.read(response, MAX_429_BODY, self.who, "429 page")
+        except UpstreamError:
+            return False
+        return PULL_LIMIT_WORDS in body.lower()
 
-    def _check_cooldown(self) -> None:
-        left = self._cooldown_until - self.clock.seconds()
-        if left > 0:
-            raise UpstreamError(f"{self.who} is rate limiting (pausing requests for {left:.0f} s)", 429,
-                                retry_after=left)
+
+class _Limited(UpstreamError):
+    """A 429, on its way from the request to the Health that pauses for it."""
+
+    def __init__(self, pull_limit: bool, retry_after: Optional[float]):
+        super().__init__("rate limited", 429, retry_after)
+        self.pull_limit = pull_limit
 
 
 class ResponseStream:

@@ -178,7 +178,8 @@ class Rig:
     MemoryReactorClock.
     """
 
-    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=()):
+    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=(),
+                 revalidate_deadline=0.3):
         """
         ``upstream`` answers for ``hosts`` and is the default; ``others``
         are more regcache.policy.Registry entries, as a config file's
@@ -190,7 +191,8 @@ class Rig:
         self.store = Store(self.root, inline, self.reactor.seconds)
         self.store.prepare()
         self.upstream = upstream(self.reactor, self.metrics) if callable(upstream) else upstream or HandFedUpstream()
-        main = Registry("docker.io", frozenset(hosts), self.upstream, tag_ttl, max_stale)
+        main = Registry("docker.io", frozenset(hosts), self.upstream, tag_ttl, max_stale,
+                        revalidate_deadline=revalidate_deadline)
         self.policy = Policy([main, *others], self.reactor, pulls=PullRules(metrics=self.metrics))
         self.fills = Fills(self.store, self.reactor, self.metrics)
         tags = TagMap(self.root, inline, self.store.index)
@@ -317,7 +319,7 @@ class HubRig(TreqRig):
     """
 
     def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, wrap=None,
-                 **hub_options):
+                 revalidate_deadline=0.3, **hub_options):
         from treq.testing import StubTreq
 
         from regcache.upstream import Upstream
@@ -342,7 +344,8 @@ class HubRig(TreqRig):
             return Upstream(self.hub.registry_url, self.treq, reactor, metrics, credentials, self._timeouts,
                             jitter=lambda: 0.5, docker_hub=True, realms=[self.hub.hosts["auth"]])
 
-        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root)
+        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root,
+                         revalidate_deadline=revalidate_deadline)
 
     def get(self, path, method="GET", headers=None) -> "Client":
         c = self.client(path, method, headers)

@@ -299,3 +299,37 @@ class HealthTests(SynchronousTestCase):
         chain = rig.policy.default.upstream
         self.assertEqual([(h.member, h.state) for h in chain.health()],
                          [("registry.a.fake", "up"), ("registry.b.fake", "up")])
+
+    def test_an_open_member_is_skipped_without_being_asked(self):
+        """
+        A first member that hung has its circuit open: the next tag goes
+        straight to the second member, with no request to the first and no
+        wait (its probe is not yet due), and the chain's health shows the
+        first open.
+        """
+        rig = ChainRig(first_images=list(hub_images()[0]))
+        rig.first.fault("hang", scope="all")
+        first = rig.client(MANIFEST, "GET", {"Accept": ALL})
+        rig.pass_time(5.5)
+        self.assertEqual(first.status(), 200)
+        chain = rig.policy.default.upstream
+        self.assertEqual([h.state for h in chain.health()], ["open", "up"])
+        before = len(rig.first.requests)
+        client = rig.client("/v2/library/multi/manifests/1", "GET", {"Accept": ALL})
+        rig.settle()
+        self.assertEqual(client.status(), 200)
+        self.assertEqual(len(rig.first.requests), before)
+
+    def test_every_member_open_fails_at_once_in_words(self):
+        """With every member's circuit open, an uncached tag fails at once, saying what each member did."""
+        rig = ChainRig(refused=True)
+        rig.second.fault("hang", scope="all")
+        first = rig.client(MANIFEST, "GET", {"Accept": ALL})
+        rig.pass_time(5.5)
+        self.assertEqual(first.status(), 503)
+        client = rig.client("/v2/library/multi/manifests/1", "GET", {"Accept": ALL})
+        rig.settle()
+        self.assertEqual(client.status(), 503)
+        words = client.body().decode()
+        self.assertIn("registry.a.fake refused the connection", words)
+        self.assertIn("registry.b.fake did not answer within 5 s (--header-timeout)", words)

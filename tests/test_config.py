@@ -175,3 +175,13 @@ def test_help_mentions_verify():
     status, out = _regcache("--help")
     assert status == 0
     assert "regcache verify" in out
+
+
+def test_revalidate_deadline():
+    """--revalidate-deadline is 300 ms unless given, in milliseconds or seconds, and 0 is allowed."""
+    assert only(load({}, {}))[0].revalidate_deadline == 0.3
+    assert only(load({"revalidate-deadline": "1.5s"}, {}))[0].revalidate_deadline == 1.5
+    assert only(load({}, {"REGCACHE_REVALIDATE_DEADLINE": "50ms"}))[0].revalidate_deadline == 0.05
+    assert only(load({"revalidate-deadline": "0"}, {}))[0].revalidate_deadline == 0
+    with pytest.raises(ConfigError, match="--revalidate-deadline: not a duration: 'soon'"):
+        load({"revalidate-deadline": "soon"}, {})

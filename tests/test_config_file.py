@@ -228,3 +228,15 @@ upstreams:
     assert (a.url, b.url) == ("https://a.io", "https://b.io")
     assert (a.credentials, b.credentials.username, b.credentials.password) == (None, "ci", "tok")
     assert (registry.upstream.key, a.key, b.key) == ("hub", "hub", "hub")
+
+
+def test_revalidate_deadline_per_upstream(tmp_path):
+    """Each upstream may set its own revalidate_deadline; the option, when given, wins for every upstream."""
+    path = write(tmp_path, """\
+        upstreams:
+          - {name: hub, hosts: [docker.io], urls: [https://registry-1.docker.io], revalidate_deadline: 1s}
+          - {name: quay, urls: [https://quay.io]}
+        """)
+    assert [u.revalidate_deadline for u in load({"config": path}, {}).upstreams] == [1.0, 0.3]
+    given = load({"config": path, "revalidate-deadline": "100ms"}, {})
+    assert [u.revalidate_deadline for u in given.upstreams] == [0.1, 0.1]

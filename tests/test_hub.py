@@ -265,26 +265,29 @@ class StaleIfErrorTests(CachedTag, SynchronousTestCase):
 
     def test_429_backs_off(self):
         """
-        While upstream answers 429, regcache stops asking for a while (5 s,
-        then twice as long each time it is still limited) instead of
-        hammering it.
+        While upstream answers a tag's HEAD with 429 (bodiless, so the
+        abuse limit), regcache stops asking for the pause (2 s, twice as
+        long each time a probe is still limited), then lets one request
+        probe; the Hub answering again ends it at once, with no lockout
+        left over.
         """
         rig = HubRig(tag_ttl=0)
         self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).status(), 200)
-        rig.hub.fault("status", scope="manifests", status=429)
+        fault = rig.hub.fault("status", scope="manifests", status=429)
         heads = lambda: rig.stats()["manifest_heads_total"]
         seen = heads()
-        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
-        self.assertEqual(heads(), seen + 1)
-        for _ in range(3):
+        asked = []
+        for step in (0, 0, 2, 1, 3, 4):
+            rig.reactor.advance(step)
             self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
-        self.assertEqual(heads(), seen + 1)
-        rig.reactor.advance(6)
-        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
-        self.assertEqual(heads(), seen + 2)
-        rig.reactor.advance(6)
-        self.assertStale(rig, rig.get(self.path, headers={"Accept": ALL}))
-        self.assertEqual(heads(), seen + 2)
+            asked.append(heads() - seen)
+        self.assertEqual(asked, [1, 1, 2, 2, 3, 3])
+        rig.hub.faults.remove(fault)
+        rig.reactor.advance(8)
+        c = rig.get(self.path, headers={"Accept": ALL})
+        self.assertEqual((c.status(), c.header("X-Cache")), (200, "revalidated"))
+        self.assertEqual(rig.get(self.path, headers={"Accept": ALL}).header("X-Cache"), "revalidated")
+        self.assertEqual(heads() - seen, 5)
 
     def test_digest_pulls_never_need_upstream(self):
         """A cached digest is served while upstream hangs, with no wait at all."""

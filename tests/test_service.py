@@ -32,3 +32,14 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual([type(s) for s in top if isinstance(s, Listener)], [Listener])
         self.assertEqual({cls: cls.bufferSize for cls in before}, before)
         self.assertEqual(before[tcp.Client], tcp.Connection.bufferSize)
+
+    def test_each_upstream_gets_its_revalidate_deadline(self):
+        """The Registry the mirror reads holds the deadline its upstream was configured with."""
+        from twisted.internet.task import Clock
+
+        from regcache.metrics import Metrics
+        from regcache.service import _registry
+
+        config = load({"upstream": "http://127.0.0.1:1", "revalidate-deadline": "750ms"}, {})
+        (upstream,) = config.upstreams
+        self.assertEqual(_registry(upstream, Clock(), Metrics()).revalidate_deadline, 0.75)

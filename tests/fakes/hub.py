@@ -60,7 +60,8 @@ until cleared).  The token realm takes every kind; a body kind there shapes
 the token's JSON answer.  Kinds:
 
 - ``status``: answer ``status`` (default 503; a 429 gets the TOOMANYREQUESTS
-  body and ``retry_after`` as ``Retry-After`` if given).
+  pull-limit body, or with ``bare`` a plain "Too Many Requests" as the abuse
+  limit sends, and ``retry_after`` as ``Retry-After`` if given).
 - ``huge``: answer ``status`` (default 200) with ``size`` bytes of filler
   (default 300 MiB) instead of the real body, chunked (no Content-Length)
   and paced like ``drip``: the body a mirror must refuse to buffer.
@@ -74,9 +75,20 @@ the token's JSON answer.  Kinds:
 - ``drip``: send ``chunk`` bytes (default 16 KiB) every ``interval`` seconds
   (default 0.05) on the injected clock.
 - ``norange``: the CDN ignores ``Range`` and answers 200 with the whole blob.
+- ``slow`` (``manifests`` only): answer as usual, ``delay`` seconds (default
+  1) late on the injected clock: a check that outlasts a deadline.
 - ``down`` / ``up`` (loopback only, take ``host``: registry, auth, cdn or all):
   stop listening and abort open connections, so connects are refused; listen
   again on the same port.
+
+**Modes** (``FakeHub.mode`` or ``POST /_fake/mode {"mode": ...}``): whole
+states of the Hub to switch between, each first undoing the last:
+``normal``; ``hung`` (every registry, realm and CDN request accepted and
+never answered); ``refusing`` (loopback only: every port but control
+closed); ``429-pull-limit`` (no pulls left: manifest GETs answer Hub's
+pull-limit 429 with the rate-limit headers, HEADs and blobs go on;
+``retry_after`` optional); ``429-abuse`` (a bare 429 to every manifest and
+blob request).
 
 **Control endpoints** (control host; JSON in and out):
 
@@ -86,6 +98,7 @@ the token's JSON answer.  Kinds:
 - ``POST /_fake/fault``: ``{"kind": ..., "scope": ..., ...}`` as above;
   ``{"kind": "clear"}`` removes every fault.
 - ``POST /_fake/reset``: counters, faults, tags and rate limit back to the start.
+- ``POST /_fake/mode``: ``{"mode": ..., "limit": L, "retry_after": S}`` as above.
 - ``POST /_fake/tag``: ``{"repo", "tag", "image": "library/small:1#2"}`` moves a
   tag to a catalog image (``image.name``, or ``name#version`` for other
   versions), ``{"repo", "tag", "digest"}`` to a manifest already in the repo,
@@ -133,6 +146,7 @@ from urllib.parse import parse_qs
 from klein import Klein
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -141,7 +155,10 @@ from tests.fakes.images import DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, Blob, Image
 SERVICE = "registry.docker.io"
 CDN_PREFIX = "/registry-v2/docker/registry/v2/blobs/sha256/"
 SCOPES = ("manifests", "blobs", "token", "tags", "referrers", "all")
+MODES = ("normal", "hung", "refusing", "429-pull-limit", "429-abuse")
 KINDS = ("status", "hang", "reset", "stall", "short", "wrong", "drip", "norange", "huge")
+#: Faults that only delay the real answer; never taken for a body fault.
+DELAYS = ("slow",)
 #: The kinds that answer in place of the real response, rather than shaping its body.
 INSTEAD = ("status", "hang", "huge")
 CHUNK = 64 * 1024
@@ -166,9 +183,12 @@ class Fault:
     chunk: int = 16 * 1024
     interval: float = 0.05
     size: int = 300 * 1024 * 1024
+    #: A 429 without the pull-limit body: the abuse limit.
+    bare: bool = False
+    delay: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in KINDS + DELAYS:
             raise ValueError(f"unknown fault kind {self.kind!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown fault scope {self.scope!r}")
@@ -485,6 +505,28 @@ class FakeHub:
     def clear_faults(self) -> None:
         self.faults.clear()
 
+    def mode(self, mode: str, limit: int = 200, retry_after: Optional[int] = None) -> Deferred:
+        """Switch to one of MODES (see the module docstring), from whatever the last was."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+        self.clear_faults()
+        self.set_ratelimit(self.initial_rate_limit)
+        back = self.server.up("all") if self.server is not None else succeed(None)
+        if mode == "hung":
+            for scope in ("all", "token", "tags", "referrers"):
+                self.fault("hang", scope)
+        elif mode == "refusing":
+            if self.server is None:
+                raise ValueError("refusing needs a loopback server")
+            return back.addCallback(lambda _: self.server.down("all"))
+        elif mode == "429-pull-limit":
+            self.set_ratelimit(limit, 0, retry_after)
+        elif mode == "429-abuse":
+            for scope in ("all", "token", "tags", "referrers"):
+                self.fault("status", scope, status=429, bare=True, retry_after=retry_after)
+        self.log.info("mode: {mode}", mode=mode)
+        return back
+
     def expire_tokens(self) -> None:
         now = self.clock.seconds()
         for t in self.tokens.values():
@@ -605,6 +647,9 @@ class FakeHub:
         if denied is not None:
             return denied
         if m.group("kind") == "manifests":
+            slow = self._take_fault("manifests", request.path.decode("latin-1"), DELAYS)
+            if slow is not None:
+                return deferLater(self.clock, slow.delay, self._manifest, request, repo, m.group("ref"))
             return self._manifest(request, repo, m.group("ref"))
         if m.group("kind") == "blobs":
             return self._blob(request, repo, m.group("ref"))
@@ -623,7 +668,8 @@ class FakeHub:
         if status == 429:
             if fault.retry_after is not None:
                 request.setHeader(b"retry-after", str(fault.retry_after).encode())
-            return _error(request, 429, "TOOMANYREQUESTS", RATE_LIMITED_MESSAGE)
+            if not fault.bare:
+                return _error(request, 429, "TOOMANYREQUESTS", RATE_LIMITED_MESSAGE)
         body = f"<html><body><h1>{status} fake fault</h1></body></html>\n".encode()
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/html")
@@ -975,6 +1021,8 @@ class FakeHub:
                 self.fault(kind, **body)
         elif what == "reset":
             self.reset()
+        elif what == "mode":
+            return self.mode(body.pop("mode"), **body)
         elif what == "tag":
             if body.get("delete"):
                 self.delete_tag(body["repo"], body["tag"])

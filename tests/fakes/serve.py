@@ -233,6 +233,10 @@ class FakeHubProcess:
     def reset(self) -> None:
         self._call("POST", "reset")
 
+    def mode(self, mode: str, **params: Any) -> None:
+        """normal, hung, refusing, 429-pull-limit or 429-abuse: see tests/fakes/hub.py."""
+        self._call("POST", "mode", dict(params, mode=mode))
+
     def move_tag(self, repo: str, tag: str, image: Optional[str] = None, digest: Optional[str] = None) -> None:
         """``image`` is a catalog name such as ``library/small:1#2``."""
         body: Dict[str, Any] = {"repo": repo, "tag": tag}

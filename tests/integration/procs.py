@@ -40,6 +40,19 @@ def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] 
             time.sleep(0.05)
 
 
+def until(check, attempts: int = 100, pause: float = 0.1):
+    """
+    ``check()``'s first truthy result within a bounded number of attempts,
+    for a state a process reaches in its own time; fails the test otherwise.
+    """
+    for _ in range(attempts):
+        result = check()
+        if result:
+            return result
+        time.sleep(pause)
+    raise AssertionError(f"no success in {attempts} attempts of {check}")
+
+
 def tail(path: str, size: int = 3000) -> str:
     """The last ``size`` characters of a file, or "" if there is none."""
     try:
