@@ -94,6 +94,12 @@ SETTINGS = (
             "Upstream wait for response headers"),
     Setting("idle-timeout", ("REGCACHE_IDLE_TIMEOUT",), "15s",
             "Upstream body stall that ends a download (it then resumes with Range)"),
+    Setting("ratelimit-probe", ("REGCACHE_RATELIMIT_PROBE",), "off",
+            "Check each Docker Hub credential's remaining pulls this often with Docker Hub's free "
+            "ratelimitpreview/test HEAD (e.g. 10m), or off"),
+    Setting("metrics-listen", ("REGCACHE_METRICS_LISTEN",), None,
+            "Serve /metrics on this Twisted endpoint of its own (e.g. tcp:9102:interface=10.0.0.5) "
+            "instead of on --listen"),
 )
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -211,6 +217,12 @@ class Config:
     default: str
     #: The config file read, if any.
     file: Optional[str] = None
+    #: Seconds between rate-limit probes, or None for none.
+    ratelimit_probe: Optional[float] = None
+    #: The endpoint /metrics is served on instead of ``listen``, if any.
+    metrics_listen: Optional[str] = None
+    #: The repositories whose requests the metrics count by name.
+    metrics_repositories: Tuple[str, ...] = ()
 
 
 def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
@@ -323,14 +335,20 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         overrides = _windows(given)
         upstreams = tuple(replace(u, **overrides) for u in document.upstreams)
         default = document.default
+        observed = document.metrics
     else:
         upstream = single_upstream(raw, cli)
         upstreams, default = (upstream,), upstream.name
+        observed = {}
     storage = given.get("storage") or cache.get("storage") or _default_storage()
     if "max-size" in given or "max_size" not in cache:
         max_size = None if _unlimited(raw["max-size"]) else parse_size("max-size", raw["max-size"])
     else:
         max_size = cache["max_size"]
+    probe = given.get("ratelimit-probe")
+    probe_every = (_probe_interval("ratelimit-probe", probe) if probe is not None
+                   else observed.get("ratelimit_probe"))
+    metrics_listen = (given.get("metrics-listen") or "").strip() or observed.get("listen")
     return Config(
         listen=raw["listen"].strip(),
         storage=os.path.abspath(storage),
@@ -338,7 +356,20 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         upstreams=upstreams,
         default=default,
         file=file or None,
+        ratelimit_probe=probe_every,
+        metrics_listen=metrics_listen,
+        metrics_repositories=tuple(observed.get("repositories", ())),
     )
+
+
+def _probe_interval(name: str, text: str) -> Optional[float]:
+    """Seconds between rate-limit probes, or None for ``off``; more often than a minute only pesters Hub."""
+    if _unlimited(text):
+        return None
+    seconds = parse_duration(name, text)
+    if seconds < 60:
+        raise ConfigError(f"--{name}: at least 1m, or off: {text!r}")
+    return seconds
 
 
 
@@ -354,6 +385,9 @@ class Document:
     default: str
     #: ``storage`` and ``max_size`` if the file sets them.
     cache: Mapping[str, Any]
+    #: ``listen``, ``ratelimit_probe`` (seconds or None) and
+    #: ``repositories`` if the file sets them.
+    metrics: Mapping[str, Any]
 
 
 def _schema() -> dict:
@@ -456,7 +490,8 @@ def read(file: str, environ: Mapping[str, str]) -> Document:
         raise where.error([], "'upstreams' is required")
     upstreams = tuple(_upstream(where, i, u, environ) for i, u in enumerate(data["upstreams"]))
     _check_unique(where, upstreams)
-    return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})))
+    return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})),
+                    _metrics(where, data.get("metrics", {})))
 
 
 def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[str, str]) -> UpstreamConfig:
@@ -557,4 +592,14 @@ def _cache(where: _Located, cache: Mapping[str, Any]) -> dict:
             out["max_size"] = None if _unlimited(text) else parse_size("max_size", text)
         except ConfigError as e:
             raise where.error(["cache", "max_size"], str(e).split(": ", 1)[1]) from None
+    return out
+
+
+def _metrics(where: _Located, metrics: Mapping[str, Any]) -> dict:
+    out = dict(metrics)
+    if "ratelimit_probe" in metrics:
+        try:
+            out["ratelimit_probe"] = _probe_interval("ratelimit_probe", str(metrics["ratelimit_probe"]))
+        except ConfigError as e:
+            raise where.error(["metrics", "ratelimit_probe"], str(e).split(": ", 1)[1]) from None
     return out

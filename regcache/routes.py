@@ -94,11 +94,14 @@ class RegistryRoutes:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, mirror, policy, metrics, reactor, not_ready):
+    def __init__(self, mirror, policy, metrics, reactor, not_ready, serve_metrics: bool = True):
         """
         ``not_ready()`` is None when this process should get clients, else
-        why not (regcache.readiness).
+        why not (regcache.readiness).  ``serve_metrics`` is False when
+        /metrics has a port of its own (--metrics-listen), so it need not be
+        public.
         """
+        self.serve_metrics = serve_metrics
         self.mirror = mirror
         self.policy = policy
         self.metrics = metrics
@@ -130,6 +133,10 @@ class RegistryRoutes:
     def metrics_page(self, request):
         from regcache.metrics import CONTENT_TYPE
 
+        if not self.serve_metrics:
+            request.setResponseCode(404)
+            request.setHeader("Content-Type", "text/plain; charset=utf-8")
+            return sized(request, b"/metrics is served on the --metrics-listen port\n")
         request.setHeader("Content-Type", CONTENT_TYPE)
         return sized(request, self.metrics.render())
 

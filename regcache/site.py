@@ -7,7 +7,7 @@ the Site that serves the routes with an access log and request metrics.
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from regcache.errors import RegistryError
 
@@ -81,6 +81,26 @@ class Channel(HTTPChannel):
         self.site.log(request)
 
 
+class TimedRequest(Request):
+    """
+    A Request that notes when it arrived and when the first byte of its
+    answer (the status line) went out, for the latency histograms: a blob
+    sent with sendfile passes through ``write`` only for its headers.
+    """
+
+    first_byte = None
+
+    def __init__(self, channel, *args, **kwargs):
+        super().__init__(channel, *args, **kwargs)
+        self._clock = channel.site.reactor
+        self.arrived = self._clock.seconds()
+
+    def write(self, data: bytes) -> None:
+        if self.first_byte is None:
+            self.first_byte = self._clock.seconds()
+        super().write(data)
+
+
 class RegcacheSite(Site):
     """
     A Site whose access log is one structured event per request, and which
@@ -88,6 +108,7 @@ class RegcacheSite(Site):
     """
 
     protocol = Channel
+    requestFactory = TimedRequest
 
     def __init__(self, resource, metrics, reactor):
         # Idle keep-alive connections are closed after two minutes rather
@@ -103,7 +124,12 @@ class RegcacheSite(Site):
         return super().getResourceFor(request)
 
     def log(self, request):  # noqa: F811 - twisted.web calls Site.log(request)
-        self.metrics.count_request(request.path, request.method, request.code)
+        first = request.first_byte
+        self.metrics.count_request(
+            request.path, request.method, request.code, getattr(request, "cache_result", None),
+            request.sentLength, None if first is None else first - request.arrived,
+            self.reactor.seconds() - request.arrived,
+        )
         method = request.method.decode("latin-1")
         Logger(namespace="regcache.access").info(
             "{method} {uri} {status} {length} {cache}",

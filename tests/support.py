@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
+from regcache.accounting import Accounting
 from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
@@ -172,7 +173,8 @@ class Rig:
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
-        self.metrics = Metrics()
+        self.accounting = Accounting(self.reactor)
+        self.metrics = Metrics(self.accounting)
         self.store = Store(self.root, inline, self.reactor.seconds)
         self.store.prepare()
         self.upstream = upstream(self.reactor, self.metrics) if callable(upstream) else upstream or HandFedUpstream()
