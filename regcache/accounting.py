@@ -175,13 +175,13 @@ class Accounting:
         """
         One request upstream and its answer (``status`` None when none
         came), with the rate-limit headers it carried.  A manifest GET
-        answered below 400 is a counted pull, a manifest HEAD so answered a
+        answered 2xx or 3xx is a counted pull, a manifest HEAD so answered a
         free check (the rate-limit probe's is neither: it only reads).
         """
         account = self.account(upstream, member, credential)
         if account is None:
             return
-        if status is not None and status < 400 and kind in (MANIFEST_GET, MANIFEST_HEAD):
+        if status is not None and 200 <= status < 400 and kind in (MANIFEST_GET, MANIFEST_HEAD):
             self._add(account, 0 if kind == MANIFEST_GET else 1, 1)
         if ratelimit is not None:
             account.ratelimit = ratelimit

@@ -198,12 +198,12 @@ class Metrics:
         """
         One request sent upstream (``kind`` from UPSTREAM_KINDS), answered
         with the code ``status`` and ``headers``, or failed ("timeout",
-        "error").  A manifest GET answered below 400 is a counted pull.
+        "error").  A manifest GET answered 2xx or 3xx is a counted pull.
         """
         code = status if isinstance(status, int) else None
         self.upstream_requests.labels(upstream, member, kind,
                                       status if code is None else status_label(code)).inc()
-        if kind == "manifest_get" and code is not None and code < 400:
+        if kind == "manifest_get" and code is not None and 200 <= code < 400:
             self.upstream_pulls.labels(upstream, member).inc()
         seen = RateLimit.parse(headers, now) if headers is not None else None
         if seen is not None:
