@@ -4,7 +4,10 @@ Request metrics: every label value comes from a fixed set, so what clients
 send (paths, methods) can never create a series.
 """
 
+import json
 import random
+import re
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -203,3 +206,38 @@ class LabelTests(SynchronousTestCase):
                  for s in metrics.repository_requests.collect()[0].samples if s.name.endswith("_total")}
         self.assertEqual(found, {("library/alpine", "manifests", 1), ("library/alpine", "blobs", 1),
                                  ("ghcr.io/owner/app", "manifests", 1)})
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def exposed_names():
+    """The name of every metric family regcache exposes, as the exposition writes it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = Metrics()
+    families = {f.name: f.type for f in text_string_to_metric_families(metrics.render().decode())}
+    # Counters are named without _total in the exposition's families; their
+    # _created timestamps are prometheus-client's, not metrics of their own.
+    return {name + "_total" if kind == "counter" else name for name, kind in families.items()
+            if not name.endswith("_created")}
+
+
+class DocsTests(SynchronousTestCase):
+    def test_every_metric_is_documented(self):
+        """docs/metrics.md names every metric regcache exposes, and none that it does not."""
+        text = (DOCS / "metrics.md").read_text()
+        documented = set(re.findall(r"^\| `((?:regcache|dockerhub)_\w+)`", text, re.M))
+        self.assertEqual(documented, exposed_names())
+
+    def test_dashboard_queries_are_written_out_and_use_real_metrics(self):
+        """Each Grafana panel's PromQL is in docs/metrics.md as it is, and names only metrics regcache exposes."""
+        dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+        blocks = "\n".join(re.findall(r"```promql\n(.*?)```", (DOCS / "metrics.md").read_text(), re.S))
+        names = exposed_names()
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        self.assertGreaterEqual(len(exprs), 6)
+        for expr in exprs:
+            self.assertIn(expr, blocks.splitlines())
+            for used in re.findall(r"\b((?:regcache|dockerhub)_\w+)", expr):
+                self.assertIn(re.sub(r"_(bucket|sum|count)$", "", used), names)
