@@ -114,6 +114,12 @@ SETTINGS = (
     Setting("revalidate-deadline", ("REGCACHE_REVALIDATE_DEADLINE",), "300ms",
             "Longest a pull of a cached tag waits for its revalidation before the cached copy is served "
             "(the check goes on in the background)"),
+    Setting("ratelimit-probe", ("REGCACHE_RATELIMIT_PROBE",), "off",
+            "Check each Docker Hub credential's remaining pulls this often with Docker Hub's free "
+            "ratelimitpreview/test HEAD (e.g. 10m), or off"),
+    Setting("metrics-listen", ("REGCACHE_METRICS_LISTEN",), None,
+            "Serve /metrics on this Twisted endpoint of its own (e.g. tcp:9102:interface=10.0.0.5) "
+            "instead of on --listen"),
 )
 
 #: What --log-format takes (regcache.logs).
@@ -247,6 +253,13 @@ class Config:
     policy: Tuple[RuleSet, ...] = ()
     #: One of LOG_FORMATS.
     log_format: str = "text"
+
+    #: Seconds between rate-limit probes, or None for none.
+    ratelimit_probe: Optional[float] = None
+    #: The endpoint /metrics is served on instead of ``listen``, if any.
+    metrics_listen: Optional[str] = None
+    #: The repositories whose requests the metrics count by name.
+    metrics_repositories: Tuple[str, ...] = ()
 
 
 def restart_needed(old: Config, new: Config) -> List[str]:
@@ -391,9 +404,11 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         overrides = _windows(given)
         upstreams = tuple(replace(u, **overrides) for u in document.upstreams)
         default, policy = document.default, document.policy
+        observed = document.metrics
     else:
         upstream = single_upstream(raw, cli)
         upstreams, default, policy = (upstream,), upstream.name, ()
+        observed = {}
     storage = given.get("storage") or cache.get("storage") or _default_storage()
     if "max-size" in given or "max_size" not in cache:
         max_size = None if _unlimited(raw["max-size"]) else parse_size("max-size", raw["max-size"])
@@ -402,6 +417,10 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
     log_format = raw["log-format"].strip().lower()
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"--log-format: not a log format: {raw['log-format']!r} (use text or json)")
+    probe = given.get("ratelimit-probe")
+    probe_every = (_probe_interval("ratelimit-probe", probe) if probe is not None
+                   else observed.get("ratelimit_probe"))
+    metrics_listen = (given.get("metrics-listen") or "").strip() or observed.get("listen")
     return Config(
         listen=raw["listen"].strip(),
         storage=os.path.abspath(storage),
@@ -416,7 +435,20 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         max_connections_per_client=_count("max-connections-per-client", raw["max-connections-per-client"]),
         upstream_allow=_networks("upstream-allow", raw["upstream-allow"] or ""),
         log_format=log_format,
+        ratelimit_probe=probe_every,
+        metrics_listen=metrics_listen,
+        metrics_repositories=tuple(observed.get("repositories", ())),
     )
+
+
+def _probe_interval(name: str, text: str) -> Optional[float]:
+    """Seconds between rate-limit probes, or None for ``off``; more often than a minute only pesters Hub."""
+    if _unlimited(text):
+        return None
+    seconds = parse_duration(name, text)
+    if seconds < 60:
+        raise ConfigError(f"--{name}: at least 1m, or off: {text!r}")
+    return seconds
 
 
 
@@ -432,7 +464,10 @@ class Document:
     default: str
     #: ``storage`` and ``max_size`` if the file sets them.
     cache: Mapping[str, Any]
-    policy: Tuple[RuleSet, ...] = ()
+    policy: Tuple[RuleSet, ...]
+    #: ``listen``, ``ratelimit_probe`` (seconds or None) and
+    #: ``repositories`` if the file sets them.
+    metrics: Mapping[str, Any]
 
 
 def _schema() -> dict:
@@ -539,7 +574,8 @@ def read(file: str, environ: Mapping[str, str]) -> Document:
     upstreams = tuple(_upstream(where, i, u, environ) for i, u in enumerate(data["upstreams"]))
     _check_unique(where, upstreams)
     return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})),
-                    _policy(where, data.get("policy", {}), upstreams))
+                    _policy(where, data.get("policy", {}), upstreams),
+                    _metrics(where, data.get("metrics", {})))
 
 
 def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[str, str]) -> UpstreamConfig:
@@ -693,3 +729,13 @@ def _pattern(where: _Located, path, translate, pattern: str) -> None:
         translate(pattern)
     except PatternError as e:
         raise where.error(path, str(e)) from None
+
+
+def _metrics(where: _Located, metrics: Mapping[str, Any]) -> dict:
+    out = dict(metrics)
+    if "ratelimit_probe" in metrics:
+        try:
+            out["ratelimit_probe"] = _probe_interval("ratelimit_probe", str(metrics["ratelimit_probe"]))
+        except ConfigError as e:
+            raise where.error(["metrics", "ratelimit_probe"], str(e).split(": ", 1)[1]) from None
+    return out

@@ -17,6 +17,7 @@ anything is evicted.  Only what cannot be evicted (blobs being read or
 written) can hold the store above it, and that is logged.
 """
 
+import math
 from typing import List, Optional
 
 from twisted.application.service import Service
@@ -76,6 +77,7 @@ class Expiry(Service):
         if metrics is not None:
             metrics.store_bytes.set_function(lambda: self.index.stored)
             metrics.store_entries.set_function(lambda: len(self.index))
+            metrics.store_limit.set_function(lambda: math.inf if self.limit is None else self.limit)
 
     @property
     def limit(self) -> Optional[int]:

@@ -81,7 +81,7 @@ class _FillProtocol(Protocol):
             if not data:
                 return
         try:
-            self.fill._append(data)
+            self.fill._append(data, self._source)
         except Exception as e:
             self._error = e
             self.transport.stopProducing()
@@ -143,6 +143,9 @@ class Fill:
         self.resumes = 0
         #: The registry sending the blob, once one answered.
         self.source: Optional[str] = None
+        #: Clients that asked for this download: each waits for its end,
+        #: since the last byte is held back until the blob is verified.
+        self.clients = 0
         self._writer = None
         self._listeners: List[Callable[[], None]] = []
         self._started: List[Deferred] = []
@@ -153,6 +156,7 @@ class Fill:
         """
         A Deferred of the blob's size, fired once upstream answered.
         """
+        self.clients += 1
         if self.failure is not None:
             return fail(self.failure)
         if self.size is not None:
@@ -191,12 +195,12 @@ class Fill:
 
     # The download
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes, source: str) -> None:
         if self.size is not None and self.written + len(data) > self.size:
             raise IntegrityError(f"upstream sent more than {self.size} bytes for {self.digest}")
         self._writer.write(data)
         self.written += len(data)
-        self.metrics.upstream_bytes.labels(self.upstream.key).inc(len(data))
+        self.metrics.blob_bytes(self.upstream.key, source, len(data))
         self._notify()
 
     async def run(self) -> None:
@@ -313,6 +317,8 @@ class Fills:
         self.metrics = metrics
         self._fills: Dict[Digest, Fill] = {}
         self._running: Dict[Digest, Deferred] = {}
+        metrics.inflight.set_function(lambda: len(self._fills))
+        metrics.inflight_clients.set_function(lambda: sum(f.clients for f in self._fills.values()))
 
     def __len__(self) -> int:
         return len(self._fills)

@@ -36,16 +36,17 @@ def _endpoint_problem(error: Exception) -> str:
     return text or type(error).__name__
 
 
-def listen_endpoint(reactor, description: str):
+def listen_endpoint(reactor, description: str, option: str = "--listen"):
     """
-    The server endpoint ``--listen`` describes.  Built before anything
-    else, because building it parses the description and reads the TLS
-    key and certificate: whatever goes wrong is --listen's fault.
+    The server endpoint ``option`` (``--listen``, ``--metrics-listen``)
+    describes.  Built before anything else, because building it parses the
+    description and reads the TLS key and certificate: whatever goes wrong
+    is that option's fault.
     """
     try:
         return serverFromString(reactor, description)
     except Exception as e:  # endpoint parsers, plugins' too, raise anything
-        raise ConfigError(f"--listen: cannot use {description!r}: {_endpoint_problem(e)}") from None
+        raise ConfigError(f"{option}: cannot use {description!r}: {_endpoint_problem(e)}") from None
 
 
 def _listen_problem(error: BaseException) -> str:
@@ -67,7 +68,8 @@ def _address(address) -> str:
 
 class Listener(Service):
     """
-    Serves a factory on the ``--listen`` endpoint.
+    Serves a factory on the endpoint of ``option`` (``--listen``, or
+    ``--metrics-listen`` for a port of /metrics alone).
 
     Unlike StreamServerEndpointService, which logs a traceback when it
     cannot listen and leaves the process running with no port, this logs
@@ -80,8 +82,9 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint, description: str, factory, reactor, served: str):
+    def __init__(self, endpoint, description: str, factory, reactor, served: str, option: str = "--listen"):
         self.endpoint = endpoint
+        self.option = option
         self.description = description
         self.factory = factory
         self.reactor = reactor
@@ -119,7 +122,7 @@ class Listener(Service):
             return None
         # Logged rather than printed: twistd has already sent stderr to the
         # log, which is where the operator (or the JSON log pipeline) looks.
-        self.log.critical("regcache: --listen: cannot listen on {listen!r}: {problem}",
+        self.log.critical("regcache: {option}: cannot listen on {listen!r}: {problem}", option=self.option,
                           listen=self.description, problem=_listen_problem(failure.value))
         if self._starting:
             self._refused = True

@@ -7,13 +7,14 @@ else keeps counts.  The registry is per instance, not prometheus-client's
 global one, so tests and several mirrors in one process never share numbers.
 """
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from regcache.headers import ratelimit
+from twisted.web.resource import Resource
+
+from regcache.accounting import RateLimit
 from regcache.routes import split_path
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -32,37 +33,60 @@ _STATUS_CODES = (200, 206, 304, 307, 308, 400, 401, 403, 404, 405, 408, 413, 414
 REQUEST_STATUSES = tuple(str(c) for c in _STATUS_CODES) + ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 
 
+def status_label(code) -> str:
+    """The label of a status code, whoever sent it: a known code, else its class."""
+    if code in _STATUS_CODES:
+        return str(code)
+    if isinstance(code, int) and 100 <= code < 600:
+        return f"{code // 100}xx"
+    return "other"
+
+
+def _split(path: bytes):
+    """(route, repository name or None) of a request path."""
+    route = _FIXED_ROUTES.get(path)
+    if route is not None:
+        return route, None
+    parts = split_path(path[len(b"/v2/"):].decode("latin-1")) if path.startswith(b"/v2/") else None
+    return (parts[1], parts[0]) if parts else ("other", None)
+
+
 def request_labels(path: bytes, method: bytes, code: int):
     """(route, method, status) labels of one answered request."""
-    route = _FIXED_ROUTES.get(path)
-    if route is None:
-        parts = split_path(path[len(b"/v2/"):].decode("latin-1")) if path.startswith(b"/v2/") else None
-        route = parts[1] if parts else "other"
+    route, _ = _split(path)
     name = method.decode("latin-1")
     if name not in REQUEST_METHODS:
         name = "other"
-    if code in _STATUS_CODES:
-        status = str(code)
-    else:
-        status = f"{code // 100}xx" if 100 <= code < 600 else "other"
-    return route, name, status
+    return route, name, status_label(code)
 
 
-@dataclass
-class RateLimit:
-    """
-    The latest rate-limit headers an upstream sent.
-    """
+#: What a cache lookup can come to (X-Cache): "join" is a client that
+#: followed another's download (the dedupe saving).  Policy denials are
+#: counted by the policy's own counter.
+CACHE_RESULTS = ("hit", "miss", "join", "revalidated", "stale", "unreadable")
+#: The routes whose answers are timed and whose bytes count as cache bytes.
+_TIMED = {"manifests": "manifest", "blobs": "blob"}
+#: Upstream exchange kinds (regcache_upstream_requests_total's ``kind``).
+UPSTREAM_KINDS = ("token", "manifest_get", "manifest_head", "blob", "blob_head", "tags", "referrers", "probe")
+#: Upstream statuses besides a code: no answer in time, or none at all.
+UPSTREAM_FAILURES = ("timeout", "error")
 
-    limit: Optional[int] = None
-    remaining: Optional[int] = None
-    window: Optional[int] = None
-    source: Optional[str] = None
-    seen: Optional[float] = None
+#: Seconds: from a cached manifest's milliseconds to a cold multi-GiB blob.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """
+    ``accounting`` (regcache.accounting), when given, hears of every
+    upstream exchange too; ``repositories`` are the names (as clients send
+    them, or ``library/<name>`` for Docker Hub's) whose requests are also
+    counted by name: an operator's opt-in allow-list, as any other name
+    would be a series per repository a client invents.
+    """
+
+    def __init__(self, accounting=None, repositories=()) -> None:
+        self.accounting = accounting
+        self.repositories = frozenset(repositories)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -73,16 +97,38 @@ class Metrics:
             "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale, unreadable)",
             ["kind", "result"], registry=r,
         )
+        self.cache_bytes = Counter(
+            "regcache_cache_bytes",
+            "Bytes of manifest and blob answers sent to clients, by kind and cache result",
+            ["kind", "result"], registry=r,
+        )
+        self.first_byte = Histogram(
+            "regcache_response_first_byte_seconds",
+            "Time from a manifest or blob request's arrival to the first byte of its answer",
+            ["kind"], buckets=_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "regcache_response_duration_seconds",
+            "Time from a manifest or blob request's arrival to the end of its answer",
+            ["kind"], buckets=_BUCKETS, registry=r,
+        )
+        self.repository_requests = Counter(
+            "regcache_repository_requests",
+            "Client requests of the repositories in the metrics.repositories allow-list",
+            ["repository", "route"], registry=r,
+        )
         # ``member`` is the host of the one registry of an upstream's chain
         # that was asked (the upstream's own host when it has one URL): a
         # configured value, never one a client chose.
         self.upstream_requests = Counter(
-            "regcache_upstream_requests", "Requests sent upstream",
-            ["upstream", "member", "method", "kind", "status"], registry=r,
+            "regcache_upstream_requests",
+            "Requests sent upstream, by kind (token, manifest_get = a counted pull, manifest_head, blob, ...) "
+            "and status (the code, or timeout or error when none came)",
+            ["upstream", "member", "kind", "status"], registry=r,
         )
         self.upstream_pulls = Counter(
             "regcache_upstream_pulls",
-            "Manifest GETs sent upstream: what Docker Hub counts as pulls",
+            "Manifest GETs upstream answered: what Docker Hub counts as pulls",
             ["upstream", "member"], registry=r,
         )
         self.upstream_bytes = Counter(
@@ -98,8 +144,21 @@ class Metrics:
         self.fills = Counter(
             "regcache_blob_fills", "Blob downloads into the cache by outcome", ["result"], registry=r
         )
+        self.inflight = Gauge(
+            "regcache_inflight_downloads", "Blob downloads from upstream under way", registry=r
+        )
+        self.inflight_clients = Gauge(
+            "regcache_inflight_clients",
+            "Clients following a blob download under way: more than the downloads is the dedupe saving",
+            registry=r,
+        )
         self.store_bytes = Gauge(
             "regcache_store_bytes", "Bytes of complete blobs and manifests in the cache", registry=r
+        )
+        self.store_limit = Gauge(
+            "regcache_store_limit_bytes",
+            "The cache's size limit now (--max-size, or lower after a full disk); +Inf when unlimited",
+            registry=r,
         )
         self.store_entries = Gauge(
             "regcache_store_entries", "Blobs and manifests in the cache", registry=r
@@ -117,13 +176,31 @@ class Metrics:
         )
         for limit in ("head_timeout", "progress_timeout", "max_connections", "max_per_client"):
             self.client_limits.labels(limit)
+        member = ["upstream", "member"]
         self.ratelimit_limit = Gauge(
-            "regcache_upstream_ratelimit_limit", "Latest ratelimit-limit from upstream",
-            ["upstream", "member"], registry=r,
+            "regcache_upstream_ratelimit_limit", "Latest ratelimit-limit from upstream", member, registry=r
         )
         self.ratelimit_remaining = Gauge(
-            "regcache_upstream_ratelimit_remaining", "Latest ratelimit-remaining from upstream",
-            ["upstream", "member"], registry=r,
+            "regcache_upstream_ratelimit_remaining", "Latest ratelimit-remaining from upstream", member, registry=r
+        )
+        self.ratelimit_window = Gauge(
+            "regcache_upstream_ratelimit_window_seconds", "The window of the latest ratelimit-limit", member,
+            registry=r,
+        )
+        # The names of the community's Docker Hub rate-limit exporters
+        # (drl-exporter's), so their dashboards work against regcache.
+        account = ["upstream", "member", "credential"]
+        self.hub_limit = Gauge(
+            "dockerhub_limit_max_requests_total", "Docker Hub rate limit: pulls allowed in the window", account,
+            registry=r,
+        )
+        self.hub_remaining = Gauge(
+            "dockerhub_limit_remaining_requests_total", "Docker Hub rate limit: pulls left in the window",
+            account, registry=r,
+        )
+        self.hub_window = Gauge(
+            "dockerhub_limit_max_requests_time", "Docker Hub rate limit: the window, in seconds", account,
+            registry=r,
         )
         # ``rule`` is a rule's index in its upstream's policy, or "default":
         # bounded by the config file, never by what clients ask for.
@@ -141,35 +218,82 @@ class Metrics:
             "Circuit of each upstream registry: 0 up, 1 failing, 2 open (not contacted but for one probe)",
             ["upstream", "member"], registry=r,
         )
-        #: Keyed by (upstream, member): each registry of a chain counts its own pulls.
-        self.ratelimits: Dict[Tuple[str, str], RateLimit] = {}
 
-    def observe_ratelimit(self, upstream: str, member: str, headers, now: float) -> None:
+    def upstream_exchange(self, upstream: str, member: str, credential: str, kind: str, status,
+                          headers=None, now: Optional[float] = None) -> None:
         """
-        Keep the latest rate-limit headers of an upstream answer.  Names are
-        matched case-insensitively (twisted Headers does that) and the
-        ``;w=`` window is kept.
+        One request sent upstream (``kind`` from UPSTREAM_KINDS), answered
+        with the code ``status`` and ``headers``, or failed ("timeout",
+        "error").  A manifest GET answered 2xx or 3xx is a counted pull.
         """
-        limit, window = ratelimit(headers, b"ratelimit-limit")
-        remaining, rwindow = ratelimit(headers, b"ratelimit-remaining")
-        if limit is None and remaining is None:
-            return
-        rl = self.ratelimits.setdefault((upstream, member), RateLimit())
-        rl.limit, rl.remaining, rl.window = limit, remaining, window or rwindow
-        rl.source = _first(headers, b"docker-ratelimit-source")
-        rl.seen = now
-        if limit is not None:
-            self.ratelimit_limit.labels(upstream, member).set(limit)
-        if remaining is not None:
-            self.ratelimit_remaining.labels(upstream, member).set(remaining)
+        code = status if isinstance(status, int) else None
+        self.upstream_requests.labels(upstream, member, kind,
+                                      status if code is None else status_label(code)).inc()
+        if kind == "manifest_get" and code is not None and 200 <= code < 400:
+            self.upstream_pulls.labels(upstream, member).inc()
+        seen = RateLimit.parse(headers, now) if headers is not None else None
+        if seen is not None:
+            self._ratelimit(upstream, member, credential, seen)
+        if self.accounting is not None:
+            self.accounting.exchange(upstream, member, credential, kind, code, seen)
 
-    def count_request(self, path: bytes, method: bytes, code: int) -> None:
+    def _ratelimit(self, upstream: str, member: str, credential: str, seen: RateLimit) -> None:
+        for value, ours, hubs in ((seen.limit, self.ratelimit_limit, self.hub_limit),
+                                  (seen.remaining, self.ratelimit_remaining, self.hub_remaining),
+                                  (seen.window, self.ratelimit_window, self.hub_window)):
+            if value is not None:
+                ours.labels(upstream, member).set(value)
+                hubs.labels(upstream, member, credential).set(value)
+
+    def blob_bytes(self, upstream: str, member: str, n: int) -> None:
+        """``n`` blob bytes received from an upstream's member."""
+        self.upstream_bytes.labels(upstream).inc(n)
+        if self.accounting is not None:
+            self.accounting.blob_bytes(upstream, member, n)
+
+    def count_request(self, path: bytes, method: bytes, code: int, cache: Optional[str] = None,
+                      sent: int = 0, first_byte: Optional[float] = None, took: Optional[float] = None) -> None:
+        """
+        One answered request: its route, method and status; for a manifest
+        or blob, the bytes sent by cache result and the times to its first
+        byte and its end (seconds, None when it sent nothing).
+        """
+        route, name = _split(path)
         self.requests.labels(*request_labels(path, method, code)).inc()
+        if name is not None and self.repositories:
+            known = name if name in self.repositories else f"library/{name}" if "/" not in name else None
+            if known in self.repositories:
+                self.repository_requests.labels(known, route).inc()
+        kind = _TIMED.get(route)
+        if kind is None:
+            return
+        if cache in CACHE_RESULTS:
+            self.cache_bytes.labels(kind, cache).inc(sent)
+        if first_byte is not None:
+            self.first_byte.labels(kind).observe(first_byte)
+        if took is not None:
+            self.duration.labels(kind).observe(took)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def _first(headers, name: bytes) -> Optional[str]:
-    values = headers.getRawHeaders(name)
-    return values[0].decode("latin-1") if values else None
+class _Exposition(Resource):
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request) -> bytes:
+        body = self.metrics.render()
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
+
+def metrics_resource(metrics: Metrics) -> Resource:
+    """The whole of the --metrics-listen port: /metrics, and a 404 for anything else."""
+    root = Resource()
+    root.putChild(b"metrics", _Exposition(metrics))
+    return root

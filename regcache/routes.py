@@ -94,12 +94,15 @@ class RegistryRoutes:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, mirror, policy, metrics, reactor, not_ready, status=None):
+    def __init__(self, mirror, policy, metrics, reactor, not_ready, status=None, serve_metrics: bool = True):
         """
         ``not_ready()`` is None when this process should get clients, else
         why not (regcache.readiness).  ``status`` (regcache.status.Status)
         serves /status and counts the most pulled images; None: no page.
+        ``serve_metrics`` is False when /metrics has a port of its own
+        (--metrics-listen), so it need not be public.
         """
+        self.serve_metrics = serve_metrics
         self.mirror = mirror
         self.policy = policy
         self.metrics = metrics
@@ -132,6 +135,10 @@ class RegistryRoutes:
     def metrics_page(self, request):
         from regcache.metrics import CONTENT_TYPE
 
+        if not self.serve_metrics:
+            request.setResponseCode(404)
+            request.setHeader("Content-Type", "text/plain; charset=utf-8")
+            return sized(request, b"/metrics is served on the --metrics-listen port\n")
         request.setHeader("Content-Type", CONTENT_TYPE)
         return sized(request, self.metrics.render())
 

@@ -7,6 +7,7 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.
 """
 
+import os
 import resource
 import signal
 from urllib.parse import urlsplit
@@ -17,15 +18,17 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from regcache import upstream_http
+from regcache.accounting import FILENAME as ACCOUNTING_FILE, Accounting, AccountingFlush
 from regcache.auth import Credentials
 from regcache.chain import Chain
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills
 from regcache.listener import Listener, listen_endpoint
-from regcache.metrics import Metrics
+from regcache.metrics import Metrics, metrics_resource
 from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
+from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
 from regcache.reload import Reloads, policy_reloader
 from regcache.routes import RegistryRoutes
@@ -95,8 +98,9 @@ def build(config, reactor, reread=None) -> MultiService:
     reloads what can change without one.
     """
     endpoint = listen_endpoint(reactor, config.listen)
+    metrics_endpoint = (listen_endpoint(reactor, config.metrics_listen, "--metrics-listen")
+                        if config.metrics_listen else None)
     top = MultiService()
-    metrics = Metrics()
 
     pool = ThreadPool(minthreads=1, maxthreads=4, name="regcache-io")
     reactor.callWhenRunning(pool.start)
@@ -112,6 +116,9 @@ def build(config, reactor, reread=None) -> MultiService:
         raise ConfigError(f"--storage: cannot use {e.filename or config.storage}: {e.strerror}") from None
     if removed:
         Logger().info("Removed {n} unfinished downloads left by an earlier run", n=removed)
+    accounting = Accounting(reactor, os.path.join(config.storage, ACCOUNTING_FILE), run)
+    accounting.load()
+    metrics = Metrics(accounting, config.metrics_repositories)
 
     registries = [_registry(u, reactor, metrics, config.upstream_allow) for u in config.upstreams]
     pulls = PullRules(config.policy, metrics)
@@ -122,11 +129,10 @@ def build(config, reactor, reread=None) -> MultiService:
     referrers = ReferrersCache(config.storage, run, tags)
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
-    # Pull accounting (regcache.accounting.Accounting) is to be passed as
-    # ``usage``; without it the page counts no pulls.
-    status = Status(metrics, fills, registries, reactor, config.max_size, usage=None,
+    status = Status(metrics, fills, registries, reactor, config.max_size, usage=accounting,
                     docker_hub=[u.name for u in config.upstreams if u.docker_hub])
-    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status)
+    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status,
+                            serve_metrics=metrics_endpoint is None)
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     limits = ClientLimits(
         head_timeout=config.client_header_timeout,
@@ -145,10 +151,22 @@ def build(config, reactor, reread=None) -> MultiService:
     readiness.setServiceParent(top)
     Listener(endpoint, config.listen, site, reactor,
              served=f"caching {_served(config)} in {config.storage}").setServiceParent(top)
+    if metrics_endpoint is not None:
+        Listener(metrics_endpoint, config.metrics_listen, RegcacheSite(metrics_resource(metrics), metrics, reactor),
+                 reactor, served="/metrics only", option="--metrics-listen").setServiceParent(top)
     FillDrain(fills, reactor).setServiceParent(top)
     if reread is not None:
         reloads = Reloads(reactor, metrics, _on_sighup)
         if config.file:
             reloads.register("policy", policy_reloader(config, reread, run, pulls))
         reloads.setServiceParent(top)
+    if config.ratelimit_probe is not None:
+        RateLimitProbe(_hub_members(registries), reactor, config.ratelimit_probe).setServiceParent(top)
+    AccountingFlush(accounting, reactor).setServiceParent(top)
     return top
+
+
+def _hub_members(registries):
+    """Every Docker Hub registry behind the upstreams: what the rate-limit probe checks."""
+    members = [m for r in registries for m in (r.upstream.members if isinstance(r.upstream, Chain) else [r.upstream])]
+    return [m for m in members if m.is_docker_hub]

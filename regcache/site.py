@@ -143,8 +143,6 @@ class Channel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._stop_head_timer()
         request = self.requests[-1]
-        # The access log's duration runs from here.
-        request.received_at = self.site.reactor.seconds()
         if self.over and self._path.split(b"?")[0] not in HEALTH_PATHS:
             self._refuse(request, _FULL if self.over == "max_connections" else _CLIENT_FULL)
             return
@@ -188,14 +186,33 @@ class Channel(HTTPChannel):
 
 class RegcacheRequest(Request):
     """
-    A request whose host, as the router sees it, is always the same: routes
-    answer alike whatever name regcache is reached by, and werkzeug would
-    otherwise fail (a 500) on a valid Host it cannot IDNA-encode, such as a
-    label of more than 63 characters.
+    A request that notes when it arrived (its request line) and when the
+    first byte of its answer (the status line) went out, for the access log
+    and the latency histograms: a blob sent with sendfile passes through
+    ``write`` only for its headers.
+
+    Its host, as the router sees it, is always the same: routes answer
+    alike whatever name regcache is reached by, and werkzeug would otherwise
+    fail (a 500) on a valid Host it cannot IDNA-encode, such as a label of
+    more than 63 characters.
     """
+
+    first_byte = None
+
+    def __init__(self, channel, *args, **kwargs):
+        super().__init__(channel, *args, **kwargs)
+        self._clock = channel.site.reactor
+        self.arrived = self._clock.seconds()
 
     def getRequestHostname(self) -> bytes:
         return b"regcache"
+
+    def write(self, data: bytes) -> None:
+        if self.first_byte is None:
+            self.first_byte = self._clock.seconds()
+        super().write(data)
+
+
 #: The most of a path the access log keeps: a client may send kilobytes.
 MAX_LOGGED_PATH = 1024
 
@@ -270,17 +287,21 @@ class RegcacheSite(Site):
         MAX_LOGGED_PATH.  Who asked is client authentication's Identity
         when it set one.
         """
-        self.metrics.count_request(request.path, request.method, request.code)
+        first = request.first_byte
+        took = self.reactor.seconds() - request.arrived
+        self.metrics.count_request(
+            request.path, request.method, request.code, getattr(request, "cache_result", None),
+            request.sentLength, None if first is None else first - request.arrived, took,
+        )
         identity = getattr(request, "identity", None)
         address = request.getClientAddress()
-        started = getattr(request, "received_at", None)
         ns = (request.args or {}).get(b"ns", [b""])[0].decode("latin-1")[:255] or None
         _access.info(
             "{method} {path}" + ("?ns={ns}" if ns else "") + " {status} {bytes} {duration:.3f}s {cache}",
             event="request", method=request.method.decode("latin-1")[:16],
             path=request.path.decode("latin-1")[:MAX_LOGGED_PATH], ns=ns, status=request.code,
             bytes=request.sentLength,
-            duration=self.reactor.seconds() - started if started is not None else 0.0,
+            duration=took,
             cache=getattr(request, "cache_result", None), upstream=getattr(request, "upstream", None),
             error=getattr(request, "error_code", None),
             client=(identity.address if identity is not None and identity.address else getattr(address, "host", None)),

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, List, Optional
 from urllib.parse import urlencode, urlsplit
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from regcache.accounting import ANONYMOUS
 from regcache.auth import Challenge, Credentials, Realms, TokenCache, parse_challenge
 from regcache.errors import UpstreamError, UpstreamHeld, UpstreamNotFound, UpstreamTimeout
 from regcache.exchange import Limits, abandon
@@ -40,6 +42,9 @@ from regcache.remote import MAX_REFERRERS, BlobStream, ManifestInfo, MemberHealt
 DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io", "registry.hub.docker.com")
 
 REDIRECTS = (301, 302, 303, 307, 308)
+
+#: The repository Docker Hub answers its free quota check for.
+PROBE_REPOSITORY = "ratelimitpreview/test"
 
 #: Docker Hub's tag lists run to a few hundred KiB for the busiest images.
 MAX_TAG_LIST = 16 * 1024 * 1024
@@ -112,7 +117,10 @@ class Upstream:
         #: Who the client's error names when this upstream fails.
         self.who = f"upstream {self.host}"
         self.limits = Limits(clock, timeouts.header, timeouts.idle, timeouts.body)
-        self.tokens = TokenCache(http, clock, credentials, self.limits, self.who, Realms(parts.hostname or "", realms))
+        #: The account the pull accounting files this member's requests under.
+        self.credential = credentials.username if credentials else ANONYMOUS
+        self.tokens = TokenCache(_TokenRequests(http, self._count), clock, credentials, self.limits, self.who,
+                                 Realms(parts.hostname or "", realms))
         self._challenge: Optional[Challenge] = None
         self._jitter = jitter
         self._health = Health(clock, self.who, self.key, self.host, metrics)
@@ -274,6 +282,17 @@ class Upstream:
         applied = (header(response.headers, b"oci-filters-applied") or "").split(",")
         return Referrers(body, artifact_type is not None and "artifactType" in (f.strip() for f in applied))
 
+    async def probe_ratelimit(self) -> None:
+        """
+        Docker Hub's free quota check (PROTOCOL.md §10): a HEAD of
+        ratelimitpreview/test with this member's credential, whose answer
+        carries the rate-limit headers and costs no pull.
+        """
+        response, _ = await self._request("HEAD", f"/v2/{PROBE_REPOSITORY}/manifests/latest", "probe",
+                                          PROBE_REPOSITORY, {})
+        await self._drain(response)
+        self._expect(response, (200,), "rate-limit probe")
+
     # Plumbing
 
     def _expect(self, response, codes, kind: str) -> None:
@@ -406,8 +425,7 @@ class Upstream:
         except UpstreamError:
             self._count(method, kind, "error")
             raise
-        self._count(method, kind, str(response.code))
-        self.metrics.observe_ratelimit(self.key, self.host, response.headers, self.clock.seconds())
+        self._count(method, kind, response.code, response.headers)
         limit, window = ratelimit(response.headers, b"ratelimit-limit")
         remaining, _ = ratelimit(response.headers, b"ratelimit-remaining")
         self._health.observe(limit, remaining, window,
@@ -419,10 +437,10 @@ class Upstream:
         )
         return response
 
-    def _count(self, method: str, kind: str, status: str) -> None:
-        self.metrics.upstream_requests.labels(self.key, self.host, method, kind, status).inc()
-        if method == "GET" and kind == "manifest":
-            self.metrics.upstream_pulls.labels(self.key, self.host).inc()
+    def _count(self, method: str, kind: str, status, headers=None) -> None:
+        """One exchange (its code, or "timeout" or "error"), for the metrics and the pull accounting."""
+        self.metrics.upstream_exchange(self.key, self.host, self.credential, _EXCHANGES[method, kind], status,
+                                       headers, self.clock.seconds())
 
     def _who(self, url: str) -> str:
         """The registry itself, or the host it redirected a blob to."""
@@ -451,6 +469,38 @@ class _Limited(UpstreamError):
     def __init__(self, pull_limit: bool, retry_after: Optional[float]):
         super().__init__("rate limited", 429, retry_after)
         self.pull_limit = pull_limit
+
+
+#: (method, kind of _send) -> the exchange kind the metrics and accounting count.
+_EXCHANGES = {
+    ("GET", "token"): "token",
+    ("GET", "manifest"): "manifest_get", ("HEAD", "manifest"): "manifest_head",
+    ("GET", "blob"): "blob", ("GET", "blob-redirect"): "blob",
+    ("HEAD", "blob"): "blob_head", ("HEAD", "blob-redirect"): "blob_head",
+    ("GET", "tags"): "tags", ("GET", "referrers"): "referrers", ("HEAD", "probe"): "probe",
+}
+
+
+class _TokenRequests:
+    """
+    The HTTP client as the token cache uses it, each token request
+    reported as an exchange like any other this upstream sends.
+    """
+
+    def __init__(self, http, count):
+        self._http = http
+        self._count = count
+
+    def get(self, url, **kwargs):
+        def answered(response):
+            self._count("GET", "token", response.code)
+            return response
+
+        def failed(failure):
+            self._count("GET", "token", "timeout" if failure.check(CancelledError) else "error")
+            return failure
+
+        return self._http.get(url, **kwargs).addCallbacks(answered, failed)
 
 
 class ResponseStream:

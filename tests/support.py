@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
+from regcache.accounting import Accounting
 from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
@@ -97,16 +98,8 @@ class HandFedUpstream:
         self.calls = []  # (name, digest, offset, Deferred)
         self.heads = []  # (name, digest, Deferred)
 
-    def health(self):
-        from regcache.remote import MemberHealth
-
-        return [MemberHealth(self.key, "up")]
-
     def repository(self, name):
         return name
-
-    def health(self):
-        return [MemberHealth(self.key, "up")]
 
     def head_manifest(self, name, reference, accept, retry=False):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
@@ -187,7 +180,8 @@ class Rig:
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
-        self.metrics = Metrics()
+        self.accounting = Accounting(self.reactor)
+        self.metrics = Metrics(self.accounting)
         self.store = Store(self.root, inline, self.reactor.seconds)
         self.store.prepare()
         self.upstream = upstream(self.reactor, self.metrics) if callable(upstream) else upstream or HandFedUpstream()

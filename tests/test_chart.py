@@ -595,6 +595,25 @@ def test_service_monitor_scrapes_each_pod_once():
     assert "ServiceMonitor" not in kinds(render({})[0])
 
 
+def test_metrics_port_moves_the_scrape_off_the_registry_port():
+    """
+    metrics.port gives /metrics a container and Service port of its own
+    (REGCACHE_METRICS_LISTEN), which the ServiceMonitor scrapes; the
+    rate-limit probe is passed through when set.
+    """
+    objects, _ = render(merged(SCALE_OUT, {"metrics": {"port": 9102, "ratelimitProbe": "10m"}}))
+    monitor = only(objects, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    service = only(objects, "Service", RELEASE)
+    assert {"name": "metrics", "port": 9102, "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    (container,) = only(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": 9102, "protocol": "TCP"} in container["ports"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (env["REGCACHE_METRICS_LISTEN"], env["REGCACHE_RATELIMIT_PROBE"]) == ("tcp:9102", "10m")
+    (plain,) = only(render({})[0], "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert not {"REGCACHE_METRICS_LISTEN", "REGCACHE_RATELIMIT_PROBE"} & {e["name"] for e in plain["env"]}
+
+
 # --- Sharing an Ingress across namespaces ---------------------------------
 
 

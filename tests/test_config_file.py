@@ -240,3 +240,56 @@ def test_revalidate_deadline_per_upstream(tmp_path):
     assert [u.revalidate_deadline for u in load({"config": path}, {}).upstreams] == [1.0, 0.3]
     given = load({"config": path, "revalidate-deadline": "100ms"}, {})
     assert [u.revalidate_deadline for u in given.upstreams] == [0.1, 0.1]
+
+
+METRICS = """\
+upstreams: [{name: hub, urls: [https://registry-1.docker.io]}]
+metrics:
+  listen: tcp:9102:interface=10.0.0.5
+  ratelimit_probe: 10m
+  repositories: [library/alpine, ghcr.io/owner/app]
+"""
+
+
+def test_metrics_section(tmp_path):
+    """The file's metrics section sets the metrics port, the rate-limit probe and the repository allow-list."""
+    c = load({"config": write(tmp_path, METRICS)}, {})
+    assert (c.metrics_listen, c.ratelimit_probe) == ("tcp:9102:interface=10.0.0.5", 600)
+    assert c.metrics_repositories == ("library/alpine", "ghcr.io/owner/app")
+
+
+def test_metrics_options_override_the_file(tmp_path):
+    """--ratelimit-probe and --metrics-listen (or their variables) win over the file; off turns the probe off."""
+    c = load({"config": write(tmp_path, METRICS), "ratelimit-probe": "off"},
+             {"REGCACHE_METRICS_LISTEN": "tcp:9300"})
+    assert (c.metrics_listen, c.ratelimit_probe) == ("tcp:9300", None)
+
+
+def test_metrics_defaults():
+    """Without options or a file: no probe, /metrics on the registry port, no repository labels."""
+    c = load({"storage": "/tmp/x"}, {})
+    assert (c.metrics_listen, c.ratelimit_probe, c.metrics_repositories) == (None, None, ())
+    assert load({"storage": "/tmp/x", "ratelimit-probe": "1h"}, {}).ratelimit_probe == 3600
+
+
+@pytest.mark.parametrize("text, message", [
+    ("metrics: {ratelimit_probe: 10s}", "metrics.ratelimit_probe: at least 1m, or off"),
+    ("metrics: {ratelimit_probe: soon}", "metrics.ratelimit_probe: not a duration"),
+    ("metrics: {repositories: [a, a]}", "metrics.repositories"),
+    ("metrics: {port: 9102}", "metrics.port: unknown key"),
+])
+def test_metrics_section_mistakes(tmp_path, text, message):
+    """A mistake in the metrics section names its key and line."""
+    path = write(tmp_path, "upstreams: [{name: hub, urls: [https://registry-1.docker.io]}]\n" + text + "\n")
+    with pytest.raises(ConfigError) as e:
+        load({"config": path}, {})
+    assert message in str(e.value)
+    assert ":2:" in str(e.value)
+
+
+def test_ratelimit_probe_option_mistakes():
+    """A probe interval under a minute, or not a duration, stops start-up naming the option."""
+    for text, message in (("30s", "--ratelimit-probe: at least 1m"), ("often", "--ratelimit-probe: not a duration")):
+        with pytest.raises(ConfigError) as e:
+            load({"storage": "/tmp/x", "ratelimit-probe": text}, {})
+        assert message in str(e.value)

@@ -338,6 +338,15 @@ class RateLimitTests(HubTestCase):
         self.assertEqual(get.headers.getRawHeaders("ratelimit-remaining"), ["9;w=21600"])
         self.assertEqual(self.hub.stats()["ratelimit"]["remaining"], 9)
 
+    def test_ratelimit_preview_is_a_free_check(self):
+        """ratelimitpreview/test:latest answers a HEAD with the rate-limit headers and spends nothing."""
+        self.hub.set_ratelimit(10, remaining=7)
+        head = self.get("/v2/ratelimitpreview/test/manifests/latest", repo="ratelimitpreview/test", method="HEAD")
+        self.assertEqual(head.code, 200)
+        self.assertEqual(head.headers.getRawHeaders("ratelimit-remaining"), ["7;w=21600"])
+        self.assertEqual(self.hub.stats()["ratelimit"]["remaining"], 7)
+        self.assertEqual(self.hub.stats()["manifest_heads"], {"ratelimitpreview/test": 1})
+
     def test_429_at_zero(self):
         """At zero, manifest GETs get 429 TOOMANYREQUESTS (with Retry-After if set); HEAD still works."""
         self.hub.set_ratelimit(1, retry_after=60)

@@ -172,7 +172,7 @@ class CountedPullTests(SynchronousTestCase):
         """The latest ratelimit-limit/remaining (with the window) and source are recorded."""
         self.rig.hub.set_ratelimit(100, remaining=42)
         self.pull()
-        rl = self.rig.metrics.ratelimits[self.rig.upstream.key, self.rig.upstream.host]
+        rl = self.rig.accounting.ratelimit(self.rig.upstream.key, self.rig.upstream.host)
         self.assertEqual((rl.limit, rl.window), (100, 21600))
         self.assertEqual(rl.remaining, 41)
         self.assertEqual(rl.source, "127.0.0.1")

@@ -11,8 +11,9 @@ from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.config import load
+from regcache.config import ConfigError, load
 from regcache.listener import Listener
+from regcache.probe import RateLimitProbe
 from regcache.service import build
 
 
@@ -32,6 +33,30 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual([type(s) for s in top if isinstance(s, Listener)], [Listener])
         self.assertEqual({cls: cls.bufferSize for cls in before}, before)
         self.assertEqual(before[tcp.Client], tcp.Connection.bufferSize)
+
+    def config(self, **extra):
+        storage = tempfile.mkdtemp(prefix="regcache-test-")
+        self.addCleanup(shutil.rmtree, storage, True)
+        return load({"listen": "tcp:0:interface=127.0.0.1", "storage": storage,
+                     "upstream": "http://127.0.0.1:1", **extra}, {})
+
+    def test_metrics_listen_is_a_second_port(self):
+        """With --metrics-listen the service has a second listener, of /metrics alone."""
+        top = build(self.config(**{"metrics-listen": "tcp:0:interface=127.0.0.1"}), MemoryReactorClock())
+        listeners = [s for s in top if isinstance(s, Listener)]
+        self.assertEqual([s.option for s in listeners], ["--listen", "--metrics-listen"])
+
+    def test_a_bad_metrics_listen_is_named(self):
+        """An endpoint --metrics-listen cannot use stops the build, naming that option."""
+        with self.assertRaises(ConfigError) as e:
+            build(self.config(**{"metrics-listen": "tcp:nope"}), MemoryReactorClock())
+        self.assertIn("--metrics-listen: cannot use 'tcp:nope'", str(e.exception))
+
+    def test_the_probe_runs_only_when_asked(self):
+        """The rate-limit probe is a service only with --ratelimit-probe."""
+        self.assertEqual([s for s in build(self.config(), MemoryReactorClock()) if isinstance(s, RateLimitProbe)], [])
+        top = build(self.config(**{"ratelimit-probe": "10m"}), MemoryReactorClock())
+        self.assertEqual([s.every for s in top if isinstance(s, RateLimitProbe)], [600])
 
     def test_each_upstream_gets_its_revalidate_deadline(self):
         """The Registry the mirror reads holds the deadline its upstream was configured with."""

@@ -35,6 +35,12 @@ grants that containerd tries first.  Anonymous tokens grant pull on public
 repos; a user's token also grants that user's private repos.  Tokens expire
 ``token_ttl`` seconds after issue on the injected clock.
 
+**Rate limits.**  Manifest GETs and HEADs carry ``ratelimit-limit``,
+``ratelimit-remaining`` (``N;w=21600``) and ``docker-ratelimit-source``;
+only GETs spend the quota, and at zero they get a 429.  ``ratelimitpreview/test:latest``
+(the first image's content) is there for Docker Hub's free quota check: a
+token for its pull scope, then a HEAD of its manifest.
+
 **Details a mirror may trip on.**  Manifests by digest are served as stored
 whatever the Accept (Accept only steers tag lookups).  ``If-None-Match`` with
 the Etag gets a 304.  CDN URLs are signed and expire ``cdn_url_ttl`` seconds
@@ -163,6 +169,7 @@ DELAYS = ("slow",)
 INSTEAD = ("status", "hang", "huge")
 CHUNK = 64 * 1024
 RATE_WINDOW = 21600
+PROBE_REPO = "ratelimitpreview/test"
 RATE_LIMITED_MESSAGE = (
     "You have reached your unauthenticated pull rate limit. "
     "You may increase the limit by authenticating and upgrading."
@@ -463,6 +470,9 @@ class FakeHub:
         for repo in self.private:
             if repo not in self.repos and self._private_image is not None:
                 self.add_image(self._private_image, repo=repo)
+        if self._published:
+            # Docker Hub's free quota check: HEAD it, read the headers.
+            self.add_image(self._published[0], repo=PROBE_REPO, tag="latest")
         self.set_ratelimit(self.initial_rate_limit)
         self.referrers_api = self.initial_referrers
 

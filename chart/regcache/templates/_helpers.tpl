@@ -158,11 +158,24 @@ spec:
         - name: http
           containerPort: 5000
           protocol: TCP
+        {{- with $root.Values.metrics.port }}
+        - name: metrics
+          containerPort: {{ . }}
+          protocol: TCP
+        {{- end }}
       env:
         - name: REGCACHE_LISTEN
           value: "tcp:5000"
         - name: REGCACHE_STORAGE
           value: /var/lib/registry
+        {{- with $root.Values.metrics.port }}
+        - name: REGCACHE_METRICS_LISTEN
+          value: "tcp:{{ . }}"
+        {{- end }}
+        {{- with $root.Values.metrics.ratelimitProbe }}
+        - name: REGCACHE_RATELIMIT_PROBE
+          value: {{ . | quote }}
+        {{- end }}
         {{- if $root.Values.config }}
         - name: REGCACHE_CONFIG
           value: /etc/regcache/config/regcache.yaml
