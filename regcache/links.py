@@ -48,13 +48,15 @@ CAP = 1000
 #: Larger link files are read only this far (CAP lines are far less).
 MAX_FILE = 1024 * 1024
 
-_UPSTREAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: An upstream's name: a config file's (``[A-Za-z0-9._-]``), or with one
+#: ``--upstream`` its host, port and all (``127.0.0.1:5000``, ``[::1]:5000``).
+_UPSTREAM_RE = re.compile(r"[^\s\ufffd]{1,255}")
 _NAME_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
 
 
 def line(key: RepoKey) -> bytes:
     """The file line of one link."""
-    return f"{key[0]} {key[1]}\n".encode("ascii")
+    return f"{key[0]} {key[1]}\n".encode("utf-8")
 
 
 def parse(data: bytes) -> List[RepoKey]:
@@ -64,7 +66,7 @@ def parse(data: bytes) -> List[RepoKey]:
     """
     found: "OrderedDict[RepoKey, None]" = OrderedDict()
     for raw in data.split(b"\n")[:-1]:
-        upstream, _, name = raw.decode("ascii", "replace").partition(" ")
+        upstream, _, name = raw.decode("utf-8", "replace").partition(" ")
         if _UPSTREAM_RE.fullmatch(upstream) and len(name) <= 255 and _NAME_RE.fullmatch(name):
             key = (upstream, name)
             found.pop(key, None)

@@ -353,8 +353,9 @@ class DurabilityTests(SynchronousTestCase):
 class LinksTableTests(SynchronousTestCase):
     def test_parse_skips_what_is_not_a_whole_link(self):
         """A line cut short by a crash, or garbage, is skipped; each link counts once, newest last."""
-        data = b"docker.io library/a\nghcr docker.io x\ndocker.io library/b\ndocker.io library/a\ndocker.io lib"
-        self.assertEqual(links.parse(data), [("docker.io", "library/b"), ("docker.io", "library/a")])
+        data = (b"docker.io library/a\nghcr docker.io x\n127.0.0.1:5000 library/b\n\xff x/y\n"
+                b"docker.io library/a\ndocker.io lib")
+        self.assertEqual(links.parse(data), [("127.0.0.1:5000", "library/b"), ("docker.io", "library/a")])
 
     def test_links_per_digest_are_capped_oldest_first(self):
         """
