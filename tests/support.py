@@ -109,6 +109,11 @@ class HandFedUpstream:
     def referrers(self, name, digest, artifact_type=None, retry=False):
         raise NotImplementedError("hand-fed upstreams serve blobs only")
 
+    def health(self):
+        from regcache.remote import MemberHealth
+
+        return [MemberHealth(self.key, "up")]
+
     def open_blob(self, name, digest):
         return self._open(name, digest, 0)
 
