@@ -18,7 +18,10 @@ out of step with them:
   per ten minutes rather than one per request, and after a restart the LRU
   order is right to within those ten minutes, which is all eviction needs;
 - which manifest needs which blobs comes from the manifests themselves,
-  parsed when stored and when indexed (they are at most 4 MiB).
+  parsed when stored and when indexed (they are at most 4 MiB);
+- which repositories hold each digest comes from its links file
+  (regcache.links), and from the manifests of those repositories that name
+  it.
 
 The bytes it counts are bytes on disk, downloads under way included.  A
 download counts its announced size a step (``RESERVE_AHEAD``) ahead of the
@@ -29,11 +32,12 @@ writing on would pass the limit.
 """
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
 
+from regcache.links import Links, RepoKey
 from regcache.reference import Digest
 
 BLOB = "blob"
@@ -72,6 +76,8 @@ class Scan:
     #: Manifest digest -> the (digest, declared size) pairs it references.
     refs: Dict[Digest, Tuple[Tuple[Digest, int], ...]]
     strays: int = 0
+    #: Digest -> the repositories its links file names, oldest first.
+    links: Dict[Digest, List[RepoKey]] = field(default_factory=dict)
 
 
 def _noop() -> None:
@@ -93,6 +99,9 @@ class Index:
         self.entries: "OrderedDict[Digest, Entry]" = OrderedDict()
         self.refs: Dict[Digest, Tuple[Digest, ...]] = {}
         self.referrers: Dict[Digest, Set[Digest]] = {}
+        #: Which repositories hold each entry (until the start-up scan is
+        #: loaded, also entries it has not found yet).
+        self.links = Links()
         self.pins: Dict[Digest, int] = {}
         self.stored = 0
         #: Bytes downloads under way count: each what it wrote plus up to
@@ -211,6 +220,7 @@ class Index:
         if entry is None:
             return None
         self.stored -= entry.size
+        self.links.drop(digest)
         for ref in self.refs.pop(digest, ()):
             users = self.referrers.get(ref)
             if users is not None:
@@ -218,6 +228,25 @@ class Index:
                 if not users:
                     del self.referrers[ref]
         return entry
+
+    def named_by(self, digest: Digest, key: RepoKey) -> bool:
+        """
+        Whether a manifest linked to ``key`` names ``digest``, directly or
+        through an index (an index's children are that repository's too):
+        a layer of an image pulled from a repository is that repository's.
+        Subjects are no such name: a signature does not make its image
+        another repository's.
+        """
+        todo, seen = list(self.referrers.get(digest, ())), {digest}
+        while todo:
+            d = todo.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            if self.links.has(d, key):
+                return True
+            todo.extend(self.referrers.get(d, ()))
+        return False
 
     def pin(self, digest: Digest) -> Callable[[], None]:
         """
@@ -266,6 +295,10 @@ class Index:
                 self._link(manifest, tuple(d for d, _ in refs))
         for manifest, refs in live_refs.items():
             self._link(manifest, refs)
+        for digest, keys in scan.links.items():
+            if digest in entries:
+                self.links.merge(digest, keys)
+        self.links.only(entries)
         self.stored = sum(e.size for e in entries.values())
         self.ready = True
 

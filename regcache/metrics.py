@@ -163,6 +163,13 @@ class Metrics:
         self.store_entries = Gauge(
             "regcache_store_entries", "Blobs and manifests in the cache", registry=r
         )
+        # ``result``: confirmed, unknown (upstream has no such content in
+        # that repository) or failed (upstream could not answer).
+        self.link_confirmations = Counter(
+            "regcache_link_confirmations",
+            "HEADs upstream asking whether a repository holds content regcache has cached for another",
+            ["upstream", "result"], registry=r,
+        )
         self.evicted = Counter(
             "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r
         )

@@ -3,7 +3,11 @@ The pull-through logic: what to answer from the cache, what to ask upstream,
 and what to do when upstream fails.
 
 Digests are local-first: content never changes, so a cached digest is served
-with no upstream call, outage or not.  Tags are policy-first: fresh within
+with no upstream call, outage or not, under the repositories known to hold
+it (regcache.links).  Under any other name it is served only once upstream
+confirmed, with a HEAD in that repository's scope, that the repository
+holds it: content is stored once, but a layer fetched for ``myorg/secret``
+must not be readable as ``library/alpine``.  Tags are policy-first: fresh within
 the revalidation window, then checked with a HEAD (free on Docker Hub), and
 served stale when that check fails; referrers indexes, which change as
 images are signed, are kept the same way.  A manifest GET upstream, the request
@@ -21,6 +25,7 @@ from twisted.logger import Logger
 
 from regcache.body import Source
 from regcache.errors import BlobTooLarge, IntegrityError, RegistryError, UpstreamError, UpstreamNotFound
+from regcache.links import RepoKey
 from regcache.manifests import MANIFEST_MEDIA_TYPES, MAX_MANIFEST, Manifest, declared_type
 from regcache.policy import Route
 from regcache.reference import Digest, check_tag, is_digest
@@ -30,6 +35,10 @@ from regcache.singleflight import SingleFlight
 from regcache.tags import TagEntry, TagKey, accept_key, accepted
 
 STALE_WARNING = '110 regcache "Response is Stale"'
+
+#: Link confirmations under way at once (distinct repository and digest
+#: pairs, a table keyed by what clients ask for); past it, a 503.
+MAX_CONFIRMATIONS = 256
 
 #: A media type (RFC 6838's restricted names), as an artifactType filter
 #: must be before it goes upstream and into a cache key.
@@ -94,6 +103,7 @@ class Mirror:
         self._tag_checks = SingleFlight()
         self._manifest_gets = SingleFlight()
         self._referrers_gets = SingleFlight()
+        self._confirmations = SingleFlight()
 
     # Manifests
 
@@ -103,16 +113,23 @@ class Mirror:
             return ManifestAnswer(m.digest, m.media_type, m.size, m.body, cache)
         return await self._by_tag(route, check_tag(reference), accepted(accept), want_body)
 
-    async def _by_digest(self, route: Route, digest: Digest):
+    async def _by_digest(self, route: Route, digest: Digest, vouched: bool = False):
+        """
+        ``vouched``: the repository's own tag named ``digest``, so it holds
+        it with no need to ask.
+        """
         m = await self._held(digest)
         if m is not None:
+            if not vouched:
+                await self._confirmed(route, digest, "manifest")
             self.metrics.cache.labels("manifest", "hit").inc()
             return m, "hit"
         self.metrics.cache.labels("manifest", "miss").inc()
         # Content is pinned by the digest, so ask with every type: an Accept
-        # that leaves one out only risks a needless 404.
+        # that leaves one out only risks a needless 404.  One GET per
+        # repository: another's answer says nothing of this one.
         m = await self._manifest_gets.run(
-            digest, lambda: Deferred.fromCoroutine(self._fetch_manifest(route, digest))
+            (_repository(route), digest), lambda: Deferred.fromCoroutine(self._fetch_manifest(route, digest))
         )
         return m, "miss"
 
@@ -125,7 +142,7 @@ class Mirror:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}@{digest}")
         except UpstreamError as e:
             raise self.policy.failure(e, f"manifest {digest}")
-        await self.store.put_manifest(m)
+        await self.store.put_manifest(m, _repository(route))
         return m
 
     async def _held(self, digest: Digest) -> Optional[Manifest]:
@@ -194,10 +211,12 @@ class Mirror:
         digest = entry.parsed_digest
         media_type, size, body = entry.media_type, entry.size, None
         if want_body or size < 0:
-            m, _ = await self._by_digest(route, digest)
+            m, _ = await self._by_digest(route, digest, vouched=True)
         else:
             m = await self._held(digest) if self._holds(digest) else None
         if m is not None:
+            # Upstream named it for this repository's tag.
+            self.store.link(digest, _repository(route))
             media_type, size, body = m.media_type, m.size, m.body if want_body else None
             if own and (entry.media_type, entry.size) != (media_type, size):
                 # The manifest corrects what upstream's HEAD said about it.
@@ -285,14 +304,23 @@ class Mirror:
             opened = self._opened(digest, self.store.open_blob, digest)
             if opened is not None:
                 fd, size = opened
+                try:
+                    await self._confirmed(route, digest, "blob")
+                except BaseException:
+                    os.close(fd)
+                    raise
                 self.metrics.cache.labels("blob", cache).inc()
                 return BlobAnswer(size, fd, Source(size), cache, self.store.pin(digest))
             fill = self.fills.get(digest)
             if fill is None:
                 cache = "miss"
                 fill = self.fills.start(route.upstream, route.name, digest)
-            elif cache == "hit":
-                cache = "join"
+                # Upstream sends it in this repository's scope, or nothing lands.
+                self.store.link(digest, _repository(route))
+            else:
+                if cache == "hit":
+                    cache = "join"
+                await self._joinable(route, fill, digest)
             size = await self._started(fill, digest)
             fd = self._opened(digest, fill.reader)
             if fd is not None:
@@ -312,10 +340,12 @@ class Mirror:
         if opened is not None:
             fd, size = opened
             os.close(fd)
+            await self._confirmed(route, digest, "blob")
             self.metrics.cache.labels("blob", "hit").inc()
             return size, "hit"
         fill = self.fills.get(digest)
         if fill is not None:
+            await self._joinable(route, fill, digest)
             size = await self._started(fill, digest)
             self.metrics.cache.labels("blob", "join").inc()
             return size, "join"
@@ -327,6 +357,56 @@ class Mirror:
             raise self.policy.failure(e, f"blob {digest}")
         self.metrics.cache.labels("blob", "miss").inc()
         return size, "miss"
+
+    async def _joinable(self, route: Route, fill, digest: Digest) -> None:
+        """
+        Return once this request may follow ``fill``: one from this
+        repository, or one whose blob this repository is known to hold.
+        """
+        if fill.upstream is not route.upstream or fill.name != route.name:
+            await self._confirmed(route, digest, "blob")
+
+    # Links
+
+    async def _confirmed(self, route: Route, digest: Digest, kind: str) -> None:
+        """
+        Return once the route's repository is known to hold ``digest`` (a
+        ``kind``, blob or manifest, regcache holds or is fetching); else
+        ask upstream with a HEAD in that repository's scope, which costs no
+        pull and links it when upstream confirms.  What upstream does not
+        have there is unknown, as if it were not cached; while upstream
+        cannot answer, it is not served under this name at all.
+        """
+        key = _repository(route)
+        if await self.store.linked(digest, key):
+            return
+        flight = (key, digest, kind)
+        if flight not in self._confirmations and len(self._confirmations) >= MAX_CONFIRMATIONS:
+            raise RegistryError("UNAVAILABLE", f"{kind} {digest} is cached but not known to belong to "
+                                f"{route.name}, and too many confirmations are under way", status=503)
+        await self._confirmations.run(flight, lambda: Deferred.fromCoroutine(
+            self._confirm(route, key, digest, kind)))
+
+    async def _confirm(self, route: Route, key: RepoKey, digest: Digest, kind: str) -> None:
+        counter = self.metrics.link_confirmations
+        try:
+            if kind == "manifest":
+                await route.upstream.head_manifest(route.name, str(digest), list(MANIFEST_MEDIA_TYPES))
+            else:
+                await route.upstream.head_blob(route.name, digest)
+        except UpstreamNotFound:
+            counter.labels(route.registry.name, "unknown").inc()
+            if kind == "manifest":
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}@{digest}")
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {digest}")
+        except UpstreamError as e:
+            counter.labels(route.registry.name, "failed").inc()
+            raise RegistryError("UNAVAILABLE", f"{kind} {digest} is cached but not known to belong to "
+                                f"{route.name}, and upstream cannot confirm it: {e}", status=503)
+        counter.labels(route.registry.name, "confirmed").inc()
+        self.log.info("Linked {digest} to {name}: upstream confirmed it holds the {kind}",
+                      digest=str(digest), name=route.name, kind=kind, event="link")
+        self.store.link(digest, key)
 
     def _opened(self, digest: Digest, open_, *args):
         """
@@ -367,6 +447,10 @@ class Mirror:
         """
         if artifact_type is not None and not _MEDIA_TYPE_RE.fullmatch(artifact_type):
             raise RegistryError("UNSUPPORTED", "artifactType must be a media type", status=400)
+        if self._holds(digest):
+            # Nothing, cached or not, says of a subject that is not the
+            # repository's which artifacts refer to it.
+            await self._confirmed(route, digest, "manifest")
         key = ReferrersKey(route.registry.name, route.name, str(digest), artifact_type)
         known = await self.referrers_cache.get(key)
         if known is not None and self.policy.fresh(route, known):
@@ -416,6 +500,11 @@ class Mirror:
         if link and route.name != client_name:
             link = [v.replace(f"/v2/{route.name}/".encode(), f"/v2/{client_name}/".encode()) for v in link]
         return answer.status, link, answer.body
+
+
+def _repository(route: Route) -> RepoKey:
+    """The key links are kept under: the upstream, and the repository as it names it."""
+    return route.registry.name, route.name
 
 
 def _described(info: ManifestInfo) -> Tuple[str, int]:

@@ -32,6 +32,10 @@ class SingleFlight:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._waiting
 
+    def __len__(self) -> int:
+        """Keys with work under way: a caller keyed by client input bounds it with this."""
+        return len(self._waiting)
+
     def run(self, key: Hashable, work: Callable[[], Deferred]) -> Deferred:
         waiters = self._waiting.get(key)
         first = waiters is None

@@ -6,6 +6,7 @@ Layout under the storage root::
 
     blobs/<alg>/<2 hex>/<hex>        the exact bytes, manifests included
     manifests/<alg>/<2 hex>/<hex>    the upstream Content-Type of a manifest
+    links/<alg>/<2 hex>/<hex>        the repositories that hold it (regcache.links)
     tmp/                             downloads in progress
 
 The promise is simple: a file under ``blobs/`` is complete and matches its
@@ -26,6 +27,10 @@ record is deleted before the body: a type record always has its body, and a
 crash in between leaves at worst a body without a record, which is served as
 a blob and fetched again as a manifest.
 
+A link is written only while its data is there, and on eviction it is
+deleted before the data and after every link write under way: a crash
+leaves at worst content without links, which is linked again on first use.
+
 Running out of space is survivable: a blob write that fails with ENOSPC
 fails its fill (readers see an aborted connection, the temp file goes) and
 asks for an eviction; a manifest that cannot be stored is still answered
@@ -41,11 +46,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
+from regcache import links
 from regcache.errors import BlobTooLarge
 from regcache.index import BLOB, MANIFEST, Entry, Index, Scan
+from regcache.links import RepoKey
 from regcache.manifests import MAX_MANIFEST, Manifest, references
 from regcache.reference import ALGORITHMS, Digest
 
@@ -104,6 +111,8 @@ class BlobWriter:
         #: the bytes actually on disk.
         self._counted = 0
         self._on_disk = 0
+        #: The repositories to link the blob to once it lands.
+        self.links: List[RepoKey] = []
 
     def reserve(self, size: int) -> None:
         """
@@ -185,6 +194,8 @@ class BlobWriter:
     def _landed(self, _) -> None:
         self._uncount()
         self.store.index.add(self.digest, self.length, BLOB)
+        for key in self.links:
+            self.store.link(self.digest, key)
 
     def _uncount(self) -> None:
         if self._counted or self._on_disk:
@@ -193,6 +204,7 @@ class BlobWriter:
 
     def discard(self) -> None:
         self._uncount()
+        self.store._writer_done(self)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -200,6 +212,7 @@ class BlobWriter:
 
     def close(self) -> None:
         self._uncount()
+        self.store._writer_done(self)
         if not self.closed:
             self.closed = True
             os.close(self.fd)
@@ -223,13 +236,17 @@ class Store:
         self.index = Index(now)
         #: Digests whose files an eviction is deleting -> who waits for that.
         self._deleting: Dict[Digest, List[Deferred]] = {}
+        #: The blob writer of each download under way.
+        self._writers: Dict[Digest, BlobWriter] = {}
+        #: Digests with link writes under way -> the last one's end.
+        self._link_writes: Dict[Digest, Deferred] = {}
 
     def prepare(self) -> int:
         """
         Create the layout and remove what a crash left in tmp/.  Runs before
         the port opens; returns how many leftovers were removed.
         """
-        for sub in ("blobs", "manifests", "tags", "tmp"):
+        for sub in ("blobs", "links", "manifests", "tags", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         removed = 0
         for entry in os.scandir(self.tmp_dir):
@@ -329,7 +346,106 @@ class Store:
                                                     digest=str(digest)))
 
     def new_writer(self, digest: Digest) -> BlobWriter:
-        return BlobWriter(self, digest)
+        writer = self._writers[digest] = BlobWriter(self, digest)
+        return writer
+
+    def _writer_done(self, writer: BlobWriter) -> None:
+        if self._writers.get(writer.digest) is writer:
+            del self._writers[writer.digest]
+
+    # Links
+
+    def linked(self, digest: Digest, key: RepoKey) -> Deferred:
+        """
+        A Deferred of whether the repository ``key`` is known to hold
+        ``digest``: linked to it, or named by a manifest linked to it (a
+        link from then on).  From memory once the start-up index is
+        loaded; until then a link only on disk is read in the runner.
+        """
+        if self.index.links.has(digest, key):
+            return succeed(True)
+        if self.index.named_by(digest, key):
+            self.link(digest, key)
+            return succeed(True)
+        if self.index.ready:
+            return succeed(False)
+
+        def found(keys: List[RepoKey]) -> bool:
+            if key not in keys:
+                return False
+            self.index.links.add(digest, key)
+            return True
+
+        return self._run(links.read, self._path("links", digest)).addCallback(found)
+
+    def link(self, digest: Digest, key: RepoKey) -> None:
+        """
+        Record that the repository ``key`` holds ``digest``: in memory now,
+        in its links file in the runner.  Only stored content is linked (a
+        blob being downloaded is linked when it lands); a link already
+        known costs nothing.
+        """
+        if digest in self._deleting:
+            return
+        if digest not in self.index:
+            writer = self._writers.get(digest)
+            if writer is not None:
+                if key not in writer.links:
+                    writer.links.append(key)
+                return
+            if self.index.ready:
+                return
+            # Perhaps on disk, not yet indexed: the scan's load keeps the
+            # link if it is, and the write below happens only if it is.
+        added = self.index.links.add(digest, key)
+        if added is None:
+            return
+        data, path = self.blob_path(digest), self._path("links", digest)
+        if added:
+            # The oldest link made way: the file is rewritten without it.
+            body = b"".join(links.line(k) for k in self.index.links.keys(digest))
+            self._link_write(digest, self._rewrite_links, path, data, body)
+        else:
+            self._link_write(digest, links.append, path, data, key)
+
+    def _rewrite_links(self, path: str, data: str, body: bytes) -> None:
+        if os.path.exists(data):
+            self._write_atomic(path, body)
+
+    def _link_write(self, digest: Digest, f, *args) -> None:
+        """
+        Run one link write after the digest's earlier ones, so appends and
+        rewrites land in order and an eviction can wait for them all.  A
+        write that fails loses only a link, confirmed again when next used.
+        """
+        before = self._link_writes.get(digest)
+        done: Deferred = Deferred()
+        self._link_writes[digest] = done
+
+        def finished(_) -> None:
+            if self._link_writes.get(digest) is done:
+                del self._link_writes[digest]
+            done.callback(None)
+
+        def write(_) -> None:
+            d = self._run(f, *args)
+            d.addErrback(self._write_failed)
+            d.addErrback(lambda failure: self.log.warn("Could not record a link of {digest}: {error}",
+                                                       digest=str(digest), error=failure.getErrorMessage()))
+            d.addBoth(finished)
+
+        (before if before is not None else succeed(None)).addCallback(write)
+
+    def _links_written(self, digests: List[Digest]) -> Deferred:
+        """A Deferred that fires when the link writes under way for ``digests`` are done."""
+        waits = []
+        for digest in digests:
+            last = self._link_writes.get(digest)
+            if last is not None:
+                w: Deferred = Deferred()
+                last.addCallback(lambda result, w=w: (w.callback(None), result)[1])
+                waits.append(w)
+        return gatherResults(waits) if waits else succeed(None)
 
     def _commit_file(self, fd: int, tmp: str, final: str) -> None:
         """
@@ -409,9 +525,10 @@ class Store:
             return entry.kind == MANIFEST
         return not self.index.ready
 
-    def put_manifest(self, manifest: Manifest) -> Deferred:
+    def put_manifest(self, manifest: Manifest, link: Optional[RepoKey] = None) -> Deferred:
         """
-        Store a manifest whose bytes were already checked against its digest.
+        Store a manifest whose bytes were already checked against its digest,
+        linked to the repository ``link`` it came from.
         Never fails: a manifest the disk cannot take (ENOSPC, EIO) is logged
         and answered from memory all the same.  Pinned while it is written,
         as a blob is while committed (the bytes may be indexed already).
@@ -420,7 +537,7 @@ class Store:
         release = self.pin(manifest.digest)
         d = self._after_delete(manifest.digest)
         d.addCallback(lambda _: self._run(self._write_manifest, manifest))
-        d.addCallback(lambda written: self._stored(manifest, *written))
+        d.addCallback(lambda written: self._stored(manifest, link, *written))
         d.addBoth(lambda result: (release(), result)[1])
         d.addErrback(self._write_failed)
         d.addErrback(lambda f: self.log.warn(
@@ -447,9 +564,11 @@ class Store:
         self._write_atomic(self._path("manifests", m.digest), m.media_type.encode("utf-8"))
         return [ref for ref, _ in references(m.body)], _identity(os.stat(body))
 
-    def _stored(self, m: Manifest, refs: List[Digest], identity: Identity) -> None:
+    def _stored(self, m: Manifest, link: Optional[RepoKey], refs: List[Digest], identity: Identity) -> None:
         self.index.add(m.digest, m.size, MANIFEST, refs)
         self._remember(m, identity)
+        if link is not None:
+            self.link(m.digest, link)
 
     def _write_atomic(self, final: str, data: bytes) -> None:
         tmp = os.path.join(self.tmp_dir, f"w.{uuid.uuid4().hex}")
@@ -498,7 +617,8 @@ class Store:
 
     def delete(self, victims: List[Tuple[Digest, Entry]]) -> Deferred:
         """
-        Delete evicted entries' files in a thread, in the given order.
+        Delete evicted entries' files in a thread, in the given order,
+        each one's links first (once the link writes under way are done).
         Until that is done the digests read as missing, and a new copy of
         one waits to be committed, so the deletion cannot remove it.
         """
@@ -509,6 +629,7 @@ class Store:
         self.index.deleting += size
         paths = []
         for d, entry in victims:
+            paths.append(self._path("links", d))
             if entry.kind == MANIFEST:
                 paths.append(self._path("manifests", d))
             paths.append(self.blob_path(d))
@@ -520,7 +641,9 @@ class Store:
                     waiter.callback(None)
             return result
 
-        return self._run(_unlink_all, paths).addBoth(done)
+        d = self._links_written(digests)
+        d.addCallback(lambda _: self._run(_unlink_all, paths))
+        return d.addBoth(done)
 
     def _discard(self, digest: Digest, entry: Entry) -> None:
         """
@@ -550,8 +673,8 @@ class Store:
     def scan(self) -> Deferred:
         """
         A Deferred of the Scan of everything under ``blobs/``, made in a
-        thread from ``scandir`` and ``stat`` and the manifests' own bytes: no
-        blob is hashed, and nothing is deleted (requests are being served
+        thread from ``scandir`` and ``stat``, the manifests' own bytes and
+        the links files of what is there: no blob is hashed, and nothing is deleted (requests are being served
         meanwhile; ``regcache verify`` removes what cannot be served).
         """
         return self._run(self._scan)
@@ -597,13 +720,21 @@ class Store:
             # manifest must not make good layers look the wrong size.  It
             # is removed when it is first asked for.
             refs[digest] = tuple(references(body)) if Digest.of(body, digest.algorithm) == digest else ()
+        linked: Dict = {}
+        for digest, entry in self.walk("links"):
+            # A links file without its data (removed by hand) is left for
+            # ``regcache verify``, as records without bodies are.
+            if digest in sizes:
+                keys = links.read(entry.path)
+                if keys:
+                    linked[digest] = keys
         declared = {ref: size for rs in refs.values() for ref, size in rs if size is not None}
         found.sort(key=lambda t: t[0])
         entries: "OrderedDict[Digest, Entry]" = OrderedDict()
         for mtime, digest, size in found:
             kind = MANIFEST if digest in refs else BLOB
             entries[digest] = Entry(declared.get(digest, size), kind, mtime, mtime)
-        return Scan(entries, refs, strays)
+        return Scan(entries, refs, strays, linked)
 
 
 _HEX = {alg: re.compile(f"[0-9a-f]{{{n}}}") for alg, n in ALGORITHMS.items()}

@@ -20,8 +20,13 @@ What is removed, and why:
 - with a bad manifest, its type record and the tag entries that name it, so
   no tag points at a manifest that is gone (the mirror would refetch it
   anyway: this only saves the round trip to find out);
-- a file under ``blobs/`` whose name is no digest, and a type record with no
-  body: neither can be served.
+- with any bad file, its links (regcache.links): a new copy is linked anew;
+- a file under ``blobs/`` or ``links/`` whose name is no digest, a type
+  record with no body and links with no content: none can be served.
+
+The links of good content are kept: they say which repositories may be
+served it, and losing them would cost a confirmation upstream per
+repository.
 """
 
 import argparse
@@ -46,11 +51,12 @@ class Report:
     corrupt: List[str] = field(default_factory=list)
     strays: List[str] = field(default_factory=list)
     records: List[str] = field(default_factory=list)
+    links: List[str] = field(default_factory=list)
     tags: List[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
-        return len(self.corrupt) + len(self.strays) + len(self.records)
+        return len(self.corrupt) + len(self.strays) + len(self.records) + len(self.links)
 
 
 def hash_file(path: str, digest: Digest) -> Optional[Tuple[bool, int]]:
@@ -111,11 +117,23 @@ def verify(root: str, out: TextIO, jobs: int = 2) -> Report:
                 report.records.append(entry.path)
                 out.write(f"type record without a manifest: {entry.path}\n")
             _remove(entry.path)
+    for digest, entry in store.walk("links"):
+        if digest is None:
+            report.strays.append(entry.path)
+            out.write(f"stray file, not a digest: {entry.path}\n")
+            _remove(entry.path)
+        elif not os.path.exists(store.blob_path(digest)):
+            # As for records: a live server writes links only beside data.
+            if digest not in bad:
+                report.links.append(entry.path)
+                out.write(f"links without content: {entry.path}\n")
+            _remove(entry.path)
     if bad:
         _drop_tags(os.path.join(root, "tags"), {str(d) for d in bad}, report, out)
     out.write(
         f"checked {report.checked} files, {report.bytes} bytes: {len(report.corrupt)} corrupt, "
         f"{len(report.strays)} stray, {len(report.records)} orphan type records, "
+        f"{len(report.links)} orphan links files, "
         f"{len(report.tags)} tag entries dropped\n"
     )
     return report

@@ -269,7 +269,7 @@ _hub_images = {}
 def hub_images():
     """Small versions of the standard images, generated once per test run."""
     if not _hub_images:
-        from tests.fakes.images import moved_images, signature, standard_images
+        from tests.fakes.images import moved_images, private, signature, standard_images
 
         root = tempfile.mkdtemp(prefix="regcache-hub-images-")
         _hub_images["current"] = standard_images(
@@ -277,7 +277,14 @@ def hub_images():
         )
         _hub_images["moved"] = moved_images(root)
         _hub_images["signature"] = signature(root, _hub_images["current"]["library/small:1"])
+        _hub_images["private"] = private(root, size=32 * 1024)
     return _hub_images["current"], _hub_images["moved"]
+
+
+def hub_private():
+    """ci/private:1, which every HubRig's fake Hub keeps in its private repository for user ci."""
+    hub_images()
+    return _hub_images["private"]
 
 
 def hub_signature():
@@ -322,6 +329,7 @@ class HubRig(TreqRig):
         current, moved = hub_images()
         self.images, self.moved = current, moved
         self.signature = hub_signature()
+        self.private = hub_private()
         self._credentials = credentials
         self._timeouts = timeouts or Timeouts(header=5, idle=5, attempts=3, retry_budget=10)
         self._hub_options = hub_options
@@ -330,7 +338,7 @@ class HubRig(TreqRig):
         def make(reactor, metrics):
             self.hub = FakeHub(
                 [*current.values(), self.signature], clock=reactor, alternates=moved.values(),
-                users={"ci": "s3cret"}, private={"ci/private": "ci"}, **hub_options
+                users={"ci": "s3cret"}, private={"ci/private": "ci"}, private_image=self.private, **hub_options
             )
             resource = self.hub.app.resource()
             # ``wrap`` may put a resource between regcache and the fake Hub, to reshape its answers.

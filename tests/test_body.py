@@ -76,6 +76,8 @@ class ReadSenderTests(SynchronousTestCase):
         w = self.rig.store.new_writer(self.digest)
         w.write(self.data)
         self.assertTrue(w.matches(len(self.data)))
+        # As a fill from library/app would leave it.
+        w.links.append(("docker.io", "library/app"))
         w.commit()
         w.close()
         self.path = f"/v2/library/app/blobs/{self.digest}"

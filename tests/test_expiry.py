@@ -106,6 +106,24 @@ class EvictionTests(Base):
         self.assertEqual(self.store.index.total, 8000)
         self.assertLessEqual(self.store.index.total, self.limit * Expiry.LOW)
 
+    def test_eviction_removes_links_and_links_keep_nothing(self):
+        """
+        Links neither keep content from eviction nor outlive it: the
+        evicted blobs' links files go with them, from disk and memory, and
+        the blobs that stay keep theirs.
+        """
+        digests = self.add(9)
+        for d in digests:
+            self.store.link(d, ("docker.io", "library/a"))
+            self.store.link(d, ("docker.io", "library/b"))
+        files = [os.path.join(self.rig.root, "links", d.algorithm, d.hex[:2], d.hex) for d in digests]
+        self.assertEqual([os.path.exists(f) for f in files], [True] * 9)
+        self.add(1, seed=b"tenth")
+        self.assertEqual(self.present(digests), [False, False] + [True] * 7)
+        self.assertEqual([os.path.exists(f) for f in files], [False, False] + [True] * 7)
+        self.assertEqual([self.store.index.links.keys(d) for d in digests[:2]], [[], []])
+        self.assertEqual(len(self.store.index.links), 7)
+
     def test_a_use_moves_an_entry_to_the_back(self):
         """
         Serving a blob makes it the most recently used: the next eviction

@@ -14,10 +14,12 @@ from regcache.routes import split_path
 from tests.support import Rig, blob, conformance_cases
 
 
-def cache_blob(rig, data, digest):
+def cache_blob(rig, data, digest, repository="library/a"):
+    """Store a blob as a fill from ``repository`` would, linked to it."""
     w = rig.store.new_writer(digest)
     w.write(data)
     assert w.matches(len(data))
+    w.links.append(("docker.io", repository))
     w.commit()
     w.close()
 

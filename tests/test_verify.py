@@ -13,7 +13,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache import verify as verify_module
+from regcache import links, verify as verify_module
 from regcache.verify import main
 from tests.integration.procs import REPO
 from tests.support import Rig, blob
@@ -107,6 +107,46 @@ class VerifyTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertFalse(os.path.exists(stray))
         self.assertFalse(os.path.exists(self.store._path("manifests", self.manifest.digest)))
+
+    def links_file(self, digest):
+        return os.path.join(self.rig.root, "links", digest.algorithm, digest.hex[:2], digest.hex)
+
+    def test_links_of_good_content_are_kept(self):
+        """
+        Verify keeps every link of content that matches its digest: a
+        restart after it serves the repositories it served before.
+        """
+        key = ("docker.io", "library/a")
+        self.store.link(self.layer[1], key)
+        self.store.link(self.manifest.digest, key)
+        code, out = self.verify()
+        self.assertEqual(code, 0, out)
+        self.assertEqual(links.read(self.links_file(self.layer[1])), [key])
+        self.assertEqual(links.read(self.links_file(self.manifest.digest)), [key])
+        self.assertEqual(self.store._scan().links, {self.layer[1]: [key], self.manifest.digest: [key]})
+
+    def test_links_go_with_corrupt_content_and_without_content(self):
+        """
+        A corrupt blob's links are removed with it, and so are links whose
+        content is gone (removed by hand), reported as a problem; a stray
+        file under links/ too.
+        """
+        key = ("docker.io", "library/a")
+        self.store.link(self.layer[1], key)
+        self.store.link(self.manifest.digest, key)
+        self.corrupt(self.layer[1])
+        os.unlink(self.store.blob_path(self.manifest.digest))
+        stray = os.path.join(self.rig.root, "links", "sha256", "zz", "junk")
+        os.makedirs(os.path.dirname(stray))
+        open(stray, "w").close()
+        code, out = self.verify()
+        self.assertEqual(code, 1)
+        self.assertFalse(os.path.exists(self.links_file(self.layer[1])))
+        self.assertFalse(os.path.exists(self.links_file(self.manifest.digest)))
+        self.assertFalse(os.path.exists(stray))
+        self.assertIn(f"links without content: {self.links_file(self.manifest.digest)}", out)
+        self.assertIn("1 orphan links files", out)
+        self.assertEqual(self.verify()[0], 0)
 
     def test_no_store_is_an_error(self):
         """A directory that holds no store is exit status 2, not a clean pass."""

@@ -23,7 +23,7 @@ The standard set (``standard_images``):
 - ``library/ociindex:1``: an OCI image index with one linux/amd64 child.
 
 ``moved_images`` gives the same names with other content (version 2), for
-tests where a tag moves.  ``export_dir`` and ``export_oci_layout`` write an
+tests where a tag moves; ``private`` the private repository's own image.  ``export_dir`` and ``export_oci_layout`` write an
 image in the layouts skopeo reads (``dir:`` and ``oci:``).
 """
 
@@ -401,6 +401,15 @@ def ghcr_images(root: Path, *, size: int = 512 * 1024) -> Dict[str, Image]:
     """
     image = make_image(root, "owner/app", "v1", [size], oci=True)
     return {image.name: image}
+
+
+def private(root: Path, *, size: int = 256 * 1024) -> Image:
+    """
+    ``ci/private:1``, the private repository's own image: Docker schema2,
+    one layer, bytes no public image shares, so content cached for it and
+    asked for under a public name is the leak a mirror must not have.
+    """
+    return make_image(root, "ci/private", "1", [size], oci=False)
 
 
 def moved_images(root: Path, *, small_size: int = MiB, multi_sizes: Sequence[int] = MULTI_SIZES) -> Dict[str, Image]:

@@ -55,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--large-size", type=int, default=LARGE_SIZE, help="bytes of library/large's one layer")
     p.add_argument("--users", action="append", default=[], metavar="USER:PASSWORD")
     p.add_argument("--private", action="append", default=[], metavar="REPO[=OWNER]",
-                   help="a private repo with library/small's content; owner defaults to the first user")
+                   help="a private repo with ci/private:1's content; owner defaults to the first user")
     p.add_argument("--token-ttl", type=int, default=300)
     p.add_argument("--rate-limit", type=int, default=100000)
     p.add_argument("--no-rate-limit", action="store_true", help="send no rate-limit headers")
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 textFileLogObserver)
 
     from tests.fakes.hub import FakeHub, LoopbackHub
-    from tests.fakes.images import ghcr_images, moved_images, signature, standard_images
+    from tests.fakes.images import ghcr_images, moved_images, private as private_image, signature, standard_images
 
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(
         textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])], redirectStandardIO=False)
@@ -85,17 +85,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         private[repo] = owner or next(iter(users), "")
     if args.catalog == "ghcr":
         images, alternates, artifacts = ghcr_images(args.images_dir), {}, []
-        users, private = {}, {}
+        users, private, hidden = {}, {}, None
     else:
         images = standard_images(args.images_dir, large_size=args.large_size)
         alternates = moved_images(args.images_dir)
         artifacts = [signature(args.images_dir, images["library/small:1"])]
+        hidden = private_image(args.images_dir)
     hub = FakeHub(
         [*images.values(), *artifacts],
         clock=reactor,
         users=users,
         private=private,
-        private_image=next(iter(images.values())),
+        private_image=hidden,
         alternates=alternates.values(),
         token_ttl=args.token_ttl,
         rate_limit=None if args.no_rate_limit else args.rate_limit,

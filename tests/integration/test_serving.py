@@ -40,11 +40,13 @@ def _blob(size: int, seed: bytes):
     return data, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _cache(storage, data: bytes, digest: str) -> None:
+def _cache(storage, data: bytes, digest: str, upstream: str) -> None:
+    """Store a blob as a pull of library/app from ``upstream`` would: its data, and a link to library/app."""
     hexd = digest.split(":")[1]
-    d = storage / "blobs" / "sha256" / hexd[:2]
-    d.mkdir(parents=True, exist_ok=True)
-    (d / hexd).write_bytes(data)
+    for kind, content in (("blobs", data), ("links", f"{upstream.split('://')[1]} library/app\n".encode())):
+        d = storage / kind / "sha256" / hexd[:2]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / hexd).write_bytes(content)
 
 
 def _self_signed(tmp_path):
@@ -135,21 +137,27 @@ class Server:
 
 
 @pytest.fixture
-def blobs(tmp_path):
+def dead_upstream():
+    """An upstream nothing listens at: the servers serve only what is cached."""
+    return f"http://127.0.0.1:{closed_port()}"
+
+
+@pytest.fixture
+def blobs(tmp_path, dead_upstream):
     storage = tmp_path / "store"
     small, small_digest = _blob(SIZE, b"serving")
     big, big_digest = _blob(BIG, b"backpressure")
-    _cache(storage, small, small_digest)
-    _cache(storage, big, big_digest)
+    _cache(storage, small, small_digest, dead_upstream)
+    _cache(storage, big, big_digest, dead_upstream)
     return storage, {"small": (small, small_digest), "big": (big, big_digest)}
 
 
 @pytest.fixture
-def servers(tmp_path, blobs):
+def servers(tmp_path, blobs, dead_upstream):
     storage, _ = blobs
-    plain = Server(storage).start()
+    plain = Server(storage, upstream=dead_upstream).start()
     try:
-        tls = Server(storage, _self_signed(tmp_path)).start()
+        tls = Server(storage, _self_signed(tmp_path), dead_upstream).start()
     except BaseException:
         plain.stop()  # a second server that did not start must not leave the first running
         raise
