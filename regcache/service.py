@@ -7,6 +7,7 @@ This is the one module (with tap.py) that knows every component; the rest
 receive what they use.
 """
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -15,6 +16,7 @@ from twisted.python.threadpool import ThreadPool
 from regcache import upstream_http
 from regcache.auth import Credentials
 from regcache.chain import Chain
+from regcache.clientauth import WATCH_SECONDS, Gate
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills
@@ -52,6 +54,21 @@ def _served(config) -> str:
     return ", ".join(f"{u.name} ({' '.join(url.url for url in u.urls)})" for u in config.upstreams)
 
 
+def _pool(reactor, name: str, threads: int):
+    """
+    A thread pool that lives as long as the reactor runs, as the
+    ``run(f, *args) -> Deferred`` its users are given.
+    """
+    pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def run(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    return run
+
+
 def build(config, reactor) -> MultiService:
     """
     The whole regcache service for one Config.  Raises ConfigError, naming
@@ -61,12 +78,7 @@ def build(config, reactor) -> MultiService:
     top = MultiService()
     metrics = Metrics()
 
-    pool = ThreadPool(minthreads=1, maxthreads=4, name="regcache-io")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-
-    def run(f, *args):
-        return deferToThreadPool(reactor, pool, f, *args)
+    run = _pool(reactor, "regcache-io", 4)
 
     store = Store(config.storage, run, reactor.seconds)
     try:
@@ -84,13 +96,20 @@ def build(config, reactor) -> MultiService:
     referrers = ReferrersCache(config.storage, run, tags)
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
-    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem)
+    # Password checks have threads of their own: a flood of logins must not
+    # queue the store's reads behind bcrypt, nor the other way round.
+    gate = Gate(config.auth, reactor, _pool(reactor, "regcache-auth", 2) if config.auth else None, metrics)
+    routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, gate)
     site = RegcacheSite(routes.app.resource(), metrics, reactor)
 
     # Before the port: the start-up scan is under way when the first
     # request arrives, and eviction waits for it.
     Expiry(store, config.max_size, reactor, metrics).setServiceParent(top)
     readiness.setServiceParent(top)
+    if config.auth and config.auth.htpasswd:
+        watch = TimerService(WATCH_SECONDS, gate.check_file)
+        watch.clock = reactor
+        watch.setServiceParent(top)
     Listener(endpoint, config.listen, site, reactor,
              served=f"caching {_served(config)} in {config.storage}").setServiceParent(top)
     FillDrain(fills, reactor).setServiceParent(top)

@@ -14,12 +14,14 @@ import subprocess
 import tempfile
 import unittest
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
+from regcache.clientauth import Gate
 from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
@@ -164,11 +166,13 @@ class Rig:
     MemoryReactorClock.
     """
 
-    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=()):
+    def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=(),
+                 auth=None, auth_run=inline):
         """
         ``upstream`` answers for ``hosts`` and is the default; ``others``
         are more regcache.policy.Registry entries, as a config file's
-        further upstreams.
+        further upstreams.  ``auth`` (a config.AuthSettings) turns client
+        authentication on, its password checks run by ``auth_run``.
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
@@ -184,11 +188,13 @@ class Rig:
         referrers = ReferrersCache(self.root, inline, tags)
         self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
         self.readiness = Readiness(self.store, inline, self.reactor)
-        self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem)
+        self.gate = Gate(auth, self.reactor, auth_run, self.metrics) if auth else None
+        self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem,
+                                     self.gate)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
 
-    def client(self, path: str, method: str = "GET", headers=None) -> "Client":
-        return Client(self.site, path, method, headers or {})
+    def client(self, path: str, method: str = "GET", headers=None, peer="192.168.1.1") -> "Client":
+        return Client(self.site, path, method, headers or {}, peer)
 
     def blob_file(self, digest):
         path = self.store.blob_path(digest)
@@ -206,9 +212,11 @@ class Client:
     One HTTP/1.1 connection to the site, over a StringTransport.
     """
 
-    def __init__(self, site, path, method, headers):
+    def __init__(self, site, path, method, headers, peer="192.168.1.1"):
+        """``peer`` is the address the connection comes from."""
         self.channel = site.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000) if ":" not in peer
+                                         else IPv6Address("TCP", peer, 40000))
         self.channel.makeConnection(self.transport)
         lines = [f"{method} {path} HTTP/1.1", "Host: mirror.test"]
         for k, vs in headers.items():
@@ -298,7 +306,7 @@ class HubRig(TreqRig):
     """
 
     def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, wrap=None,
-                 **hub_options):
+                 auth=None, **hub_options):
         from treq.testing import StubTreq
 
         from regcache.upstream import Upstream
@@ -323,10 +331,10 @@ class HubRig(TreqRig):
             return Upstream(self.hub.registry_url, self.treq, reactor, metrics, credentials, self._timeouts,
                             jitter=lambda: 0.5, docker_hub=True, realms=[self.hub.hosts["auth"]])
 
-        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root)
+        super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root, auth=auth)
 
-    def get(self, path, method="GET", headers=None) -> "Client":
-        c = self.client(path, method, headers)
+    def get(self, path, method="GET", headers=None, peer="192.168.1.1") -> "Client":
+        c = self.client(path, method, headers, peer)
         self.settle()
         return c
 
