@@ -235,9 +235,11 @@ def challenge(message: str) -> RegistryError:
 
 def _basic(header: Optional[bytes]):
     """
-    (user, password) of a Basic Authorization header; None for no header or
+    (user, password) of a Basic Authorization header; None for no header,
     another scheme (that client is asked for Basic like one that sent
-    nothing); ValueError for a Basic one that cannot be read.
+    nothing) or an empty login (``:``, what containers/image sends after a
+    challenge when it has no credentials); ValueError for a Basic one that
+    cannot be read.
     """
     if header is None:
         return None
@@ -248,6 +250,8 @@ def _basic(header: Optional[bytes]):
         decoded = base64.b64decode(token.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("not base64") from None
+    if decoded == b":":
+        return None
     user, colon, password = decoded.partition(b":")
     if not colon or not user:
         raise ValueError("not user:password")
@@ -283,7 +287,14 @@ class Gate:
 
     # Identities
 
-    async def identify(self, request) -> Identity:
+    async def identify(self, request, ping: bool = False) -> Identity:
+        """
+        ``ping`` is the ``/v2/`` check clients make first.  A stranger
+        without credentials is challenged there whatever ``anonymous``
+        says: skopeo, podman and dockerd send credentials only after a
+        challenge there, and one without any carries on regardless (with
+        an empty Basic login, taken as none).
+        """
         settings = self.settings
         if settings is None:
             return EVERYONE
@@ -297,6 +308,8 @@ class Gate:
         except ValueError as e:
             raise self._failed(address, None, "malformed", str(e))
         if credentials is None:
+            if ping and not trusted:
+                raise challenge("authentication required")
             if trusted or settings.anonymous == "allow":
                 return Identity(trusted=trusted, address=address)
             if settings.anonymous == "cached-only":

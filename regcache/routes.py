@@ -109,13 +109,14 @@ class RegistryRoutes:
         self.not_ready = not_ready
         self.gate = gate
 
-    async def _identify(self, request):
+    async def _identify(self, request, ping: bool = False):
         """
         Who sent ``request``, before anything else about it is looked at: a
         client that may not use the registry API learns nothing from it,
-        not even whether a path or name is valid.
+        not even whether a path or name is valid.  ``ping``: the ``/v2/``
+        check (see clientauth.Gate.identify).
         """
-        identity = EVERYONE if self.gate is None else await self.gate.identify(request)
+        identity = EVERYONE if self.gate is None else await self.gate.identify(request, ping)
         request.identity = identity
         return identity
 
@@ -155,7 +156,7 @@ class RegistryRoutes:
     @app.route("/v2/", strict_slashes=False)
     async def base(self, request):
         request.setHeader(*API_VERSION)
-        await self._identify(request)
+        await self._identify(request, ping=True)
         if request.method not in (b"GET", b"HEAD"):
             raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror")
         request.setHeader("Content-Type", "application/json")

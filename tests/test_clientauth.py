@@ -520,6 +520,20 @@ class CachedOnlyTests(SynchronousTestCase):
         self.assertEqual(self.rig.get(f"/v2/library/small/referrers/{self.small.digest}").status(), 200)
         self.assertEqual(len(self.rig.hub.requests), before)
 
+    def test_the_ping_challenges_strangers_who_then_carry_on(self):
+        """
+        /v2/ challenges an anonymous stranger even in cached-only mode (so
+        clients holding credentials learn to send them); one without any
+        then sends an empty Basic login, which is anonymous, and gets the
+        cache.
+        """
+        self.warm()
+        c = self.rig.get("/v2/")
+        self.assertEqual((c.status(), c.header("WWW-Authenticate")), (401, 'Basic realm="regcache"'))
+        c = self.rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL, "Authorization": "Basic Og=="})
+        self.assertEqual((c.status(), c.header("X-Cache")), (200, "hit"))
+        self.assertEqual(self.rig.metrics.client_auth_failures.labels("malformed")._value.get(), 0)
+
     def test_a_cached_tag_past_its_window_is_served_without_revalidating(self):
         """Past the tag window a cached-only client gets the cached digest, marked stale, and upstream is not asked."""
         self.warm()

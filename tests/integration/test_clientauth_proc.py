@@ -90,16 +90,27 @@ def test_containerd_sends_the_hosts_toml_header(hub, regcache, htpasswd, images)
     assert_no_password(rc)
 
 
-def test_podman_with_creds_pulls(hub, regcache, htpasswd, images):
-    """podman --creds logs in to the regcache mirror and pulls; without them it is refused."""
+def test_podman_logs_in_to_the_mirror_through_auth_json(hub, regcache, htpasswd, images, tmp_path):
+    """
+    podman's mirror credentials are the auth.json entry for the mirror's
+    host (`podman login` writes it); --creds is for the image's own
+    registry, so through a mirror it is refused, while pulling from
+    regcache by its own name with --creds works.
+    """
     rc = authed(regcache, htpasswd)
     podman = Podman(rc.host)
+    authfile = str(tmp_path / "auth.json")
     try:
-        r = podman.pull("docker.io/library/small:1")
-        assert r.returncode != 0
         r = podman.run("pull", "--creds", f"{USER}:{PASSWORD}", "docker.io/library/small:1")
+        assert r.returncode != 0
+        assert "unauthorized" in r.stderr, r.stderr
+        r = podman.run("login", "--tls-verify=false", "--authfile", authfile, "-u", USER, "-p", PASSWORD, rc.host)
+        assert r.returncode == 0, r.stderr
+        r = podman.run("pull", "--authfile", authfile, "docker.io/library/small:1")
         assert r.returncode == 0, r.stderr
         assert podman.digest("docker.io/library/small:1") == images["library/small:1"].digest
+        r = podman.run("pull", "--tls-verify=false", "--creds", f"{USER}:{PASSWORD}", f"{rc.host}/library/multi:1")
+        assert r.returncode == 0, r.stderr
     finally:
         podman.cleanup()
     assert_no_password(rc)
