@@ -369,8 +369,11 @@ class Gate:
         Re-read the htpasswd file off the reactor.  Fires with True once the
         new users are in force (every cached check is forgotten with the old
         ones), or fails with the ConfigError saying why the file was
-        refused, and the users in force stay.
+        refused, and the users in force stay.  Fires with False when there
+        is no file to read: authentication off, or trusted networks only.
         """
+        if self.settings is None or self.settings.htpasswd is None:
+            return succeed(False)
         d = self.run(read_users, self.settings.htpasswd)
 
         def loaded(users: Users) -> bool:

@@ -365,6 +365,22 @@ class IdentityTests(SynchronousTestCase):
         self.assertTrue(self.identify(gate).may_fetch)
 
 
+class AccessLogTests(SynchronousTestCase):
+    def test_each_request_carries_its_identity_for_the_access_log(self):
+        """The routes leave the request's Identity on it, where the access log can name the user."""
+        rig = Rig(auth=settings())
+        seen = []
+        rig.site.log = lambda request: seen.append(getattr(request, "identity", None))
+        rig.client("/v2/", headers=basic("ci", PASSWORD))
+        rig.client("/v2/_catalog", headers=basic("alice", "wonderland"))
+        self.assertEqual([i.user for i in seen], ["ci", "alice"])
+
+    def test_nothing_to_reload_without_a_file(self):
+        """reload() with no htpasswd file (trusted networks only, or auth off) reads nothing and says so."""
+        for auth in (AuthSettings(trusted_networks=parse_networks("n", ["10.0.0.0/8"])), None):
+            self.assertFalse(self.successResultOf(Gate(auth, Clock(), inline, Metrics()).reload()))
+
+
 class HtpasswdTests(SynchronousTestCase):
     def write(self, text) -> str:
         path = os.path.join(tempfile.mkdtemp(prefix="regcache-htpasswd-"), "htpasswd")
