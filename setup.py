@@ -29,6 +29,8 @@ setup(
         # The registrable domain of a token realm, so credentials go only to the registry's own
         # (auth.docker.io for registry-1.docker.io), never to a realm an upstream names elsewhere.
         "publicsuffixlist>=1.0",
+        # Client passwords: htpasswd -B entries checked by a maintained library, never by hand.
+        "bcrypt>=4.0",
     ],
     extras_require={
         "test": [
