@@ -32,6 +32,8 @@ setup(
         # The pull policy's globs and tag regexes: RE2 matches in linear time, so an operator's
         # regex can be wrong but never a catastrophic backtrack on the reactor.
         "google-re2>=1.1",
+        # Client passwords: htpasswd -B entries checked by a maintained library, never by hand.
+        "bcrypt>=4.0",
     ],
     extras_require={
         "test": [

@@ -15,11 +15,12 @@ such a mirror is a Docker Hub mirror even when its URL is another cache in
 front of Docker Hub.
 """
 
+import ipaddress
 import json
 import os
 import re
-from dataclasses import dataclass, fields, replace
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jsonschema
 import yaml
@@ -40,7 +41,6 @@ DOCKER_HUB_REALMS = ("auth.docker.io",)
 _SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.schema.json")
 
 #: Top-level keys the schema reserves for settings of a later release.
-RESERVED = ("auth",)
 
 
 class ConfigError(ValueError):
@@ -120,10 +120,28 @@ SETTINGS = (
     Setting("metrics-listen", ("REGCACHE_METRICS_LISTEN",), None,
             "Serve /metrics on this Twisted endpoint of its own (e.g. tcp:9102:interface=10.0.0.5) "
             "instead of on --listen"),
+    Setting("htpasswd", ("REGCACHE_HTPASSWD",), None,
+            "Client authentication: an htpasswd file of bcrypt entries (htpasswd -B); turns authentication on"),
+    Setting("anonymous", ("REGCACHE_ANONYMOUS",), None,
+            "With authentication on, clients without credentials outside the trusted networks: "
+            "deny (the default), cached-only (pull only what is cached) or allow"),
+    Setting("trusted-networks", ("REGCACHE_TRUSTED_NETWORKS",), None,
+            "Comma-separated networks whose clients need no credentials, e.g. 10.0.0.0/8,fd00::/8; "
+            "turns authentication on"),
+    Setting("trusted-proxies", ("REGCACHE_TRUSTED_PROXIES",), None,
+            "Comma-separated addresses or networks of proxies whose X-Forwarded-For names the client"),
 )
 
 #: What --log-format takes (regcache.logs).
 LOG_FORMATS = ("text", "json")
+
+#: The client-authentication settings, by option name and config-file key.
+_AUTH_OPTIONS = {"htpasswd": "htpasswd", "anonymous": "anonymous", "trusted-networks": "trusted_networks",
+                 "trusted-proxies": "trusted_proxies"}
+
+#: What ``anonymous`` may say: what a client without credentials, outside
+#: the trusted networks, may do.
+ANONYMOUS_MODES = ("deny", "cached-only", "allow")
 
 _UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {
@@ -232,6 +250,66 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """
+    Client authentication, when it is on: the htpasswd file of users, what
+    a client without credentials may do, the networks that need none, the
+    proxies whose X-Forwarded-For is believed, and each group's users.
+    """
+
+    htpasswd: Optional[str] = None
+    anonymous: str = "deny"
+    trusted_networks: Tuple[Any, ...] = ()
+    trusted_proxies: Tuple[Any, ...] = ()
+    groups: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+
+
+def parse_networks(name: str, values: Sequence[str]) -> tuple:
+    """
+    ``10.0.0.0/8``, ``fd00::/8`` or one address (``192.0.2.7``) each, as
+    ipaddress networks.  A network with host bits set is refused rather
+    than widened: ``10.1.2.3/8`` is more likely a typo than ``10.0.0.0/8``.
+    """
+    out = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(str(value).strip()))
+        except ValueError as e:
+            raise ConfigError(f"{name}: not a network: {str(value)[:60]!r} ({e})") from None
+    return tuple(out)
+
+
+def _comma_list(text: str) -> list:
+    return [part for part in (p.strip() for p in text.split(",")) if part]
+
+
+def auth_settings(given: Mapping[str, str], section: Optional[Mapping[str, Any]]) -> Optional[AuthSettings]:
+    """
+    The client-authentication settings of the options ``given`` over the
+    config file's ``auth`` section, or None when neither turns it on: then
+    every client is let in, as before authentication existed.
+    """
+    options = {key: given[name] for name, key in _AUTH_OPTIONS.items() if name in given}
+    if section is None and not options:
+        return None
+    section = dict(section or {})
+    anonymous = options.get("anonymous", section.get("anonymous", "deny")).strip()
+    if anonymous not in ANONYMOUS_MODES:
+        raise ConfigError(f"--anonymous: not one of {', '.join(ANONYMOUS_MODES)}: {anonymous!r}")
+    networks = {}
+    for key in ("trusted_networks", "trusted_proxies"):
+        values = _comma_list(options[key]) if key in options else section.get(key, [])
+        networks[key] = parse_networks(f"--{key.replace('_', '-')}", values)
+    htpasswd = options.get("htpasswd", section.get("htpasswd"))
+    return AuthSettings(
+        htpasswd=os.path.abspath(htpasswd) if htpasswd else None,
+        anonymous=anonymous,
+        groups={g: tuple(users) for g, users in section.get("groups", {}).items()},
+        **networks,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str
     storage: str
@@ -260,6 +338,8 @@ class Config:
     metrics_listen: Optional[str] = None
     #: The repositories whose requests the metrics count by name.
     metrics_repositories: Tuple[str, ...] = ()
+    #: Client authentication; None when it is off.
+    auth: Optional[AuthSettings] = None
 
 
 def restart_needed(old: Config, new: Config) -> List[str]:
@@ -395,6 +475,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         raise ConfigError("--listen: empty endpoint")
     file = raw["config"]
     cache: dict = {}
+    auth_section = None
     if file:
         for name in ("upstream", "username", "password", "password-file"):
             if name in given:
@@ -405,6 +486,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         upstreams = tuple(replace(u, **overrides) for u in document.upstreams)
         default, policy = document.default, document.policy
         observed = document.metrics
+        auth_section = document.auth
     else:
         upstream = single_upstream(raw, cli)
         upstreams, default, policy = (upstream,), upstream.name, ()
@@ -438,6 +520,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         ratelimit_probe=probe_every,
         metrics_listen=metrics_listen,
         metrics_repositories=tuple(observed.get("repositories", ())),
+        auth=auth_settings(given, auth_section),
     )
 
 
@@ -468,6 +551,8 @@ class Document:
     #: ``listen``, ``ratelimit_probe`` (seconds or None) and
     #: ``repositories`` if the file sets them.
     metrics: Mapping[str, Any]
+    #: The ``auth`` section, checked, if the file has one.
+    auth: Optional[Mapping[str, Any]] = None
 
 
 def _schema() -> dict:
@@ -566,16 +651,14 @@ def read(file: str, environ: Mapping[str, str]) -> Document:
     errors = list(jsonschema.Draft202012Validator(_schema()).iter_errors(data))
     if errors:
         raise _schema_error(where, jsonschema.exceptions.best_match(errors))
-    for key in RESERVED:
-        if key in data:
-            raise where.error([key], "not supported yet", where.key_line([], key))
     if "upstreams" not in data:
         raise where.error([], "'upstreams' is required")
     upstreams = tuple(_upstream(where, i, u, environ) for i, u in enumerate(data["upstreams"]))
     _check_unique(where, upstreams)
     return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})),
                     _policy(where, data.get("policy", {}), upstreams),
-                    _metrics(where, data.get("metrics", {})))
+                    _metrics(where, data.get("metrics", {})),
+                    _auth(where, data["auth"]) if "auth" in data else None)
 
 
 def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[str, str]) -> UpstreamConfig:
@@ -739,3 +822,14 @@ def _metrics(where: _Located, metrics: Mapping[str, Any]) -> dict:
         except ConfigError as e:
             raise where.error(["metrics", "ratelimit_probe"], str(e).split(": ", 1)[1]) from None
     return out
+
+
+def _auth(where: _Located, auth: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``auth`` section, its networks checked where the file names them."""
+    for key in ("trusted_networks", "trusted_proxies"):
+        for i, value in enumerate(auth.get(key, [])):
+            try:
+                parse_networks(key, [value])
+            except ConfigError as e:
+                raise where.error(["auth", key, i], str(e).split(": ", 1)[1]) from None
+    return auth

@@ -29,6 +29,8 @@ _FIXED_ROUTES = {b"/": "root", b"/healthz": "healthz", b"/readyz": "readyz", b"/
                  b"/v2": "v2", b"/v2/": "v2"}
 REQUEST_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other")
 _STATUS_CODES = (200, 206, 304, 307, 308, 400, 401, 403, 404, 405, 408, 413, 414, 416, 429, 500, 502, 503, 504)
+#: Why a client login failed (regcache.clientauth); fixed, like every label.
+AUTH_FAILURE_REASONS = ("bad_password", "unknown_user", "malformed", "throttled", "busy")
 #: The codes regcache answers with, else the code's class.
 REQUEST_STATUSES = tuple(str(c) for c in _STATUS_CODES) + ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 
@@ -225,6 +227,13 @@ class Metrics:
             "Circuit of each upstream registry: 0 up, 1 failing, 2 open (not contacted but for one probe)",
             ["upstream", "member"], registry=r,
         )
+        # ``reason`` is one of AUTH_FAILURE_REASONS: never a user name, an
+        # address or anything else a client chose.
+        self.client_auth_failures = Counter(
+            "regcache_client_auth_failures", "Client logins refused, by reason", ["reason"], registry=r,
+        )
+        for reason in AUTH_FAILURE_REASONS:
+            self.client_auth_failures.labels(reason)
 
     def upstream_exchange(self, upstream: str, member: str, credential: str, kind: str, status,
                           headers=None, now: Optional[float] = None) -> None:

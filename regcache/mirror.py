@@ -125,6 +125,7 @@ class Mirror:
             self.metrics.cache.labels("manifest", "hit").inc()
             return m, "hit"
         self.metrics.cache.labels("manifest", "miss").inc()
+        _may_fetch(route, f"manifest {route.name}@{digest}")
         # Content is pinned by the digest, so ask with every type: an Accept
         # that leaves one out only risks a needless 404.  One GET per
         # repository: another's answer says nothing of this one.
@@ -182,6 +183,8 @@ class Mirror:
         own = True
         if entry is not None and self.policy.fresh(route, entry):
             cache = "hit"
+        elif not route.client.may_fetch:
+            entry, cache, warning, own = await self._unchecked(route, key, known, types, want_body)
         else:
             # With a copy to fall back on, fail fast: a stale answer now beats
             # a fresh one after retries.  Without one, retrying is all there is.
@@ -266,6 +269,18 @@ class Mirror:
                 return entry
         return None
 
+    async def _unchecked(self, route, key: TagKey, known, types: Tuple[str, ...], want_body: bool):
+        """
+        For a client that may not make regcache contact upstream, a tag past
+        its window is what the cache holds for it, unrevalidated, as when
+        upstream fails (so ``max_stale`` bounds it too), and marked stale
+        the same way; with nothing held, the client is asked to log in.
+        """
+        held = await self._stand_in(route, key, known, types, want_body)
+        if held is None:
+            _may_fetch(route, f"{route.name}:{key.tag}")
+        return held, "stale", STALE_WARNING, held is known
+
     async def _check_tag(
         self, route: Route, tag: str, types: Tuple[str, ...], key: TagKey, known, retry: bool
     ) -> TagEntry:
@@ -314,6 +329,7 @@ class Mirror:
             fill = self.fills.get(digest)
             if fill is None:
                 cache = "miss"
+                _may_fetch(route, f"blob {digest}")
                 fill = self.fills.start(route.upstream, route.name, digest)
                 # Upstream sends it in this repository's scope, or nothing lands.
                 self.store.link(digest, _repository(route))
@@ -349,6 +365,7 @@ class Mirror:
             size = await self._started(fill, digest)
             self.metrics.cache.labels("blob", "join").inc()
             return size, "join"
+        _may_fetch(route, f"blob {digest}")
         try:
             size = await route.upstream.head_blob(route.name, digest)
         except UpstreamNotFound:
@@ -380,6 +397,9 @@ class Mirror:
         key = _repository(route)
         if await self.store.linked(digest, key):
             return
+        # Asking is contacting upstream: a client that may not make regcache
+        # do so gets the challenge, as for any miss.
+        _may_fetch(route, f"{kind} {route.name}@{digest}")
         flight = (key, digest, kind)
         if flight not in self._confirmations and len(self._confirmations) >= MAX_CONFIRMATIONS:
             raise RegistryError("UNAVAILABLE", f"{kind} {digest} is cached but not known to belong to "
@@ -458,6 +478,10 @@ class Mirror:
             return ReferrersAnswer(known.body, known.filtered, "hit")
         fallback = known if self.policy.stale_allowed(route, known) else None
         what = f"the referrers of {route.name}@{digest}"
+        if fallback is not None and not route.client.may_fetch:
+            self.metrics.cache.labels("referrers", "stale").inc()
+            return ReferrersAnswer(fallback.body, fallback.filtered, "stale", STALE_WARNING)
+        _may_fetch(route, what)
         try:
             entry = await self._referrers_gets.run(key, lambda: Deferred.fromCoroutine(
                 self._fetch_referrers(route, digest, key, retry=fallback is None)))
@@ -490,6 +514,7 @@ class Mirror:
     # Tag lists
 
     async def tags_list(self, route: Route, client_name: str, query: bytes):
+        _may_fetch(route, f"the tag list of {client_name}")
         try:
             answer = await route.upstream.tags_list(route.name, query)
         except UpstreamNotFound:
@@ -505,6 +530,17 @@ class Mirror:
 def _repository(route: Route) -> RepoKey:
     """The key links are kept under: the upstream, and the repository as it names it."""
     return route.registry.name, route.name
+
+
+def _may_fetch(route: Route, what: str) -> None:
+    """
+    Refuse, with the challenge, a client that may pull only what is cached
+    (``anonymous: cached-only``) when ``what`` is not: it must log in to
+    make regcache contact an upstream on its behalf.
+    """
+    if not route.client.may_fetch:
+        raise RegistryError("UNAUTHORIZED", f"{what} is not cached, and only clients that log in may have "
+                            "regcache fetch it", status=401)
 
 
 def _described(info: ManifestInfo) -> Tuple[str, int]:

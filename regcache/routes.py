@@ -11,6 +11,7 @@ cached.
 
 import json
 import re
+from dataclasses import replace
 from urllib.parse import urlencode
 
 from klein import Klein
@@ -20,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from regcache import __version__, body
 from regcache.errors import RegistryError
+from regcache.identity import EVERYONE
 from regcache.manifests import OCI_INDEX
 from regcache.reference import Digest, InvalidReference, is_digest
 
@@ -94,13 +96,16 @@ class RegistryRoutes:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, mirror, policy, metrics, reactor, not_ready, status=None, serve_metrics: bool = True):
+    def __init__(self, mirror, policy, metrics, reactor, not_ready, status=None, serve_metrics: bool = True,
+                 gate=None):
         """
         ``not_ready()`` is None when this process should get clients, else
         why not (regcache.readiness).  ``status`` (regcache.status.Status)
         serves /status and counts the most pulled images; None: no page.
         ``serve_metrics`` is False when /metrics has a port of its own
-        (--metrics-listen), so it need not be public.
+        (--metrics-listen), so it need not be public.  ``gate``
+        (regcache.clientauth) says who each registry request comes from;
+        without one, it is EVERYONE.
         """
         self.serve_metrics = serve_metrics
         self.mirror = mirror
@@ -109,6 +114,18 @@ class RegistryRoutes:
         self.reactor = reactor
         self.not_ready = not_ready
         self.status = status
+        self.gate = gate
+
+    async def _identify(self, request, ping: bool = False):
+        """
+        Who sent ``request``, before anything else about it is looked at: a
+        client that may not use the registry API learns nothing from it,
+        not even whether a path or name is valid.  ``ping``: the ``/v2/``
+        check (see clientauth.Gate.identify).
+        """
+        identity = EVERYONE if self.gate is None else await self.gate.identify(request, ping)
+        request.identity = identity
+        return identity
 
     # Probes and metrics
 
@@ -176,26 +193,29 @@ class RegistryRoutes:
     # gets the registry's own refusal.  /v2 is answered as /v2/: werkzeug's
     # redirect would carry no Location and cost a round trip for nothing.
     @app.route("/v2/", strict_slashes=False)
-    def base(self, request):
+    async def base(self, request):
         request.setHeader(*API_VERSION)
+        await self._identify(request, ping=True)
         if request.method not in (b"GET", b"HEAD"):
             raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror")
         request.setHeader("Content-Type", "application/json")
         return sized(request, b"{}")
 
     @app.route("/v2/_catalog")
-    def catalog(self, request):
+    async def catalog(self, request):
         """
         A mirror knows only what its clients happened to ask for, and a
         list of it would show every client the repositories (private ones
         too) that others pulled; Docker Hub offers no catalog either.
         """
         request.setHeader(*API_VERSION)
+        await self._identify(request)
         raise RegistryError("UNSUPPORTED", "regcache is a mirror and offers no catalog", status=404)
 
     @app.route("/v2/<path:rest>")
     async def api(self, request, rest):
         request.setHeader(*API_VERSION)
+        identity = await self._identify(request)
         # Route on the raw path: Klein has percent-decoded ``rest``, and an
         # encoded slash or dot must not slip into a name.
         raw = request.path.decode("latin-1")
@@ -206,7 +226,7 @@ class RegistryRoutes:
             raise RegistryError("UNSUPPORTED", "not a registry v2 pull path", status=404)
         name, kind, reference = parts
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
-        route = self.policy.route(name, ns)
+        route = replace(self.policy.route(name, ns), client=identity)
         self.policy.check(route, kind, reference)
         request.upstream = route.registry.name
         if route.ns is not None:

@@ -12,6 +12,7 @@ import resource
 import signal
 from urllib.parse import urlsplit
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ from regcache import upstream_http
 from regcache.accounting import FILENAME as ACCOUNTING_FILE, Accounting, AccountingFlush
 from regcache.auth import Credentials
 from regcache.chain import Chain
+from regcache.clientauth import WATCH_SECONDS, Gate
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills
@@ -90,6 +92,21 @@ def _on_sighup(handler):
     return lambda: signal.signal(signal.SIGHUP, previous)
 
 
+def _pool(reactor, name: str, threads: int):
+    """
+    A thread pool that lives as long as the reactor runs, as the
+    ``run(f, *args) -> Deferred`` its users are given.
+    """
+    pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def run(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    return run
+
+
 def build(config, reactor, reread=None) -> MultiService:
     """
     The whole regcache service for one Config.  Raises ConfigError, naming
@@ -102,12 +119,7 @@ def build(config, reactor, reread=None) -> MultiService:
                         if config.metrics_listen else None)
     top = MultiService()
 
-    pool = ThreadPool(minthreads=1, maxthreads=4, name="regcache-io")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-
-    def run(f, *args):
-        return deferToThreadPool(reactor, pool, f, *args)
+    run = _pool(reactor, "regcache-io", 4)
 
     store = Store(config.storage, run, reactor.seconds)
     try:
@@ -129,10 +141,13 @@ def build(config, reactor, reread=None) -> MultiService:
     referrers = ReferrersCache(config.storage, run, tags)
     mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
     readiness = Readiness(store, run, reactor)
+    # Password checks have threads of their own: a flood of logins must not
+    # queue the store's reads behind bcrypt, nor the other way round.
+    gate = Gate(config.auth, reactor, _pool(reactor, "regcache-auth", 2) if config.auth else None, metrics)
     status = Status(metrics, fills, registries, reactor, config.max_size, usage=accounting,
                     docker_hub=[u.name for u in config.upstreams if u.docker_hub])
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status,
-                            serve_metrics=metrics_endpoint is None)
+                            serve_metrics=metrics_endpoint is None, gate=gate)
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     limits = ClientLimits(
         head_timeout=config.client_header_timeout,
@@ -149,6 +164,10 @@ def build(config, reactor, reread=None) -> MultiService:
     # request arrives, and eviction waits for it.
     Expiry(store, config.max_size, reactor, metrics).setServiceParent(top)
     readiness.setServiceParent(top)
+    if config.auth and config.auth.htpasswd:
+        watch = TimerService(WATCH_SECONDS, gate.check_file)
+        watch.clock = reactor
+        watch.setServiceParent(top)
     Listener(endpoint, config.listen, site, reactor,
              served=f"caching {_served(config)} in {config.storage}").setServiceParent(top)
     if metrics_endpoint is not None:
@@ -159,6 +178,8 @@ def build(config, reactor, reread=None) -> MultiService:
         reloads = Reloads(reactor, metrics, _on_sighup)
         if config.file:
             reloads.register("policy", policy_reloader(config, reread, run, pulls))
+        if config.auth and config.auth.htpasswd:
+            reloads.register("htpasswd", gate.reload)
         reloads.setServiceParent(top)
     if config.ratelimit_probe is not None:
         RateLimitProbe(_hub_members(registries), reactor, config.ratelimit_probe).setServiceParent(top)

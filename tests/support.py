@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import unittest
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -21,6 +22,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from regcache.accounting import Accounting
+from regcache.clientauth import Gate
 from regcache.errors import UpstreamError, UpstreamNotFound
 from regcache.inflight import Fills
 from regcache.metrics import Metrics
@@ -172,11 +174,12 @@ class Rig:
     """
 
     def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=(),
-                 revalidate_deadline=0.3):
+                 revalidate_deadline=0.3, auth=None, auth_run=inline):
         """
         ``upstream`` answers for ``hosts`` and is the default; ``others``
         are more regcache.policy.Registry entries, as a config file's
-        further upstreams.
+        further upstreams.  ``auth`` (a config.AuthSettings) turns client
+        authentication on, its password checks run by ``auth_run``.
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
@@ -194,16 +197,17 @@ class Rig:
         referrers = ReferrersCache(self.root, inline, tags)
         self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
         self.readiness = Readiness(self.store, inline, self.reactor)
+        self.gate = Gate(auth, self.reactor, auth_run, self.metrics) if auth else None
         # Docker Hub's name, as service.py marks a Docker Hub upstream; tests
         # give it pull accounting (``status.usage``) and a limit as they need.
         self.status = Status(self.metrics, self.fills, self.policy.registries, self.reactor, None,
                              docker_hub=["docker.io"])
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem,
-                                     self.status)
+                                     self.status, gate=self.gate)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
 
-    def client(self, path: str, method: str = "GET", headers=None) -> "Client":
-        return Client(self.site, path, method, headers or {})
+    def client(self, path: str, method: str = "GET", headers=None, peer="192.168.1.1") -> "Client":
+        return Client(self.site, path, method, headers or {}, peer)
 
     def blob_file(self, digest):
         path = self.store.blob_path(digest)
@@ -221,9 +225,11 @@ class Client:
     One HTTP/1.1 connection to the site, over a StringTransport.
     """
 
-    def __init__(self, site, path, method, headers):
+    def __init__(self, site, path, method, headers, peer="192.168.1.1"):
+        """``peer`` is the address the connection comes from."""
         self.channel = site.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000) if ":" not in peer
+                                         else IPv6Address("TCP", peer, 40000))
         self.channel.makeConnection(self.transport)
         lines = [f"{method} {path} HTTP/1.1", "Host: mirror.test"]
         for k, vs in headers.items():
@@ -320,7 +326,7 @@ class HubRig(TreqRig):
     """
 
     def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, wrap=None,
-                 revalidate_deadline=0.3, **hub_options):
+                 revalidate_deadline=0.3, auth=None, **hub_options):
         from treq.testing import StubTreq
 
         from regcache.upstream import Upstream
@@ -347,10 +353,10 @@ class HubRig(TreqRig):
                             jitter=lambda: 0.5, docker_hub=True, realms=[self.hub.hosts["auth"]])
 
         super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root,
-                         revalidate_deadline=revalidate_deadline)
+                         revalidate_deadline=revalidate_deadline, auth=auth)
 
-    def get(self, path, method="GET", headers=None) -> "Client":
-        c = self.client(path, method, headers)
+    def get(self, path, method="GET", headers=None, peer="192.168.1.1") -> "Client":
+        c = self.client(path, method, headers, peer)
         self.settle()
         return c
 

@@ -126,10 +126,15 @@ MODES = {
                              "username": "puller", "password": "pull-token"},
         "metrics": {"serviceMonitor": {"enabled": True}},
         "persistence": {"storageClass": "fast-ssd"},
+        "auth": {"existingSecret": "regcache-htpasswd", "anonymous": "cached-only",
+                 "trustedNetworks": ["10.0.0.0/8"], "trustedProxies": ["10.42.0.0/16"]},
     }),
     "scale-out-everything": merged(SCALE_OUT, {
         "upstream": {"username": "hub-user", "password": "hub-token"},
         "persistence": {"storageClass": "-"},
+        "auth": {"existingSecret": "regcache-htpasswd", "secretKey": "users"},
+        "config": {"upstreams": [{"name": "dockerhub", "urls": ["https://registry-1.docker.io"]}],
+                   "auth": {"groups": {"robots": ["ci"]}}},
     }),
 }
 
@@ -784,9 +789,9 @@ def test_config_values_become_a_mounted_config_file(tmp_path):
 
 
 def test_config_values_are_checked_by_the_schema():
-    """A config without upstreams, or with the reserved policy key, fails the chart's schema."""
+    """A config without upstreams, or with a policy that is no mapping, fails the chart's schema."""
     for bad, where in (({"upstreams": []}, "/config/upstreams"),
-                       ({"upstreams": [{"name": "a", "urls": ["https://a.io"]}], "policy": {}}, "/config/policy")):
+                       ({"upstreams": [{"name": "a", "urls": ["https://a.io"]}], "policy": ["x"]}, "/config/policy")):
         with pytest.raises(helm.errors.HelmValuesError, match=where):
             _chart().validate_schema(merged(SEED, {"config": bad}))
 
@@ -796,3 +801,64 @@ def test_no_config_means_no_configmap():
     objects, _ = render(SEED)
     assert "ConfigMap" not in kinds(objects)
     assert "REGCACHE_CONFIG" not in env(objects)
+
+
+# --- Client authentication ------------------------------------------------
+
+
+AUTH = {"existingSecret": "regcache-htpasswd", "secretKey": "users", "anonymous": "cached-only",
+        "trustedNetworks": ["10.0.0.0/8", "fd00::/8"], "trustedProxies": ["10.42.0.0/16"]}
+
+
+def test_auth_values_become_a_mounted_htpasswd_and_settings_regcache_reads(tmp_path):
+    """
+    auth.existingSecret is mounted as a file (not a subPath, so the kubelet
+    updates it and regcache re-reads it) that REGCACHE_HTPASSWD names; the
+    networks and the anonymous mode become the variables regcache reads,
+    and regcache loads them as given.
+    """
+    from regcache.config import load
+
+    objects, _ = render(merged(SEED, {"auth": AUTH}))
+    variables = env(objects)
+    path = variables["REGCACHE_HTPASSWD"]["value"]
+    mount = next(m for m in container(objects)["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert "subPath" not in mount and mount["readOnly"]
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "regcache-htpasswd"
+    assert volume["secret"]["items"] == [{"key": "users", "path": path.rsplit("/", 1)[1]}]
+    given = {name: e["value"] for name, e in variables.items()
+             if name in ("REGCACHE_HTPASSWD", "REGCACHE_ANONYMOUS", "REGCACHE_TRUSTED_NETWORKS",
+                         "REGCACHE_TRUSTED_PROXIES")}
+    auth = load({"storage": str(tmp_path)}, given).auth
+    assert (auth.htpasswd, auth.anonymous) == (path, "cached-only")
+    assert [str(n) for n in auth.trusted_networks] == AUTH["trustedNetworks"]
+    assert [str(n) for n in auth.trusted_proxies] == AUTH["trustedProxies"]
+
+
+def test_no_auth_values_mean_no_auth():
+    """Without auth values no auth variable is set and no htpasswd is mounted: authentication stays off."""
+    objects, _ = render(SEED)
+    assert not {"REGCACHE_HTPASSWD", "REGCACHE_ANONYMOUS", "REGCACHE_TRUSTED_NETWORKS",
+                "REGCACHE_TRUSTED_PROXIES"} & set(env(objects))
+    assert "htpasswd" not in {v["name"] for v in pod_spec(objects)["volumes"]}
+
+
+def test_auth_values_are_checked_by_the_schema():
+    """A mode regcache does not know, a network that is a name, or an unknown key fails the chart's schema."""
+    for bad, where in (({"anonymous": "open"}, "/auth/anonymous"),
+                       ({"trustedNetworks": ["cluster"]}, "/auth/trustedNetworks/0"),
+                       ({"htpasswd": "/etc/htpasswd"}, "/auth")):
+        with pytest.raises(helm.errors.HelmValuesError, match=where):
+            _chart().validate_schema(merged(SEED, {"auth": bad}))
+
+
+def test_a_config_change_rolls_the_pods():
+    """The config file (with its pull policy) is read at start: its checksum is a pod annotation."""
+    def annotation(policy):
+        config = {"upstreams": [{"name": "dockerhub", "urls": ["https://registry-1.docker.io"]}], "policy": policy}
+        objects, _ = render(merged(SEED, {"config": config}))
+        workload = next(o for o in objects if o["kind"] == "Deployment")
+        return workload["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert annotation({"rules": []}) != annotation({"rules": [{"deny": "**"}]})

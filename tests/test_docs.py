@@ -302,6 +302,22 @@ def check_regcache_config(data):
         return regcache_config.load({"config": str(path)}, secrets_named(data))
 
 
+def check_auth_json(config):
+    """
+    containers-auth.json(5): ``auths`` keyed by host[:port][/path], each
+    with ``auth``, the base64 of user:password.
+    """
+    import base64
+
+    subset(config, {"auths", "credHelpers"}, "auth.json")
+    assert config["auths"], "at least one entry"
+    for host, entry in config["auths"].items():
+        host_only(host)
+        subset(entry, {"auth", "identitytoken"}, f"auths.{host}")
+        user, colon, _ = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
+        assert user and colon, f"auths.{host}.auth: not base64 of user:password"
+
+
 def check_chart_values(values):
     helm.Chart.load(ROOT / "chart" / "regcache").validate_schema(values)
 
@@ -315,6 +331,7 @@ CHECKERS = [
     (r"\.gitlab-ci\.yml", check_gitlab_ci),
     (r"/etc/gitlab-runner/config\.toml", check_runner_config),
     (r"containerd-mirror\.yaml", check_gke_containerd),
+    (r"(\$\{XDG_RUNTIME_DIR\}/containers|/etc/containers)/auth\.json", check_auth_json),
     (r"values\.yaml|[\w-]+-values\.yaml", check_chart_values),
     (r"regcache\.yaml", check_regcache_config),
 ]
@@ -416,6 +433,8 @@ def test_shell_snippets_are_valid_bash(snippet):
     (check_runner_config, {"runners": [{"name": "r", "docker": {
         "volumes": ["/srv/daemon.json:/etc/docker/daemon.json"]}}]}, ""),
     (check_runner_config, {"runners": [{"name": "r", "environment": ["DOCKER_OPTS=--debug"]}]}, ""),
+    (check_auth_json, {"auths": {"https://m.example": {"auth": "cm9ib3Q6c2VjcmV0"}}}, ""),
+    (check_auth_json, {"auths": {"m.example": {"auth": "bm9jb2xvbg=="}}}, ""),
     (check_gke_containerd, {"registryHosts": [{"server": "https://docker.io", "hosts": [
         {"host": "m.example", "capabilities": ["HOST_CAPABILITY_PULL"]}]}]}, ""),
     (check_gke_containerd, {"registryHosts": [{"server": "docker.io", "hosts": [

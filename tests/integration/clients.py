@@ -89,14 +89,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             time.sleep(0.1)
         raise RuntimeError("containerd did not start: " + open(self.log.name).read()[-2000:])
 
-    def mirror(self, registry: str, mirror_host: str, capabilities=("pull", "resolve")) -> None:
-        """Route ``registry`` (e.g. docker.io) to the mirror, with a dead-end fallback."""
+    def mirror(self, registry: str, mirror_host: str, capabilities=("pull", "resolve"), headers=None) -> None:
+        """
+        Route ``registry`` (e.g. docker.io) to the mirror, with a dead-end
+        fallback; ``headers`` go to the mirror with every request (a
+        ``[host."…".header]`` table: an Authorization, say).
+        """
         d = os.path.join(self.hosts, registry)
         os.makedirs(d, exist_ok=True)
         caps = ", ".join(f'"{c}"' for c in capabilities)
+        table = "".join(f'  {k} = "{v}"\n' for k, v in (headers or {}).items())
         with open(os.path.join(d, "hosts.toml"), "w") as f:
             f.write(f'server = "http://127.0.0.1:{closed_port()}"\n\n'
-                    f'[host."http://{mirror_host}"]\n  capabilities = [{caps}]\n')
+                    f'[host."http://{mirror_host}"]\n  capabilities = [{caps}]\n'
+                    + (f'[host."http://{mirror_host}".header]\n{table}' if table else ""))
 
     def ctr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(

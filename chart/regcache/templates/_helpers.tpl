@@ -125,6 +125,10 @@ StatefulSet passes false and brings "data" from volumeClaimTemplates.
 {{- /* regcache reads its credentials once, at start: roll the pods on change. */}}
 {{- $_ := set $annotations "checksum/upstream-secret" (include (print $root.Template.BasePath "/secret-upstream.yaml") $root | sha256sum) }}
 {{- end }}
+{{- if $root.Values.config }}
+{{- /* So is the config file (the pull policy in it too). */}}
+{{- $_ := set $annotations "checksum/config" (include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum) }}
+{{- end }}
 {{- $annotations = merge $annotations $root.Values.podAnnotations -}}
 metadata:
   {{- with $annotations }}
@@ -194,6 +198,18 @@ spec:
         {{- end }}
         - name: REGCACHE_MAX_SIZE
           value: {{ include "regcache.maxSize" $root | quote }}
+        {{- with $root.Values.auth }}
+        {{- if .existingSecret }}
+        - name: REGCACHE_HTPASSWD
+          value: /etc/regcache/auth/htpasswd
+        {{- end }}
+        {{- range $name, $value := dict "REGCACHE_TRUSTED_NETWORKS" (join "," .trustedNetworks) "REGCACHE_TRUSTED_PROXIES" (join "," .trustedProxies) "REGCACHE_ANONYMOUS" .anonymous }}
+        {{- if $value }}
+        - name: {{ $name }}
+          value: {{ $value | quote }}
+        {{- end }}
+        {{- end }}
+        {{- end }}
         {{- range $name, $value := dict "REGCACHE_TAG_TTL" $root.Values.cache.tagTTL "REGCACHE_MAX_STALE" $root.Values.cache.maxStale "REGCACHE_CONNECT_TIMEOUT" $root.Values.upstream.connectTimeout "REGCACHE_HEADER_TIMEOUT" $root.Values.upstream.headerTimeout "REGCACHE_IDLE_TIMEOUT" $root.Values.upstream.idleTimeout }}
         {{- if $value }}
         - name: {{ $name }}
@@ -226,6 +242,12 @@ spec:
           mountPath: /etc/regcache/config
           readOnly: true
         {{- end }}
+        {{- if $root.Values.auth.existingSecret }}
+        # Not a subPath mount: the kubelet updates the file, and regcache re-reads it.
+        - name: htpasswd
+          mountPath: /etc/regcache/auth
+          readOnly: true
+        {{- end }}
   volumes:
     {{- if not $root.Values.persistence.enabled }}
     - name: data
@@ -243,6 +265,15 @@ spec:
     - name: config
       configMap:
         name: {{ include "regcache.fullname" $root }}-config
+    {{- end }}
+    {{- if $root.Values.auth.existingSecret }}
+    - name: htpasswd
+      secret:
+        secretName: {{ $root.Values.auth.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.auth.secretKey }}
+            path: htpasswd
     {{- end }}
     {{- if $secret }}
     - name: upstream-credentials
