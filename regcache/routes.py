@@ -163,7 +163,7 @@ class RegistryRoutes:
 
     @app.route("/status", methods=["GET", "HEAD"])
     async def status_page(self, request):
-        self._status_reader(request)
+        await self._status_reader(request)
         request.setHeader("Content-Type", "text/html; charset=utf-8")
         # Inline styles only; nothing else may load or run.
         request.setHeader("Content-Security-Policy",
@@ -172,18 +172,20 @@ class RegistryRoutes:
         return sized(request, await self.status.render())
 
     @app.route("/status.json", methods=["GET", "HEAD"])
-    def status_json(self, request):
-        self._status_reader(request)
+    async def status_json(self, request):
+        await self._status_reader(request)
         request.setHeader("Content-Type", "application/json")
         request.setHeader("Cache-Control", "no-store")
         return sized(request, json.dumps(self.status.collect(), indent=1) + "\n")
 
-    def _status_reader(self, request) -> None:
+    async def _status_reader(self, request) -> None:
         """
-        Who may read the status page: the one place client authentication
-        (regcache.clientauth) is to be called for it, as at the start of
-        the /v2/ routes; until then the page is as open as /metrics.
+        Who may read the status page: with client authentication on, a
+        client that logged in or is on a trusted network, as for the /v2/
+        check; it names the images others pulled, so an anonymous
+        ``cached-only`` or ``allow`` client does not see it.
         """
+        await self._identify(request, ping=True)
         if self.status is None:
             raise RegistryError("NAME_UNKNOWN", "no status page here", status=404)
 

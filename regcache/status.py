@@ -301,7 +301,7 @@ TEMPLATE = """\
     <section id="top-images">
       <h2>Most pulled</h2>
       <div class="scroll"><table><tbody><tr t:render="top_images" class="image">
-        <td><t:slot name="name"/></td><td class="num"><t:attr name="data-value"><t:slot name="pulls"/></t:attr><t:slot name="pulls"/></td>
+        <td><t:slot name="name"/></td><td class="num image-pulls"><t:attr name="data-value"><t:slot name="pulls"/></t:attr><t:slot name="pulls"/></td>
       </tr></tbody></table></div>
     </section>
     <section id="upstreams">

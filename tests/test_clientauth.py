@@ -594,3 +594,19 @@ class CachedOnlyTests(SynchronousTestCase):
         self.assertNotIn(mine, seen)
         self.assertFalse(any(a and PASSWORD.encode() in base64.b64decode(a.split(b" ")[1] + b"==")
                              for a in seen if a and a.startswith(b"Basic ")))
+
+
+class StatusPageTests(SynchronousTestCase):
+    def test_the_status_page_is_for_logged_in_and_trusted_clients_only(self):
+        """
+        With authentication on, /status and /status.json challenge a
+        stranger (even one that may pull cached content anonymously: the
+        page names what others pulled) and answer a logged-in client.
+        """
+        rig = HubRig(auth=settings(anonymous="cached-only"))
+        for path in ("/status", "/status.json"):
+            with self.subTest(path=path):
+                c = rig.get(path)
+                self.assertEqual(c.status(), 401)
+                self.assertEqual(c.header("WWW-Authenticate"), 'Basic realm="regcache"')
+                self.assertEqual(rig.get(path, headers=basic("ci", PASSWORD)).status(), 200)

@@ -90,7 +90,7 @@ def test_status_page_in_chromium_matches_status_json(regcache, hub, images):
     assert page.value("bytes-saved") == str(data["bytes"]["saved"])
     assert page.value("store-bytes") == str(data["store"]["bytes"])
     assert page.value("store-limit") == str(data["store"]["limit"])
-    images_shown = [a["data-value"] for t, a in page.tags if t == "td" and "data-value" in a]
+    images_shown = [a["data-value"] for t, a in page.tags if t == "td" and a.get("class") == "num image-pulls"]
     assert images_shown == [str(i["pulls"]) for i in data["top_images"]]
     assert f"{name}/library/small" in page.text
     assert [a["data-state"] for _, a in page.tags if a.get("class") == "member"] == ["up"]
