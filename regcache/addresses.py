@@ -12,7 +12,7 @@ that rank no higher than its own.  An operator can allow more networks.
 """
 
 import ipaddress
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 PUBLIC, PRIVATE, LOOPBACK, LINK_LOCAL, NEVER = range(5)
 
@@ -53,11 +53,6 @@ def privacy(text: str) -> int:
     if address.is_global and address not in _SHARED:
         return PUBLIC
     return PRIVATE
-
-
-def networks(texts: Iterable[str]) -> Sequence[ipaddress._BaseNetwork]:
-    """Parsed CIDR networks; ValueError names the one that is not one."""
-    return tuple(ipaddress.ip_network(t.strip(), strict=False) for t in texts if t.strip())
 
 
 def refusal(target: str, home: int, allowed=()) -> Optional[str]:

@@ -26,7 +26,6 @@ import jsonschema
 import yaml
 from urllib.parse import urlsplit
 
-from regcache import addresses
 from regcache.rules import PatternError, Rule, RuleSet, name_regex, tag_regex
 
 DOCKER_HUB = "https://registry-1.docker.io"
@@ -417,13 +416,6 @@ def _count(name: str, text: str, auto: bool = False) -> Union[int, str, None]:
     return int(word)
 
 
-def _networks(name: str, text: str) -> tuple:
-    try:
-        return addresses.networks(text.split(","))
-    except ValueError as e:
-        raise ConfigError(f"--{name}: {e}") from None
-
-
 def _read_password(where: str, path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -515,7 +507,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         client_progress_timeout=_duration("client-progress-timeout", raw["client-progress-timeout"], positive=True),
         max_connections=_count("max-connections", raw["max-connections"], auto=True),
         max_connections_per_client=_count("max-connections-per-client", raw["max-connections-per-client"]),
-        upstream_allow=_networks("upstream-allow", raw["upstream-allow"] or ""),
+        upstream_allow=parse_networks("--upstream-allow", _comma_list(raw["upstream-allow"] or "")),
         log_format=log_format,
         ratelimit_probe=probe_every,
         metrics_listen=metrics_listen,

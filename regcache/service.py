@@ -154,6 +154,7 @@ def build(config, reactor, reread=None) -> MultiService:
         progress_timeout=config.client_progress_timeout,
         max_connections=connection_cap(config.max_connections, open_files),
         max_per_client=config.max_connections_per_client,
+        exempt=config.auth.trusted_proxies if config.auth else (),
     )
     Logger().info("Client connections: at most {total} in all, {per} per address (open-file limit {files})",
                   total=limits.max_connections or "unlimited", per=limits.max_per_client or "unlimited",

@@ -4,9 +4,10 @@ The HTTP side facing clients: the channel each client connection gets, and
 the Site that serves the routes with an access log and request metrics.
 """
 
+import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
@@ -36,13 +37,15 @@ class ClientLimits:
     idle timer while a response is under way.  ``max_connections`` and
     ``max_per_client`` cap open connections in all and per client address
     (None for no cap); past them a request is refused, health checks
-    excepted.
+    excepted.  ``exempt`` networks (the trusted proxies: an ingress carries
+    every client's connections) have no per-address cap.
     """
 
     head_timeout: float = 10.0
     progress_timeout: float = 60.0
     max_connections: Optional[int] = None
     max_per_client: Optional[int] = None
+    exempt: Tuple[Any, ...] = ()
 
 
 #: The refusal of a request body: what any body gets, route or none.
@@ -252,7 +255,8 @@ class RegcacheSite(Site):
         limits = self.limits
         if limits.max_connections is not None and self.connections > limits.max_connections:
             channel.over = "max_connections"
-        elif limits.max_per_client is not None and self.by_address[address] > limits.max_per_client:
+        elif (limits.max_per_client is not None and self.by_address[address] > limits.max_per_client
+              and not _exempt(address, limits.exempt)):
             channel.over = "max_per_client"
         if channel.over:
             self.tripped(channel.over, channel)
@@ -307,6 +311,14 @@ class RegcacheSite(Site):
             client=(identity.address if identity is not None and identity.address else getattr(address, "host", None)),
             user=identity.user if identity is not None else None,
         )
+
+
+def _exempt(address: str, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in networks)
 
 
 def _address(channel) -> str:

@@ -199,6 +199,23 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual(rig.site.connections, 0)
 
 
+class ExemptTests(SynchronousTestCase):
+    def test_a_trusted_proxy_has_no_per_address_cap(self):
+        """An ingress (a trusted proxy) carries every client's connections: the per-address cap is not its."""
+        from regcache.config import parse_networks
+
+        rig = Rig()
+        rig.site.limits = ClientLimits(max_per_client=1, exempt=parse_networks("p", ["10.9.0.0/16"]))
+        connect(rig, "10.9.0.5")
+        channel, transport = connect(rig, "10.9.0.5")
+        channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        connect(rig, "10.8.0.5")
+        channel, transport = connect(rig, "10.8.0.5")
+        channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 429 "))
+
+
 class SettingsTests(SynchronousTestCase):
     def test_the_limits_come_from_options_and_auto_fits_the_open_file_limit(self):
         """

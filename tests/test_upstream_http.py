@@ -23,7 +23,7 @@ from twisted.web.client import ResponseNeverReceived
 from zope.interface import implementer
 
 from regcache import upstream_http
-from regcache.addresses import networks
+from regcache.config import parse_networks
 from regcache.upstream_http import UPSTREAM_READ_SIZE
 
 DEFAULT = tcp.Connection.bufferSize
@@ -179,7 +179,7 @@ class DestinationTests(SynchronousTestCase):
         self.reactor.installNameResolver(self.names)
 
     def get(self, url, home="registry.example", allowed=()):
-        http = upstream_http.client(self.reactor, 5, home, networks(allowed))
+        http = upstream_http.client(self.reactor, 5, home, parse_networks("--upstream-allow", allowed))
         return http.get(url)
 
     def test_a_public_upstream_reaches_public_hosts(self):
