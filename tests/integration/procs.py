@@ -40,17 +40,19 @@ def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] 
             time.sleep(0.05)
 
 
-def until(check, attempts: int = 100, pause: float = 0.1):
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
     """
-    ``check()``'s first truthy result within a bounded number of attempts,
-    for a state a process reaches in its own time; fails the test otherwise.
+    ``predicate()``'s first truthy result, polled until ``timeout``: for a
+    state a process reaches in its own time, never a wait on a clock.
     """
-    for _ in range(attempts):
-        result = check()
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
         if result:
             return result
-        time.sleep(pause)
-    raise AssertionError(f"no success in {attempts} attempts of {check}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def tail(path: str, size: int = 3000) -> str:

@@ -13,7 +13,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from tests.integration.test_descriptors_proc import census
-from tests.integration.test_pull import wait_for
+from tests.integration.procs import wait_for
 
 
 def health(rc) -> int:

@@ -12,7 +12,7 @@ import socket
 from collections import Counter
 from urllib.parse import urlsplit
 
-from tests.integration.test_pull import wait_for
+from tests.integration.procs import wait_for
 from tests.test_descriptors import descriptors
 
 HUGE = "9" * 4400

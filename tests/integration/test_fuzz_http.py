@@ -19,7 +19,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from tests.integration.test_descriptors_proc import census
-from tests.integration.test_pull import wait_for
+from tests.integration.procs import wait_for
 
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9]{2}) [^\r\n]*")
 HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+: ?[^\r\n]*")

@@ -15,7 +15,7 @@ import re
 import pytest
 
 from tests.integration.clients import dir_digests, skopeo_pull
-from tests.integration.procs import until
+from tests.integration.procs import wait_for
 
 SMALL = "/v2/library/small/manifests/1"
 MULTI = "/v2/library/multi/manifests/1"
@@ -58,7 +58,7 @@ def test_hung_hub_cached_pulls_from_cache_uncached_in_words(hub, regcache):
     hub.mode("hung")
     status, headers, again = rc.get(SMALL, headers=ACCEPT)
     assert (status, again) == (200, body) and "Stale" in headers["Warning"]
-    until(lambda: circuit(rc) == 2)
+    wait_for(lambda: circuit(rc) == 2)
     seen = heads(hub)
     for _ in range(10):
         status, headers, again = rc.get(SMALL, headers=ACCEPT)
@@ -88,9 +88,9 @@ def test_uncached_pulls_work_again_when_the_hub_is_back(hub, regcache, mode):
     rc, _ = cached(hub, regcache)
     hub.mode(mode)
     rc.get(SMALL, headers=ACCEPT)
-    until(lambda: circuit(rc) == 2)
+    wait_for(lambda: circuit(rc) == 2)
     hub.mode("normal")
-    until(lambda: rc.get(MULTI, headers=ACCEPT)[0] == 200)
+    wait_for(lambda: rc.get(MULTI, headers=ACCEPT)[0] == 200)
     assert circuit(rc) == 0
 
 

@@ -9,12 +9,11 @@ a restart, and --metrics-listen moves /metrics to a port of its own.
 
 import json
 import threading
-import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import USERS
-from tests.integration.procs import Regcache
+from tests.integration.procs import Regcache, wait_for
 from tests.processes import free_port
 
 ACCEPT = {"Accept": ", ".join([
@@ -37,15 +36,6 @@ def scrape(url: str):
 
 def value(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0)
-
-
-def wait_for(what, check, timeout=60.0):
-    """Poll ``check`` until it is true: waiting on a condition, never on a time."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def start(tmp_path, hub, name="store"):
@@ -85,7 +75,7 @@ def test_scripted_pulls_move_each_counter_exactly(tmp_path, hub, images):
     rc = start(tmp_path, hub)
     try:
         # The probe runs at start-up, for both Docker Hub members.
-        wait_for("the rate-limit probes", lambda: all(
+        wait_for(what="the rate-limit probes", predicate=lambda: all(
             value(scrape(rc.url), "regcache_upstream_requests_total", upstream=u, member=member, kind="probe",
                   status="200") == 1 for u in ("hub", "anon")))
         before = hub.stats()
@@ -109,7 +99,7 @@ def test_scripted_pulls_move_each_counter_exactly(tmp_path, hub, images):
 
         first = threading.Thread(target=pull, args=("first",))
         first.start()
-        wait_for("the download to start", lambda: value(scrape(rc.url), "regcache_inflight_downloads") == 1)
+        wait_for(what="the download to start", predicate=lambda: value(scrape(rc.url), "regcache_inflight_downloads") == 1)
         second = threading.Thread(target=pull, args=("second",))
         second.start()
         first.join(120)
@@ -117,7 +107,7 @@ def test_scripted_pulls_move_each_counter_exactly(tmp_path, hub, images):
         assert sorted(a[1]["X-Cache"] for a in answers.values()) == ["join", "miss"]
         assert all((a[0], len(a[2])) == (200, layer.size) for a in answers.values())
         # Clients have every byte once it is verified; it is a hit once it is stored.
-        wait_for("the download to land", lambda: value(scrape(rc.url), "regcache_blob_fills_total",
+        wait_for(what="the download to land", predicate=lambda: value(scrape(rc.url), "regcache_blob_fills_total",
                                                       result="landed") == 2)
         # Warm: nothing goes upstream.
         status, headers, _ = rc.get("/v2/library/small/manifests/1", headers=ACCEPT)

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from tests.integration.clients import dir_digests, skopeo_pull
-from tests.integration.procs import until
+from tests.integration.procs import wait_for
 
 
 def counters(hub):
@@ -77,7 +77,7 @@ def test_black_holed_upstream_serves_the_cached_tag(hub, regcache, tmp_path):
     fallback = [line for line in rc.log().splitlines() if "Serving library/small:1 from cache" in line]
     assert len(fallback) == 1 and "upstream failed: upstream 127.0.0.1" in fallback[0], fallback
     assert "did not confirm the tag within 300 ms (--revalidate-deadline)" in fallback[0], fallback
-    until(lambda: "did not answer within 1 s (--header-timeout)" in rc.log())
+    wait_for(lambda: "did not answer within 1 s (--header-timeout)" in rc.log())
 
 
 def test_reset_mid_body_is_resumed(hub, regcache, images):

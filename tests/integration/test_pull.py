@@ -8,20 +8,12 @@ the upstream bytes, with each blob fetched upstream once.
 import concurrent.futures
 import hashlib
 import socket
-import time
 
 import pytest
 
 from tests.fakes.registry import RealRegistry
 from tests.integration.clients import Containerd, dir_digests, expected_files, skopeo_pull
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.integration.procs import wait_for
 
 
 @pytest.mark.parametrize("name", ["library/small:1", "library/multi:1", "library/large:1", "library/ociindex:1"])

@@ -23,7 +23,7 @@ from tests.fakes.images import moved_images
 from tests.integration.clients import dir_digests, expected_files, skopeo_pull
 from tests.integration.procs import REPO, Regcache
 from tests.integration.synthetic import count_files, dangling, store_bytes, write_store
-from tests.integration.test_pull import wait_for
+from tests.integration.procs import wait_for
 from tests.support import small_filesystem
 
 MiB = 1024 * 1024

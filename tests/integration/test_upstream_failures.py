@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.integration.procs import closed_port, until
+from tests.integration.procs import closed_port, wait_for
 
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"}
 PATH = "/v2/library/small/manifests/1"
@@ -53,7 +53,7 @@ def test_stalled_token_body_does_not_wedge_pulls(hub, regcache):
         status, headers, _ = rc.get(PATH, headers=ACCEPT, timeout=20)
         return status == 200 and headers["Warning"] is None
 
-    until(fresh)
+    wait_for(fresh)
     assert rc.get("/v2/library/multi/manifests/1", headers=ACCEPT, timeout=20)[0] == 200
 
 
