@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import jsonschema
-from twisted.application.service import Application, MultiService
+from twisted.application.service import Application
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
