@@ -7,8 +7,11 @@ remaining-quota gauges are what the Hub last said, the accounting survives
 a restart, and --metrics-listen moves /metrics to a port of its own.
 """
 
+import base64
 import json
 import threading
+
+import bcrypt
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,10 +41,24 @@ def value(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0)
 
 
+#: The password of the one client account, ``builder``.
+CLIENT_PASSWORD = "builder-secret"
+
+
 def start(tmp_path, hub, name="store"):
     (tmp_path / "password").write_text(USERS["ci"] + "\n")
+    hashed = bcrypt.hashpw(CLIENT_PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+    (tmp_path / "htpasswd").write_text(f"builder:{hashed}\n")
     config = tmp_path / "regcache.yaml"
     config.write_text(f"""\
+auth:
+  htpasswd: {tmp_path / 'htpasswd'}
+  anonymous: allow
+policy:
+  hub:
+    default: allow
+    rules:
+      - deny: evil/**
 upstreams:
   - name: hub
     docker_hub: true
@@ -119,8 +136,15 @@ def test_scripted_pulls_move_each_counter_exactly(tmp_path, hub, images):
         status, headers, body = rc.get("/v2/anon/library/multi/manifests/1", headers=ACCEPT)
         assert (status, headers["X-Cache"], body) == (200, "stale", multi.manifest)
         assert "Stale" in headers["Warning"]
-        # Denied and refused outcomes come with the policy and client auth:
-        # their counters are theirs (regcache_policy_denials_total, ...).
+        # Denied by the pull policy, and a client whose login is refused:
+        # neither reaches upstream.
+        seen = len(hub.request_log())
+        status, _, body = rc.get("/v2/evil/app/manifests/1", headers=ACCEPT)
+        assert status == 403 and b"DENIED" in body
+        wrong = base64.b64encode(b"builder:wrong").decode()
+        status, headers, _ = rc.get("/v2/library/small/manifests/1", headers={**ACCEPT, "Authorization": f"Basic {wrong}"})
+        assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="regcache"'
+        assert len(hub.request_log()) == seen
 
         m = scrape(rc.url)
         stats = hub.stats()
@@ -162,8 +186,12 @@ def test_scripted_pulls_move_each_counter_exactly(tmp_path, hub, images):
     }
     assert value(m, "regcache_upstream_blob_bytes_total", upstream="hub") == config.size + layer.size
     assert value(m, "regcache_requests_total", route="manifests", method="GET", status="200") == 4
+    assert value(m, "regcache_requests_total", route="manifests", method="GET", status="403") == 1
+    assert value(m, "regcache_requests_total", route="manifests", method="GET", status="401") == 1
+    assert value(m, "regcache_policy_denials_total", upstream="hub", rule="0") == 1
+    assert value(m, "regcache_client_auth_failures_total", reason="bad_password") == 1
     assert value(m, "regcache_requests_total", route="blobs", method="GET", status="200") == 4
-    assert value(m, "regcache_response_duration_seconds_count", kind="manifest") == 4
+    assert value(m, "regcache_response_duration_seconds_count", kind="manifest") == 6  # the 403 and 401 too
     assert value(m, "regcache_response_first_byte_seconds_count", kind="blob") == 4
     assert value(m, "regcache_inflight_downloads") == 0
     assert value(m, "regcache_inflight_clients") == 0
