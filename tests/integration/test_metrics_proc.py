@@ -146,6 +146,10 @@ def test_scripted_pulls_move_each_counter_exactly(tmp_path, hub, images):
         assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="regcache"'
         assert len(hub.request_log()) == seen
 
+        # A response is counted when regcache has finished it, which can be
+        # just after the client has read its last byte.
+        wait_for(what="every blob answer to be counted", predicate=lambda: value(
+            scrape(rc.url), "regcache_requests_total", route="blobs", method="GET", status="200") == 4)
         m = scrape(rc.url)
         stats = hub.stats()
     finally:
