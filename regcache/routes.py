@@ -229,7 +229,6 @@ class RegistryRoutes:
         name, kind, reference = parts
         ns = request.args.get(b"ns", [b""])[0].decode("latin-1") or None
         route = replace(self.policy.route(name, ns), client=identity)
-        self.policy.check(route, kind, reference)
         request.upstream = route.registry.name
         if route.ns is not None:
             # The distribution spec's proxying section: a registry that used
@@ -237,6 +236,7 @@ class RegistryRoutes:
             request.setHeader("OCI-Namespace", route.ns)
         if request.method not in (b"GET", b"HEAD"):
             raise RegistryError("UNSUPPORTED", "regcache is a read-only mirror: pushes are not supported")
+        self.policy.check(route, kind, reference)
         if kind == "manifests":
             return await self._manifest(request, route, reference)
         if kind == "blobs":

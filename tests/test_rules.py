@@ -299,6 +299,13 @@ class DeniedRequestTests(SynchronousTestCase):
         text = self.rig.metrics.render().decode()
         self.assertIn('regcache_policy_denials_total{rule="1",upstream="docker.io"} 10.0', text)
 
+    def test_a_push_to_a_denied_name_is_refused_as_a_push(self):
+        """A push is refused as a push (405, the mirror is read-only) whatever the policy says of the name."""
+        self.deny("docker.io:\n  default: deny\n")
+        c = self.rig.get("/v2/library/small/manifests/1", "PUT")
+        self.assertEqual(c.status(), 405)
+        self.assertEqual(json.loads(c.body())["errors"][0]["code"], "UNSUPPORTED")
+
     def test_nothing_cached_is_served_for_a_denied_name(self):
         """What was cached while allowed is refused once the name is denied, and served again once allowed."""
         small = self.image
