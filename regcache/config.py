@@ -96,6 +96,9 @@ SETTINGS = (
             "Upstream wait for response headers"),
     Setting("idle-timeout", ("REGCACHE_IDLE_TIMEOUT",), "15s",
             "Upstream body stall that ends a download (it then resumes with Range)"),
+    Setting("min-download-rate", ("REGCACHE_MIN_DOWNLOAD_RATE",), "10k",
+            "Slowest average a blob download may keep over a minute, in bytes a second (10k, 1M), before it "
+            "resumes and, slow again, fails; off for no floor"),
     Setting("upstream-allow", ("REGCACHE_UPSTREAM_ALLOW",), None,
             "Networks (CIDR, comma-separated) an upstream's redirects and token realms may lead to beyond the "
             "default rule: never to an address more private than the upstream's own"),
@@ -326,6 +329,8 @@ class Config:
     max_connections_per_client: Optional[int] = 256
     #: Networks upstreams may lead to beyond the rule in regcache.addresses.
     upstream_allow: Tuple[Any, ...] = ()
+    #: Bytes a second a blob download must average; 0 for no floor.
+    min_download_rate: float = 10_000.0
     #: The pull policy's rules, for the upstreams that have some.
     policy: Tuple[RuleSet, ...] = ()
     #: One of LOG_FORMATS.
@@ -508,6 +513,8 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         max_connections=_count("max-connections", raw["max-connections"], auto=True),
         max_connections_per_client=_count("max-connections-per-client", raw["max-connections-per-client"]),
         upstream_allow=parse_networks("--upstream-allow", _comma_list(raw["upstream-allow"] or "")),
+        min_download_rate=(0.0 if _unlimited(raw["min-download-rate"])
+                           else float(parse_size("min-download-rate", raw["min-download-rate"]))),
         log_format=log_format,
         ratelimit_probe=probe_every,
         metrics_listen=metrics_listen,

@@ -30,23 +30,44 @@ from regcache.reference import Digest
 from regcache.remote import BlobStream, Remote
 
 
+@dataclass(frozen=True)
+class RateFloor:
+    """
+    The slowest a download may average: ``rate`` bytes a second, judged over
+    each ``window`` seconds.  The idle timer restarts at every byte, so an
+    upstream dripping a byte a second would hold a fill (and every client
+    waiting on it) for ever; this is the overall deadline.  A rate of 0
+    means no floor.
+    """
+
+    rate: float = 10_000.0
+    window: float = 60.0
+
+
+class SlowUpstream(UpstreamError):
+    """An upstream that sent a blob more slowly than the floor allows."""
+
+
 class _FillProtocol(Protocol):
     """
     Receives one upstream blob body into a Fill, skipping ``skip`` bytes
     first (an upstream that sent the whole blob to a resume), and ends the
-    response if it stalls for ``idle`` seconds.  A pause while the store
-    makes room is regcache's own wait, not upstream's stall: the idle timer
-    stops for it.
+    response if it stalls for ``idle`` seconds or averages less than the
+    rate floor over a window.  A pause while the store makes room is
+    regcache's own wait, not upstream's stall: both timers stop for it.
     """
 
-    def __init__(self, fill: "Fill", skip: int, clock, idle: float, source: str):
+    def __init__(self, fill: "Fill", skip: int, clock, idle: float, source: str, floor: RateFloor = RateFloor()):
         self.fill = fill
         self.skip = skip
         self.done: Deferred = Deferred()
         self._clock = clock
         self._idle = idle
         self._source = source
+        self._floor = floor
         self._timer = None
+        self._window = None
+        self._window_bytes = 0
         self._error: Optional[Exception] = None
         self._waiting_room = False
         self._lost = False
@@ -54,13 +75,37 @@ class _FillProtocol(Protocol):
     def connectionMade(self) -> None:
         self._start_timer()
 
+    def _start_window(self) -> None:
+        self._window_bytes = 0
+        if self._floor.rate > 0:
+            self._window = self._clock.callLater(self._floor.window, self._judge)
+
+    def _stop_window(self) -> None:
+        if self._window is not None and self._window.active():
+            self._window.cancel()
+        self._window = None
+
+    def _judge(self) -> None:
+        self._window = None
+        rate = self._window_bytes / self._floor.window
+        if rate < self._floor.rate:
+            self._error = SlowUpstream(
+                f"upstream {self._source} sent the blob at {rate:.0f} bytes/s over {self._floor.window:g} s, "
+                f"under the floor of {self._floor.rate:.0f} bytes/s (--min-download-rate)"
+            )
+            self.transport.stopProducing()
+            return
+        self._start_window()
+
     def _start_timer(self) -> None:
         self._timer = self._clock.callLater(self._idle, self._stalled)
+        self._start_window()
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._stop_window()
 
     def _stalled(self) -> None:
         self._timer = None
@@ -74,6 +119,7 @@ class _FillProtocol(Protocol):
             return
         if self._timer is not None:
             self._timer.reset(self._idle)
+        self._window_bytes += len(data)
         if self.skip:
             cut = min(self.skip, len(data))
             self.skip -= cut
@@ -129,7 +175,9 @@ class Fill:
     #: Resumes in a row without a byte of progress before the fill gives up.
     MAX_STALLED_RESUMES = 3
 
-    def __init__(self, upstream: Remote, name: str, digest: Digest, store, clock, metrics):
+    def __init__(self, upstream: Remote, name: str, digest: Digest, store, clock, metrics,
+                 floor: RateFloor = RateFloor()):
+        self.floor = floor
         self.upstream = upstream
         self.name = name
         self.digest = digest
@@ -246,12 +294,16 @@ class Fill:
             self.source = stream.source
             self._sized(stream)
             before = self.written
-            reader = _FillProtocol(self, self.written - stream.start, self.clock, stream.idle, stream.source)
+            reader = _FillProtocol(self, self.written - stream.start, self.clock, stream.idle, stream.source,
+                                   self.floor)
             stream.deliver(reader)
             try:
                 await reader.done
             except UpstreamError as e:
-                stalled = 0 if self.written > before else stalled + 1
+                # Too slow is no progress: a dripping upstream is given up
+                # after a few windows, not resumed for ever.
+                slow = isinstance(e, SlowUpstream)
+                stalled = 0 if self.written > before and not slow else stalled + 1
                 if stalled >= self.MAX_STALLED_RESUMES or self.size is None:
                     raise
                 self.resumes += 1
@@ -311,10 +363,11 @@ class Fills:
 
     log = Logger()
 
-    def __init__(self, store, clock, metrics):
+    def __init__(self, store, clock, metrics, floor: RateFloor = RateFloor()):
         self.store = store
         self.clock = clock
         self.metrics = metrics
+        self.floor = floor
         self._fills: Dict[Digest, Fill] = {}
         self._running: Dict[Digest, Deferred] = {}
         metrics.inflight.set_function(lambda: len(self._fills))
@@ -341,7 +394,7 @@ class Fills:
         ]
 
     def start(self, upstream: Remote, name: str, digest: Digest) -> Fill:
-        fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics)
+        fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics, self.floor)
         self._fills[digest] = fill
         started = self.clock.seconds()
         d = Deferred.fromCoroutine(fill.run())

@@ -25,7 +25,7 @@ from regcache.chain import Chain
 from regcache.clientauth import WATCH_SECONDS, Gate
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
-from regcache.inflight import FillDrain, Fills
+from regcache.inflight import FillDrain, Fills, RateFloor
 from regcache.listener import Listener, listen_endpoint
 from regcache.metrics import Metrics, metrics_resource
 from regcache.mirror import Mirror
@@ -135,7 +135,7 @@ def build(config, reactor, reread=None) -> MultiService:
     registries = [_registry(u, reactor, metrics, config.upstream_allow) for u in config.upstreams]
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
-    fills = Fills(store, reactor, metrics)
+    fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate))
     tags = TagMap(config.storage, run, store.index)
     tags.count()
     referrers = ReferrersCache(config.storage, run, tags)

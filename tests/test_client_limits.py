@@ -12,6 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from regcache.inflight import RateFloor
 from regcache.site import ClientLimits
 from tests.support import Client, FedBody, Rig, blob
 
@@ -140,6 +141,7 @@ class ProgressTimeoutTests(SynchronousTestCase):
         long between bytes: the fill's own deadlines judge upstream, not the
         client's patience.
         """
+        self.rig.fills.floor = RateFloor(rate=0)  # this upstream drips on purpose: no download floor
         client, body = self.downloading()
         body.feed(self.data[:1000])
         for i in range(1000, 1013):

@@ -336,6 +336,30 @@ class RetryAndFaultTests(SynchronousTestCase):
             self.assertEqual(c.body(), f.read())
         self.assertEqual(rig.stats()["cdn_blob_gets"][blob.digest], 2)
 
+    def test_a_dripping_blob_is_given_up_under_the_rate_floor(self):
+        """
+        An upstream that sends a blob a byte a second (never idle long
+        enough to trip the idle timer) is resumed once each window falls
+        under the rate floor, and after three slow tries the fill fails
+        cleanly: the client is aborted and nothing is cached.  Once
+        upstream is healthy the blob downloads whole.
+        """
+        rig = HubRig()
+        blob = self.blob(rig)
+        rig.hub.fault("drip", scope="blobs", chunk=1, interval=1.0)
+        c = rig.client(f"/v2/library/multi/blobs/{blob.digest}")
+        rig.pass_time(150, step=1.0)
+        self.assertFalse(c.aborted())
+        rig.pass_time(60, step=1.0)
+        self.assertTrue(c.aborted())
+        self.assertIsNone(rig.blob_file(rig_digest(blob)))
+        self.assertEqual(sum(rig.stats()["cdn_range_gets"].values()), 2)
+        self.assertEqual(rig.metrics.fills.labels("failed")._value.get(), 1)
+        rig.hub.clear_faults()
+        c = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        with open(blob.path, "rb") as f:
+            self.assertEqual(c.body(), f.read())
+
     def test_short_body_is_resumed_with_range(self):
         """An upstream that ends the body early is asked for the rest with Range."""
         rig = HubRig()

@@ -307,7 +307,10 @@ class ConnectionTests(SynchronousTestCase):
         from regcache.site import IDLE_CLIENT_TIMEOUT
         from tests.support import FedBody
 
+        from regcache.inflight import RateFloor
+
         rig = Rig()
+        rig.fills.floor = RateFloor(rate=0)  # this upstream is slow on purpose: no download floor
         idle = rig.client("/v2/")
         data, digest = blob(4096)
         busy = rig.client(f"/v2/library/a/blobs/{digest}")
