@@ -9,13 +9,18 @@ global one, so tests and several mirrors in one process never share numbers.
 
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from twisted.web.resource import Resource
 
 from regcache.accounting import RateLimit
 from regcache.routes import split_path
+
+# prometheus-client adds a ``_created`` gauge beside every counter and
+# histogram series: it doubles the exposition, and Prometheus itself ignores
+# it unless told otherwise.  Off for the process (it is a module setting).
+disable_created_metrics()
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
