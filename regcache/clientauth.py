@@ -15,7 +15,8 @@ Passwords are checked with the ``bcrypt`` library, in a small pool of their
 own so the reactor never waits for one; a check that succeeded is kept for
 a minute, so a pull of fifty blobs costs one bcrypt.  Failed logins are
 logged (user and address, never the password), counted, and an address that
-keeps failing is answered 429 for a growing while, without a check.  Every
+keeps failing is answered 429 for a growing while, without a check (a
+login that passed within the minute still gets in).  Every
 table here is keyed by what clients send, and each has a bound.
 """
 
@@ -322,15 +323,19 @@ class Gate:
         return frozenset(g for g, users in self.settings.groups.items() if user in users)
 
     async def _check(self, address: str, user: str, password: bytes) -> str:
+        # A login that passed moments ago is let in before the throttle is
+        # asked: only its password reaches the entry, so it gives a guesser
+        # nothing, while a guesser's failures from the same address (a NAT,
+        # a proxy not configured as one) must not lock its owner out.
+        key = hmac.new(self._key, user.encode("utf-8") + b":" + password, hashlib.sha256).digest()
+        passed = self._passed.get(key)
+        if passed is not None and passed > self.clock.seconds():
+            return user
         wait = self.throttle.wait(address)
         if wait:
             self.metrics.client_auth_failures.labels("throttled").inc()
             raise RegistryError("TOOMANYREQUESTS", "too many failed logins from this address: try again later",
                                 headers={"Retry-After": str(int(wait) + 1)})
-        key = hmac.new(self._key, user.encode("utf-8") + b":" + password, hashlib.sha256).digest()
-        passed = self._passed.get(key)
-        if passed is not None and passed > self.clock.seconds():
-            return user
         users = self.users
         hashed = users.hashes.get(user) if users else None
         if key not in self._checks and self._checking >= MAX_CHECKS:

@@ -143,3 +143,22 @@ def test_cached_only_serves_the_cache_and_never_fetches_for_strangers(hub, regca
     assert (status, headers["WWW-Authenticate"]) == (401, 'Basic realm="regcache"')
     assert upstream_requests(hub) == before
     assert_no_password(rc)
+
+
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_a_guesser_at_the_same_address_does_not_lock_out_a_logged_in_user(hub, regcache, htpasswd):
+    """
+    A password guesser sharing the user's address (a NAT, an ingress not
+    configured as a proxy) is slowed down with 429, and its further guesses
+    stay refused; the user, whose login passed moments ago, keeps pulling.
+    """
+    rc = authed(regcache, htpasswd)
+    assert rc.get("/v2/", headers=basic(USER, PASSWORD))[0] == 200
+    answers = [rc.get("/v2/", headers=basic(USER, f"guess{i}"))[0] for i in range(6)]
+    assert answers[-1] == 429, answers
+    assert rc.get("/v2/", headers=basic(USER, "guess-again"))[0] == 429
+    status, _, body = rc.get("/v2/", headers=basic(USER, PASSWORD))
+    assert status == 200, body
