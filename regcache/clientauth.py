@@ -190,10 +190,25 @@ class _Failures:
     until: float = 0.0
 
 
+def _bucket(address: str) -> str:
+    """
+    The client a throttle counts an address as: an IPv6 address as its /64,
+    which one host or LAN is given whole (RFC 6177), so that rotating
+    through it buys no fresh tries; an IPv4 address (or "local") as itself.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return address
+
+
 class Throttle:
     """
-    Failed logins per address: after MAX_FAILURES in close succession an
-    address waits FIRST_WAIT seconds, twice that after the next failure,
+    Failed logins per address (an IPv6 one per /64): after MAX_FAILURES in
+    close succession an address waits FIRST_WAIT seconds, twice that after the next failure,
     and so on up to MAX_WAIT; a quiet FAILURE_WINDOW after its last failure
     or wait forgets it.  A password guesser gets a handful of tries a
     minute, then a few an hour.  Successes reset nothing, so a guesser's own
@@ -206,10 +221,11 @@ class Throttle:
 
     def wait(self, address) -> float:
         """Seconds ``address`` must still wait before its next login is checked, 0 for none."""
-        record = self._current(address)
+        record = self._current(_bucket(address))
         return max(record.until - self.clock.seconds(), 0.0) if record else 0.0
 
     def failed(self, address) -> None:
+        address = _bucket(address)
         now = self.clock.seconds()
         record = self._current(address) or _Failures(0, now)
         record.count += 1

@@ -162,3 +162,16 @@ def test_a_guesser_at_the_same_address_does_not_lock_out_a_logged_in_user(hub, r
     assert rc.get("/v2/", headers=basic(USER, "guess-again"))[0] == 429
     status, _, body = rc.get("/v2/", headers=basic(USER, PASSWORD))
     assert status == 200, body
+
+
+def test_a_guesser_cannot_dodge_the_slow_down_by_rotating_ipv6_addresses(hub, regcache, htpasswd):
+    """
+    Behind a trusted proxy, a guesser whose every attempt comes from
+    another address of one IPv6 /64 (a single host or LAN has 2**64 of
+    them) is slowed down as one client; another /64 is not.
+    """
+    rc = authed(regcache, htpasswd, "--trusted-proxies", "127.0.0.1")
+    answers = [rc.get("/v2/", headers={**basic(USER, "guess"), "X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"})[0]
+               for i in range(6)]
+    assert answers == [401] * 5 + [429], answers
+    assert rc.get("/v2/", headers={**basic(USER, "guess"), "X-Forwarded-For": "2001:db8:1:3::1"})[0] == 401
