@@ -310,6 +310,18 @@ class ThrottleTests(SynchronousTestCase):
 
 
 class BoundTests(SynchronousTestCase):
+    def test_an_ipv6_client_is_its_whole_64(self):
+        """Failures from addresses of one IPv6 /64 add up; another /64 and IPv4 addresses stay apart."""
+        throttle = Throttle(Clock())
+        for i in range(clientauth.MAX_FAILURES):
+            throttle.failed(f"2001:db8:0:1::{i + 1:x}")
+        self.assertEqual(throttle.wait("2001:db8:0:1:ffff::9"), clientauth.FIRST_WAIT)
+        self.assertEqual(throttle.wait("2001:db8:0:2::1"), 0)
+        for i in range(clientauth.MAX_FAILURES):
+            throttle.failed(f"192.0.2.{i + 1}")
+        self.assertEqual(throttle.wait("192.0.2.1"), 0)
+        self.assertEqual(len(throttle), 1 + clientauth.MAX_FAILURES)
+
     def test_the_failure_table_is_bounded(self):
         """The table of failing addresses keeps at most its size, forgetting the least recently failed."""
         throttle = Throttle(Clock(), size=3)
