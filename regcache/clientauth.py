@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from regcache.config import ConfigError
 from regcache.errors import RegistryError
 from regcache.identity import EVERYONE, Identity
+from regcache.logs import printable
 from regcache.singleflight import SingleFlight
 
 #: A bcrypt entry as ``htpasswd -B`` writes it: $2y$, the cost, 53 characters of salt and hash.
@@ -379,7 +380,7 @@ class Gate:
         self.throttle.failed(address)
         self.metrics.client_auth_failures.labels(reason).inc()
         self.log.warn("Failed login for {user} from {address}: {reason}{detail}",
-                      user=user[:64] if user is not None else "-", address=address, reason=reason,
+                      user=printable(user[:64]) if user is not None else "-", address=address, reason=reason,
                       detail=f" ({detail})" if detail else "")
         return challenge("bad credentials")
 

@@ -22,6 +22,8 @@ from werkzeug.exceptions import HTTPException
 from regcache import __version__, body
 from regcache.errors import RegistryError
 from regcache.identity import EVERYONE
+from regcache.logs import printable
+from regcache.site import MAX_LOGGED_PATH
 from regcache.manifests import OCI_INDEX
 from regcache.reference import Digest, InvalidReference, is_digest
 
@@ -395,7 +397,8 @@ class RegistryRoutes:
     @app.handle_errors(Exception)
     def unexpected(self, request, failure):
         self.log.failure("Unexpected error answering {method} {path}", failure,
-                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
+                         method=printable(request.method.decode("latin-1")[:16]),
+                         path=printable(request.path.decode("latin-1")[:MAX_LOGGED_PATH]))
         request.setResponseCode(500)
         request.setHeader("Content-Type", "application/json")
         return sized(request, json.dumps({"errors": [{"code": "UNKNOWN", "message": "internal error"}]}))

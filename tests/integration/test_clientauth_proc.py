@@ -9,11 +9,13 @@ upstream request at all.  No password ever reaches the process's log.
 """
 
 import base64
+import socket
 import subprocess
 
 import pytest
 
 from tests.integration.clients import Containerd, Podman, dir_digests, expected_files, skopeo_pull
+from tests.integration.procs import until
 
 USER, PASSWORD = "robot", "pull-Secret-42"
 #: A network that is not loopback: every test client here is a stranger.
@@ -175,3 +177,25 @@ def test_a_guesser_cannot_dodge_the_slow_down_by_rotating_ipv6_addresses(hub, re
                for i in range(6)]
     assert answers == [401] * 5 + [429], answers
     assert rc.get("/v2/", headers={**basic(USER, "guess"), "X-Forwarded-For": "2001:db8:1:3::1"})[0] == 401
+
+
+def test_client_text_cannot_write_control_characters_into_the_log(hub, regcache, htpasswd):
+    """
+    What a client sends reaches the log with its control characters
+    escaped: the user name of a failed login, and a request's path and
+    ``ns`` (where Twisted already refuses C0 controls, but not DEL or the
+    C1 CSI); a terminal escape or a line break in them is text in the log,
+    so it can neither recolour a terminal nor forge a line.
+    """
+    rc = authed(regcache, htpasswd)
+    name = "evil\x1b[2J\r\n2026-12-01T00:00:00+0000 [regcache.access#info] GET /forged 200"
+    assert rc.get("/v2/", headers=basic(name, "x"))[0] == 401
+    with socket.create_connection(("127.0.0.1", rc.port), timeout=30) as s:
+        s.sendall(b"GET /v2/a\x9b2J\x7f/manifests/1?ns=x\x9b31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 ")
+        while s.recv(65536):
+            pass
+    log = until(lambda: (lambda text: text if "/v2/a" in text else None)(rc.log()))
+    assert "Failed login for evil\\x1b[2J\\x0d\\x0a2026-12-01" in log, log[-2000:]
+    assert "GET /v2/a\\x9b2J\\x7f/manifests/1?ns=x\\x9b31m " in log, log[-2000:]
+    assert not any(c in log for c in "\x1b\r\x7f\x9b")
