@@ -29,7 +29,7 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import bcrypt
 from twisted.internet.defer import Deferred, succeed
@@ -219,6 +219,34 @@ class Throttle:
     def __init__(self, clock, size: int = FAILURE_ADDRESSES):
         self.clock = clock
         self._by_address = _Bounded(size)
+        #: Checks under way per address: at most MAX_CHECKS in all.
+        self._under_way: Dict[str, int] = {}
+
+    def room(self, address) -> bool:
+        """
+        Whether another check may start for ``address``: it may have as many
+        under way as failures it has left before it waits (one once it has
+        waited), or a burst of guesses sent at once would all be checked
+        before the first failure counts.
+        """
+        bucket = _bucket(address)
+        record = self._current(bucket)
+        left = max(MAX_FAILURES - (record.count if record else 0), 1)
+        return self._under_way.get(bucket, 0) < left
+
+    def checking(self, address) -> Callable[[], None]:
+        """Count a check of ``address`` as under way until the returned call."""
+        bucket = _bucket(address)
+        self._under_way[bucket] = self._under_way.get(bucket, 0) + 1
+
+        def done() -> None:
+            left = self._under_way[bucket] - 1
+            if left:
+                self._under_way[bucket] = left
+            else:
+                del self._under_way[bucket]
+
+        return done
 
     def wait(self, address) -> float:
         """Seconds ``address`` must still wait before its next login is checked, 0 for none."""
@@ -349,7 +377,7 @@ class Gate:
         if passed is not None and passed > self.clock.seconds():
             return user
         wait = self.throttle.wait(address)
-        if wait:
+        if wait or (key not in self._checks and not self.throttle.room(address)):
             self.metrics.client_auth_failures.labels("throttled").inc()
             raise RegistryError("TOOMANYREQUESTS", "too many failed logins from this address: try again later",
                                 headers={"Retry-After": str(int(wait) + 1)})
@@ -360,17 +388,19 @@ class Gate:
             raise RegistryError("UNAVAILABLE", "too many logins are being checked: try again", status=503,
                                 headers={"Retry-After": "1"})
         ok = await self._checks.run(key, lambda: self._counted(
-            self.run(_verify, hashed if hashed else users.decoy, password) if users else succeed(False)))
+            address, self.run(_verify, hashed if hashed else users.decoy, password) if users else succeed(False)))
         if ok and hashed is not None:
             self._passed.put(key, self.clock.seconds() + CACHE_SECONDS)
             return user
         raise self._failed(address, user, "bad_password" if hashed is not None else "unknown_user")
 
-    def _counted(self, d: Deferred) -> Deferred:
+    def _counted(self, address: str, d: Deferred) -> Deferred:
         self._checking += 1
+        ended = self.throttle.checking(address)
 
         def done(result):
             self._checking -= 1
+            ended()
             return result
 
         return d.addBoth(done)

@@ -9,6 +9,7 @@ upstream request at all.  No password ever reaches the process's log.
 """
 
 import base64
+import concurrent.futures
 import socket
 import subprocess
 
@@ -199,3 +200,16 @@ def test_client_text_cannot_write_control_characters_into_the_log(hub, regcache,
     assert "Failed login for evil\\x1b[2J\\x0d\\x0a2026-12-01" in log, log[-2000:]
     assert "GET /v2/a\\x9b2J\\x7f/manifests/1?ns=x\\x9b31m " in log, log[-2000:]
     assert not any(c in log for c in "\x1b\r\x7f\x9b")
+
+
+def test_a_burst_of_guesses_gets_no_more_checks_than_the_throttle_allows(hub, regcache, htpasswd):
+    """
+    Twenty wrong passwords sent from one address at once: however they
+    interleave, at most five are checked (401), as if sent one by one,
+    and the rest are 429.
+    """
+    rc = authed(regcache, htpasswd)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: rc.get("/v2/", headers=basic(USER, f"burst{i}"))[0], range(20)))
+    assert set(answers) <= {401, 429}, answers
+    assert 1 <= answers.count(401) <= 5, answers
