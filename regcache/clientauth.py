@@ -15,7 +15,8 @@ Passwords are checked with the ``bcrypt`` library, in a small pool of their
 own so the reactor never waits for one; a check that succeeded is kept for
 a minute, so a pull of fifty blobs costs one bcrypt.  Failed logins are
 logged (user and address, never the password), counted, and an address that
-keeps failing is answered 429 for a growing while, without a check.  Every
+keeps failing is answered 429 for a growing while, without a check (a
+login that passed within the minute still gets in).  Every
 table here is keyed by what clients send, and each has a bound.
 """
 
@@ -28,7 +29,7 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import bcrypt
 from twisted.internet.defer import Deferred, succeed
@@ -37,6 +38,7 @@ from twisted.logger import Logger
 from regcache.config import ConfigError
 from regcache.errors import RegistryError
 from regcache.identity import EVERYONE, Identity
+from regcache.logs import printable
 from regcache.singleflight import SingleFlight
 
 #: A bcrypt entry as ``htpasswd -B`` writes it: $2y$, the cost, 53 characters of salt and hash.
@@ -189,10 +191,25 @@ class _Failures:
     until: float = 0.0
 
 
+def _bucket(address: str) -> str:
+    """
+    The client a throttle counts an address as: an IPv6 address as its /64,
+    which one host or LAN is given whole (RFC 6177), so that rotating
+    through it buys no fresh tries; an IPv4 address (or "local") as itself.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return address
+
+
 class Throttle:
     """
-    Failed logins per address: after MAX_FAILURES in close succession an
-    address waits FIRST_WAIT seconds, twice that after the next failure,
+    Failed logins per address (an IPv6 one per /64): after MAX_FAILURES in
+    close succession an address waits FIRST_WAIT seconds, twice that after the next failure,
     and so on up to MAX_WAIT; a quiet FAILURE_WINDOW after its last failure
     or wait forgets it.  A password guesser gets a handful of tries a
     minute, then a few an hour.  Successes reset nothing, so a guesser's own
@@ -202,13 +219,42 @@ class Throttle:
     def __init__(self, clock, size: int = FAILURE_ADDRESSES):
         self.clock = clock
         self._by_address = _Bounded(size)
+        #: Checks under way per address: at most MAX_CHECKS in all.
+        self._under_way: Dict[str, int] = {}
+
+    def room(self, address) -> bool:
+        """
+        Whether another check may start for ``address``: it may have as many
+        under way as failures it has left before it waits (one once it has
+        waited), or a burst of guesses sent at once would all be checked
+        before the first failure counts.
+        """
+        bucket = _bucket(address)
+        record = self._current(bucket)
+        left = max(MAX_FAILURES - (record.count if record else 0), 1)
+        return self._under_way.get(bucket, 0) < left
+
+    def checking(self, address) -> Callable[[], None]:
+        """Count a check of ``address`` as under way until the returned call."""
+        bucket = _bucket(address)
+        self._under_way[bucket] = self._under_way.get(bucket, 0) + 1
+
+        def done() -> None:
+            left = self._under_way[bucket] - 1
+            if left:
+                self._under_way[bucket] = left
+            else:
+                del self._under_way[bucket]
+
+        return done
 
     def wait(self, address) -> float:
         """Seconds ``address`` must still wait before its next login is checked, 0 for none."""
-        record = self._current(address)
+        record = self._current(_bucket(address))
         return max(record.until - self.clock.seconds(), 0.0) if record else 0.0
 
     def failed(self, address) -> None:
+        address = _bucket(address)
         now = self.clock.seconds()
         record = self._current(address) or _Failures(0, now)
         record.count += 1
@@ -322,15 +368,19 @@ class Gate:
         return frozenset(g for g, users in self.settings.groups.items() if user in users)
 
     async def _check(self, address: str, user: str, password: bytes) -> str:
-        wait = self.throttle.wait(address)
-        if wait:
-            self.metrics.client_auth_failures.labels("throttled").inc()
-            raise RegistryError("TOOMANYREQUESTS", "too many failed logins from this address: try again later",
-                                headers={"Retry-After": str(int(wait) + 1)})
+        # A login that passed moments ago is let in before the throttle is
+        # asked: only its password reaches the entry, so it gives a guesser
+        # nothing, while a guesser's failures from the same address (a NAT,
+        # a proxy not configured as one) must not lock its owner out.
         key = hmac.new(self._key, user.encode("utf-8") + b":" + password, hashlib.sha256).digest()
         passed = self._passed.get(key)
         if passed is not None and passed > self.clock.seconds():
             return user
+        wait = self.throttle.wait(address)
+        if wait or (key not in self._checks and not self.throttle.room(address)):
+            self.metrics.client_auth_failures.labels("throttled").inc()
+            raise RegistryError("TOOMANYREQUESTS", "too many failed logins from this address: try again later",
+                                headers={"Retry-After": str(int(wait) + 1)})
         users = self.users
         hashed = users.hashes.get(user) if users else None
         if key not in self._checks and self._checking >= MAX_CHECKS:
@@ -338,17 +388,19 @@ class Gate:
             raise RegistryError("UNAVAILABLE", "too many logins are being checked: try again", status=503,
                                 headers={"Retry-After": "1"})
         ok = await self._checks.run(key, lambda: self._counted(
-            self.run(_verify, hashed if hashed else users.decoy, password) if users else succeed(False)))
+            address, self.run(_verify, hashed if hashed else users.decoy, password) if users else succeed(False)))
         if ok and hashed is not None:
             self._passed.put(key, self.clock.seconds() + CACHE_SECONDS)
             return user
         raise self._failed(address, user, "bad_password" if hashed is not None else "unknown_user")
 
-    def _counted(self, d: Deferred) -> Deferred:
+    def _counted(self, address: str, d: Deferred) -> Deferred:
         self._checking += 1
+        ended = self.throttle.checking(address)
 
         def done(result):
             self._checking -= 1
+            ended()
             return result
 
         return d.addBoth(done)
@@ -358,7 +410,7 @@ class Gate:
         self.throttle.failed(address)
         self.metrics.client_auth_failures.labels(reason).inc()
         self.log.warn("Failed login for {user} from {address}: {reason}{detail}",
-                      user=user[:64] if user is not None else "-", address=address, reason=reason,
+                      user=printable(user[:64]) if user is not None else "-", address=address, reason=reason,
                       detail=f" ({detail})" if detail else "")
         return challenge("bad credentials")
 

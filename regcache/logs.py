@@ -15,6 +15,7 @@ lines that already use it.
 """
 
 import json as _json
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Optional
@@ -31,6 +32,19 @@ RESERVED = ("time", "level", "message", "namespace", "traceback")
 #: Keys legacy ``twisted.python.log`` events carry beside their log_ keys;
 #: the message already says what they hold.
 _LEGACY = ("isError", "system", "format", "why", "failure", "printed")
+
+
+#: What client-sent text may not carry into a log line as it is.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """
+    Client-sent ``text`` (a path, a user name) with its control characters
+    escaped (``\\x1b``), for a log field: a line break could forge a log
+    line, and a terminal escape recolour or clear whoever reads the log.
+    """
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _plain(value):

@@ -22,6 +22,8 @@ from werkzeug.exceptions import HTTPException
 from regcache import __version__, body
 from regcache.errors import RegistryError
 from regcache.identity import EVERYONE
+from regcache.logs import printable
+from regcache.site import MAX_LOGGED_PATH
 from regcache.manifests import OCI_INDEX
 from regcache.reference import Digest, InvalidReference, is_digest
 
@@ -169,14 +171,14 @@ class RegistryRoutes:
         request.setHeader("Content-Security-Policy",
                           "default-src 'none'; style-src 'unsafe-inline'; img-src data:")
         request.setHeader("Cache-Control", "no-store")
-        return sized(request, await self.status.render())
+        return sized(request, await self.status.render(self._visible(request)))
 
     @app.route("/status.json", methods=["GET", "HEAD"])
     async def status_json(self, request):
         await self._status_reader(request)
         request.setHeader("Content-Type", "application/json")
         request.setHeader("Cache-Control", "no-store")
-        return sized(request, json.dumps(self.status.collect(), indent=1) + "\n")
+        return sized(request, json.dumps(self.status.collect(self._visible(request)), indent=1) + "\n")
 
     async def _status_reader(self, request) -> None:
         """
@@ -188,6 +190,15 @@ class RegistryRoutes:
         await self._identify(request, ping=True)
         if self.status is None:
             raise RegistryError("NAME_UNKNOWN", "no status page here", status=404)
+
+    def _visible(self, request):
+        """
+        Which repositories the status page may name to this reader: those
+        the pull policy lets it pull, so that a logged-in client learns no
+        private repository's name from what others pulled.
+        """
+        client = request.identity
+        return lambda upstream, name: self.policy.pulls.allows(upstream, name, client)
 
     # The registry API
 
@@ -386,7 +397,8 @@ class RegistryRoutes:
     @app.handle_errors(Exception)
     def unexpected(self, request, failure):
         self.log.failure("Unexpected error answering {method} {path}", failure,
-                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
+                         method=printable(request.method.decode("latin-1")[:16]),
+                         path=printable(request.path.decode("latin-1")[:MAX_LOGGED_PATH]))
         request.setResponseCode(500)
         request.setHeader("Content-Type", "application/json")
         return sized(request, json.dumps({"errors": [{"code": "UNKNOWN", "message": "internal error"}]}))

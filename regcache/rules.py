@@ -225,6 +225,15 @@ class PullRules:
     def replace(self, sets: Sequence[RuleSet]) -> None:
         self._sets: Mapping[str, RuleSet] = {s.upstream: s for s in sets}
 
+    def allows(self, upstream: str, name: str, client) -> bool:
+        """
+        Whether ``client`` may pull anything of ``name`` on ``upstream``:
+        what may be shown to it by name (the status page), since a name a
+        client may not pull, a private repository's, is itself a secret.
+        """
+        rules = self._sets.get(upstream)
+        return rules is None or rules.decide(name, client, "content").allowed
+
     def check(self, route, kind: str, reference: str) -> None:
         """
         Raise DENIED if the rules refuse this pull of ``route``; it is then

@@ -15,6 +15,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from regcache.errors import RegistryError
+from regcache.logs import printable
 
 #: Seconds an idle client connection is kept open.
 IDLE_CLIENT_TIMEOUT = 120
@@ -299,11 +300,11 @@ class RegcacheSite(Site):
         )
         identity = getattr(request, "identity", None)
         address = request.getClientAddress()
-        ns = (request.args or {}).get(b"ns", [b""])[0].decode("latin-1")[:255] or None
+        ns = printable((request.args or {}).get(b"ns", [b""])[0].decode("latin-1")[:255]) or None
         _access.info(
             "{method} {path}" + ("?ns={ns}" if ns else "") + " {status} {bytes} {duration:.3f}s {cache}",
-            event="request", method=request.method.decode("latin-1")[:16],
-            path=request.path.decode("latin-1")[:MAX_LOGGED_PATH], ns=ns, status=request.code,
+            event="request", method=printable(request.method.decode("latin-1")[:16]),
+            path=printable(request.path.decode("latin-1")[:MAX_LOGGED_PATH]), ns=ns, status=request.code,
             bytes=request.sentLength,
             duration=took,
             cache=getattr(request, "cache_result", None), upstream=getattr(request, "upstream", None),

@@ -19,7 +19,7 @@ as well as a desktop.  docs/status.md lists the fields.
 
 import heapq
 from datetime import datetime, timezone
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.web.template import Element, Tag, XMLString, flattenString, renderer, tags
@@ -71,8 +71,10 @@ class Popular:
             del counts[min(counts, key=counts.__getitem__)]
         counts[name] = 1
 
-    def top(self, n: int = POPULAR_SHOWN) -> List[dict]:
-        best = heapq.nsmallest(n, self._counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    def top(self, n: int = POPULAR_SHOWN, keep: Callable[[str], bool] = lambda name: True) -> List[dict]:
+        """The ``n`` most pulled of the names ``keep`` lets through."""
+        shown = ((name, pulls) for name, pulls in self._counts.items() if keep(name))
+        best = heapq.nsmallest(n, shown, key=lambda kv: (-kv[1], kv[0]))
         return [{"name": name, "pulls": pulls} for name, pulls in best]
 
 
@@ -96,10 +98,19 @@ class Status:
         self.popular = Popular()
 
     def pulled(self, upstream: str, name: str) -> None:
-        """A client resolved a tag of ``name`` on ``upstream``: one pull of it."""
+        """
+        A client resolved a tag of ``name`` on ``upstream``: one pull of it,
+        kept as ``upstream/name`` (an upstream's name has no ``/``).
+        """
         self.popular.add(f"{upstream}/{name}")
 
-    def collect(self) -> dict:
+    def collect(self, visible: Optional[Callable[[str, str], bool]] = None) -> dict:
+        """
+        The page's figures for one reader: ``visible(upstream, name)`` says
+        which repositories it may see named (the pull policy's answer for
+        it), in the most pulled table and the downloads; None shows all.
+        """
+        visible = visible or (lambda upstream, name: True)
         usages = self.usage.snapshot() if self.usage is not None else []
         return {
             "version": __version__,
@@ -109,8 +120,8 @@ class Status:
             "cache": self._cache(),
             "bytes": self._bytes(),
             "store": self._store(),
-            "top_images": self.popular.top(),
-            "downloads": [vars(p) for p in self.fills.progress()],
+            "top_images": self.popular.top(keep=lambda key: visible(*key.split("/", 1))),
+            "downloads": [vars(p) for p in self.fills.progress() if visible(p.upstream, p.repository)],
             "upstreams": [
                 {"upstream": r.name, "member": h.member, "state": h.state, "detail": h.detail,
                  "since": h.since, "until": h.until}
@@ -118,9 +129,9 @@ class Status:
             ],
         }
 
-    def render(self) -> Deferred:
-        """The HTML page, as a Deferred of bytes."""
-        d = flattenString(None, _Page(self.collect()))
+    def render(self, visible: Optional[Callable[[str, str], bool]] = None) -> Deferred:
+        """The HTML page of ``collect(visible)``, as a Deferred of bytes."""
+        d = flattenString(None, _Page(self.collect(visible)))
         d.addCallback(lambda html: b"<!DOCTYPE html>\n" + html)
         return d
 

@@ -310,6 +310,41 @@ class ThrottleTests(SynchronousTestCase):
 
 
 class BoundTests(SynchronousTestCase):
+    def test_a_burst_of_guesses_gets_no_more_checks_than_failures_left(self):
+        """
+        Guesses sent from one address all at once are checked only as many
+        at a time as the failures the address has left before it waits
+        (the rest are 429 at once); a request with credentials already
+        being checked joins that check; once they fail, one at a time.
+        """
+        run = CountingRun(hold=True)
+        rig = Rig(auth=settings(), auth_run=run)
+        peer = "198.51.100.7"
+        burst = [rig.client("/v2/", headers=basic("ci", f"guess{i}"), peer=peer)
+                 for i in range(clientauth.MAX_FAILURES + 3)]
+        joined = rig.client("/v2/", headers=basic("ci", "guess0"), peer=peer)
+        self.assertEqual(run.checks(), clientauth.MAX_FAILURES)
+        self.assertEqual([c.status() for c in burst[clientauth.MAX_FAILURES:]], [429] * 3)
+        run.release()
+        self.assertEqual({c.status() for c in burst[:clientauth.MAX_FAILURES] + [joined]}, {401})
+        rig.reactor.advance(rig.gate.throttle.wait(peer))
+        again = [rig.client("/v2/", headers=basic("ci", f"again{i}"), peer=peer) for i in range(2)]
+        self.assertEqual((run.checks(), again[1].status()), (clientauth.MAX_FAILURES + 1, 429))
+        run.release()
+        self.assertEqual(again[0].status(), 401)
+
+    def test_an_ipv6_client_is_its_whole_64(self):
+        """Failures from addresses of one IPv6 /64 add up; another /64 and IPv4 addresses stay apart."""
+        throttle = Throttle(Clock())
+        for i in range(clientauth.MAX_FAILURES):
+            throttle.failed(f"2001:db8:0:1::{i + 1:x}")
+        self.assertEqual(throttle.wait("2001:db8:0:1:ffff::9"), clientauth.FIRST_WAIT)
+        self.assertEqual(throttle.wait("2001:db8:0:2::1"), 0)
+        for i in range(clientauth.MAX_FAILURES):
+            throttle.failed(f"192.0.2.{i + 1}")
+        self.assertEqual(throttle.wait("192.0.2.1"), 0)
+        self.assertEqual(len(throttle), 1 + clientauth.MAX_FAILURES)
+
     def test_the_failure_table_is_bounded(self):
         """The table of failing addresses keeps at most its size, forgetting the least recently failed."""
         throttle = Throttle(Clock(), size=3)

@@ -9,11 +9,14 @@ upstream request at all.  No password ever reaches the process's log.
 """
 
 import base64
+import concurrent.futures
+import socket
 import subprocess
 
 import pytest
 
 from tests.integration.clients import Containerd, Podman, dir_digests, expected_files, skopeo_pull
+from tests.integration.procs import until
 
 USER, PASSWORD = "robot", "pull-Secret-42"
 #: A network that is not loopback: every test client here is a stranger.
@@ -143,3 +146,70 @@ def test_cached_only_serves_the_cache_and_never_fetches_for_strangers(hub, regca
     assert (status, headers["WWW-Authenticate"]) == (401, 'Basic realm="regcache"')
     assert upstream_requests(hub) == before
     assert_no_password(rc)
+
+
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_a_guesser_at_the_same_address_does_not_lock_out_a_logged_in_user(hub, regcache, htpasswd):
+    """
+    A password guesser sharing the user's address (a NAT, an ingress not
+    configured as a proxy) is slowed down with 429, and its further guesses
+    stay refused; the user, whose login passed moments ago, keeps pulling.
+    """
+    rc = authed(regcache, htpasswd)
+    assert rc.get("/v2/", headers=basic(USER, PASSWORD))[0] == 200
+    answers = [rc.get("/v2/", headers=basic(USER, f"guess{i}"))[0] for i in range(6)]
+    assert answers[-1] == 429, answers
+    assert rc.get("/v2/", headers=basic(USER, "guess-again"))[0] == 429
+    status, _, body = rc.get("/v2/", headers=basic(USER, PASSWORD))
+    assert status == 200, body
+
+
+def test_a_guesser_cannot_dodge_the_slow_down_by_rotating_ipv6_addresses(hub, regcache, htpasswd):
+    """
+    Behind a trusted proxy, a guesser whose every attempt comes from
+    another address of one IPv6 /64 (a single host or LAN has 2**64 of
+    them) is slowed down as one client; another /64 is not.
+    """
+    rc = authed(regcache, htpasswd, "--trusted-proxies", "127.0.0.1")
+    answers = [rc.get("/v2/", headers={**basic(USER, "guess"), "X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"})[0]
+               for i in range(6)]
+    assert answers == [401] * 5 + [429], answers
+    assert rc.get("/v2/", headers={**basic(USER, "guess"), "X-Forwarded-For": "2001:db8:1:3::1"})[0] == 401
+
+
+def test_client_text_cannot_write_control_characters_into_the_log(hub, regcache, htpasswd):
+    """
+    What a client sends reaches the log with its control characters
+    escaped: the user name of a failed login, and a request's path and
+    ``ns`` (where Twisted already refuses C0 controls, but not DEL or the
+    C1 CSI); a terminal escape or a line break in them is text in the log,
+    so it can neither recolour a terminal nor forge a line.
+    """
+    rc = authed(regcache, htpasswd)
+    name = "evil\x1b[2J\r\n2026-12-01T00:00:00+0000 [regcache.access#info] GET /forged 200"
+    assert rc.get("/v2/", headers=basic(name, "x"))[0] == 401
+    with socket.create_connection(("127.0.0.1", rc.port), timeout=30) as s:
+        s.sendall(b"GET /v2/a\x9b2J\x7f/manifests/1?ns=x\x9b31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 ")
+        while s.recv(65536):
+            pass
+    log = until(lambda: (lambda text: text if "/v2/a" in text else None)(rc.log()))
+    assert "Failed login for evil\\x1b[2J\\x0d\\x0a2026-12-01" in log, log[-2000:]
+    assert "GET /v2/a\\x9b2J\\x7f/manifests/1?ns=x\\x9b31m " in log, log[-2000:]
+    assert not any(c in log for c in "\x1b\r\x7f\x9b")
+
+
+def test_a_burst_of_guesses_gets_no_more_checks_than_the_throttle_allows(hub, regcache, htpasswd):
+    """
+    Twenty wrong passwords sent from one address at once: however they
+    interleave, at most five are checked (401), as if sent one by one,
+    and the rest are 429.
+    """
+    rc = authed(regcache, htpasswd)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: rc.get("/v2/", headers=basic(USER, f"burst{i}"))[0], range(20)))
+    assert set(answers) <= {401, 429}, answers
+    assert 1 <= answers.count(401) <= 5, answers

@@ -9,18 +9,22 @@ token anywhere in the logs, the metrics or the status page.
 """
 
 import base64
+import http.client
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.integration.clients import skopeo_pull
 from tests.integration.conftest import USERS
+from tests.fakes.images import private
+from tests.integration.procs import Regcache, until
 from tests.test_logs import check_lines
 from tests.test_status import Page
 
@@ -132,3 +136,70 @@ def test_no_credential_or_token_is_ever_shown(regcache, hub, images, tmp_path):
         for secret in secrets:
             assert secret not in text, f"{where} shows a credential"
         assert not re.search(r"(fake|refresh)-[0-9a-f]{32}", text), f"{where} shows a token"
+
+
+def test_the_page_names_only_repositories_the_reader_may_pull(hub, images_dir, tmp_path):
+    """
+    robot, whose group the policy lets pull ci/**, pulls the private
+    ci/private:1 and the public library/small:1; alice, logged in but not
+    allowed ci/**, reads /status and /status.json and finds library/small
+    there and no trace of ci/private, which robot's page still shows; nor
+    does she see robot's download of a ci/private layer under way.
+    """
+    htpasswd = tmp_path / "htpasswd"
+    for user, flag in (("robot", "-cbB"), ("alice", "-bB")):
+        subprocess.run(["htpasswd", flag, str(htpasswd), user, f"{user}-pw"], check=True, capture_output=True)
+    (tmp_path / "password").write_text(USERS["ci"] + "\n")
+    config = tmp_path / "regcache.yaml"
+    config.write_text(f"""\
+upstreams:
+  - name: dockerhub
+    urls:
+      - url: {hub.registry_url}
+        username: ci
+        password_file: {tmp_path / "password"}
+auth:
+  htpasswd: {htpasswd}
+  groups:
+    ci: [robot]
+policy:
+  dockerhub:
+    default: deny
+    rules:
+      - allow: ci/**
+        groups: [ci]
+      - allow: library/*
+""")
+    robot, alice = ({"Authorization": "Basic " + base64.b64encode(f"{u}:{u}-pw".encode()).decode()}
+                    for u in ("robot", "alice"))
+    with Regcache(str(tmp_path / "store"), None, ["--config", str(config)]) as rc:
+        for name in ("ci/private", "library/small"):
+            status, _, body = rc.get(f"/v2/{name}/manifests/1", headers={**robot, **ACCEPT})
+            assert status == 200, body
+        assert rc.get("/v2/ci/private/manifests/1", headers={**alice, **ACCEPT})[0] == 403
+        names = [i["name"] for i in json.loads(rc.get("/status.json", headers=robot)[2])["top_images"]]
+        assert sorted(names) == ["dockerhub/ci/private", "dockerhub/library/small"]
+        status, _, body = rc.get("/status.json", headers=alice)
+        assert status == 200
+        assert [i["name"] for i in json.loads(body)["top_images"]] == ["dockerhub/library/small"]
+        assert b"ci/private" not in body
+        status, _, page = rc.get("/status", headers=alice)
+        assert status == 200
+        assert b"library/small" in page and b"ci/private" not in page
+
+        hub.fault("stall", scope="blobs", after=1024)
+        layer = private(images_dir).layers[0].digest
+
+        def follow():
+            # The download stays stalled; the process stops under it.
+            try:
+                rc.get(f"/v2/ci/private/blobs/{layer}", headers=robot, timeout=30)
+            except (OSError, http.client.HTTPException):
+                pass
+
+        threading.Thread(target=follow, daemon=True).start()
+        shown = until(lambda: json.loads(rc.get("/status.json", headers=robot)[2])["downloads"])
+        assert [d["repository"] for d in shown] == ["ci/private"]
+        status, _, body = rc.get("/status.json", headers=alice)
+        assert (status, json.loads(body)["downloads"]) == (200, [])
+        assert layer.encode() not in rc.get("/status", headers=alice)[2]
