@@ -97,9 +97,9 @@ def build(config, reactor, reread=None) -> MultiService:
     loads the configuration again, as a restart would: given it, SIGHUP
     reloads what can change without one.
     """
-    endpoint = listen_endpoint(reactor, config.listen)
-    metrics_endpoint = (listen_endpoint(reactor, config.metrics_listen, "--metrics-listen")
-                        if config.metrics_listen else None)
+    endpoint, served_tls = listen_endpoint(reactor, config.listen)
+    metrics_endpoint, metrics_tls = (listen_endpoint(reactor, config.metrics_listen, "--metrics-listen")
+                                     if config.metrics_listen else (None, None))
     top = MultiService()
 
     pool = ThreadPool(minthreads=1, maxthreads=4, name="regcache-io")
@@ -159,6 +159,9 @@ def build(config, reactor, reread=None) -> MultiService:
         reloads = Reloads(reactor, metrics, _on_sighup)
         if config.file:
             reloads.register("policy", policy_reloader(config, reread, run, pulls))
+        for tls in (served_tls, metrics_tls):
+            if tls is not None:
+                reloads.register("tls", tls.reloader(run))
         reloads.setServiceParent(top)
     if config.ratelimit_probe is not None:
         RateLimitProbe(_hub_members(registries), reactor, config.ratelimit_probe).setServiceParent(top)
