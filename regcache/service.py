@@ -38,6 +38,7 @@ from regcache.status import Status
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
+from regcache.tls import upstream_policy
 from regcache.upstream import Timeouts, Upstream
 
 
@@ -48,8 +49,13 @@ def _registry(config, reactor, metrics, allowed=()) -> Registry:
     credentials and tokens of its own, under the upstream's timeouts.
     """
     timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
+    if config.insecure:
+        Logger().warn("The TLS certificates of upstream {upstream} are not verified (insecure, as configured): "
+                      "anyone on the path can answer for it", upstream=config.name)
+    tls = upstream_policy(config.ca, config.insecure)
     members = [
-        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout, urlsplit(url.url).hostname, allowed),
+        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout, urlsplit(url.url).hostname, allowed,
+                                               tls),
                  reactor, metrics,
                  Credentials(url.username, url.password) if url.username else None, timeouts,
                  docker_hub=config.docker_hub, key=config.name, realms=config.realms)

@@ -29,8 +29,9 @@ class Options(usage.Options):
     )
     optParameters = [
         [s.name, None, None, f"{s.help} [{', '.join(s.env)}]" + (f" (default: {s.default})" if s.default else "")]
-        for s in settings.SETTINGS
+        for s in settings.SETTINGS if s.name not in settings.FLAGS
     ]
+    optFlags = [[s.name, None, f"{s.help} [{', '.join(s.env)}]"] for s in settings.SETTINGS if s.name in settings.FLAGS]
 
     def opt_version(self):
         """
@@ -64,7 +65,8 @@ def makeService(options):
     from regcache.service import build
 
     raise_open_files()
-    cli = {s.name: options[s.name] for s in settings.SETTINGS}
+    cli = {s.name: options[s.name] for s in settings.SETTINGS if s.name not in settings.FLAGS}
+    cli.update({name: "yes" if options[name] else None for name in settings.FLAGS})
     try:
         config = settings.load(cli, os.environ)
         service = build(config, reactor, reread=lambda: settings.load(cli, os.environ))

@@ -40,7 +40,10 @@ class CA:
             .sign(self._key, hashes.SHA256())
         )
         self.pem = self.certificate.public_bytes(serialization.Encoding.PEM)
-        self.path = os.path.join(directory, "ca.crt")
+        #: A directory holding the CA certificate alone: skopeo's ``--src-cert-dir``.
+        self.trust_dir = os.path.join(directory, "trust")
+        os.makedirs(self.trust_dir, exist_ok=True)
+        self.path = os.path.join(self.trust_dir, "ca.crt")
         with open(self.path, "wb") as f:
             f.write(self.pem)
 
