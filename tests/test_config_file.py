@@ -293,3 +293,16 @@ def test_ratelimit_probe_option_mistakes():
         with pytest.raises(ConfigError) as e:
             load({"storage": "/tmp/x", "ratelimit-probe": text}, {})
         assert message in str(e.value)
+
+
+def test_per_upstream_ca_and_insecure(tmp_path):
+    """``ca`` reads the CA's PEM for that upstream alone; ``insecure`` with it is refused naming the key."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n")
+    text = f"upstreams:\n  - name: private\n    urls: [https://reg.internal]\n    ca: {ca}\n"
+    (upstream,) = load({"config": write(tmp_path, text)}, {}).upstreams
+    assert upstream.ca == ca.read_bytes() and not upstream.insecure
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.insecure: give ca or insecure, not both"):
+        load({"config": write(tmp_path, text + "    insecure: true\n")}, {})
+    with pytest.raises(ConfigError, match=r"--upstream-insecure: the upstreams are set in the config file"):
+        load({"config": write(tmp_path, text), "upstream-insecure": "yes"}, {})
