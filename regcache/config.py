@@ -281,7 +281,13 @@ def restart_needed(old: Config, new: Config) -> List[str]:
     between a running config and a reread one, other than the pull policy,
     which is the one part a reload applies.
     """
-    return [f.name for f in fields(Config) if f.name != "policy" and getattr(old, f.name) != getattr(new, f.name)]
+    def value(config: Config, name: str):
+        if name == "upstreams":  # a new password is reloaded (regcache.reload.credentials_reloader)
+            return tuple(replace(u, urls=tuple(replace(url, password=None) for url in u.urls))
+                         for u in config.upstreams)
+        return getattr(config, name)
+
+    return [f.name for f in fields(Config) if f.name != "policy" and value(old, f.name) != value(new, f.name)]
 
 
 def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:

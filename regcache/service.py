@@ -30,7 +30,7 @@ from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
-from regcache.reload import Reloads, policy_reloader
+from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
@@ -165,6 +165,9 @@ def build(config, reactor, reread=None) -> MultiService:
         reloads = Reloads(reactor, metrics, _on_sighup)
         if config.file:
             reloads.register("policy", policy_reloader(config, reread, run, pulls))
+        members = _members(config, registries)
+        if any(m.credentials for m in members.values()):
+            reloads.register("credentials", credentials_reloader(reread, run, members))
         for tls in (served_tls, metrics_tls):
             if tls is not None:
                 reloads.register("tls", tls.reloader(run))
@@ -173,6 +176,12 @@ def build(config, reactor, reread=None) -> MultiService:
         RateLimitProbe(_hub_members(registries), reactor, config.ratelimit_probe).setServiceParent(top)
     AccountingFlush(accounting, reactor).setServiceParent(top)
     return top
+
+
+def _members(config, registries):
+    """Every upstream member, by (upstream name, URL): what a reload of the passwords updates."""
+    return {(u.name, url.url): member for u, r in zip(config.upstreams, registries)
+            for url, member in zip(u.urls, r.upstream.members if isinstance(r.upstream, Chain) else [r.upstream])}
 
 
 def _hub_members(registries):

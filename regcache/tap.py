@@ -72,6 +72,11 @@ def makeService(options):
         service = build(config, reactor, reread=lambda: settings.load(cli, os.environ))
     except settings.ConfigError as e:
         raise SystemExit(f"regcache: {e}")
+    if cli.get("password") is not None:
+        from twisted.logger import Logger
+
+        Logger().warn("--password is given on the command line, where any local user can read it (ps, "
+                      "/proc/PID/cmdline): use --password-file or REGCACHE_PASSWORD instead")
     # twistd's own options (--logfile) are the parent of the plugin's.
     twistd = options.parent or {}
     observer = logs.observer(config.log_format, twistd.get("logfile"))

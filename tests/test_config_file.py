@@ -306,3 +306,17 @@ def test_per_upstream_ca_and_insecure(tmp_path):
         load({"config": write(tmp_path, text + "    insecure: true\n")}, {})
     with pytest.raises(ConfigError, match=r"--upstream-insecure: the upstreams are set in the config file"):
         load({"config": write(tmp_path, text), "upstream-insecure": "yes"}, {})
+
+
+def test_a_new_password_needs_no_restart(tmp_path):
+    """A rotated password is reloaded on SIGHUP, so it is not among the settings that take a restart; a new user is."""
+    from regcache.config import restart_needed
+
+    secret = tmp_path / "secret"
+    secret.write_text("one")
+    text = f"upstreams:\n  - name: a\n    urls:\n      - url: https://reg.internal\n        username: USER\n" \
+           f"        password_file: {secret}\n"
+    before = load({"config": write(tmp_path, text.replace("USER", "bob"))}, {})
+    secret.write_text("two")
+    assert restart_needed(before, load({"config": write(tmp_path, text.replace("USER", "bob"))}, {})) == []
+    assert restart_needed(before, load({"config": write(tmp_path, text.replace("USER", "eve"))}, {})) == ["upstreams"]
