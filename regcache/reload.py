@@ -1,8 +1,9 @@
 # test-case-name: tests.test_reload
 """
 Reloading on SIGHUP: what may change without a restart (the pull policy,
-client authentication's htpasswd file, later TLS certificates) registers a
-reloader here, and one signal runs them all.
+the upstream passwords, client authentication's htpasswd file, the served
+TLS key and certificate) registers a reloader here, and one signal runs
+them all.
 
 The signal handler only asks the reactor to run the reload
 (``callFromThread``), so reloaders run in the reactor's thread, between
