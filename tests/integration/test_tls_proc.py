@@ -31,12 +31,21 @@ def served(tmp_path, hub, ca):
     key, cert = ca.issue("server")
     password = tmp_path / "password"
     password.write_text("s3cret-token\n")
-    rc = Regcache(str(tmp_path / "store"), hub.registry_url, ["--username", "ci", "--password-file", str(password)],
-                  ca=ca.path)
+    rc = Regcache(str(tmp_path / "store"), hub.registry_url, ["--username", "ci", "--password-file", str(password),
+                                                               "--client-header-timeout", "2s"], ca=ca.path)
     rc.listen = f"ssl:{rc.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
     rc.key, rc.cert = key, cert
     with rc:
         yield rc
+
+
+def client_hello() -> bytes:
+    """The bytes a TLS client sends first, made by a real TLS client into a memory BIO."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 def served_serial(rc) -> int:
@@ -102,3 +111,29 @@ def test_sighup_serves_new_certificate_and_keeps_old_on_a_bad_pair(served, ca):
     until(lambda: 'regcache_reloads_total{result="failed",what="tls"} 1.0' in served.get("/metrics")[2].decode())
     assert served_serial(served) == renewed
     assert "Reloading tls failed, keeping the old one: --listen: the new TLS key or certificate" in served.log()
+
+
+def test_a_handshake_sent_a_byte_at_a_time_is_cut_at_the_header_deadline(served):
+    """
+    The handshake's bytes never reach the HTTP layer, whose idle timer
+    they would otherwise not touch: a ClientHello dripped a byte every
+    half second is cut by the header deadline (2 s here) long before it is
+    whole, and the cut is counted.
+    """
+    hello = client_hello()
+    sent = 0
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as s:
+        try:
+            for byte in hello:
+                s.sendall(bytes([byte]))
+                sent += 1
+                s.settimeout(0.5)
+                try:
+                    if s.recv(1) == b"":
+                        break
+                except socket.timeout:
+                    continue
+        except ConnectionError:
+            pass
+    assert sent < len(hello) // 2, f"{sent} of {len(hello)} ClientHello bytes were taken"
+    until(lambda: 'regcache_client_limits_total{limit="head_timeout"} 1.0' in served.get("/metrics")[2].decode())
