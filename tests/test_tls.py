@@ -7,6 +7,7 @@ in-memory handshakes between pyOpenSSL connections.  The real-process side
 """
 
 import shutil
+import tempfile
 
 import pytest
 from OpenSSL import SSL
@@ -62,15 +63,18 @@ def _immediately(f, *args):
     return succeed(f(*args))
 
 
+def _scratch(case) -> str:
+    """A directory outside the worktree for one test's keys, removed after it."""
+    path = tempfile.mkdtemp(prefix="regcache-tls-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 class ServedTLSTests(SynchronousTestCase):
     def setUp(self):
-        self.dir = self.mktemp()
-        self.ca = CA(self.dir)
+        self.ca = CA(_scratch(self))
         self.key, self.cert = self.ca.issue("first")
         self.tls = ServedTLS(self.key, self.cert)
-
-    def tearDown(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def served_serial(self) -> int:
         client = _client(self.ca.path)
@@ -131,7 +135,7 @@ class DescriptionTests(SynchronousTestCase):
 
     def test_ssl_description_gives_the_reloadable_endpoint(self):
         """``ssl:PORT:privateKey=…:certKey=…`` is served by regcache's own context, returned for SIGHUP."""
-        ca = CA(self.mktemp())
+        ca = CA(_scratch(self))
         key, cert = ca.issue("server")
         endpoint, tls = listen_endpoint(MemoryReactorClock(), f"ssl:5443:privateKey={key}:certKey={cert}")
         self.assertIsInstance(endpoint, SSL4ServerEndpoint)
@@ -140,7 +144,7 @@ class DescriptionTests(SynchronousTestCase):
 
     def test_sslmethod_is_refused(self):
         """``sslmethod`` would undo the TLS 1.2 floor, so it is an error naming the option."""
-        ca = CA(self.mktemp())
+        ca = CA(_scratch(self))
         key, cert = ca.issue("server")
         with pytest.raises(ConfigError, match="--listen: .*unknown parameter 'sslmethod'"):
             listen_endpoint(MemoryReactorClock(), f"ssl:5443:privateKey={key}:certKey={cert}:sslmethod=TLSv1_METHOD")
