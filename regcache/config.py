@@ -102,6 +102,11 @@ SETTINGS = (
     Setting("upstream-allow", ("REGCACHE_UPSTREAM_ALLOW",), None,
             "Networks (CIDR, comma-separated) an upstream's redirects and token realms may lead to beyond the "
             "default rule: never to an address more private than the upstream's own"),
+    Setting("upstream-ca", ("REGCACHE_UPSTREAM_CA",), None,
+            "PEM file of the CA certificates the upstream's TLS certificate is checked against, instead of the "
+            "system's trust store (a private registry's CA)"),
+    Setting("upstream-insecure", ("REGCACHE_UPSTREAM_INSECURE",), None,
+            "Do not verify the upstream's TLS certificate at all (a flag; warned about at start-up)"),
     Setting("client-header-timeout", ("REGCACHE_CLIENT_HEADER_TIMEOUT",), "10s",
             "Longest a client may take to send a request's headers, from their first byte"),
     Setting("client-progress-timeout", ("REGCACHE_CLIENT_PROGRESS_TIMEOUT",), "60s",
@@ -133,6 +138,10 @@ SETTINGS = (
     Setting("trusted-proxies", ("REGCACHE_TRUSTED_PROXIES",), None,
             "Comma-separated addresses or networks of proxies whose X-Forwarded-For names the client"),
 )
+
+#: The settings that are flags on the command line (present or not) and
+#: yes/no words in the environment.
+FLAGS = ("upstream-insecure",)
 
 #: What --log-format takes (regcache.logs).
 LOG_FORMATS = ("text", "json")
@@ -249,6 +258,10 @@ class UpstreamConfig:
     alias: Optional[str] = None
     realms: Tuple[str, ...] = ()
     revalidate_deadline: float = 0.3
+    #: PEM of the CAs its TLS certificates are checked against; None for the system's trust store.
+    ca: Optional[bytes] = None
+    #: Its TLS certificates are not checked at all (asked for explicitly).
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -352,7 +365,13 @@ def restart_needed(old: Config, new: Config) -> List[str]:
     between a running config and a reread one, other than the pull policy,
     which is the one part a reload applies.
     """
-    return [f.name for f in fields(Config) if f.name != "policy" and getattr(old, f.name) != getattr(new, f.name)]
+    def value(config: Config, name: str):
+        if name == "upstreams":  # a new password is reloaded (regcache.reload.credentials_reloader)
+            return tuple(replace(u, urls=tuple(replace(url, password=None) for url in u.urls))
+                         for u in config.upstreams)
+        return getattr(config, name)
+
+    return [f.name for f in fields(Config) if f.name != "policy" and value(old, f.name) != value(new, f.name)]
 
 
 def explicit(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> dict:
@@ -429,6 +448,28 @@ def _read_password(where: str, path: str) -> str:
         raise ConfigError(f"{where}: cannot read {path!r}: {e.strerror}")
 
 
+def read_ca(where: str, path: str) -> bytes:
+    """The PEM certificates of a CA file, read once at start-up; ConfigError naming ``where`` if it has none."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path!r}: {e.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(f"{where}: {path!r} holds no PEM certificate")
+    return pem
+
+
+def parse_flag(name: str, text: str) -> bool:
+    """yes/no, true/false, on/off, 1/0: how a flag is set in the environment."""
+    word = text.strip().lower()
+    if word in ("1", "yes", "true", "on"):
+        return True
+    if word in ("0", "no", "false", "off", ""):
+        return False
+    raise ConfigError(f"--{name}: not yes or no: {text[:40]!r}")
+
+
 def single_upstream(raw: Mapping[str, Optional[str]], cli: Mapping[str, Optional[str]]) -> UpstreamConfig:
     """
     The one upstream the single-upstream options describe.  Its name is
@@ -443,6 +484,10 @@ def single_upstream(raw: Mapping[str, Optional[str]], cli: Mapping[str, Optional
     if password and not raw["username"]:
         raise ConfigError("--password needs --username")
     url = parse_upstream(raw["upstream"])
+    ca = read_ca("--upstream-ca", raw["upstream-ca"]) if raw["upstream-ca"] else None
+    insecure = parse_flag("upstream-insecure", raw["upstream-insecure"] or "")
+    if ca and insecure:
+        raise ConfigError("--upstream-ca and --upstream-insecure: give only one")
     parts = urlsplit(url)
     hub = parts.hostname in DOCKER_HUB_HOSTS + ("registry.hub.docker.com",)
     hosts = tuple(dict.fromkeys([parts.netloc.lower(), *DOCKER_HUB_HOSTS]))
@@ -458,6 +503,8 @@ def single_upstream(raw: Mapping[str, Optional[str]], cli: Mapping[str, Optional
         urls=(UpstreamURL(url, raw["username"] or None, password or None),),
         docker_hub=hub,
         realms=DOCKER_HUB_REALMS if hub else (),
+        ca=ca,
+        insecure=insecure,
         **windows,
     )
 
@@ -474,7 +521,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
     cache: dict = {}
     auth_section = None
     if file:
-        for name in ("upstream", "username", "password", "password-file"):
+        for name in ("upstream", "username", "password", "password-file", "upstream-ca", "upstream-insecure"):
             if name in given:
                 raise ConfigError(f"--{name}: the upstreams are set in the config file {file} (--config)")
         document = read(file, environ)
@@ -692,7 +739,20 @@ def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[st
         revalidate_deadline=duration("revalidate_deadline", "300ms"),
         alias=u.get("alias"),
         realms=tuple(r.lower() for r in u.get("realms", DOCKER_HUB_REALMS if docker_hub else ())),
+        ca=_file_ca(where, path, u),
+        insecure=u.get("insecure", False),
     )
+
+
+def _file_ca(where: _Located, path, u: Mapping[str, Any]) -> Optional[bytes]:
+    if "ca" not in u:
+        return None
+    if u.get("insecure"):
+        raise where.error(path + ["insecure"], "give ca or insecure, not both")
+    try:
+        return read_ca("ca", u["ca"])
+    except ConfigError as e:
+        raise where.error(path + ["ca"], str(e).split(": ", 1)[1]) from None
 
 
 def _url(where: _Located, path, entry, environ: Mapping[str, str]) -> UpstreamURL:

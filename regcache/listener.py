@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from regcache.config import ConfigError
+from regcache.tls import served_endpoint
 
 
 def _endpoint_problem(error: Exception) -> str:
@@ -39,12 +40,13 @@ def _endpoint_problem(error: Exception) -> str:
 def listen_endpoint(reactor, description: str, option: str = "--listen"):
     """
     The server endpoint ``option`` (``--listen``, ``--metrics-listen``)
-    describes.  Built before anything else, because building it parses the
+    describes, and for ``ssl:`` the ServedTLS that SIGHUP reloads (None
+    otherwise).  Built before anything else, because building it parses the
     description and reads the TLS key and certificate: whatever goes wrong
     is that option's fault.
     """
     try:
-        return serverFromString(reactor, description)
+        return served_endpoint(reactor, description, option) or (serverFromString(reactor, description), None)
     except Exception as e:  # endpoint parsers, plugins' too, raise anything
         raise ConfigError(f"{option}: cannot use {description!r}: {_endpoint_problem(e)}") from None
 

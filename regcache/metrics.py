@@ -223,7 +223,8 @@ class Metrics:
             registry=r,
         )
         self.reloads = Counter(
-            "regcache_reloads", "Reloads on SIGHUP by what was reloaded (policy, ...) and result (ok, failed)",
+            "regcache_reloads",
+            "Reloads on SIGHUP by what was reloaded (policy, credentials, tls) and result (ok, failed)",
             ["what", "result"], registry=r,
         )
         # 0 up, 1 failing (errors, circuit still closed), 2 open (health.py).

@@ -1,8 +1,9 @@
 # test-case-name: tests.test_reload
 """
 Reloading on SIGHUP: what may change without a restart (the pull policy,
-client authentication's htpasswd file, later TLS certificates) registers a
-reloader here, and one signal runs them all.
+the upstream passwords, client authentication's htpasswd file, the served
+TLS key and certificate) registers a reloader here, and one signal runs
+them all.
 
 The signal handler only asks the reactor to run the reload
 (``callFromThread``), so reloaders run in the reactor's thread, between
@@ -12,12 +13,13 @@ logged in one line and counted, so an operator's bad edit never takes
 anything away from a running mirror.
 """
 
-from typing import Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
+from regcache.auth import Credentials
 from regcache.config import restart_needed
 
 
@@ -122,5 +124,33 @@ def policy_reloader(config, reread: Callable, run: Callable, pulls) -> Callable:
         if changed:
             log.warn("The configuration also changes {settings}: that takes a restart; only the pull policy "
                      "was reloaded", settings=", ".join(changed))
+
+    return reload
+
+
+def credentials_reloader(reread: Callable, run: Callable, members: Dict[Tuple[str, str], Any]) -> Callable:
+    """
+    The upstream passwords' reloader: re-read the configuration (password
+    files, the config file's passwords) off the reactor and give each
+    member, keyed by (upstream name, URL), its new password.  A changed
+    user name is a different account, whose accounting starts anew: that
+    takes a restart, and the policy reloader says so.  The log names the
+    members whose password changed, never a password.
+    """
+    log = Logger(namespace="regcache.reload.credentials")
+
+    async def reload():
+        new = await run(reread)
+        for upstream in new.upstreams:
+            for url in upstream.urls:
+                member = members.get((upstream.name, url.url))
+                if member is None or not url.username:
+                    continue
+                old = member.credentials
+                if old is None or old.username != url.username or old.password == url.password:
+                    continue
+                member.replace_credentials(Credentials(url.username, url.password))
+                log.info("New password for {user} at {url}; its cached tokens were dropped", user=url.username,
+                         url=url.url)
 
     return reload

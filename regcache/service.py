@@ -32,7 +32,7 @@ from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
-from regcache.reload import Reloads, policy_reloader
+from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
@@ -40,6 +40,7 @@ from regcache.status import Status
 from regcache.store import Store
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
+from regcache.tls import upstream_policy
 from regcache.upstream import Timeouts, Upstream
 
 
@@ -50,8 +51,13 @@ def _registry(config, reactor, metrics, allowed=()) -> Registry:
     credentials and tokens of its own, under the upstream's timeouts.
     """
     timeouts = Timeouts(header=config.header_timeout, idle=config.idle_timeout)
+    if config.insecure:
+        Logger().warn("The TLS certificates of upstream {upstream} are not verified (insecure, as configured): "
+                      "anyone on the path can answer for it", upstream=config.name)
+    tls = upstream_policy(config.ca, config.insecure)
     members = [
-        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout, urlsplit(url.url).hostname, allowed),
+        Upstream(url.url, upstream_http.client(reactor, config.connect_timeout, urlsplit(url.url).hostname, allowed,
+                                               tls),
                  reactor, metrics,
                  Credentials(url.username, url.password) if url.username else None, timeouts,
                  docker_hub=config.docker_hub, key=config.name, realms=config.realms)
@@ -114,9 +120,9 @@ def build(config, reactor, reread=None) -> MultiService:
     loads the configuration again, as a restart would: given it, SIGHUP
     reloads what can change without one.
     """
-    endpoint = listen_endpoint(reactor, config.listen)
-    metrics_endpoint = (listen_endpoint(reactor, config.metrics_listen, "--metrics-listen")
-                        if config.metrics_listen else None)
+    endpoint, served_tls = listen_endpoint(reactor, config.listen)
+    metrics_endpoint, metrics_tls = (listen_endpoint(reactor, config.metrics_listen, "--metrics-listen")
+                                     if config.metrics_listen else (None, None))
     top = MultiService()
 
     run = _pool(reactor, "regcache-io", 4)
@@ -181,11 +187,23 @@ def build(config, reactor, reread=None) -> MultiService:
             reloads.register("policy", policy_reloader(config, reread, run, pulls))
         if config.auth and config.auth.htpasswd:
             reloads.register("htpasswd", gate.reload)
+        members = _members(config, registries)
+        if any(m.credentials for m in members.values()):
+            reloads.register("credentials", credentials_reloader(reread, run, members))
+        for tls in (served_tls, metrics_tls):
+            if tls is not None:
+                reloads.register("tls", tls.reloader(run))
         reloads.setServiceParent(top)
     if config.ratelimit_probe is not None:
         RateLimitProbe(_hub_members(registries), reactor, config.ratelimit_probe).setServiceParent(top)
     AccountingFlush(accounting, reactor).setServiceParent(top)
     return top
+
+
+def _members(config, registries):
+    """Every upstream member, by (upstream name, URL): what a reload of the passwords updates."""
+    return {(u.name, url.url): member for u, r in zip(config.upstreams, registries)
+            for url, member in zip(u.urls, r.upstream.members if isinstance(r.upstream, Chain) else [r.upstream])}
 
 
 def _hub_members(registries):

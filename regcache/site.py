@@ -98,6 +98,11 @@ class Channel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.opened(self)
+        if ISSLTransport.providedBy(self.transport):
+            # The TLS handshake's bytes never reach dataReceived, nor restart
+            # the idle timer: the head's deadline runs from the connection,
+            # so a handshake sent a byte at a time is cut like a slow head.
+            self._head_timer = self.callLater(self.site.limits.head_timeout, self._head_too_slow)
 
     def connectionLost(self, reason) -> None:
         self._stop_head_timer()

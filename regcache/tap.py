@@ -29,8 +29,9 @@ class Options(usage.Options):
     )
     optParameters = [
         [s.name, None, None, f"{s.help} [{', '.join(s.env)}]" + (f" (default: {s.default})" if s.default else "")]
-        for s in settings.SETTINGS
+        for s in settings.SETTINGS if s.name not in settings.FLAGS
     ]
+    optFlags = [[s.name, None, f"{s.help} [{', '.join(s.env)}]"] for s in settings.SETTINGS if s.name in settings.FLAGS]
 
     def opt_version(self):
         """
@@ -64,12 +65,18 @@ def makeService(options):
     from regcache.service import build
 
     raise_open_files()
-    cli = {s.name: options[s.name] for s in settings.SETTINGS}
+    cli = {s.name: options[s.name] for s in settings.SETTINGS if s.name not in settings.FLAGS}
+    cli.update({name: "yes" if options[name] else None for name in settings.FLAGS})
     try:
         config = settings.load(cli, os.environ)
         service = build(config, reactor, reread=lambda: settings.load(cli, os.environ))
     except settings.ConfigError as e:
         raise SystemExit(f"regcache: {e}")
+    if cli.get("password") is not None:
+        from twisted.logger import Logger
+
+        Logger().warn("--password is given on the command line, where any local user can read it (ps, "
+                      "/proc/PID/cmdline): use --password-file or REGCACHE_PASSWORD instead")
     # twistd's own options (--logfile) are the parent of the plugin's.
     twistd = options.parent or {}
     observer = logs.observer(config.log_format, twistd.get("logfile"))

@@ -128,6 +128,15 @@ class Upstream:
     def __repr__(self) -> str:
         return f"<Upstream {self.url}>"
 
+    def replace_credentials(self, credentials: Optional[Credentials]) -> None:
+        """
+        A new password for the same account (a reloaded password file):
+        token requests send it from now on, and no token the old one got is
+        used again.  The account's name, and so its accounting, stays.
+        """
+        self.credentials = credentials
+        self.tokens.replace_credentials(credentials)
+
     def repository(self, name: str) -> str:
         """
         The upstream's name for a repository: Docker Hub keeps official

@@ -26,13 +26,14 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.python.compat import nativeString
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from regcache.addresses import PUBLIC, privacy, refusal
 from regcache.errors import RefusedDestination
+from regcache.tls import upstream_policy
 
 #: How much one read from an upstream connection may take.
 UPSTREAM_READ_SIZE = 1024 * 1024
@@ -172,15 +173,16 @@ class _Guarded:
 class _Endpoints:
     """
     Agent's own choice of endpoint (TCP for http, TLS over TCP for https,
-    verified as a browser would), with large reads on the TCP connection:
-    under TLS too, where it is the TLS layer that reads the socket.
+    verified by ``tls``: regcache.tls.upstream_policy), with large reads on
+    the TCP connection: under TLS too, where it is the TLS layer that reads
+    the socket.
     """
 
-    def __init__(self, reactor, connect_timeout: float, destinations: Destinations):
+    def __init__(self, reactor, connect_timeout: float, destinations: Destinations, tls):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._destinations = destinations
-        self._tls = BrowserLikePolicyForHTTPS()
+        self._tls = tls
 
     def endpointForURI(self, uri):
         tcp = _LargeReads(
@@ -193,13 +195,15 @@ class _Endpoints:
         raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
 
 
-def client(reactor, connect_timeout: float, home: Optional[str] = None, allowed: Sequence = ()) -> HTTPClient:
+def client(reactor, connect_timeout: float, home: Optional[str] = None, allowed: Sequence = (),
+           tls=None) -> HTTPClient:
     """
     The HTTP client of one upstream whose own host is ``home``: its registry,
-    token server and CDNs.  Without ``home`` it may connect anywhere.
+    token server and CDNs.  Without ``home`` it may connect anywhere.  ``tls``
+    checks their certificates; by default as a browser would.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = PERSISTENT_PER_HOST
     destinations = Destinations(reactor, home, allowed, connect_timeout)
-    endpoints = _Endpoints(reactor, connect_timeout, destinations)
+    endpoints = _Endpoints(reactor, connect_timeout, destinations, tls or upstream_policy())
     return HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))

@@ -185,3 +185,31 @@ def test_revalidate_deadline():
     assert only(load({"revalidate-deadline": "0"}, {}))[0].revalidate_deadline == 0
     with pytest.raises(ConfigError, match="--revalidate-deadline: not a duration: 'soon'"):
         load({"revalidate-deadline": "soon"}, {})
+
+
+def test_upstream_ca_and_insecure(tmp_path):
+    """--upstream-ca holds the CA's PEM for the upstream; REGCACHE_UPSTREAM_INSECURE=yes turns checks off."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n")
+    upstream, _ = only(load({"upstream-ca": str(ca)}, {}))
+    assert upstream.ca == ca.read_bytes() and not upstream.insecure
+    upstream, _ = only(load({}, {"REGCACHE_UPSTREAM_INSECURE": "yes"}))
+    assert upstream.insecure and upstream.ca is None
+    assert not only(load({}, {}))[0].insecure
+
+
+@pytest.mark.parametrize("cli,env,fragment", [
+    ({"upstream-ca": "/nonexistent/ca.pem"}, {}, "--upstream-ca: cannot read '/nonexistent/ca.pem'"),
+    ({"upstream-ca": "EMPTY"}, {}, "holds no PEM certificate"),
+    ({"upstream-ca": "EMPTY", "upstream-insecure": "yes"}, {}, "give only one"),
+    ({}, {"REGCACHE_UPSTREAM_INSECURE": "maybe"}, "--upstream-insecure: not yes or no"),
+])
+def test_bad_upstream_tls_settings_name_the_setting(tmp_path, cli, env, fragment):
+    """A CA file that cannot be read or holds no certificate, or a flag that is not yes/no, is one clear error."""
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    cli = {k: str(empty) if v == "EMPTY" else v for k, v in cli.items()}
+    if "upstream-insecure" in cli:
+        empty.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load(cli, env)

@@ -301,3 +301,30 @@ def test_ratelimit_probe_option_mistakes():
         with pytest.raises(ConfigError) as e:
             load({"storage": "/tmp/x", "ratelimit-probe": text}, {})
         assert message in str(e.value)
+
+
+def test_per_upstream_ca_and_insecure(tmp_path):
+    """``ca`` reads the CA's PEM for that upstream alone; ``insecure`` with it is refused naming the key."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n")
+    text = f"upstreams:\n  - name: private\n    urls: [https://reg.internal]\n    ca: {ca}\n"
+    (upstream,) = load({"config": write(tmp_path, text)}, {}).upstreams
+    assert upstream.ca == ca.read_bytes() and not upstream.insecure
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.insecure: give ca or insecure, not both"):
+        load({"config": write(tmp_path, text + "    insecure: true\n")}, {})
+    with pytest.raises(ConfigError, match=r"--upstream-insecure: the upstreams are set in the config file"):
+        load({"config": write(tmp_path, text), "upstream-insecure": "yes"}, {})
+
+
+def test_a_new_password_needs_no_restart(tmp_path):
+    """A rotated password is reloaded on SIGHUP, so it is not among the settings that take a restart; a new user is."""
+    from regcache.config import restart_needed
+
+    secret = tmp_path / "secret"
+    secret.write_text("one")
+    text = f"upstreams:\n  - name: a\n    urls:\n      - url: https://reg.internal\n        username: USER\n" \
+           f"        password_file: {secret}\n"
+    before = load({"config": write(tmp_path, text.replace("USER", "bob"))}, {})
+    secret.write_text("two")
+    assert restart_needed(before, load({"config": write(tmp_path, text.replace("USER", "bob"))}, {})) == []
+    assert restart_needed(before, load({"config": write(tmp_path, text.replace("USER", "eve"))}, {})) == ["upstreams"]

@@ -20,7 +20,8 @@ from regcache.config import ConfigError, load
 from regcache.identity import EVERYONE
 from regcache.metrics import Metrics
 from regcache.policy import Registry, Route
-from regcache.reload import Reloads, policy_reloader
+from regcache.auth import Credentials
+from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.rules import PullRules
 from regcache.service import build
 
@@ -191,3 +192,53 @@ class WiringTests(SynchronousTestCase):
         top = build(config, MemoryReactorClock(), reread=lambda: load(cli, {}))
         self.assertEqual([s.names for s in top if isinstance(s, Reloads)], [["policy"]])
         self.assertEqual([s for s in build(config, MemoryReactorClock()) if isinstance(s, Reloads)], [])
+
+
+class Member:
+    """What the credentials reloader sees of an upstream member: its credentials, and the swap."""
+
+    def __init__(self, credentials):
+        self.credentials = credentials
+        self.replaced = []
+
+    def replace_credentials(self, credentials):
+        self.credentials = credentials
+        self.replaced.append(credentials)
+
+
+class CredentialsReloaderTests(SynchronousTestCase):
+    def setUp(self):
+        fd, self.secret = tempfile.mkstemp(prefix="regcache-password-")
+        os.close(fd)
+        self.addCleanup(os.unlink, self.secret)
+        self.write("first")
+        self.cli = {"upstream": "https://reg.internal", "username": "bob", "password-file": self.secret}
+        config = load(self.cli, {})
+        ((upstream_url,),) = [u.urls for u in config.upstreams]
+        self.member = Member(Credentials(upstream_url.username, upstream_url.password))
+        self.reload = credentials_reloader(lambda: load(self.cli, {}), maybeDeferred,
+                                           {(config.upstreams[0].name, upstream_url.url): self.member})
+
+    def write(self, password):
+        with open(self.secret, "w") as f:
+            f.write(password + "\n")
+
+    def test_a_new_password_is_swapped_in_and_logged_without_it(self):
+        """A changed password file gives the member the new password; the log names the user, not the password."""
+        seen = events(self)
+        self.write("second")
+        self.successResultOf(maybeDeferred(self.reload))
+        self.assertEqual(self.member.replaced, [Credentials("bob", "second")])
+        self.assertNotIn("second", repr([e for e in seen if e.get("log_namespace", "").startswith("regcache")]))
+
+    def test_an_unchanged_password_changes_nothing(self):
+        """The same password again keeps the member's credentials (and so its tokens)."""
+        self.successResultOf(maybeDeferred(self.reload))
+        self.assertEqual(self.member.replaced, [])
+
+    def test_an_unreadable_file_fails_the_reload_and_keeps_the_old_password(self):
+        """A password file that has gone is a failed reload; the member keeps what it had."""
+        os.unlink(self.secret)
+        self.addCleanup(self.write, "")
+        self.failureResultOf(maybeDeferred(self.reload), ConfigError)
+        self.assertEqual(self.member.credentials, Credentials("bob", "first"))

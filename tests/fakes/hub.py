@@ -443,6 +443,8 @@ class FakeHub:
         self.initial_rate_limit = rate_limit
         self.initial_referrers = referrers
         self.server: Optional["LoopbackHub"] = None
+        #: The roles served over TLS (LoopbackHub's ``tls``): their URLs say https.
+        self.tls_roles: Tuple[str, ...] = ()
         self._secret = secrets.token_bytes(16)
         self.tokens: Dict[str, _Token] = {}
         self.refresh_tokens: Dict[str, str] = {}
@@ -565,7 +567,7 @@ class FakeHub:
     # -- URLs --------------------------------------------------------------
 
     def url(self, role: str) -> str:
-        return f"http://{self.hosts[role]}"
+        return f"{'https' if role in self.tls_roles else 'http'}://{self.hosts[role]}"
 
     @property
     def registry_url(self) -> str:
@@ -1127,14 +1129,19 @@ class LoopbackHub:
     """
     Serves a FakeHub on four ephemeral ports of ``interface`` and points the
     hub's host names at them (``127.0.0.1:PORT``).  ``down``/``up`` stop and
-    restart one host's listener on the same port.
+    restart one host's listener on the same port.  Given ``tls`` (a server
+    context factory), the registry, auth and CDN ports serve TLS; the
+    control port stays plain, for the tests' own requests.
     """
 
     log = Logger()
     ROLES = ("registry", "auth", "cdn", "control")
 
-    def __init__(self, hub: FakeHub, reactor: IReactorTCP, interface: str = "127.0.0.1"):
+    def __init__(self, hub: FakeHub, reactor: IReactorTCP, interface: str = "127.0.0.1", tls=None):
         self.hub = hub
+        self.tls = tls
+        if tls is not None:
+            hub.tls_roles = ("registry", "auth", "cdn")
         self.reactor = reactor
         self.interface = interface
         self.site = _TrackingSite(hub.app.resource())
@@ -1144,11 +1151,16 @@ class LoopbackHub:
 
     def start(self, ports: Optional[Mapping[str, int]] = None) -> "LoopbackHub":
         for role in self.ROLES:
-            port = self.reactor.listenTCP((ports or {}).get(role, 0), self.site, interface=self.interface)
+            port = self._listen(role, (ports or {}).get(role, 0))
             self.ports[role] = port
             self.numbers[role] = port.getHost().port
             self.hub.hosts[role] = f"{self.interface}:{self.numbers[role]}"
         return self
+
+    def _listen(self, role: str, number: int):
+        if role in self.hub.tls_roles:
+            return self.reactor.listenSSL(number, self.site, self.tls, interface=self.interface)
+        return self.reactor.listenTCP(number, self.site, interface=self.interface)
 
     def urls(self) -> Dict[str, str]:
         return {role: self.hub.url(role) for role in self.ROLES}
@@ -1176,7 +1188,7 @@ class LoopbackHub:
     def up(self, host: str = "all") -> Deferred:
         for role in self._roles(host):
             if role not in self.ports:
-                self.ports[role] = self.reactor.listenTCP(self.numbers[role], self.site, interface=self.interface)
+                self.ports[role] = self._listen(role, self.numbers[role])
         self.log.info("fake hub {host} up", host=host)
         return succeed(None)
 

@@ -60,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rate-limit", type=int, default=100000)
     p.add_argument("--no-rate-limit", action="store_true", help="send no rate-limit headers")
     p.add_argument("--interface", default="127.0.0.1")
+    p.add_argument("--tls", nargs=2, metavar=("KEY", "CERT"),
+                   help="serve the registry, auth and CDN ports over TLS with this key and certificate (PEM)")
     p.add_argument("--cdn-host", metavar="HOST:PORT",
                    help="the host blob redirects name instead of the CDN's own: a place regcache must refuse to go")
     p.add_argument("--catalog", choices=("hub", "ghcr"), default="hub",
@@ -101,7 +103,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         token_ttl=args.token_ttl,
         rate_limit=None if args.no_rate_limit else args.rate_limit,
     )
-    server = LoopbackHub(hub, reactor, interface=args.interface).start()
+    tls = None
+    if args.tls:
+        from regcache.tls import ServedTLS
+
+        tls = ServedTLS(*args.tls)
+    server = LoopbackHub(hub, reactor, interface=args.interface, tls=tls).start()
     if args.cdn_host:
         hub.hosts["cdn"] = args.cdn_host
     line = dict(server.urls())

@@ -17,10 +17,15 @@ from typing import List
 from tests.integration.procs import closed_port
 
 
-def skopeo_pull(ref: str, dest: str, creds: str = None, extra=(), timeout: float = 300) -> subprocess.CompletedProcess:
-    """``skopeo copy docker://ref dir:dest`` over plain HTTP; skopeo never falls back."""
+def skopeo_pull(ref: str, dest: str, creds: str = None, extra=(), timeout: float = 300,
+                cert_dir: str = None) -> subprocess.CompletedProcess:
+    """
+    ``skopeo copy docker://ref dir:dest`` over plain HTTP, or over verified
+    TLS trusting the CA certificates in ``cert_dir``; skopeo never falls back.
+    """
     shutil.rmtree(dest, ignore_errors=True)
-    cmd = ["skopeo", "copy", "--src-tls-verify=false", *extra]
+    tls = ["--src-tls-verify=true", "--src-cert-dir", cert_dir] if cert_dir else ["--src-tls-verify=false"]
+    cmd = ["skopeo", "copy", *tls, *extra]
     if creds:
         cmd += ["--src-creds", creds]
     cmd += [f"docker://{ref}", f"dir:{dest}"]
@@ -89,20 +94,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             time.sleep(0.1)
         raise RuntimeError("containerd did not start: " + open(self.log.name).read()[-2000:])
 
-    def mirror(self, registry: str, mirror_host: str, capabilities=("pull", "resolve"), headers=None) -> None:
+    def mirror(self, registry: str, mirror_host: str, capabilities=("pull", "resolve"), headers=None,
+               ca: str = None) -> None:
         """
         Route ``registry`` (e.g. docker.io) to the mirror, with a dead-end
-        fallback; ``headers`` go to the mirror with every request (a
+        fallback: over plain HTTP, or over HTTPS trusting the CA file ``ca``;
+        ``headers`` go to the mirror with every request (a
         ``[host."…".header]`` table: an Authorization, say).
         """
         d = os.path.join(self.hosts, registry)
         os.makedirs(d, exist_ok=True)
         caps = ", ".join(f'"{c}"' for c in capabilities)
+        scheme = "https" if ca else "http"
+        trust = f'  ca = "{ca}"\n' if ca else ""
         table = "".join(f'  {k} = "{v}"\n' for k, v in (headers or {}).items())
         with open(os.path.join(d, "hosts.toml"), "w") as f:
             f.write(f'server = "http://127.0.0.1:{closed_port()}"\n\n'
-                    f'[host."http://{mirror_host}"]\n  capabilities = [{caps}]\n'
-                    + (f'[host."http://{mirror_host}".header]\n{table}' if table else ""))
+                    f'[host."{scheme}://{mirror_host}"]\n  capabilities = [{caps}]\n{trust}'
+                    + (f'[host."{scheme}://{mirror_host}".header]\n{table}' if table else ""))
 
     def ctr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(

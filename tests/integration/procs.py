@@ -7,6 +7,7 @@ the test talks to it with plain sockets, urllib, skopeo or ctr.
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -26,11 +27,11 @@ def closed_port() -> int:
     return free_port()
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] = None) -> None:
+def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] = None, context=None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(url, timeout=2, context=context):
                 return
         except (urllib.error.URLError, ConnectionError, OSError):
             if proc is not None and proc.poll() is not None:
@@ -75,14 +76,16 @@ class Regcache:
     """
 
     def __init__(self, storage: str, upstream: Optional[str], args: List[str] = (), env=None, port: int = None,
-                 listen: Optional[str] = None):
+                 listen: Optional[str] = None, ca: Optional[str] = None):
         self.storage = storage
         self.upstream = upstream
         self.args = list(args)
         self.port = port or free_port()
         #: A Twisted endpoint on self.port; plain TCP unless told otherwise.
         self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
-        self.url = f"http://127.0.0.1:{self.port}"
+        #: For an ``ssl:`` listen: the CA file the test's own requests trust, and https URLs.
+        self.context = ssl.create_default_context(cafile=ca) if ca else None
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
         self.log_path = storage.rstrip("/") + ".log"
         self.stderr_path = storage.rstrip("/") + ".stderr"
@@ -101,7 +104,7 @@ class Regcache:
                                          stderr=stderr)
         if wait:
             try:
-                wait_http(self.url + "/readyz", proc=self.proc)
+                wait_http(self.url + "/readyz", proc=self.proc, context=self.context)
             except (RuntimeError, TimeoutError) as e:
                 self.failed(str(e))
         return self
@@ -139,7 +142,7 @@ class Regcache:
         """(status, headers, body) of one request; errors are answers too."""
         req = urllib.request.Request(self.url + path, method=method, headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.context) as r:
                 return r.status, r.headers, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.headers, e.read()

@@ -111,8 +111,9 @@ def test_no_credential_or_token_is_ever_shown(regcache, hub, images, tmp_path):
     """
     With upstream credentials and tokens issued by the fake Hub (and a
     client that sends a secret of its own in a header and a query), no
-    log line, metric or status page holds the password, its Basic form,
-    or a token; every log line is valid JSON of the documented shape.
+    log line, metric, status page or error body holds the password, its
+    Basic form, or a token; every log line is valid JSON of the documented
+    shape.
     """
     rc = regcache("--log-format", "json")
     r = skopeo_pull(f"{rc.host}/ci/private:1", str(tmp_path / "pulled"))
@@ -123,7 +124,13 @@ def test_no_credential_or_token_is_ever_shown(regcache, hub, images, tmp_path):
     assert hub.stats()["tokens_issued"] > 0
     password = USERS["ci"]
     secrets = [password, base64.b64encode(f"ci:{password}".encode()).decode(), client_secret]
-    shown = {"log": rc.log()}
+    errors = {}
+    for path in ("/v2/ci/private/manifests/nosuchtag", "/v2/ci/nosuchrepo/manifests/1", "/v2/Bad..Name/tags/list",
+                 f"/v2/ci/private/blobs/sha256:{'0' * 64}", "/v2/ci/private/blobs/uploads/"):
+        status, _, body = rc.get(path, headers=ACCEPT)
+        assert status >= 400, path
+        errors[f"error body of {path}"] = body.decode("utf-8")
+    shown = {"log": rc.log(), **errors}
     for path in ("/metrics", "/status", "/status.json"):
         status, _, body = rc.get(path)
         assert status == 200, path
