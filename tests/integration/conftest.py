@@ -48,10 +48,10 @@ def regcache(tmp_path, hub):
     password = tmp_path / "password"
     password.write_text(USERS["ci"] + "\n")
 
-    def start(*args, upstream=None, storage=None, credentials=True, env=None, listen=None):
+    def start(*args, upstream=None, storage=None, credentials=True, env=None, listen=None, open_files=None):
         extra = ["--username", "ci", "--password-file", str(password)] if credentials else []
         r = Regcache(storage or str(tmp_path / f"store{len(started)}"), upstream or hub.registry_url,
-                     [*extra, *args], env=env, listen=listen)
+                     [*extra, *args], env=env, listen=listen, open_files=open_files)
         started.append(r)
         return r.start()
 

@@ -6,6 +6,7 @@ the test talks to it with plain sockets, urllib, skopeo or ctr.
 """
 
 import os
+import resource
 import signal
 import ssl
 import subprocess
@@ -76,8 +77,10 @@ class Regcache:
     """
 
     def __init__(self, storage: str, upstream: Optional[str], args: List[str] = (), env=None, port: int = None,
-                 listen: Optional[str] = None, ca: Optional[str] = None):
+                 listen: Optional[str] = None, ca: Optional[str] = None, open_files: Optional[int] = None):
         self.storage = storage
+        #: The process's open-file limit (soft and hard), as a small host would set it.
+        self.open_files = open_files
         self.upstream = upstream
         self.args = list(args)
         self.port = port or free_port()
@@ -101,13 +104,16 @@ class Regcache:
         ]
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=stderr)
+                                         stderr=stderr, preexec_fn=self._limits if self.open_files else None)
         if wait:
             try:
                 wait_http(self.url + "/readyz", proc=self.proc, context=self.context)
             except (RuntimeError, TimeoutError) as e:
                 self.failed(str(e))
         return self
+
+    def _limits(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def failed(self, why: str) -> NoReturn:
         """

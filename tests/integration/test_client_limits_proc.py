@@ -127,3 +127,41 @@ def test_past_the_connection_cap_requests_are_refused_but_health_answers(regcach
         s.close()
     wait_for(lambda: not refused(), 10, "requests to be served once the held connections close")
     assert metric(rc, 'regcache_client_limits_total{limit="max_connections"}') >= 2
+
+
+def test_stalled_readers_cannot_exhaust_a_small_descriptor_limit(regcache, images):
+    """
+    With 256 descriptors in all, 100 clients that read a little of a large
+    blob and stop (once enough to reset every connection, /healthz
+    included) are held to the connection cap the limit allows: past it
+    they get 503, /healthz still answers 200 throughout, and once they are
+    gone a pull is served again.
+    """
+    rc = regcache("--client-progress-timeout", "30s", open_files=256)
+    layer = images["library/large:1"].layers[0]
+    path = f"/v2/library/large/blobs/{layer.digest}"
+    with urllib.request.urlopen(rc.url + path, timeout=60) as r:
+        assert len(r.read()) == layer.size
+    readers, refused = [], 0
+    for _ in range(100):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", rc.port))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+        head = s.recv(1024)
+        refused += head.startswith(b"HTTP/1.1 503 ")
+        readers.append(s)
+        assert health(rc) == 200
+    assert refused > 0, "the cap never engaged"
+    for s in readers:
+        s.close()
+
+    def served():
+        try:
+            with urllib.request.urlopen(rc.url + path, timeout=60) as r:
+                return len(r.read()) == layer.size
+        except urllib.error.HTTPError:
+            return False
+
+    wait_for(served, 30, "a pull to be served once the readers are gone")
+    assert metric(rc, 'regcache_client_limits_total{limit="max_connections"}') >= refused
