@@ -1,6 +1,8 @@
 """
 Property tests over every parser that reads what a client, an upstream or
-an operator wrote: whatever the input, the parser answers with a value of
+an operator wrote (names, tags, digests, references, Range, Accept,
+durations, sizes, Retry-After, lengths, rate-limit headers, redirect
+targets, manifest bodies): whatever the input, the parser answers with a value of
 its own contract or its one refusal, never another exception, and no name
 it accepts can place a file outside the store.
 
@@ -30,7 +32,7 @@ tricky = st.text(
     alphabet=st.one_of(st.sampled_from("0123456789-=,;:./\\%_ \t²١٢۳\u0660\ufeffbytesBYTES"), st.characters()),
     max_size=120,
 )
-raw = st.one_of(st.binary(max_size=120), tricky.map(lambda t: t.encode("utf-8")))
+raw = st.one_of(st.binary(max_size=120), tricky.map(lambda t: t.encode("utf-8", "surrogatepass")))
 
 
 @given(raw, st.integers(min_value=0, max_value=2**63))
@@ -89,6 +91,24 @@ def test_retry_after_is_clamped_or_ignored(value):
     seconds = headers.retry_after(Headers({b"retry-after": [value]}))
     low, high = headers.RETRY_AFTER_RANGE
     assert seconds is None or low <= seconds <= high
+
+
+@given(raw, raw)
+def test_rate_limit_headers_read_as_bounded_numbers_or_nothing(limit, remaining):
+    """
+    ``ratelimit-limit`` / ``ratelimit-remaining`` of any bytes read as a
+    plain non-negative count and window, or as unknown; the accounting's
+    record of them never raises.
+    """
+    from regcache.accounting import RateLimit
+
+    answer = Headers({b"ratelimit-limit": [limit], b"ratelimit-remaining": [remaining]})
+    for name in (b"ratelimit-limit", b"ratelimit-remaining"):
+        count, window = headers.ratelimit(answer, name)
+        assert count is None or (isinstance(count, int) and 0 <= count < 10**30)
+        assert window is None or (isinstance(window, int) and 0 <= window < 10**30)
+    seen = RateLimit.parse(answer, 0.0)
+    assert seen is None or seen.limit is not None or seen.remaining is not None
 
 
 @given(raw)
