@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from tests.integration.clients import Containerd, Podman, dir_digests, expected_files, skopeo_pull
-from tests.integration.procs import until
+from tests.integration.procs import wait_for
 
 USER, PASSWORD = "robot", "pull-Secret-42"
 #: A network that is not loopback: every test client here is a stranger.
@@ -196,7 +196,7 @@ def test_client_text_cannot_write_control_characters_into_the_log(hub, regcache,
         assert s.recv(100).startswith(b"HTTP/1.1 ")
         while s.recv(65536):
             pass
-    log = until(lambda: (lambda text: text if "/v2/a" in text else None)(rc.log()))
+    log = wait_for(lambda: (lambda text: text if "/v2/a" in text else None)(rc.log()))
     assert "Failed login for evil\\x1b[2J\\x0d\\x0a2026-12-01" in log, log[-2000:]
     assert "GET /v2/a\\x9b2J\\x7f/manifests/1?ns=x\\x9b31m " in log, log[-2000:]
     assert not any(c in log for c in "\x1b\r\x7f\x9b")

@@ -10,7 +10,7 @@ tests/integration/test_status_proc.py.
 import signal
 
 from tests.integration.conftest import USERS
-from tests.integration.procs import until
+from tests.integration.procs import wait_for
 
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
 PRIVATE = "/v2/ci/private/manifests/1"
@@ -47,12 +47,12 @@ def test_sighup_rereads_the_password_file_and_drops_its_tokens(regcache, hub, tm
 
     password.write_text("revoked-password")
     rc.proc.send_signal(signal.SIGHUP)
-    until(lambda: 'regcache_reloads_total{result="ok",what="credentials"} 1.0' in rc.get("/metrics")[2].decode())
+    wait_for(lambda: 'regcache_reloads_total{result="ok",what="credentials"} 1.0' in rc.get("/metrics")[2].decode())
     assert rc.get(PRIVATE, headers=ACCEPT)[0] != 200
     assert "New password for ci at " in rc.log()
 
     password.write_text(USERS["ci"] + "\n")
     rc.proc.send_signal(signal.SIGHUP)
-    until(lambda: 'regcache_reloads_total{result="ok",what="credentials"} 2.0' in rc.get("/metrics")[2].decode())
+    wait_for(lambda: 'regcache_reloads_total{result="ok",what="credentials"} 2.0' in rc.get("/metrics")[2].decode())
     assert rc.get(PRIVATE, headers=ACCEPT)[0] == 200
     assert "revoked-password" not in rc.log()

@@ -32,7 +32,7 @@ from typing import Dict, List
 
 from tests.integration.clients import dir_digests, expected_files, skopeo_pull
 from tests.integration.conftest import USERS
-from tests.integration.procs import REPO, until
+from tests.integration.procs import REPO, wait_for
 from tests.integration.test_hostile import rss
 
 SECONDS = float(os.environ.get("REGCACHE_SOAK_SECONDS", "60"))
@@ -252,7 +252,7 @@ def test_soak(hub, regcache, images, tmp_path):
         n = descriptors(rc.proc.pid)
         return n if n <= fds_before + DESCRIPTORS_LEFT_OVER else None
 
-    fds_after = until(settled, attempts=300)
+    fds_after = wait_for(settled, 30, "descriptors to settle")
     rss_after = rss(rc.proc.pid)
     evicted = figures["evicted_before_kill"] + metric_sum(rc.url, "regcache_evicted_total", 'kind="blob"')
     log = rc.log()

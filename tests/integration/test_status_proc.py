@@ -24,7 +24,7 @@ import pytest
 from tests.integration.clients import skopeo_pull
 from tests.integration.conftest import USERS
 from tests.fakes.images import private
-from tests.integration.procs import Regcache, until
+from tests.integration.procs import Regcache, wait_for
 from tests.test_logs import check_lines
 from tests.test_status import Page
 
@@ -205,7 +205,7 @@ policy:
                 pass
 
         threading.Thread(target=follow, daemon=True).start()
-        shown = until(lambda: json.loads(rc.get("/status.json", headers=robot)[2])["downloads"])
+        shown = wait_for(lambda: json.loads(rc.get("/status.json", headers=robot)[2])["downloads"])
         assert [d["repository"] for d in shown] == ["ci/private"]
         status, _, body = rc.get("/status.json", headers=alice)
         assert (status, json.loads(body)["downloads"]) == (200, [])

@@ -17,7 +17,7 @@ from cryptography import x509
 
 from tests.certs import CA, serial_of
 from tests.integration.clients import Containerd, dir_digests, expected_files, skopeo_pull
-from tests.integration.procs import Regcache, until
+from tests.integration.procs import Regcache, wait_for
 
 
 @pytest.fixture
@@ -102,13 +102,13 @@ def test_sighup_serves_new_certificate_and_keeps_old_on_a_bad_pair(served, ca):
     shutil.copy(cert, served.cert)
     renewed = serial_of(cert)
     served.proc.send_signal(signal.SIGHUP)
-    until(lambda: served_serial(served) == renewed)
-    until(lambda: 'regcache_reloads_total{result="ok",what="tls"} 1.0' in served.get("/metrics")[2].decode())
+    wait_for(lambda: served_serial(served) == renewed)
+    wait_for(lambda: 'regcache_reloads_total{result="ok",what="tls"} 1.0' in served.get("/metrics")[2].decode())
 
     stray_key, _ = ca.issue("stray")
     shutil.copy(stray_key, served.key)
     served.proc.send_signal(signal.SIGHUP)
-    until(lambda: 'regcache_reloads_total{result="failed",what="tls"} 1.0' in served.get("/metrics")[2].decode())
+    wait_for(lambda: 'regcache_reloads_total{result="failed",what="tls"} 1.0' in served.get("/metrics")[2].decode())
     assert served_serial(served) == renewed
     assert "Reloading tls failed, keeping the old one: --listen: the new TLS key or certificate" in served.log()
 
@@ -136,4 +136,4 @@ def test_a_handshake_sent_a_byte_at_a_time_is_cut_at_the_header_deadline(served)
         except ConnectionError:
             pass
     assert sent < len(hello) // 2, f"{sent} of {len(hello)} ClientHello bytes were taken"
-    until(lambda: 'regcache_client_limits_total{limit="head_timeout"} 1.0' in served.get("/metrics")[2].decode())
+    wait_for(lambda: 'regcache_client_limits_total{limit="head_timeout"} 1.0' in served.get("/metrics")[2].decode())
