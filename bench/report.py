@@ -14,8 +14,13 @@ def _m(values) -> Optional[float]:
     return median([v for v in values or [] if v is not None])
 
 
-def _stream(r: dict, n: int) -> Optional[float]:
-    return _m([s["sum"] for s in r.get(f"stream{n}", []) if s])
+def _stream(r: dict, n: int, field: str = "aggregate") -> Optional[float]:
+    """
+    A median over the repetitions of ``n`` streams: ``aggregate`` (bytes over
+    wall-clock, the headline), ``fairness`` or ``sum`` (secondary).  Results
+    from before the honest measure have only ``sum``: they show no aggregate.
+    """
+    return _m([s.get(field) for s in r.get(f"stream{n}", []) if s])
 
 
 def _load(r: dict, key: str, field: str = "rps") -> Optional[float]:
@@ -61,17 +66,15 @@ def targets(res: dict) -> List[dict]:
     row("cold pull of the large image, 1 client", "≤ 1.05× direct from upstream", r,
         r is not None and r <= 1.05, f"{_fmt(cold)} s vs {_fmt(dpull)} s direct")
 
-    s8, ref8, ng8 = _stream(rc, 8), _stream(ref, 8), _stream(nginx, 8)
-    r1, r2 = _ratio(s8, ref8), _ratio(s8, ng8)
-    row("warm 8-stream throughput vs reference", "≥ 1.0×", r1, r1 is not None and r1 >= 1.0,
-        f"{_gb(s8)} vs {_gb(ref8)} GB/s")
-    row("warm 8-stream throughput vs nginx", "≥ 0.9×", r2, r2 is not None and r2 >= 0.9,
-        f"{_gb(s8)} vs {_gb(ng8)} GB/s")
-
-    s1, ng1 = _stream(rc, 1), _stream(nginx, 1)
-    r = _ratio(s1, ng1)
-    row("warm 1-stream throughput vs nginx", "≥ 0.9×", r, r is not None and r >= 0.9,
-        f"{_gb(s1)} vs {_gb(ng1)} GB/s (reference {_gb(_stream(ref, 1))})")
+    for n in sorted({1, res["meta"].get("clients", 8)}):
+        a, b, c = _stream(rc, n), _stream(ref, n), _stream(nginx, n)
+        r = _ratio(a, c)
+        row(f"warm {n}-stream aggregate throughput vs nginx", "≥ 0.95×", r, r is not None and r >= 0.95,
+            f"{_gb(a)} vs {_gb(c)} GB/s, bytes over wall-clock; fairness {_fmt(_stream(rc, n, 'fairness'))} "
+            f"vs {_fmt(_stream(nginx, n, 'fairness'))}")
+        r = _ratio(a, b)
+        row(f"warm {n}-stream aggregate throughput vs reference", "≥ 1.0×", r, r is not None and r >= 1.0,
+            f"{_gb(a)} vs {_gb(b)} GB/s")
 
     for key, label, goal in (("get_digest", "GET by digest", 2), ("head_digest", "HEAD by digest", 2),
                              ("get_tag", "GET by tag (in window)", 5), ("head_tag", "HEAD by tag (in window)", 5)):
@@ -167,9 +170,12 @@ def markdown(res: dict) -> str:
                                ("upstream_cpu_s", "8 concurrent: CPU seconds of the upstream (registry, tokens, switch)", 1)):
         lines.append(f"| {label} | {_fmt(_m(rc.get('concurrent', {}).get(key)), digits)} | "
                      f"{_fmt(_m(ref.get('concurrent', {}).get(key)), digits)} | |")
-    for n in (1, meta.get("clients", 8)):
-        lines.append(f"| warm blob, {n} stream(s), GB/s (sum) | {_gb(_stream(rc, n))} | {_gb(_stream(ref, n))} | "
-                     f"{_gb(_stream(res['nginx'], n))} |")
+    for n in sorted({1, meta.get("clients", 8)}):
+        for field, name, show in (("aggregate", "GB/s, all bytes over wall-clock", _gb),
+                                  ("fairness", "fairness, slowest stream / median", _fmt),
+                                  ("sum", "GB/s, sum of per-stream speeds (secondary)", _gb)):
+            lines.append(f"| warm blob, {n} stream(s), {name} | {show(_stream(rc, n, field))} | "
+                         f"{show(_stream(ref, n, field))} | {show(_stream(res['nginx'], n, field))} |")
     lines.append(f"| CPU seconds per throughput repetition | {_fmt(_m(rc.get('cpu_streams')), 1)} | "
                  f"{_fmt(_m(ref.get('cpu_streams')), 1)} | |")
     for key in ("get_digest", "head_digest", "get_tag", "head_tag", "get_digest_busy"):
