@@ -23,6 +23,10 @@ def _stream(r: dict, n: int, field: str = "aggregate") -> Optional[float]:
     return _m([s.get(field) for s in r.get(f"stream{n}", []) if s])
 
 
+def _crowd(r: dict, field: str = "aggregate") -> Optional[float]:
+    return _m([x.get(field) for x in r.get("fetch", []) if x])
+
+
 def _load(r: dict, key: str, field: str = "rps") -> Optional[float]:
     return _m([x[field] for x in r.get("manifest", {}).get(key, []) if x])
 
@@ -75,6 +79,31 @@ def targets(res: dict) -> List[dict]:
         r = _ratio(a, b)
         row(f"warm {n}-stream aggregate throughput vs reference", "≥ 1.0×", r, r is not None and r >= 1.0,
             f"{_gb(a)} vs {_gb(b)} GB/s")
+
+    crowd, ng_crowd = rc.get("crowd", {}), nginx.get("crowd", {})
+    if crowd.get("fetch"):
+        a, b = _crowd(crowd), _crowd(ng_crowd)
+        n = res["meta"].get("crowd", 1000)
+        errors = _crowd(crowd, "errors")
+        row(f"{n} clients at once: errors", "0", None, errors == 0, f"{_fmt(errors, 0)} (nginx {_fmt(_crowd(ng_crowd, 'errors'), 0)})")
+        r = _ratio(a, b)
+        row(f"{n} clients at once: aggregate vs nginx", "≥ 0.9×", r, r is not None and r >= 0.9,
+            f"{_gb(a)} vs {_gb(b)} GB/s")
+        f = _crowd(crowd, "fairness")
+        row(f"{n} clients at once: slowest client / median", "≥ 0.5", f, f is not None and f >= 0.5,
+            f"nginx {_fmt(_crowd(ng_crowd, 'fairness'))}")
+        rss = crowd.get("peak_rss_mib")
+        row(f"{n} clients at once: peak RSS", "≤ 128 MiB", None, rss is not None and rss <= 128, f"{_fmt(rss, 0)} MiB")
+    idle = crowd.get("idle")
+    if idle:
+        held, before = idle.get("rss_held_max_mib"), crowd.get("rss_before_idle_mib")
+        grown = None if held is None or before is None else held - before
+        ok = idle["answered"] == idle["clients"] and idle["closed_by_server"] == idle["clients"]
+        row(f"{idle['clients']} idle keep-alive connections held, then closed by the idle timeout",
+            "all answered and closed; memory ≤ 64 MiB more while held", None,
+            ok and grown is not None and grown <= 64,
+            f"{idle['answered']} answered, {idle['closed_by_server']} closed after {_fmt(idle.get('close_after_s_median'), 0)} s "
+            f"(median); RSS {_fmt(before, 0)} → {_fmt(held, 0)} MiB held → {_fmt(idle.get('rss_after_mib'), 0)} MiB after")
 
     for key, label, goal in (("get_digest", "GET by digest", 2), ("head_digest", "HEAD by digest", 2),
                              ("get_tag", "GET by tag (in window)", 5), ("head_tag", "HEAD by tag (in window)", 5)):
