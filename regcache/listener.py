@@ -36,15 +36,29 @@ def _endpoint_problem(error: Exception) -> str:
     return text or type(error).__name__
 
 
+#: The accept queue a TCP or TLS port asks for unless its description sets
+#: ``backlog=`` (the kernel caps it at ``net.core.somaxconn``).  Twisted's
+#: default, 50, overflows when many clients connect at once: the kernel then
+#: drops the handshake's last ACK, and a client that already sent its
+#: request waits on retransmits; 100 of 1,000 clients did (bench/README.md).
+BACKLOG = 4096
+
+_QUEUED = ("tcp", "tcp6", "ssl")
+
+
 def listen_endpoint(reactor, description: str, option: str = "--listen"):
     """
     The server endpoint ``option`` (``--listen``, ``--metrics-listen``)
     describes.  Built before anything else, because building it parses the
     description and reads the TLS key and certificate: whatever goes wrong
-    is that option's fault.
+    is that option's fault, said with the description as the operator wrote it.
     """
     try:
-        return serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, description)
+        kind, _, params = description.partition(":")
+        if kind in _QUEUED and "backlog=" not in params:
+            endpoint = serverFromString(reactor, f"{description}:backlog={BACKLOG}")
+        return endpoint
     except Exception as e:  # endpoint parsers, plugins' too, raise anything
         raise ConfigError(f"{option}: cannot use {description!r}: {_endpoint_problem(e)}") from None
 
