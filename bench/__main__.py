@@ -19,9 +19,10 @@ import time
 import traceback
 
 from bench import images as image_builder
-from bench import measure, report, servers
+from bench import crowd, measure, report, servers
 
 MIRRORS = ("regcache", "reference")
+PULLED = ("small", "medium", "large", "multi")  # the crowd image is for the crowd phase only
 
 
 def log(msg: str) -> None:
@@ -93,11 +94,12 @@ class Run:
             servers.push(self.upstream, image)
         self.r["meta"].update({
             "large_mib": self.args.large_mib, "reps": self.reps, "heavy_reps": self.args.heavy_reps, "duration_s": self.args.duration,
-            "connections": self.args.connections, "clients": self.args.clients, "cores": os.cpu_count(),
+            "connections": self.args.connections, "clients": self.args.clients, "crowd": self.args.crowd,
+            "idle_clients": self.args.idle_clients, "cores": os.cpu_count(),
             "images": {k: {"digest": v.digest, "bytes": v.size} for k, v in self.images.items()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
-        log(f"upstream ready with 4 images in {time.monotonic() - t:.1f}s")
+        log(f"upstream ready with {len(self.images)} images in {time.monotonic() - t:.1f}s")
 
     def pulls(self) -> None:
         """Cold then warm pull of every image, and a direct pull from the upstream for scale."""
@@ -105,14 +107,16 @@ class Run:
             self.settle()
             log(f"pulls, repetition {rep + 1}/{self.reps}")
             d = self.r["direct"].setdefault("pull", {})
-            for name, image in self.images.items():
+            for name in PULLED:
+                image = self.images[name]
                 self.add(d, name, self.attempt(f"direct pull {name}", measure.pull, self.upstream.host, image))
             for label in MIRRORS:
                 m = self.start(label)
                 cold = self.r[label].setdefault("cold", {})
                 warm = self.r[label].setdefault("warm", {})
                 since = self.upstream.log_offset()
-                for name, image in self.images.items():
+                for name in PULLED:
+                    image = self.images[name]
                     before = m.process.usage()
                     self.add(cold, name, self.attempt(f"{label} cold {name}", measure.pull, m.host, image))
                     if name == "large":
@@ -182,6 +186,59 @@ class Run:
                     self._add_cpu(label, "cpu_streams", before)
         finally:
             nginx.stop()
+
+    def crowd(self) -> None:
+        """
+        ``--crowd`` clients at once, each fetching the warm 64 MiB blob once,
+        from nginx and from a fresh regcache (so its peak RSS is this
+        phase's), then ``--idle-clients`` keep-alive connections held idle
+        until regcache's idle timeout closes them, its memory watched.  All
+        clients are on 127.0.0.1: regcache runs with
+        ``--max-connections-per-client unlimited``, and ``--max-connections``
+        just above the idle crowd.
+        """
+        image = self.images["crowd"]
+        blob = image.layers[0]
+        from regcache.site import IDLE_CLIENT_TIMEOUT as idle_timeout
+
+        n, idle_n = self.args.crowd, self.args.idle_clients
+        # auto caps connections at a third of the open-file limit (6,645 of 20,000 here), which leaves
+        # descriptors for the blobs each response holds: set above the idle crowd instead.
+        m = self.start("regcache", extra=("--max-connections-per-client", "unlimited",
+                                          "--max-connections", str(idle_n + 100)))
+        out = self.r["regcache"].setdefault("crowd", {})
+        nginx = servers.Nginx(self.dir, servers._blob_file(self.upstream.storage, blob["digest"])).start()
+        try:
+            url = f"{m.url}/v2/{image.name}/blobs/{blob['digest']}"
+            measure.streams(url, 1, blob["size"])  # cached now
+            out["rss_before_mib"] = _rss_now(m.process.pid)
+            self.settle()
+            for rep in range(self.args.crowd_reps):
+                for label, u in (("nginx", nginx.url), ("regcache", url)):
+                    log(f"{n} clients at once on {label}, repetition {rep + 1}/{self.args.crowd_reps}")
+                    got = self.attempt(f"{label} {n} clients", crowd.fetch, u, n, blob["size"], timeout=300)
+                    self.add(self.r[label].setdefault("crowd", {}), "fetch", got)
+            out["peak_rss_mib"] = m.process.usage()["rss_mib"]
+            log(f"{idle_n} idle keep-alive connections on regcache, idle timeout {idle_timeout} s")
+            out["rss_before_idle_mib"] = _rss_now(m.process.pid)
+
+            def watch():
+                # While the connections are held: RSS every 0.2 s until the idle timeout has passed.
+                top, end = 0.0, time.monotonic() + idle_timeout + 5
+                while time.monotonic() < end:
+                    top = max(top, _rss_now(m.process.pid))
+                    time.sleep(0.2)
+                return top
+
+            got = self.attempt("regcache idle connections", crowd.idle, f"{m.url}/v2/", idle_n,
+                               hold=idle_timeout + 15, during=watch)
+            if got:
+                got["rss_held_max_mib"] = got.pop("during")
+                got["rss_after_mib"] = _rss_now(m.process.pid)
+            out["idle"] = got
+        finally:
+            nginx.stop()
+            self.retire(m)
 
     def manifests(self) -> None:
         """Requests/s and p99 of cached manifest GET and HEAD, by digest and by tag."""
@@ -394,6 +451,12 @@ class Run:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _rss_now(pid: int) -> float:
+    """Resident memory now (VmRSS, MiB): what a held connection costs, unlike the peak."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def regcache_default(name: str) -> float:
     """A duration setting's default in the regcache under test (the target depends on it)."""
     from regcache import config
@@ -426,10 +489,13 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent pulls and streams")
     p.add_argument("--outage-ttl", type=float, default=5, help="regcache --tag-ttl in the outage phase")
     p.add_argument("--startup-blobs", type=int, default=10000, help="blobs in the store of the startup phase")
+    p.add_argument("--crowd", type=int, default=1000, help="clients at once of the crowd phase (64 MiB each)")
+    p.add_argument("--crowd-reps", type=int, default=1, help="repetitions of the crowd (about a minute each)")
+    p.add_argument("--idle-clients", type=int, default=10000, help="idle keep-alive connections of the crowd phase")
     p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
-    p.add_argument("--phases", default="pulls,concurrent,throughput,manifests,mixed,outage,startup")
+    p.add_argument("--phases", default="pulls,concurrent,throughput,crowd,manifests,mixed,outage,startup")
     args = p.parse_args(argv)
     preflight()
     phases = args.phases.split(",")
@@ -437,7 +503,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         run.setup()
-        for phase in ("pulls", "concurrent", "throughput", "manifests", "mixed", "outage", "startup"):
+        for phase in ("pulls", "concurrent", "throughput", "crowd", "manifests", "mixed", "outage", "startup"):
             if phase in phases:
                 if phase in ("throughput", "manifests", "mixed", "outage") and not run.warm:
                     run.warm = {label: run.start(label) for label in MIRRORS}

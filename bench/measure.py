@@ -138,22 +138,48 @@ def verify(image, dest: str, full_hash: bool) -> None:
 
 def streams(url: str, n: int, size: int, timeout: float = 120) -> Dict[str, float]:
     """
-    ``n`` curl downloads of ``url`` at once: the sum of their speeds (bytes/s,
-    as the issue counts it) and the aggregate (all bytes over wall time).
+    ``n`` curl downloads of ``url`` at once, measured as users feel them.
+
+    - ``aggregate``: all bytes over the wall-clock time from the first
+      request sent to the last byte received: the headline figure.
+    - ``fairness``: the slowest stream's speed over the median stream's.
+    - ``sum``: the sum of each stream's own speed, a secondary figure only:
+      when streams do not finish together it is more than the clients got.
+
+    The curls start first and wait for their URL on stdin (``-K -``), so the
+    clock starts when the first of them is told to go, not while processes
+    are still being forked; it stops when the last one has exited, after its
+    last byte.  Process exit is a little after the last byte, so the figure
+    errs low, equally for every server.
     """
-    cmd = ["curl", "-sS", "-o", "/dev/null", "--max-time", str(int(timeout)),
-           "-w", "%{speed_download} %{size_download} %{http_code}", url]
+    cmd = ["curl", "-sS", "-K", "-", "-o", "/dev/null", "--max-time", str(int(timeout)),
+           "-w", "%{speed_download} %{size_download} %{http_code}"]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(n)]
+    config = f'url = "{url}"\n'.encode()
     t = time.monotonic()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n)]
-    speeds = []
     for p in procs:
-        out, err = p.communicate()
-        speed, got, code = out.decode().split()
-        if code not in ("200",) or int(got) != size:
-            raise PullFailed(f"curl {url}: {code}, {got} of {size} bytes {err.decode()[-200:]}")
+        p.stdin.write(config)
+        p.stdin.close()
+    speeds = []
+    failed = None
+    for p in procs:
+        p.wait(timeout=timeout + 30)  # its few bytes of output fit the pipes
+        out, err = p.stdout.read(), p.stderr.read()
+        p.stdout.close()
+        p.stderr.close()
+        try:
+            speed, got, code = out.decode().split()
+        except ValueError:
+            speed, got, code = "0", "0", "none"
+        if code != "200" or int(got) != size:
+            failed = failed or f"curl {url}: {code}, {got} of {size} bytes {err.decode()[-200:]}"
         speeds.append(float(speed))
     wall = time.monotonic() - t
-    return {"sum": sum(speeds), "aggregate": n * size / wall}
+    if failed:
+        raise PullFailed(failed)
+    return {"aggregate": n * size / wall, "wall_s": wall, "fairness": min(speeds) / median(speeds),
+            "sum": sum(speeds), "speeds": speeds}
 
 
 #: regcache's log line when its start-up index is built (expiry.py).

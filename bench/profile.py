@@ -2,9 +2,9 @@
 ``python -m bench.profile``: where regcache spends its CPU, with py-spy.
 
 It starts the bench's upstream and one regcache, then samples regcache with
-``py-spy record`` during three workloads: cold downloads of the large blob
+``py-spy record`` during four workloads: cold downloads of the large blob
 (the fill and one follower), a wrk load on a cached manifest by digest, and
-8 curl streams of the cached blob.  For each it prints the functions with
+1 and 8 curl streams of the cached blob.  For each it prints the functions with
 the most samples, by own time and inclusive, and ``strace -c`` of the blob
 workloads (is it really sendfile?), into ``bench/results/profile.md``.  The
 raw collapsed stacks stay in the work directory for flame graphs.
@@ -122,12 +122,14 @@ def main(argv=None) -> int:
             ("manifest", "wrk, 32 connections, 5 s: GET a cached manifest by digest",
              lambda: measure.wrk(f"{rc.url}/v2/{imgs['small'].name}/manifests/{imgs['small'].digest}", 5, 32),
              False),
+            ("streams1", "8 × 1 curl stream of the cached large blob",
+             lambda: [measure.streams(blob_url, 1, large["size"]) for _ in range(8)], True),
             ("streams", "3 × 8 curl streams of the cached large blob",
              lambda: [measure.streams(blob_url, 8, large["size"]) for _ in range(3)], True),
         ]
         measure.pull(rc.host, imgs["small"], full_hash=False)
         for name, title, work, strace in workloads:
-            if name == "streams":
+            if name == "streams1":
                 subprocess.run(["curl", "-sS", "-o", "/dev/null", blob_url], check=True)
                 landed()
             print(f"profiling: {title}", flush=True)

@@ -278,7 +278,8 @@ worker_processes auto;
 user root;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
-events {{ worker_connections 1024; }}
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
 http {{
   sendfile on;
   tcp_nopush on;

@@ -37,16 +37,28 @@ def _endpoint_problem(error: Exception) -> str:
     return text or type(error).__name__
 
 
+#: The accept queue a TCP or TLS port asks for unless its description sets
+#: ``backlog=`` (the kernel caps it at ``net.core.somaxconn``).  Twisted's
+#: default, 50, overflows when many clients connect at once: the kernel then
+#: drops the handshake's last ACK, and a client that already sent its
+#: request waits on retransmits; 100 of 1,000 clients did (bench/README.md).
+BACKLOG = 4096
+
+_QUEUED = ("tcp", "tcp6", "ssl")
+
+
 def listen_endpoint(reactor, description: str, option: str = "--listen"):
     """
     The server endpoint ``option`` (``--listen``, ``--metrics-listen``)
     describes, and for ``ssl:`` the ServedTLS that SIGHUP reloads (None
     otherwise).  Built before anything else, because building it parses the
     description and reads the TLS key and certificate: whatever goes wrong
-    is that option's fault.
+    is that option's fault, said with the description as the operator wrote it.
     """
     try:
-        return served_endpoint(reactor, description, option) or (serverFromString(reactor, description), None)
+        kind, _, params = description.partition(":")
+        queued = f"{description}:backlog={BACKLOG}" if kind in _QUEUED and "backlog=" not in params else description
+        return served_endpoint(reactor, queued, option) or (serverFromString(reactor, queued), None)
     except Exception as e:  # endpoint parsers, plugins' too, raise anything
         raise ConfigError(f"{option}: cannot use {description!r}: {_endpoint_problem(e)}") from None
 
