@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.certs import CA
 from tests.fakes.images import standard_images
 from tests.fakes.serve import FakeHubProcess
 from tests.integration.procs import Regcache
@@ -74,3 +75,9 @@ def ghcr(ghcr_dir):
     """A second registry, ghcr-like: its own images (``owner/app:v1``), token realm, and no accounts."""
     with FakeHubProcess(ghcr_dir, catalog="ghcr", no_rate_limit=True) as g:
         yield g
+
+
+@pytest.fixture
+def ca(tmp_path):
+    """A certificate authority made for the test, to issue server certificates (tests.certs)."""
+    return CA(str(tmp_path / "pki"))

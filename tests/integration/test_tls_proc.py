@@ -15,14 +15,9 @@ import pytest
 
 from cryptography import x509
 
-from tests.certs import CA, serial_of
+from tests.certs import serial_of
 from tests.integration.clients import Containerd, dir_digests, expected_files, skopeo_pull
 from tests.integration.procs import Regcache, wait_for
-
-
-@pytest.fixture
-def ca(tmp_path):
-    return CA(str(tmp_path / "pki"))
 
 
 @pytest.fixture

@@ -11,18 +11,12 @@ import json
 
 import pytest
 
-from tests.certs import CA
 from tests.fakes.serve import FakeHubProcess
 from tests.integration.conftest import LARGE, USERS
 from tests.integration.procs import Regcache
 
 MANIFEST = "/v2/library/small/manifests/1"
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
-
-
-@pytest.fixture
-def ca(tmp_path):
-    return CA(str(tmp_path / "pki"))
 
 
 @pytest.fixture
