@@ -348,6 +348,11 @@ class _SendfileSender(_Sender):
         self._progress()
         self.request.sentLength += sent
         self.metrics.served_bytes.labels("sendfile").inc(sent)
+        if self.pos >= self.end and self.source.verified:
+            # Done now, not at the next writable event: a client that has
+            # every byte may hang up first, and the response would then end
+            # as a lost connection, never logged or counted.
+            self._finish()
 
 
 class Unsatisfiable(Exception):

@@ -103,8 +103,11 @@ def test_status_page_in_chromium_matches_status_json(regcache, hub, images):
     screenshot(rc.url + "/status", "status-desktop.png", 1280, 900)
     screenshot(rc.url + "/status", "status-phone.png", 390, 844)
     requests = [line for line in check_lines(rc.log()) if line.get("event") == "request"]
-    assert {(r["path"], r["cache"]) for r in requests if "/blobs/" in r["path"]} == {
-        (f"/v2/library/small/blobs/{layer.digest}", c) for layer in image.layers for c in ("miss", "hit")}
+    # The second pull of a layer is a hit, or joins the first one's fill if
+    # that has sent every byte but not yet landed in the store.
+    for layer in image.layers:
+        results = [r["cache"] for r in requests if r["path"] == f"/v2/library/small/blobs/{layer.digest}"]
+        assert results[0] == "miss" and results[1:] in (["hit"], ["join"]), results
 
 
 def test_no_credential_or_token_is_ever_shown(regcache, hub, images, tmp_path):
