@@ -74,10 +74,14 @@ def test_status_page_in_chromium_matches_status_json(regcache, hub, images):
         for layer in image.layers:
             status, _, body = rc.get(f"/v2/library/small/blobs/{layer.digest}")
             assert status == 200 and len(body) == layer.size
+    layer_bytes = sum(layer.size for layer in image.layers)
+    # A client has every byte of a blob a moment before its download lands
+    # in the store: wait for the store to hold them.
+    wait_for(lambda: json.loads(rc.get("/status.json")[2])["store"]["bytes"] >= layer_bytes, 30,
+             "the downloads to land")
     status, headers, body = rc.get("/status.json")
     assert status == 200 and headers["Content-Type"] == "application/json"
     data = json.loads(body)
-    layer_bytes = sum(layer.size for layer in image.layers)
     assert data["bytes"] == {"served": 2 * layer_bytes, "fetched": layer_bytes, "saved": layer_bytes}
     # A single --upstream that is not Docker Hub is named after its host.
     name = hub.registry_host
