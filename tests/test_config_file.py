@@ -120,7 +120,7 @@ def test_password_file(tmp_path):
 
 
 @pytest.mark.parametrize("text,line,fragment", [
-    ("upstreams: [{name: a, urls: [https://a.io]}]\nstorage: /x\n", 2, "storage: unknown key"),
+    ("upstreams: [{name: a, urls: [https://a.io]}]\nstorage: /x\n", 2, "storage: '/x' is not of type 'object'"),
     ("upstreams:\n  - name: a\n    urls: [https://a.io]\n    url: https://b.io\n", 4, "upstreams[0].url: unknown key"),
     ("upstreams:\n  - name: a\n", 2, "upstreams[0]: 'urls' is required"),
     ("upstreams:\n  - name: a\n    urls: []\n", 3, "upstreams[0].urls: [] should be non-empty"),

@@ -14,6 +14,7 @@ from tests.certs import CA
 from tests.fakes.images import standard_images
 from tests.fakes.serve import FakeHubProcess
 from tests.integration.procs import Regcache
+from tests.integration.seaweed import Seaweed
 
 #: Big enough to take many reads and writes, small enough for a 10-minute suite.
 LARGE = 110 * 1024 * 1024
@@ -81,3 +82,10 @@ def ghcr(ghcr_dir):
 def ca(tmp_path):
     """A certificate authority made for the test, to issue server certificates (tests.certs)."""
     return CA(str(tmp_path / "pki"))
+
+
+@pytest.fixture
+def seaweed(tmp_path):
+    """A real SeaweedFS (weed mini) on loopback with an empty bucket, killed after the test."""
+    with Seaweed(str(tmp_path / "seaweed")) as store:
+        yield store
