@@ -34,6 +34,7 @@ from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
 from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
+from regcache.s3 import S3
 from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
 from regcache.status import Status
@@ -139,6 +140,10 @@ def build(config, reactor, reread=None) -> MultiService:
     metrics = Metrics(accounting, config.metrics_repositories)
 
     registries = [_registry(u, reactor, metrics, config.upstream_allow) for u in config.upstreams]
+    # The shared level's bucket, when there is one: every replica's second
+    # level, under the one HTTP client and pool of its own.
+    bucket = (S3(config.shared.bucket, upstream_http.client(reactor, 5.0), reactor, run)
+              if config.shared is not None else None)
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
     fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate))
