@@ -176,8 +176,11 @@ class Fill:
     MAX_STALLED_RESUMES = 3
 
     def __init__(self, upstream: Remote, name: str, digest: Digest, store, clock, metrics,
-                 floor: RateFloor = RateFloor()):
+                 floor: RateFloor = RateFloor(), shared=None):
         self.floor = floor
+        #: The shared level (regcache.shared), if any: where the bytes come
+        #: from first, and where they go once verified.
+        self.shared = shared
         self.upstream = upstream
         self.name = name
         self.digest = digest
@@ -282,14 +285,22 @@ class Fill:
             if self._writer is not None:
                 self._writer.discard()
             self.metrics.fills.labels("failed").inc()
+            if self.shared is not None:
+                self.shared.failed(self.digest)
             raise
+        else:
+            if self.shared is not None:
+                self.shared.landed(self.digest, self.size)
         finally:
             if self._writer is not None:
                 self._writer.close()
 
     async def _download(self) -> None:
         stalled = 0
-        stream = await self.upstream.open_blob(self.name, self.digest)
+        if self.shared is not None:
+            stream = await self.shared.open_blob(self.upstream, self.name, self.digest)
+        else:
+            stream = await self.upstream.open_blob(self.name, self.digest)
         while True:
             self.source = stream.source
             self._sized(stream)
@@ -363,11 +374,12 @@ class Fills:
 
     log = Logger()
 
-    def __init__(self, store, clock, metrics, floor: RateFloor = RateFloor()):
+    def __init__(self, store, clock, metrics, floor: RateFloor = RateFloor(), shared=None):
         self.store = store
         self.clock = clock
         self.metrics = metrics
         self.floor = floor
+        self.shared = shared
         self._fills: Dict[Digest, Fill] = {}
         self._running: Dict[Digest, Deferred] = {}
         metrics.inflight.set_function(lambda: len(self._fills))
@@ -394,7 +406,7 @@ class Fills:
         ]
 
     def start(self, upstream: Remote, name: str, digest: Digest) -> Fill:
-        fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics, self.floor)
+        fill = Fill(upstream, name, digest, self.store, self.clock, self.metrics, self.floor, self.shared)
         self._fills[digest] = fill
         started = self.clock.seconds()
         d = Deferred.fromCoroutine(fill.run())

@@ -177,6 +177,20 @@ class Metrics:
             "HEADs upstream asking whether a repository holds content regcache has cached for another",
             ["upstream", "result"], registry=r,
         )
+        # The shared level (regcache.shared): ``kind`` blob, blob_head,
+        # manifest, tag; ``result`` hit, miss or failed (the bucket did not
+        # answer in time, or erred: the request went on without it).
+        self.shared_lookups = Counter(
+            "regcache_shared_lookups",
+            "Looks into the shared bucket for what the local store lacks, by kind and result",
+            ["kind", "result"], registry=r,
+        )
+        # ``result``: uploaded, present (another replica's copy was there
+        # first) or failed.
+        self.shared_uploads = Counter(
+            "regcache_shared_uploads", "Content this replica put into the shared bucket, by kind and result",
+            ["kind", "result"], registry=r,
+        )
         self.evicted = Counter(
             "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r
         )

@@ -327,16 +327,25 @@ class Mirror:
                 self.metrics.cache.labels("blob", cache).inc()
                 return BlobAnswer(size, fd, Source(size), cache, self.store.pin(digest))
             fill = self.fills.get(digest)
+            confirmed = False
             if fill is None:
                 cache = "miss"
                 _may_fetch(route, f"blob {digest}")
+                if self.fills.shared is not None:
+                    # The bucket's copy may be another repository's: known
+                    # to be this one's first, as a local copy would be.
+                    await self._confirmed(route, digest, "blob")
+                    confirmed = True
+                    fill = self.fills.get(digest)
+            if fill is None:
                 fill = self.fills.start(route.upstream, route.name, digest)
                 # Upstream sends it in this repository's scope, or nothing lands.
                 self.store.link(digest, _repository(route))
             else:
                 if cache == "hit":
                     cache = "join"
-                await self._joinable(route, fill, digest)
+                if not confirmed:
+                    await self._joinable(route, fill, digest)
             size = await self._started(fill, digest)
             fd = self._opened(digest, fill.reader)
             if fd is not None:
@@ -366,6 +375,12 @@ class Mirror:
             self.metrics.cache.labels("blob", "join").inc()
             return size, "join"
         _may_fetch(route, f"blob {digest}")
+        if self.fills.shared is not None:
+            await self._confirmed(route, digest, "blob")
+            size = await self.fills.shared.blob_size(digest)
+            if size is not None:
+                self.metrics.cache.labels("blob", "shared").inc()
+                return size, "shared"
         try:
             size = await route.upstream.head_blob(route.name, digest)
         except UpstreamNotFound:

@@ -462,9 +462,12 @@ class _Discard:
 
 def _info(response) -> ObjectInfo:
     headers = response.headers
-    # A HEAD's length is the object's, in the header: its body is empty.
-    length = headers.getRawHeaders(b"content-length", [b""])[0]
-    size = int(length) if length.isdigit() else -1
+    if response.length is not UNKNOWN_LENGTH and response.request.method != b"HEAD":
+        size = response.length
+    else:
+        # A HEAD's length is the object's, left in its headers: its body is empty.
+        length = headers.getRawHeaders(b"content-length", [b""])[0]
+        size = int(length) if length.isdigit() else -1
     etag = headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
     metadata = {}
     for name, values in headers.getAllRawHeaders():

@@ -35,6 +35,7 @@ from regcache.readiness import Readiness
 from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.s3 import S3
+from regcache.shared import SharedLevel
 from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
 from regcache.status import Status
@@ -146,7 +147,8 @@ def build(config, reactor, reread=None) -> MultiService:
               if config.shared is not None else None)
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
-    fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate))
+    shared = SharedLevel(bucket, store, metrics, reactor) if bucket is not None else None
+    fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate), shared)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
     referrers = ReferrersCache(config.storage, run, tags)

@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from typing import List, NoReturn, Optional
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.processes import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,6 +57,18 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def scrape(url: str):
+    """{(sample name, frozenset of labels): value} of one /metrics page, read with prometheus_client's parser."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
 
 
 def tail(path: str, size: int = 3000) -> str:

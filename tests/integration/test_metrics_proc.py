@@ -13,10 +13,9 @@ import threading
 
 import bcrypt
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import USERS
-from tests.integration.procs import Regcache, wait_for
+from tests.integration.procs import Regcache, scrape, value, wait_for
 from tests.processes import free_port
 
 ACCEPT = {"Accept": ", ".join([
@@ -25,20 +24,6 @@ ACCEPT = {"Accept": ", ".join([
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",
 ])}
-
-
-def scrape(url: str):
-    """{(sample name, frozenset of labels): value} of one /metrics page, read with prometheus_client's parser."""
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples, name, **labels):
-    return samples.get((name, frozenset(labels.items())), 0)
 
 
 #: The password of the one client account, ``builder``.
