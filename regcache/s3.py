@@ -43,6 +43,11 @@ MAX_SMALL_BODY = 8 * 1024 * 1024
 #: alone, and a 100 GiB layer still fits.
 PART_SIZE = 64 * 1024 * 1024
 
+#: The slowest an upload may go, in bytes a second: the deadline of a PUT
+#: whose body is a file is the usual one plus its size at this rate, since
+#: the store answers only once it has every byte.
+UPLOAD_FLOOR = 1024 * 1024
+
 #: What one read of a file being uploaded takes, in the store's threads.
 READ_SIZE = 1024 * 1024
 
@@ -227,15 +232,20 @@ class S3:
 
     async def _request(self, method: str, key: str, query: str = "", headers: Optional[Dict[str, str]] = None,
                        body=None, payload: str = _EMPTY):
-        """The response (body unread) of one signed exchange, its headers due within the deadline."""
+        """
+        The response (body unread) of one signed exchange, its headers due
+        within the deadline, and for a file's body that long plus the time
+        the body may take at UPLOAD_FLOOR.
+        """
         url = self.url(key, query)
         signed = self._signed(method, url, headers or {}, payload)
+        deadline = self.timeout + (body.length / UPLOAD_FLOOR if isinstance(body, _FileRegion) else 0)
         d = self._http.request(method, url, headers=signed, data=body, allow_redirects=False)
-        d.addTimeout(self.timeout, self._reactor)
+        d.addTimeout(deadline, self._reactor)
         try:
             return await d
         except (TimeoutError, CancelledError):
-            raise StorageError(f"the object store did not answer {method} {key} within {self.timeout:g}s")
+            raise StorageError(f"the object store did not answer {method} {key} within {deadline:g}s")
         except StorageError:
             raise
         except Exception as e:
