@@ -251,7 +251,11 @@ class Fill:
             raise IntegrityError(f"upstream sent more than {self.size} bytes for {self.digest}")
         self._writer.write(data)
         self.written += len(data)
-        self.metrics.blob_bytes(self.upstream.key, source, len(data))
+        if self.shared is not None and self.shared.sent(source):
+            # Not upstream's bytes: no pull, and not in its accounting.
+            self.metrics.shared_bytes.labels(self.shared.sent(source)).inc(len(data))
+        else:
+            self.metrics.blob_bytes(self.upstream.key, source, len(data))
         self._notify()
 
     async def run(self) -> None:

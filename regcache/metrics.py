@@ -185,6 +185,11 @@ class Metrics:
             "Looks into the shared bucket for what the local store lacks, by kind and result",
             ["kind", "result"], registry=r,
         )
+        self.shared_bytes = Counter(
+            "regcache_shared_blob_bytes",
+            "Blob bytes received from the shared level instead of upstream: the bucket, or another replica",
+            ["source"], registry=r,
+        )
         # ``result``: uploaded, present (another replica's copy was there
         # first) or failed.
         self.shared_uploads = Counter(

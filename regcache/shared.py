@@ -31,6 +31,10 @@ from regcache.upstream import ResponseStream
 #: The media type blobs are stored under: their own is the manifest's to say.
 BLOB_TYPE = "application/octet-stream"
 
+#: How a fill's source names the bucket (and, with this prefix, another replica).
+BUCKET = "bucket"
+PEER = "peer "
+
 
 def blob_name(digest: Digest) -> str:
     """Where a blob lives in the bucket: sharded by the digest's first byte, as distribution lays them out."""
@@ -107,7 +111,7 @@ class SharedLevel:
                 return await upstream.open_blob(name, digest)
             return stream
 
-        return ResponseStream(response, info.size, start, "bucket", self.idle, resume)
+        return ResponseStream(response, info.size, start, BUCKET, self.idle, resume)
 
     async def open_blob(self, upstream: Remote, name: str, digest: Digest) -> BlobStream:
         """
@@ -141,6 +145,18 @@ class SharedLevel:
             return None
         self.metrics.shared_lookups.labels("blob_head", "hit" if info is not None else "miss").inc()
         return info.size if info is not None and info.size >= 0 else None
+
+    @staticmethod
+    def sent(source: str) -> Optional[str]:
+        """
+        "bucket" or "peer" when a fill's ``source`` is the shared level
+        rather than an upstream, else None: its bytes are not upstream's.
+        """
+        if source == BUCKET:
+            return "bucket"
+        if source.startswith(PEER):
+            return "peer"
+        return None
 
     # Writing
 

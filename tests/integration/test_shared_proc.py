@@ -43,7 +43,14 @@ def test_a_replica_serves_what_another_fetched_from_the_bucket(replicas, hub, im
     assert r.returncode == 0, r.stderr
     assert dir_digests(str(tmp_path / "b")) == expected_files(image)
     assert set(_blob_gets(hub, image).values()) == {1}
-    assert value(scrape(b.url), "regcache_shared_lookups_total", kind="blob", result="hit") == len(image.blobs())
+    m = scrape(b.url)
+    assert value(m, "regcache_shared_lookups_total", kind="blob", result="hit") == len(image.blobs())
+    # B's bytes came from the bucket, and are not counted as upstream's.
+    assert value(m, "regcache_shared_blob_bytes_total", source="bucket") == sum(b.size for b in image.blobs())
+    def upstream_bytes(samples):
+        return sum(v for k, v in samples.items() if k[0] == "regcache_upstream_blob_bytes_total")
+    assert upstream_bytes(m) == 0
+    assert upstream_bytes(scrape(a.url)) >= sum(b.size for b in image.blobs())
 
 
 def test_without_the_bucket_each_replica_goes_on_alone(replicas, seaweed, hub, images, tmp_path):
