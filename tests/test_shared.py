@@ -148,6 +148,41 @@ class LyingBucketTests(SynchronousTestCase):
         self.assertEqual(self.rig.blob_file(self.digest), self.data)
         self.assertEqual(c.body(), self.data)
 
+    def test_a_bucket_that_drips_gives_way_to_upstream(self):
+        """
+        The bucket sends a few bytes every 10 s (never idle long enough to
+        stall, far under the rate floor), from every Range GET too.  The
+        fill must end up reading upstream and land, not give up after
+        three slow windows all spent on the bucket.
+        """
+        c = self.rig.get(self.digest, len(self.data))
+        bodies = []
+        written = 0
+        for _ in range(60):
+            for call in [g for g in self.rig.bucket.gets() if not g[4].called]:
+                at = int(call[2]["Range"][len("bytes="):-1]) if "Range" in call[2] else 0
+                headers = {b"Content-Length": [str(len(self.data) - at).encode()]}
+                if at:
+                    headers[b"Content-Range"] = [f"bytes {at}-{len(self.data) - 1}/{len(self.data)}".encode()]
+                body = BucketBody(206 if at else 200, headers)
+                self.rig.bucket.answer(call, body)
+                bodies.append((body, at))
+            if self.rig.upstream.calls or c.aborted():
+                break
+            body, at = bodies[-1]
+            if not body.ended:
+                sent = written - at if written > at else 0
+                body.feed(self.data[at + sent:at + sent + 100])
+                written = at + sent + 100
+            self.rig.reactor.advance(10)
+        self.assertEqual(len(self.rig.upstream.calls), 1, "the fill never asked upstream")
+        good = FedBody(200, self._length())
+        self.rig.upstream.answer(0, good)
+        good.feed(self.data)
+        good.end()
+        self.assertEqual(self.rig.blob_file(self.digest), self.data)
+        self.assertEqual(c.body(), self.data)
+
     def test_a_bucket_that_streams_without_content_length(self):
         """
         A GET answered without Content-Length (chunked, as a proxy or
