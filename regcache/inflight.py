@@ -337,6 +337,12 @@ class Fill:
                     raise UpstreamError(f"upstream {stream.source} keeps ending the blob {self.digest} early")
             # The upstream that sent the bytes so far sends the rest.
             stream = await stream.resume(self.written)
+            if (self.shared is not None and self.shared.sent(self.source)
+                    and not self.shared.sent(stream.source)):
+                # Upstream after the bucket (once a fill at most) has
+                # stalls of its own to spend: the bucket's are not held
+                # against it.
+                stalled = 0
 
     def _sized(self, stream: BlobStream) -> None:
         """

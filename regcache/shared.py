@@ -40,9 +40,10 @@ PEER = "peer "
 
 #: Resumes of a bucket read from the bucket, per fill, after which the rest
 #: comes from upstream; a bucket read that made no progress at all is
-#: resumed from upstream at once.  A bucket that stalls or drips costs a
-#: little time, never the pull.
-MAX_BUCKET_RESUMES = 2
+#: resumed from upstream at once.  Fewer than a fill's stalls in a row
+#: (Fill.MAX_STALLED_RESUMES), so that a bucket that stalls or drips costs
+#: a little time, never the pull.
+MAX_BUCKET_RESUMES = 1
 
 #: Copies in the bucket a fill found wrong (or failed on), not read again
 #: for DISTRUST_SECONDS: the next fill of the digest goes upstream.  At most
