@@ -25,6 +25,7 @@ class BucketBody(FedBody):
     def __init__(self, code=200, headers=None, method=b"GET"):
         super().__init__(code, headers)
         self.request = SimpleNamespace(method=method)
+        self.phrase = b"OK"
         # As Twisted's client does: a body reader that stops producing
         # loses the connection.
         self.transport.stopProducing = self.die
@@ -57,6 +58,12 @@ class HandFedBucket:
 
     def answer(self, call, body):
         call[4].callback(body)
+
+    def written(self, call):
+        """Answer a PUT: 200, with an empty body."""
+        body = BucketBody(200, {b"Content-Length": [b"0"]}, method=b"PUT")
+        call[4].callback(body)
+        body.end()
 
 
 def blob_path(digest):
@@ -224,5 +231,40 @@ class UploadTests(SynchronousTestCase):
         self.assertEqual(len(puts), 1)
         drained = self.rig.fills.drain()
         self.assertNoResult(drained)
-        self.rig.bucket.answer(puts[0], BucketBody(200, {b"Content-Length": [b"0"]}, method=b"PUT"))
+        self.rig.bucket.written(puts[0])
         self.successResultOf(drained)
+
+    def test_uploads_to_a_slow_bucket_are_bounded(self):
+        """
+        A bucket that takes its time over PUTs (it answers only once it has
+        every byte, at whatever rate it likes): each blob landed from
+        upstream starts an upload that pins the blob until it ends.  They
+        must not all run at once: every one holds a connection, a
+        descriptor and a pin, and pinned blobs cannot be evicted, so the
+        local level (an emptyDir with a size limit) would grow past its
+        limit while the bucket is slow.
+        """
+        blobs = [blob(64 * 1024, seed=b"%d" % i) for i in range(12)]
+        for i, (data, digest) in enumerate(blobs):
+            c = self.rig.get(digest, len(data))
+            get = [g for g in self.rig.bucket.gets() if not g[4].called][0]
+            self.rig.bucket.answer(get, BucketBody(404, {b"Content-Length": [b"0"]}))
+            body = FedBody(200, {b"Content-Length": [str(len(data)).encode()]})
+            self.rig.upstream.answer(i, body)
+            body.feed(data)
+            body.end()
+            self.assertEqual(c.body(), data)
+        puts = [call for call in self.rig.bucket.calls if call[0] == "PUT"]
+        self.assertLessEqual(len(puts), 4, "one upload under way per landed blob, however slow the bucket")
+        self.assertLessEqual(len(self.rig.store.index.pins), 4)
+        # Each upload still happens, in turn.
+        done = 0
+        while True:
+            pending = [call for call in self.rig.bucket.calls if call[0] == "PUT" and not call[4].called]
+            if not pending:
+                break
+            for call in pending:
+                self.rig.bucket.written(call)
+                done += 1
+        self.assertEqual(done, len(blobs))
+        self.assertEqual(self.rig.store.index.pins, {})
