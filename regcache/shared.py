@@ -18,10 +18,10 @@ the blob comes from upstream as it would without it, a pull never fails
 for it, and a blob that could not be uploaded is only not shared.
 """
 
-from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from collections import OrderedDict, deque
+from typing import Deque, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 
 from regcache.errors import IntegrityError
@@ -50,6 +50,13 @@ MAX_BUCKET_RESUMES = 1
 #: this many are remembered, the oldest forgotten first.
 MAX_DISTRUSTED = 4096
 DISTRUST_SECONDS = 600.0
+
+#: Uploads to the bucket at once; the rest wait their turn unpinned (a blob
+#: evicted meanwhile is only not shared), at most MAX_QUEUED of them, the
+#: oldest given up first.  Each upload under way holds a connection, a
+#: descriptor and a pin that keeps its blob from eviction.
+MAX_UPLOADS = 4
+MAX_QUEUED = 10_000
 
 
 def blob_name(digest: Digest) -> str:
@@ -101,8 +108,11 @@ class SharedLevel:
         self._read: Dict[Digest, str] = {}
         #: Digests whose bucket copy is not to be read, until when.
         self._distrusted: "OrderedDict[Digest, float]" = OrderedDict()
-        #: Uploads under way, for a shutdown to wait for.
-        self._uploads: Dict[int, Deferred] = {}
+        #: Uploads waiting their turn, (digest, size), and how many run.
+        self._queue: Deque[Tuple[Digest, int]] = deque()
+        self._active = 0
+        #: Shutdowns waiting for the uploads to end.
+        self._idle: List[Deferred] = []
 
     # Reading
 
@@ -219,11 +229,38 @@ class SharedLevel:
         if not self._fetched.pop(digest, False):
             self.coordinator.release(digest)
             return
-        unpin = self.store.pin(digest)
-        d = Deferred.fromCoroutine(self._upload(digest, size))
-        self._uploads[id(d)] = d
-        d.addBoth(lambda result: (unpin(), self.coordinator.release(digest), self._uploads.pop(id(d), None),
-                                  result)[3])
+        self._queue.append((digest, size))
+        while len(self._queue) > MAX_QUEUED:
+            dropped, _ = self._queue.popleft()
+            self.metrics.shared_uploads.labels("blob", "failed").inc()
+            self.log.warn("Not sharing {digest}: too many uploads waiting", digest=str(dropped))
+            self.coordinator.release(dropped)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._active < MAX_UPLOADS and self._queue:
+            digest, size = self._queue.popleft()
+            if digest not in self.store.index:
+                # Evicted while it waited: nothing left to share.
+                self.metrics.shared_uploads.labels("blob", "failed").inc()
+                self.coordinator.release(digest)
+                continue
+            self._active += 1
+            unpin = self.store.pin(digest)
+            d = Deferred.fromCoroutine(self._upload(digest, size))
+            d.addErrback(lambda f, digest=digest: self.log.failure("Sharing {digest} failed", f,
+                                                                   digest=str(digest)))
+            d.addBoth(lambda _, digest=digest, unpin=unpin: self._uploaded(digest, unpin))
+        if not self._active and not self._queue:
+            idle, self._idle = self._idle, []
+            for w in idle:
+                w.callback(None)
+
+    def _uploaded(self, digest: Digest, unpin) -> None:
+        unpin()
+        self.coordinator.release(digest)
+        self._active -= 1
+        self._pump()
 
     def failed(self, digest: Digest, error: Optional[BaseException] = None, source: Optional[str] = None) -> None:
         """
@@ -247,8 +284,12 @@ class SharedLevel:
         self.coordinator.release(digest)
 
     def uploads(self) -> Deferred:
-        """A Deferred that fires once every upload under way has ended (for a shutdown to wait for)."""
-        return DeferredList(list(self._uploads.values()), consumeErrors=True)
+        """A Deferred that fires once every upload under way or waiting has ended (for a shutdown to wait for)."""
+        if not self._active and not self._queue:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d
 
     async def _upload(self, digest: Digest, size: int) -> None:
         path = self.store.blob_path(digest)
