@@ -273,7 +273,8 @@ class SharedLevel:
         """
         etag = self._read.pop(digest, None)
         self._fetched.pop(digest, None)
-        if etag is not None:
+        if etag is not None and not isinstance(error, OSError):
+            # (A local disk's failure says nothing of the bucket's copy.)
             self._distrust(digest)
             if isinstance(error, IntegrityError) and source == BUCKET:
                 self.log.warn("The bucket's copy of {digest} is wrong ({error}): removing it",
