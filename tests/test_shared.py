@@ -207,6 +207,30 @@ class LyingBucketTests(SynchronousTestCase):
         self.assertEqual(c.body(), self.data)
 
 
+class DeadBucketTests(SynchronousTestCase):
+    def test_a_bucket_that_does_not_answer_is_remembered(self):
+        """
+        A bucket that does not answer at all (a partition, a blackholed
+        address) costs a miss its 2 s deadline.  As a sick upstream is
+        remembered, it must not cost every following miss (and every HEAD)
+        the same 2 s: the next miss soon after goes upstream at once.
+        """
+        rig = SharedRig()
+        (d1, s1), (d2, s2) = blob(1024, b"one"), blob(1024, b"two")
+        first = rig.get(s1, len(d1))
+        self.assertEqual(len(rig.bucket.gets()), 1)
+        rig.reactor.advance(2.1)
+        self.assertEqual(len(rig.upstream.calls), 1)
+        second = rig.get(s2, len(d2))
+        self.assertEqual(len(rig.upstream.calls), 2, "the second miss waited for the dead bucket again")
+        for i, data in enumerate((d1, d2)):
+            body = FedBody(200, {b"Content-Length": [str(len(data)).encode()]})
+            rig.upstream.answer(i, body)
+            body.feed(data)
+            body.end()
+        self.assertEqual((first.body(), second.body()), (d1, d2))
+
+
 class UploadTests(SynchronousTestCase):
     def setUp(self):
         self.rig = SharedRig()
