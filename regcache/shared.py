@@ -51,6 +51,13 @@ MAX_BUCKET_RESUMES = 1
 MAX_DISTRUSTED = 4096
 DISTRUST_SECONDS = 600.0
 
+#: After the bucket did not answer (a timeout, a refused or reset
+#: connection), reads skip it for this long, doubling while it stays
+#: silent up to MAX_BREAK; one read then probes it, and an answer ends the
+#: break.  A blackholed bucket costs one deadline, not one per miss.
+BREAK = 2.0
+MAX_BREAK = 60.0
+
 #: Uploads to the bucket at once; the rest wait their turn unpinned (a blob
 #: evicted meanwhile is only not shared), at most MAX_QUEUED of them, the
 #: oldest given up first.  Each upload under way holds a connection, a
@@ -108,6 +115,9 @@ class SharedLevel:
         self._read: Dict[Digest, str] = {}
         #: Digests whose bucket copy is not to be read, until when.
         self._distrusted: "OrderedDict[Digest, float]" = OrderedDict()
+        #: Reads skip the bucket until then (see BREAK), after ``_break`` s.
+        self._broken_until = 0.0
+        self._break = 0.0
         #: Uploads waiting their turn, (digest, size), and how many run.
         self._queue: Deque[Tuple[Digest, int]] = deque()
         self._active = 0
@@ -139,10 +149,12 @@ class SharedLevel:
 
         async def resume(offset: int) -> BlobStream:
             stream = None
-            if offset > start and resumes < MAX_BUCKET_RESUMES:
+            if offset > start and resumes < MAX_BUCKET_RESUMES and self._usable():
                 try:
                     stream = await self._bucket_stream(upstream, name, digest, offset, resumes + 1)
+                    self._answered()
                 except StorageError as e:
+                    self._answered(e)
                     self.log.warn("Reading {digest} from the bucket failed at byte {offset}: {error}; "
                                   "upstream sends the rest", digest=str(digest), offset=offset, error=str(e))
             else:
@@ -156,6 +168,18 @@ class SharedLevel:
         # A GET without Content-Length (chunked) is of a size not yet known.
         total = info.size if info.size >= 0 else None
         return ResponseStream(response, total, start, BUCKET, self.idle, resume)
+
+    def _usable(self) -> bool:
+        return self.reactor.seconds() >= self._broken_until
+
+    def _answered(self, error: Optional[StorageError] = None) -> None:
+        """Note how the bucket answered a read: silence starts (or lengthens) a break, an answer ends it."""
+        if error is None or error.status is not None:
+            self._break = 0.0
+            return
+        self._break = min(max(self._break * 2, BREAK), MAX_BREAK)
+        self._broken_until = self.reactor.seconds() + self._break
+        self.log.warn("The bucket did not answer: reads skip it for {seconds:g}s", seconds=self._break)
 
     def _trusted(self, digest: Digest) -> bool:
         until = self._distrusted.get(digest)
@@ -179,8 +203,13 @@ class SharedLevel:
         """
         self._read.pop(digest, None)
         try:
+            if not self._usable():
+                raise StorageError("the bucket did not answer lately")
             stream = await self._bucket_stream(upstream, name, digest, 0) if self._trusted(digest) else None
+            self._answered()
         except StorageError as e:
+            if self._usable():
+                self._answered(e)
             self.metrics.shared_lookups.labels("blob", "failed").inc()
             self.log.warn("The bucket cannot be read for {digest}: {error}; asking upstream",
                           digest=str(digest), error=str(e))
@@ -197,9 +226,14 @@ class SharedLevel:
     async def blob_size(self, digest: Digest) -> Optional[int]:
         """The size of the bucket's copy of ``digest``, for a HEAD: None when it has none or cannot say."""
         try:
+            if not self._usable():
+                raise StorageError("the bucket did not answer lately")
             info = await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
                                       f"HEAD {blob_name(digest)}")
+            self._answered()
         except StorageError as e:
+            if self._usable():
+                self._answered(e)
             self.metrics.shared_lookups.labels("blob_head", "failed").inc()
             self.log.warn("The bucket cannot be asked about {digest}: {error}", digest=str(digest), error=str(e))
             return None
