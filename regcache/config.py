@@ -653,12 +653,13 @@ def shared_settings(given: Mapping[str, str], raw: Mapping[str, Optional[str]], 
     scheme = urlsplit(endpoint).scheme
     if scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
         raise ConfigError(f"--s3-endpoint: not an http(s) URL: {endpoint!r}")
-    secret_file = value("s3-secret-key-file", s3.get("secret_key_file"))
-    if secret_file:
-        secret = _read_password("--s3-secret-key-file", secret_file)
-    else:
-        secret = next((environ[e] for e in ("REGCACHE_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY") if environ.get(e)),
-                      None)
+    # The command line and the environment win over the file, the secret
+    # as every other key: a secret given in the environment is never
+    # overridden by the file's secret_key_file.
+    from_env = next((environ[e] for e in ("REGCACHE_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY") if environ.get(e)),
+                    None)
+    secret_file = given.get("s3-secret-key-file") or (None if from_env else s3.get("secret_key_file"))
+    secret = _read_password("--s3-secret-key-file", secret_file) if secret_file else from_env
     if not secret:
         raise ConfigError("--s3-secret-key-file: needed with --storage-backend s3 "
                           "(or set REGCACHE_S3_SECRET_KEY)")

@@ -285,12 +285,12 @@ class Fill:
             # own descriptors, which outlive the temp file's name.
             await self._writer.commit()
             self.metrics.fills.labels("landed").inc()
-        except BaseException:
+        except BaseException as e:
             if self._writer is not None:
                 self._writer.discard()
             self.metrics.fills.labels("failed").inc()
             if self.shared is not None:
-                self.shared.failed(self.digest)
+                self.shared.failed(self.digest, e, self.source)
             raise
         else:
             if self.shared is not None:
@@ -337,6 +337,12 @@ class Fill:
                     raise UpstreamError(f"upstream {stream.source} keeps ending the blob {self.digest} early")
             # The upstream that sent the bytes so far sends the rest.
             stream = await stream.resume(self.written)
+            if (self.shared is not None and self.shared.sent(self.source)
+                    and not self.shared.sent(stream.source)):
+                # Upstream after the bucket (once a fill at most) has
+                # stalls of its own to spend: the bucket's are not held
+                # against it.
+                stalled = 0
 
     def _sized(self, stream: BlobStream) -> None:
         """
@@ -457,6 +463,10 @@ class Fills:
             w: Deferred = Deferred()
             d.addBoth(lambda r, w=w: (w.callback(None), r)[1])
             waits.append(w)
+        if self.shared is not None:
+            # A fill that landed may still be going up to the bucket: a
+            # restart that drops it leaves the blob in neither level.
+            waits.append(DeferredList(waits).addCallback(lambda _: self.shared.uploads()))
         return DeferredList(waits)
 
 

@@ -255,7 +255,7 @@ class S3:
         """A response body of at most MAX_SMALL_BODY, read within the deadline."""
         length = response.length
         if length is not UNKNOWN_LENGTH and length > MAX_SMALL_BODY:
-            response.deliverBody(_Discard())
+            self._discard(response, give_up=True)
             raise StorageError(f"the object store sent {length} bytes for {what}, more than {MAX_SMALL_BODY}")
         d = readBody(response)
         d.addTimeout(self.timeout, self._reactor)
@@ -277,6 +277,12 @@ class S3:
         return StorageError(f"the object store answered {response.code} to {what}: {_error_code(body)}",
                             response.code)
 
+    def _discard(self, response, give_up: bool = False) -> None:
+        """Drop a body nobody wants: a small one read within the deadline, any other given up."""
+        # A HEAD has no body, whatever length its headers give.
+        length = 0 if response.request.method == b"HEAD" else response.length
+        response.deliverBody(_Discard(self._reactor, self.timeout, give_up, length))
+
     def _create_only(self) -> Dict[str, str]:
         return {"x-goog-if-generation-match": "0"} if self.settings.gcs else {"If-None-Match": "*"}
 
@@ -285,7 +291,7 @@ class S3:
     async def head(self, name: str) -> Optional[ObjectInfo]:
         key = self.key(name)
         response = await self._request("HEAD", key)
-        response.deliverBody(_Discard())
+        self._discard(response)
         if response.code == 404:
             return None
         if response.code != 200:
@@ -302,16 +308,20 @@ class S3:
         headers = {"Range": f"bytes={start}-"} if start else {}
         response = await self._request("GET", key, headers=headers)
         if response.code == 404:
-            response.deliverBody(_Discard())
+            self._discard(response)
             return None
         if response.code not in (200, 206) or (start and response.code != 206):
             raise await self._failed(response, f"GET {key}")
         info = _info(response)
         if response.code == 206:
-            total = _range_total(response)
+            first, total = _range(response)
             if total is None:
-                response.deliverBody(_Discard())
+                self._discard(response, give_up=True)
                 raise StorageError(f"the object store sent a 206 for {key} without the object's size")
+            if first != start:
+                # Its bytes would land at the wrong place in the blob.
+                self._discard(response, give_up=True)
+                raise StorageError(f"the object store resumed {key} at the wrong place: byte {first}, not {start}")
             info = ObjectInfo(total, info.etag, info.metadata)
         return info, response
 
@@ -342,7 +352,7 @@ class S3:
 
     async def _written(self, response, what: str) -> bool:
         if response.code in (412, 409):
-            response.deliverBody(_Discard())
+            self._discard(response)
             return False
         if response.code not in (200, 201, 204):
             raise await self._failed(response, what)
@@ -387,7 +397,7 @@ class S3:
                     body=_FileRegion(path, offset, length, self._run), payload="UNSIGNED-PAYLOAD")
                 if response.code != 200:
                     raise await self._failed(response, f"part {number} of {key}")
-                response.deliverBody(_Discard())
+                self._discard(response)
                 etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
                 etags.append((number, etag))
             xml = "<CompleteMultipartUpload>" + "".join(
@@ -408,7 +418,7 @@ class S3:
     async def _abort(self, key: str, upload: str) -> None:
         try:
             response = await self._request("DELETE", key, f"uploadId={quote(upload, safe='')}")
-            response.deliverBody(_Discard())
+            self._discard(response)
         except StorageError as e:
             self.log.warn("Could not abort the upload of {key}: {error}", key=key, error=str(e))
 
@@ -417,7 +427,7 @@ class S3:
         key = self.key(name)
         headers = {"If-Match": if_match} if if_match else {}
         response = await self._request("DELETE", key, headers=headers)
-        response.deliverBody(_Discard())
+        self._discard(response)
         if response.code == 412:
             return False
         if response.code not in (200, 204, 404):
@@ -448,26 +458,58 @@ class S3:
     async def create_bucket(self) -> None:
         """Make the bucket if it is not there (SeaweedFS, tests); a cloud bucket is the operator's."""
         response = await self._request("HEAD", "")
-        response.deliverBody(_Discard())
+        self._discard(response)
         if response.code == 200:
             return
         response = await self._request("PUT", "")
         if response.code not in (200, 409):
             raise await self._failed(response, f"creating the bucket {self.settings.bucket}")
-        response.deliverBody(_Discard())
+        self._discard(response)
+
+
+#: The most of an unwanted body read to its end so its connection can be
+#: used again; a larger one (or one of unknown length) gives it up.
+MAX_DISCARD = 64 * 1024
 
 
 class _Discard:
-    """A body nobody wants, read and dropped so the connection goes back to the pool."""
+    """
+    A body nobody wants: read and dropped, so the connection goes back to
+    the pool, if it is small and ends within ``timeout``; else the
+    connection is given up, so a store that drips or sends a huge body
+    cannot hold a socket for ever.
+    """
+
+    def __init__(self, reactor=None, timeout: float = 10.0, give_up: bool = False, length=UNKNOWN_LENGTH):
+        self._reactor = reactor
+        self._timeout = timeout
+        self._give_up = give_up or length is UNKNOWN_LENGTH or length > MAX_DISCARD
+        self._transport = None
+        self._timer = None
+        self._read = 0
 
     def makeConnection(self, transport):
-        pass
+        self._transport = transport
+        if self._give_up:
+            transport.stopProducing()
+        elif self._reactor is not None:
+            self._timer = self._reactor.callLater(self._timeout, self._stop)
+
+    def _stop(self):
+        self._timer = None
+        if self._transport is not None:
+            self._transport.stopProducing()
 
     def dataReceived(self, data):
-        pass
+        self._read += len(data)
+        if self._read > MAX_DISCARD and self._transport is not None:
+            self._transport.stopProducing()
 
     def connectionLost(self, reason):
-        pass
+        self._transport = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
 
 def _info(response) -> ObjectInfo:
@@ -487,10 +529,14 @@ def _info(response) -> ObjectInfo:
     return ObjectInfo(size, etag, metadata)
 
 
-def _range_total(response) -> Optional[int]:
+def _range(response) -> Tuple[Optional[int], Optional[int]]:
+    """(the first byte, the whole object's size) a 206's Content-Range names, each None if unreadable."""
     value = response.headers.getRawHeaders(b"content-range", [b""])[0].decode("latin-1")
-    total = value.rpartition("/")[2]
-    return int(total) if total.isdigit() else None
+    unit, _, rest = value.partition(" ")
+    span, _, total = rest.partition("/")
+    first = span.partition("-")[0]
+    return (int(first) if unit == "bytes" and first.isdigit() else None,
+            int(total) if total.isdigit() else None)
 
 
 def _meta(metadata: Optional[Dict[str, str]]) -> Dict[str, str]:

@@ -67,3 +67,22 @@ def test_bad_settings_name_the_setting(cli, env, fragment):
     """Each mistake stops start-up with the option it concerns."""
     with pytest.raises(ConfigError, match=fragment):
         load(cli, env)
+
+
+def test_the_environment_wins_over_the_files_secret_key_file(tmp_path):
+    """
+    The schema says the command line and the environment win over the
+    file's keys.  With the access key from the environment (AWS_ACCESS_KEY_ID,
+    as many pods get it) and the secret there too, the file's
+    secret_key_file must not pair its secret with the environment's key id:
+    a mismatched pair is refused by the store on every request.
+    """
+    secret = tmp_path / "secret"
+    secret.write_text("file-secret\n")
+    f = tmp_path / "regcache.yaml"
+    f.write_text(
+        "upstreams:\n  - {name: hub, urls: [https://registry-1.docker.io]}\n"
+        "storage:\n  backend: s3\n"
+        f"  s3: {{endpoint: 'http://seaweedfs:8333', bucket: cache, access_key: file-id, secret_key_file: {secret}}}\n")
+    shared = load({"config": str(f)}, {"AWS_ACCESS_KEY_ID": "env-id", "AWS_SECRET_ACCESS_KEY": "env-secret"}).shared
+    assert (shared.bucket.access_key, shared.bucket.secret_key) == ("env-id", "env-secret")

@@ -193,3 +193,60 @@ def test_a_presigned_url_needs_no_credentials_and_expires():
 def test_the_secret_never_shows_in_the_settings_repr():
     """Settings are logged; the secret key is not in what is logged."""
     assert "secret" not in repr(SETTINGS)
+
+
+def test_a_range_read_from_the_wrong_offset_is_refused():
+    """
+    A 206 whose Content-Range starts elsewhere than asked (a lying or
+    broken store) would put its bytes at the wrong place in the blob: it
+    is refused, as upstream's are (regcache.upstream._extent).
+    """
+    http = FakeHTTP(FakeResponse(206, b"0123456789", headers={b"content-range": b"bytes 0-9/10"}))
+    with pytest.raises(StorageError, match="wrong place|offset|start"):
+        run(s3(http).open("blobs/x", start=6))
+
+
+class _Endless:
+    """A response body that never ends: records whether its reader gave the connection up."""
+
+    def __init__(self, code, length, method=b"GET"):
+        self.code = code
+        self.phrase = b"Phrase"
+        self.headers = Headers({})
+        self.length = length
+        self.request = type("Request", (), {"method": method})()
+        self.stopped = False
+
+    def deliverBody(self, protocol):
+        body = self
+
+        class T(_Transport):
+            def stopProducing(self):
+                body.stopped = True
+
+        protocol.makeConnection(T())
+        protocol.dataReceived(b"x" * 1024)
+
+
+def test_a_huge_body_refused_unread_gives_its_connection_up():
+    """
+    A body past MAX_SMALL_BODY is refused: its connection is given up,
+    not read to its (maybe never coming) end, holding a socket for ever.
+    """
+    response = _Endless(200, 1 << 40)
+    with pytest.raises(StorageError, match="more than"):
+        run(s3(FakeHTTP(response)).read("manifests/x"))
+    assert response.stopped
+
+
+def test_an_unwanted_body_that_never_ends_is_given_up_at_the_deadline():
+    """
+    A 404 (or any answer whose body is not wanted) whose body drips or
+    hangs is read to its end at most for the deadline, then its connection
+    is given up: a lying store cannot hold one socket per request.
+    """
+    clock = Clock()
+    response = _Endless(404, 4096)
+    assert run(s3(FakeHTTP(response), clock).open("blobs/x")) is None
+    clock.advance(11)
+    assert response.stopped

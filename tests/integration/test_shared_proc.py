@@ -73,3 +73,39 @@ def test_without_the_bucket_each_replica_goes_on_alone(replicas, seaweed, hub, i
     assert r.returncode == 0, r.stderr
     assert dir_digests(str(tmp_path / "b")) == expected_files(image)
     assert value(scrape(b.url), "regcache_shared_lookups_total", kind="blob", result="failed") >= 1
+
+
+def _bucket_put(seaweed, key, body):
+    """Write ``body`` at ``key`` in the bucket behind regcache's back, as a buggy or hostile writer would."""
+    import urllib.request
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from tests.integration.seaweed import ACCESS_KEY, SECRET_KEY
+
+    url = f"{seaweed.endpoint}/{seaweed.bucket}/{key}"
+    request = AWSRequest(method="PUT", url=url, data=body)
+    S3SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", "us-east-1").add_auth(request)
+    r = urllib.request.Request(url, data=body, method="PUT", headers=dict(request.headers))
+    with urllib.request.urlopen(r, timeout=30) as answer:
+        assert answer.status == 200
+
+
+def test_a_wrong_copy_in_the_bucket_does_not_fail_every_pull(replicas, seaweed, hub, images, tmp_path):
+    """
+    The bucket holds wrong bytes (of the right length) under a blob's
+    name: SeaweedFS stores a PUT whatever its payload hash, and a bucket
+    is shared with whatever else writes to it.  A pull through a replica
+    may fail once on it (its bytes were streamed before they could be
+    checked), but not every pull, for ever, on every replica: the next
+    one gets the blob from upstream.
+    """
+    (a,) = replicas(1)
+    image = images["library/small:1"]
+    victim = max(image.blobs(), key=lambda b: b.size)
+    _bucket_put(seaweed, f"blobs/sha256/{victim.hex[:2]}/{victim.hex}", b"\0" * victim.size)
+    results = [skopeo_pull(f"{a.host}/library/small:1", str(tmp_path / f"p{i}")) for i in range(3)]
+    assert results[-1].returncode == 0, "every pull failed on the bucket's wrong copy:\n" + results[-1].stderr
+    assert dir_digests(str(tmp_path / "p2")) == expected_files(image)
