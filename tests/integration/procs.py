@@ -5,6 +5,7 @@ pytest holds no reactor: every server a test talks to is a subprocess, and
 the test talks to it with plain sockets, urllib, skopeo or ctr.
 """
 
+import glob
 import os
 import resource
 import signal
@@ -138,11 +139,22 @@ class Regcache:
         return self.start()
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        """
+        The whole log, oldest first: twistd rotates it at 1 MB (to ``.1``,
+        the older ones to ``.2``, ``.3``...), and a busy run, the soak, writes
+        several; the current file alone would hide what came first.
+        """
+        rotated = [path for path in glob.glob(glob.escape(self.log_path) + ".*")
+                   if path.rsplit(".", 1)[1].isdigit()]
+        rotated.sort(key=lambda path: int(path.rsplit(".", 1)[1]), reverse=True)
+        text = []
+        for path in rotated + [self.log_path]:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text.append(f.read())
+            except FileNotFoundError:
+                continue
+        return "".join(text)
 
     def get(self, path: str, method: str = "GET", headers=None, timeout: float = 60):
         """(status, headers, body) of one request; errors are answers too."""

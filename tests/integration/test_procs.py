@@ -1,7 +1,8 @@
 # test-case-name: tests.integration.test_procs
 """
 The helper that starts regcache for the real-process tests: a process that
-writes a lot to stderr is not stopped by it, and a start that fails says why.
+writes a lot to stderr is not stopped by it, a start that fails says why,
+and its log is read whole, rotated files included.
 """
 
 import os
@@ -40,3 +41,16 @@ def test_a_failed_start_says_why(tmp_path):
     with pytest.raises(RuntimeError, match=r"regcache: --tag-ttl: not a duration: 'soon'"):
         rc.start()
     assert rc.proc.poll() is not None
+
+
+def test_the_log_includes_its_rotated_files(tmp_path):
+    """
+    ``log()`` is every line twistd wrote, oldest first, across the files
+    it rotated to (``.2`` older than ``.1``, older than the current one),
+    so a count over a long run's log misses nothing.
+    """
+    rc = Regcache(str(tmp_path / "store"), None)
+    for suffix, line in ((".2", "first\n"), (".1", "second\n"), ("", "third\n"), (".tmp", "not a log\n")):
+        with open(rc.log_path + suffix, "w") as f:
+            f.write(line)
+    assert rc.log() == "first\nsecond\nthird\n"
