@@ -284,13 +284,19 @@ def parse_networks(name: str, values: Sequence[str]) -> tuple:
     ``10.0.0.0/8``, ``fd00::/8`` or one address (``192.0.2.7``) each, as
     ipaddress networks.  A network with host bits set is refused rather
     than widened: ``10.1.2.3/8`` is more likely a typo than ``10.0.0.0/8``.
+    An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) is its IPv4 one,
+    as client addresses are (clientauth.client_ip).
     """
     out = []
     for value in values:
         try:
-            out.append(ipaddress.ip_network(str(value).strip()))
+            network = ipaddress.ip_network(str(value).strip())
         except ValueError as e:
             raise ConfigError(f"{name}: not a network: {str(value)[:60]!r} ({e})") from None
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            network = ipaddress.ip_network((mapped, network.prefixlen - 96))
+        out.append(network)
     return tuple(out)
 
 
