@@ -26,7 +26,7 @@ import jsonschema
 import yaml
 from urllib.parse import urlsplit
 
-from regcache.rules import PatternError, Rule, RuleSet, name_regex, tag_regex
+from regcache.rules import ANONYMOUS, TRUSTED, PatternError, Rule, RuleSet, name_regex, tag_regex
 
 DOCKER_HUB = "https://registry-1.docker.io"
 
@@ -889,8 +889,17 @@ def _metrics(where: _Located, metrics: Mapping[str, Any]) -> dict:
     return out
 
 
+#: The groups the policy gives every client it applies to; a group of the
+#: same name in the file would silently merge with one of them.
+_BUILT_IN_GROUPS = {ANONYMOUS: "clients without credentials", TRUSTED: "clients on a trusted network"}
+
+
 def _auth(where: _Located, auth: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The ``auth`` section, its networks checked where the file names them."""
+    """The ``auth`` section, its networks and group names checked where the file names them."""
+    for name in auth.get("groups", {}):
+        if name in _BUILT_IN_GROUPS:
+            raise where.error(["auth", "groups", name], f"{name!r} is a built-in group ({_BUILT_IN_GROUPS[name]}): "
+                              "give yours another name")
     for key in ("trusted_networks", "trusted_proxies"):
         for i, value in enumerate(auth.get(key, [])):
             try:
