@@ -2,14 +2,22 @@
 """
 The helper that starts regcache for the real-process tests: a process that
 writes a lot to stderr is not stopped by it, a start that fails says why,
-and its log is read whole, rotated files included.
+a port taken between its pick and the bind is picked again, and its log is
+read whole, rotated files included.
 """
 
+import http.server
 import os
+import socket
+import threading
+import urllib.request
 
 import pytest
 
+from tests.fakes import registry
+from tests.integration import procs
 from tests.integration.procs import Regcache, closed_port
+from tests.processes import free_port
 
 #: Linux's default pipe buffer: what a pipe nobody reads holds before the
 #: writer blocks.
@@ -54,3 +62,55 @@ def test_the_log_includes_its_rotated_files(tmp_path):
         with open(rc.log_path + suffix, "w") as f:
             f.write(line)
     assert rc.log() == "first\nsecond\nthird\n"
+
+
+class _Impostor(http.server.BaseHTTPRequestHandler):
+    """Whatever took the port first: it answers every GET with a 200, /readyz included."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_port_taken_before_the_bind_is_picked_again(tmp_path, monkeypatch):
+    """
+    The port the helper picked is taken (here by a server that answers
+    /readyz itself) before regcache binds it: the start is not fooled by
+    the other server's answer, and regcache ends up serving on a port of
+    its own, which the helper's URL names.
+    """
+    impostor = http.server.HTTPServer(("127.0.0.1", 0), _Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    picks = iter([impostor.server_address[1]])
+    upstream = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(procs, "free_port", lambda: next(picks, None) or free_port())
+    rc = Regcache(str(tmp_path / "store"), upstream)
+    try:
+        assert rc.port == impostor.server_address[1]
+        rc.start()
+        assert rc.port != impostor.server_address[1]
+        status, headers, _ = rc.get("/v2/")
+        assert (status, headers["Docker-Distribution-API-Version"]) == (200, "registry/2.0")
+    finally:
+        rc.stop()
+        impostor.shutdown()
+
+
+def test_a_real_registry_whose_port_is_taken_picks_another(tmp_path, monkeypatch):
+    """
+    docker-registry finding its picked port taken (it exits: address
+    already in use) is started again on another, and answers there.
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(registry, "free_port", lambda: next(picks, None) or free_port())
+        with registry.RealRegistry(tmp_path / "registry") as real:
+            assert real.port != taken.getsockname()[1]
+            with urllib.request.urlopen(real.url + "/v2/", timeout=10) as r:
+                assert r.status == 200
