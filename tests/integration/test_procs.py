@@ -2,11 +2,13 @@
 """
 The helper that starts regcache for the real-process tests: a process that
 writes a lot to stderr is not stopped by it, a start that fails says why,
-a port taken between its pick and the bind is picked again, and its log is
-read whole, rotated files included.
+a port taken between its pick and the bind is picked again, its log is
+read whole, rotated files included, and the fake Hub the tests share is
+as it started for each.
 """
 
 import http.server
+import json
 import os
 import socket
 import threading
@@ -16,6 +18,7 @@ import pytest
 
 from tests.fakes import registry
 from tests.integration import procs
+from tests.integration.conftest import fresh
 from tests.integration.procs import Regcache, closed_port
 from tests.processes import free_port
 
@@ -114,3 +117,44 @@ def test_a_real_registry_whose_port_is_taken_picks_another(tmp_path, monkeypatch
             assert real.port != taken.getsockname()[1]
             with urllib.request.urlopen(real.url + "/v2/", timeout=10) as r:
                 assert r.status == 200
+
+
+def test_the_shared_hub_is_fresh_for_each_test(hub_process, images):
+    """
+    Whatever a test left the shared fake Hub in (a mode, a fault, a host
+    down, a moved tag, referrers off, a spent rate limit, counters), the
+    next test finds it as it started.
+    """
+    hub = fresh(hub_process)
+    started = hub.stats()
+    with urllib.request.urlopen(f"{hub.auth_url}/token?service=registry.docker.io"
+                                "&scope=repository:library/small:pull", timeout=10) as r:
+        token = json.loads(r.read())["token"]
+    hub.mode("429-abuse")
+    hub.fault("reset", scope="blobs", times=3)
+    hub.move_tag("library/small", "1", image="library/small:1#2")
+    hub.referrers(False)
+    hub.ratelimit(5, 0)
+    hub.down("cdn")
+    fresh(hub)
+
+    def manifest_digest():
+        request = urllib.request.Request(f"{hub.registry_url}/v2/library/small/manifests/1", method="HEAD",
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Accept": images["library/small:1"].media_type})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.headers["Docker-Content-Digest"]
+
+    assert manifest_digest() == images["library/small:1"].digest
+    referrers = urllib.request.Request(
+        f"{hub.registry_url}/v2/library/small/referrers/{images['library/small:1'].digest}",
+        headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(referrers, timeout=10) as r:
+        assert r.status == 200
+    with socket.create_connection((hub.cdn_url.split("//")[1].split(":")[0], int(hub.cdn_url.rsplit(":", 1)[1])),
+                                  timeout=10):
+        pass
+    stats = hub.stats()
+    assert (stats["faults"], stats["ratelimit"]) == ([], started["ratelimit"])
+    assert (stats["manifest_heads_total"], stats["referrers_gets"], stats["token_requests"]) == (
+        1, {f"library/small@{images['library/small:1'].digest}": 1}, 0)
