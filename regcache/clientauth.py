@@ -131,8 +131,12 @@ def _verify(hashed: bytes, password: bytes) -> bool:
     return bcrypt.checkpw(password[:_BCRYPT_MAX], hashed)
 
 
-def _ip(text: str):
-    """An address as ipaddress parses it, an IPv4-mapped IPv6 one as IPv4; None if it is none."""
+def client_ip(text: str):
+    """
+    An address as ipaddress parses it, an IPv4-mapped IPv6 one as IPv4 (a
+    dual-stack listener's view of an IPv4 client; config.parse_networks
+    maps networks alike, so one rule matches both ways); None if it is none.
+    """
     try:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
@@ -142,7 +146,7 @@ def _ip(text: str):
     return address
 
 
-def _within(address, networks) -> bool:
+def within(address, networks) -> bool:
     return address is not None and any(address in n for n in networks)
 
 
@@ -156,16 +160,16 @@ def client_address(peer: Optional[str], forwarded, proxies):
     walk at the proxy that passed it on.  None for a peer with no IP
     address (a unix socket).
     """
-    address = _ip(peer) if peer else None
-    if not _within(address, proxies):
+    address = client_ip(peer) if peer else None
+    if not within(address, proxies):
         return address
     hops = [h for value in forwarded for h in value.decode("latin-1").split(",")]
     for hop in reversed(hops):
-        hop_address = _ip(hop)
+        hop_address = client_ip(hop)
         if hop_address is None:
             return address
         address = hop_address
-        if not _within(address, proxies):
+        if not within(address, proxies):
             return address
     return address
 
@@ -348,7 +352,7 @@ class Gate:
         ip = client_address(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
                             settings.trusted_proxies)
         address = str(ip) if ip is not None else "local"
-        trusted = _within(ip, settings.trusted_networks)
+        trusted = within(ip, settings.trusted_networks)
         try:
             credentials = _basic(request.getHeader(b"authorization"))
         except ValueError as e:

@@ -26,7 +26,7 @@ import jsonschema
 import yaml
 from urllib.parse import urlsplit
 
-from regcache.rules import PatternError, Rule, RuleSet, name_regex, tag_regex
+from regcache.rules import ANONYMOUS, TRUSTED, PatternError, Rule, RuleSet, name_regex, tag_regex
 from regcache.s3 import BucketSettings
 
 DOCKER_HUB = "https://registry-1.docker.io"
@@ -312,13 +312,19 @@ def parse_networks(name: str, values: Sequence[str]) -> tuple:
     ``10.0.0.0/8``, ``fd00::/8`` or one address (``192.0.2.7``) each, as
     ipaddress networks.  A network with host bits set is refused rather
     than widened: ``10.1.2.3/8`` is more likely a typo than ``10.0.0.0/8``.
+    An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) is its IPv4 one,
+    as client addresses are (clientauth.client_ip).
     """
     out = []
     for value in values:
         try:
-            out.append(ipaddress.ip_network(str(value).strip()))
+            network = ipaddress.ip_network(str(value).strip())
         except ValueError as e:
             raise ConfigError(f"{name}: not a network: {str(value)[:60]!r} ({e})") from None
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            network = ipaddress.ip_network((mapped, network.prefixlen - 96))
+        out.append(network)
     return tuple(out)
 
 
@@ -998,8 +1004,17 @@ def _metrics(where: _Located, metrics: Mapping[str, Any]) -> dict:
     return out
 
 
+#: The groups the policy gives every client it applies to; a group of the
+#: same name in the file would silently merge with one of them.
+_BUILT_IN_GROUPS = {ANONYMOUS: "clients without credentials", TRUSTED: "clients on a trusted network"}
+
+
 def _auth(where: _Located, auth: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The ``auth`` section, its networks checked where the file names them."""
+    """The ``auth`` section, its networks and group names checked where the file names them."""
+    for name in auth.get("groups", {}):
+        if name in _BUILT_IN_GROUPS:
+            raise where.error(["auth", "groups", name], f"{name!r} is a built-in group ({_BUILT_IN_GROUPS[name]}): "
+                              "give yours another name")
     for key in ("trusted_networks", "trusted_proxies"):
         for i, value in enumerate(auth.get(key, [])):
             try:

@@ -42,8 +42,9 @@ class Expiry(Service):
     force, and raises it to what the disk can take again (dropping it once
     that reaches ``max_size``): space that comes back is used again.
 
-    Eviction is triggered by growth (each write and commit), by ENOSPC, and
-    by a periodic check that also retries a failed start-up scan.  Every
+    Eviction is triggered by growth (each write and commit), by ENOSPC, by
+    the end of the backoff after one that could free nothing, and by a
+    periodic check that also retries a failed start-up scan.  Every
     run catches and logs its own errors: a LoopingCall stops for good on its
     first exception.
     """
@@ -54,7 +55,8 @@ class Expiry(Service):
     LOW = 0.85
     CHECK_EVERY = 60.0
     #: After an eviction that could free nothing (all pinned or being
-    #: written), growth does not retry it for this long.
+    #: written), growth does not retry it for this long; then it is retried
+    #: anyway, since the pins may be gone with nothing left to grow.
     BACKOFF = 5.0
 
     def __init__(self, store, max_size: Optional[int], clock, metrics=None):
@@ -72,6 +74,7 @@ class Expiry(Service):
         self.evicting: List[Deferred] = []
         self._loading: Optional[Deferred] = None
         self._stuck_until = 0.0
+        self._retry = None
         self._loop = LoopingCall(self._periodic)
         self._loop.clock = clock
         if metrics is not None:
@@ -95,6 +98,8 @@ class Expiry(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         if self.evicting:
             return DeferredList(list(self.evicting))
         return None
@@ -201,6 +206,8 @@ class Expiry(Service):
             victims = self.index.choose(int(limit * self.LOW))
             if not victims:
                 self._stuck_until = self.clock.seconds() + self.BACKOFF
+                if self._retry is None or not self._retry.active():
+                    self._retry = self.clock.callLater(self.BACKOFF, self.check)
                 self.log.warn(
                     "Store holds {total} bytes, past {high:.0%} of its {limit} byte limit, and nothing "
                     "more can be evicted: {pinned} entries in use, {writing} bytes being written",

@@ -4,7 +4,6 @@ The HTTP side facing clients: the channel each client connection gets, and
 the Site that serves the routes with an access log and request metrics.
 """
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -14,6 +13,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from regcache.clientauth import client_ip, within
 from regcache.errors import RegistryError
 from regcache.logs import printable
 
@@ -320,11 +320,7 @@ class RegcacheSite(Site):
 
 
 def _exempt(address: str, networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip.version == n.version and ip in n for n in networks)
+    return within(client_ip(address), networks)
 
 
 def _address(channel) -> str:

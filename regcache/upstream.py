@@ -246,7 +246,13 @@ class Upstream:
             if authorization:
                 headers.setRawHeaders(b"Authorization", [authorization])
             response = await self._send(method, url, headers, "blob-redirect")
-            if response.code >= 500 or response.code == 429:
+            if response.code == 429:
+                # The registry's own blob host limiting is the registry's
+                # abuse limit: unpaused, every client asking for an
+                # uncached blob would cost one refused GET.
+                await self._drain(response)
+                raise _Limited(False, retry_after(response.headers))
+            if response.code >= 500:
                 await self._drain(response)
                 raise UpstreamError(f"{self._who(url)} answered {response.code}", response.code)
         if response.code not in (200, 206):

@@ -218,6 +218,30 @@ class ExemptTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 429 "))
 
 
+    def test_an_ipv4_mapped_peer_is_its_ipv4_address(self):
+        """
+        On a dual-stack listener an IPv4 ingress connects as
+        ``::ffff:10.9.0.5``: it is still the trusted proxy 10.9.0.0/16
+        names, and so is an IPv4 one a network written as IPv4-mapped
+        (``::ffff:10.9.0.0/112``) names.
+        """
+        from twisted.internet.address import IPv6Address
+
+        from regcache.config import parse_networks
+
+        for networks, peer in ((["10.9.0.0/16"], IPv6Address("TCP", "::ffff:10.9.0.5", 40000)),
+                               (["::ffff:10.9.0.0/112"], IPv4Address("TCP", "10.9.0.5", 40000))):
+            with self.subTest(networks=networks):
+                rig = Rig()
+                rig.site.limits = ClientLimits(max_per_client=1, exempt=parse_networks("p", networks))
+                for _ in range(2):
+                    channel = rig.site.buildProtocol(None)
+                    transport = StringTransport(peerAddress=peer)
+                    channel.makeConnection(transport)
+                channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n")
+                self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:40])
+
+
 class SettingsTests(SynchronousTestCase):
     def test_the_limits_come_from_options_and_auto_fits_the_open_file_limit(self):
         """

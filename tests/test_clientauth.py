@@ -231,6 +231,24 @@ class TrustTests(SynchronousTestCase):
         self.assertEqual(self.rig.client("/v2/", peer="::ffff:192.0.2.44").status(), 200)
         self.assertEqual(self.rig.client("/v2/", peer="198.51.100.1").status(), 401)
 
+    def test_ipv4_mapped_addresses_and_networks_are_ipv4(self):
+        """
+        An IPv4 client seen as IPv4-mapped IPv6 (a dual-stack listener) is
+        its IPv4 address for every check, and a network written as
+        IPv4-mapped names those IPv4 addresses: a mapped trusted proxy's
+        X-Forwarded-For is believed, and ``::ffff:198.51.100.0/120`` trusts
+        198.51.100.7 however it connects.
+        """
+        c = self.rig.client("/v2/", headers={"X-Forwarded-For": "192.0.2.44"}, peer="::ffff:10.9.9.9")
+        self.assertEqual(c.status(), 200)
+        c = self.rig.client("/v2/", headers={"X-Forwarded-For": "::ffff:192.0.2.44, ::ffff:10.9.9.10"},
+                            peer="10.9.9.9")
+        self.assertEqual(c.status(), 200)
+        rig = Rig(auth=settings(trusted_networks=["::ffff:198.51.100.0/120"]))
+        for peer in ("198.51.100.7", "::ffff:198.51.100.7"):
+            self.assertEqual(rig.client("/v2/", peer=peer).status(), 200, peer)
+        self.assertEqual(rig.client("/v2/", peer="198.51.101.7").status(), 401)
+
     def test_forwarded_for_is_believed_from_a_trusted_proxy(self):
         """Behind a trusted proxy the client is the right-most X-Forwarded-For address that is no proxy."""
         c = self.rig.client("/v2/", headers={"X-Forwarded-For": "192.0.2.44"}, peer="10.9.9.9")

@@ -168,6 +168,25 @@ class EvictionTests(Base):
         c.hang_up()
         self.assertEqual(self.store.index.pins, {})
 
+    def test_a_store_held_over_its_limit_by_pins_is_evicted_once_they_go(self):
+        """
+        Past the limit with every entry pinned nothing can go, and growth
+        does not retry for the backoff; once the pins are gone the store is
+        brought under the limit when that backoff ends, though nothing
+        grows any more (every client then hits the cache): not a minute
+        later at the periodic check, over its limit all the while.
+        """
+        data, tenth = blob(1000, b"tenth")
+        digests = self.add(9)
+        releases = [self.store.pin(d) for d in digests + [tenth]]
+        cache_blob(self.store, data, tenth)
+        self.assertEqual(self.store.index.total, 10_000)
+        for release in releases:
+            release()
+        self.clock.advance(Expiry.BACKOFF)
+        self.assertLessEqual(self.store.index.total, self.limit * Expiry.LOW)
+        self.assertEqual(self.present(digests + [tenth]), [False, False] + [True] * 8)
+
     def test_blob_being_written_counts_but_is_never_chosen(self):
         """
         A download under way counts toward the limit with its announced

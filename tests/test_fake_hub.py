@@ -398,6 +398,19 @@ class BlobTests(HubTestCase):
         self.assertEqual(stats["cdn_blob_gets"], {self.layer.digest: 1})
         self.assertEqual(stats["cdn_bytes_sent"], self.layer.size)
 
+    def test_cdn_counts_its_429s(self):
+        """
+        A blob GET the CDN answers 429 (the abuse mode's storm) is a GET,
+        and is also counted as rate limited: the soak's allowance for
+        refused fetches.
+        """
+        location = self.location()
+        self.hub.mode("429-abuse")
+        self.assertEqual(self.request("GET", location).code, 429)
+        stats = self.hub.stats()
+        self.assertEqual((stats["cdn_blob_gets"], stats["cdn_rate_limited"]),
+                         ({self.layer.digest: 1}, {self.layer.digest: 1}))
+
     def test_cdn_rejects_authorization(self):
         """Like a signed-URL store, the CDN refuses a request that still carries Authorization."""
         response = self.request("GET", self.location(), headers={"authorization": "Bearer " + self.token_})

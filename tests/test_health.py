@@ -428,6 +428,31 @@ class TooManyRequestsTests(CachedTag, SynchronousTestCase):
         self.assertEqual(rig.get("/v2/library/multi/manifests/1", headers={"Accept": ALL}).status(), 200)
         self.assertEqual(rig.upstream.health()[0].state, "up")
 
+    def test_a_429_from_the_blob_host_pauses_like_the_registrys(self):
+        """
+        The CDN a blob is redirected to answering a bare 429 is the same
+        abuse limit: the client is told so, and no request goes to the Hub
+        (registry or CDN) for the pause, so clients retrying an uncached
+        blob cannot turn the storm into one upstream GET each.
+        """
+        rig = self.rig()
+        rig.hub.fault("status", scope="blobs", status=429, bare=True)
+        blob = rig.images["library/multi:1"].layers[0]
+        first = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        self.assertEqual(first.status(), 429)
+        self.assertIn("rate limiting every request", message(first))
+        for _ in range(5):
+            self.assertEqual(rig.get(f"/v2/library/multi/blobs/{blob.digest}").status(), 429)
+        self.assertEqual((rig.stats()["registry_blob_gets"][blob.digest], rig.stats()["cdn_blob_gets"][blob.digest]),
+                         (1, 1))
+        heads = self.heads(rig)
+        self.assertStale(rig, rig.get(TAG, headers={"Accept": ALL}))
+        self.assertEqual(self.heads(rig), heads)
+        rig.hub.clear_faults()
+        rig.reactor.advance(ABUSE_FIRST)
+        again = rig.get(f"/v2/library/multi/blobs/{blob.digest}")
+        self.assertEqual((again.status(), len(again.body())), (200, blob.size))
+
     def test_no_retry_after_makes_a_500(self):
         """Hostile Retry-After values on a pull-limit 429: the client always gets a 429 with a sane Retry-After."""
         for value in ("99999999", "9" * 400, "-1", "soon", "\u00b2"):

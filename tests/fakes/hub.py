@@ -126,13 +126,14 @@ blob request).
      "registry_blob_gets": {digest: n}, "registry_blob_gets_total": n,
      "registry_blob_heads": {digest: n},
      "cdn_blob_gets": {digest: n}, "cdn_blob_gets_total": n,
-     "cdn_range_gets": {digest: n}, "cdn_bytes_sent": n,
+     "cdn_range_gets": {digest: n}, "cdn_rate_limited": {digest: n}, "cdn_bytes_sent": n,
      "cdn_authorization": n,
      "ratelimit": {"limit": L, "remaining": R}, "faults": [...]}
 
 ``cdn_blob_gets`` counts every GET of a blob at the CDN, including Range
 requests and rejected ones: "upstream saw exactly one GET per blob" is
-``cdn_blob_gets[digest] == 1``.
+``cdn_blob_gets[digest] == 1``.  ``cdn_rate_limited`` counts those of them
+a 429 fault answered; ``rate_limited`` only the pull limit's manifest 429s.
 """
 
 import base64
@@ -239,7 +240,7 @@ class _Stats:
             out[name] = self.counters[name]
         for name in ("manifest_gets", "manifest_gets_by_ref", "manifest_heads", "manifest_heads_by_ref",
                      "registry_blob_gets", "registry_blob_heads", "cdn_blob_gets", "cdn_range_gets",
-                     "token_scopes", "referrers_gets"):
+                     "cdn_rate_limited", "token_scopes", "referrers_gets"):
             out[name] = dict(self.by.get(name, {}))
         for name in ("manifest_gets", "manifest_heads", "registry_blob_gets", "cdn_blob_gets"):
             out[name + "_total"] = self.counters[name + "_total"]
@@ -946,6 +947,8 @@ class FakeHub:
             return self._cdn_error(request, 404, "NoSuchKey")
 
         fault = self._take_fault("blobs", request.path.decode("latin-1")) if get else None
+        if fault is not None and fault.kind == "status" and fault.status == 429:
+            self._stats.bump("cdn_rate_limited", digest)
         if fault is not None and fault.kind in INSTEAD:
             return self._instead(request, fault)
         size = blob.size

@@ -53,6 +53,8 @@ class RealRegistry:
         start_timeout: float = 30.0,
     ):
         self.root = Path(root)
+        #: A port picked here (none given) may be taken before the registry binds it: then another is picked.
+        self._picked = port is None
         self.port = port or free_port()
         self.proxy_remoteurl = proxy_remoteurl
         self.proxy_username = proxy_username
@@ -86,12 +88,13 @@ class RealRegistry:
                 config["proxy"].update(username=self.proxy_username, password=self.proxy_password)
         return config
 
-    def start(self) -> "RealRegistry":
+    def start(self, tries: int = 5) -> "RealRegistry":
         self.root.mkdir(parents=True, exist_ok=True)
         config_path = self.root / "config.yml"
         # JSON is YAML, so no YAML library is needed.
         config_path.write_text(json.dumps(self.config(), indent=2))
         self.log_path = self.root / "registry.log"
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([BINARY, "serve", str(config_path)], stdout=self._log, stderr=self._log,
                                      stdin=subprocess.DEVNULL)
@@ -105,6 +108,10 @@ class RealRegistry:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
+                    said = self.log_path.read_bytes()[logged:].decode("utf-8", "replace")
+                    if self._picked and tries > 1 and "address already in use" in said:
+                        self.port = free_port()
+                        return self.start(tries - 1)
                     raise RuntimeError(f"docker-registry did not start: {self.log_path.read_text()[-2000:]}")
                 time.sleep(0.05)
 

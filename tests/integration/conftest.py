@@ -34,10 +34,30 @@ def images(images_dir):
     return standard_images(images_dir, large_size=LARGE)
 
 
-@pytest.fixture
-def hub(images_dir, images):
+@pytest.fixture(scope="session")
+def hub_process(images_dir, images):
+    """The fake Hub's process: one for the session, since starting one costs a second or more."""
     with FakeHubProcess(images_dir, large_size=LARGE, users=USERS, private=["ci/private"]) as h:
         yield h
+
+
+def fresh(hub: FakeHubProcess) -> FakeHubProcess:
+    """
+    ``hub`` as it started: every host up, no fault or mode, and counters,
+    tags, rate limit and referrers as they began; started again should a
+    test have ended it.
+    """
+    if hub.proc is None or hub.proc.poll() is not None:
+        hub.start()
+    hub.mode("normal")
+    hub.reset()
+    return hub
+
+
+@pytest.fixture
+def hub(hub_process):
+    """The session's fake Hub, as it started (``fresh``), whatever the last test did to it."""
+    return fresh(hub_process)
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ pytest holds no reactor: every server a test talks to is a subprocess, and
 the test talks to it with plain sockets, urllib, skopeo or ctr.
 """
 
+import glob
 import os
+import re
 import resource
 import signal
 import ssl
@@ -88,7 +90,15 @@ class Regcache:
     beside the storage directory, and its stderr (what happens before the
     log starts: a bad option, an import error) in another.  Never a pipe:
     nobody reads one while the test runs, and a full pipe stops the process.
+
+    A port this helper picks (no ``port`` or ``listen`` given) was free a
+    moment before the process binds it, and another process (a parallel
+    test run) may take it in between: a start that finds it taken picks
+    another, up to PORT_TRIES times, and a start counts only once this
+    process says it listens there, not when whatever holds the port answers.
     """
+
+    PORT_TRIES = 5
 
     def __init__(self, storage: str, upstream: Optional[str], args: List[str] = (), env=None, port: int = None,
                  listen: Optional[str] = None, ca: Optional[str] = None, open_files: Optional[int] = None):
@@ -97,34 +107,75 @@ class Regcache:
         self.open_files = open_files
         self.upstream = upstream
         self.args = list(args)
-        self.port = port or free_port()
-        #: A Twisted endpoint on self.port; plain TCP unless told otherwise.
-        self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
         #: For an ``ssl:`` listen: the CA file the test's own requests trust, and https URLs.
         self.context = ssl.create_default_context(cafile=ca) if ca else None
-        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
-        self.host = f"127.0.0.1:{self.port}"
+        self._scheme = "https" if ca else "http"
+        self._picked = port is None and listen is None
+        self._use(port or free_port(), listen)
         self.log_path = storage.rstrip("/") + ".log"
         self.stderr_path = storage.rstrip("/") + ".stderr"
         self.env = dict(os.environ, **(env or {}))
         self.env["PYTHONPATH"] = REPO + os.pathsep + self.env.get("PYTHONPATH", "")
         self.proc: Optional[subprocess.Popen] = None
 
+    def _use(self, port: int, listen: Optional[str] = None) -> None:
+        self.port = port
+        #: A Twisted endpoint on self.port; plain TCP unless told otherwise.
+        self.listen = listen or f"tcp:{port}:interface=127.0.0.1"
+        self.url = f"{self._scheme}://127.0.0.1:{port}"
+        self.host = f"127.0.0.1:{port}"
+
     def start(self, wait: bool = True) -> "Regcache":
-        cmd = [
-            TWISTD, "-n", "--pidfile=", "-l", self.log_path, "regcache",
-            "--listen", self.listen,
-            "--storage", self.storage, *(["--upstream", self.upstream] if self.upstream else []), *self.args,
-        ]
-        with open(self.stderr_path, "ab") as stderr:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=stderr, preexec_fn=self._limits if self.open_files else None)
-        if wait:
+        tries = 0
+        while True:
+            tries += 1
+            cmd = [
+                TWISTD, "-n", "--pidfile=", "-l", self.log_path, "regcache",
+                "--listen", self.listen,
+                "--storage", self.storage, *(["--upstream", self.upstream] if self.upstream else []), *self.args,
+            ]
+            logged = self._log_size()
+            with open(self.stderr_path, "ab") as stderr:
+                self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=stderr, preexec_fn=self._limits if self.open_files else None)
+            if not wait:
+                return self
             try:
                 wait_http(self.url + "/readyz", proc=self.proc, context=self.context)
-            except (RuntimeError, TimeoutError) as e:
-                self.failed(str(e))
-        return self
+                wait_for(lambda: self._listening(logged) or self.proc.poll() is not None, 20,
+                         "regcache to say it listens, or to exit")
+                if self.proc.poll() is None:
+                    return self
+                why = f"process exited with {self.proc.returncode}; another process answered on port {self.port}"
+            except (RuntimeError, TimeoutError, AssertionError) as e:
+                why = str(e)
+            # Only the default listen is made again on another port: one a
+            # test wrote (TLS, say) is its own, and it is not rewritten.
+            if not (self._picked and self.listen == f"tcp:{self.port}:interface=127.0.0.1" and tries < self.PORT_TRIES
+                    and self.proc.poll() is not None and "Address already in use" in self._log_since(logged)):
+                self.failed(why)
+            self._use(free_port())
+
+    def _log_size(self) -> int:
+        try:
+            return os.path.getsize(self.log_path)
+        except FileNotFoundError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        """What the log gained since it was ``offset`` bytes long (all of it, if it rotated meanwhile)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset if os.path.getsize(self.log_path) >= offset else 0)
+                return f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _listening(self, offset: int) -> bool:
+        """Whether this start's log says it serves on self.port (always, for a listen with no port)."""
+        if not self.listen.startswith(("tcp:", "ssl:")):
+            return True
+        return re.search(rf"regcache serving .*? on \S*:{self.port}\b", self._log_since(offset)) is not None
 
     def _limits(self) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
@@ -152,11 +203,22 @@ class Regcache:
         return self.start()
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        """
+        The whole log, oldest first: twistd rotates it at 1 MB (to ``.1``,
+        the older ones to ``.2``, ``.3``...), and a busy run, the soak, writes
+        several; the current file alone would hide what came first.
+        """
+        rotated = [path for path in glob.glob(glob.escape(self.log_path) + ".*")
+                   if path.rsplit(".", 1)[1].isdigit()]
+        rotated.sort(key=lambda path: int(path.rsplit(".", 1)[1]), reverse=True)
+        text = []
+        for path in rotated + [self.log_path]:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text.append(f.read())
+            except FileNotFoundError:
+                continue
+        return "".join(text)
 
     def get(self, path: str, method: str = "GET", headers=None, timeout: float = 60):
         """(status, headers, body) of one request; errors are answers too."""

@@ -9,14 +9,13 @@ a restart, and --metrics-listen moves /metrics to a port of its own.
 
 import base64
 import json
+import re
 import threading
 
 import bcrypt
 
-
 from tests.integration.conftest import USERS
 from tests.integration.procs import Regcache, scrape, value, wait_for
-from tests.processes import free_port
 
 ACCEPT = {"Accept": ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
@@ -211,8 +210,9 @@ def test_scripted_pulls_move_each_counter_exactly(tmp_path, hub, images):
 
 def test_metrics_listen_moves_metrics_to_its_own_port(regcache):
     """With --metrics-listen, /metrics answers there and is a 404 on the registry port."""
-    port = free_port()
-    rc = regcache("--metrics-listen", f"tcp:{port}:interface=127.0.0.1")
+    # Port 0: the process picks one no other can take first, and says which.
+    rc = regcache("--metrics-listen", "tcp:0:interface=127.0.0.1")
+    port = int(re.search(r"regcache serving tcp:0:interface=127\.0\.0\.1 on 127\.0\.0\.1:(\d+)", rc.log()).group(1))
     status, _, _ = rc.get("/v2/")
     assert status == 200
     assert rc.get("/metrics")[0] == 404

@@ -136,15 +136,17 @@ class Server:
         self.proc.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dead_upstream():
     """An upstream nothing listens at: the servers serve only what is cached."""
     return f"http://127.0.0.1:{closed_port()}"
 
 
-@pytest.fixture
-def blobs(tmp_path, dead_upstream):
-    storage = tmp_path / "store"
+# The blobs (104 MiB to make and hash) and the two servers are shared by
+# the tests that only read them: each measures from its own starting point.
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory, dead_upstream):
+    storage = tmp_path_factory.mktemp("serving") / "store"
     small, small_digest = _blob(SIZE, b"serving")
     big, big_digest = _blob(BIG, b"backpressure")
     _cache(storage, small, small_digest, dead_upstream)
@@ -152,12 +154,12 @@ def blobs(tmp_path, dead_upstream):
     return storage, {"small": (small, small_digest), "big": (big, big_digest)}
 
 
-@pytest.fixture
-def servers(tmp_path, blobs, dead_upstream):
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, blobs, dead_upstream):
     storage, _ = blobs
     plain = Server(storage, upstream=dead_upstream).start()
     try:
-        tls = Server(storage, _self_signed(tmp_path), dead_upstream).start()
+        tls = Server(storage, _self_signed(tmp_path_factory.mktemp("tls")), dead_upstream).start()
     except BaseException:
         plain.stop()  # a second server that did not start must not leave the first running
         raise

@@ -12,12 +12,24 @@ and after are printed and bounded, upstream blob fetches are the distinct
 blobs plus only what evictions, injected faults and the kill explain, and
 no secret appears in a log line, a metric or the status page.
 
-``REGCACHE_SOAK_SECONDS`` (default 60) sets how long the clients run.
+The fetch bound counts each cause once: a first fetch per blob, one per
+eviction (counted by regcache until the kill, and the blob files an
+eviction under way at the kill deleted), one per reset injected, one per
+fill the kill left unfinished, and the GETs the storm's CDN answered 429.
+Those last are bounded too: regcache pauses at the first 429 and then
+probes once per pause, so only the fills already under way (one per
+blob) and the probes can be refused; a regcache that ignored the blob
+host's 429 sent one GET for every client asking for a missing blob.
+
+``REGCACHE_SOAK_SECONDS`` (default 60) sets how long the clients run, and
+``REGCACHE_SOAK_MAX_SIZE`` (default 12Mi) the cache's size: smaller makes
+the eviction churn extreme.
 """
 
 import base64
 import concurrent.futures
 import hashlib
+import math
 import os
 import random
 import re
@@ -28,7 +40,9 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from typing import Dict, List
+from typing import Dict, List, Set
+
+from regcache.health import ABUSE_FIRST
 
 from tests.integration.clients import dir_digests, expected_files, skopeo_pull
 from tests.integration.conftest import USERS
@@ -38,7 +52,7 @@ from tests.integration.test_hostile import rss
 SECONDS = float(os.environ.get("REGCACHE_SOAK_SECONDS", "60"))
 #: Every image but library/large (110 MiB would be most of the run): 17.5 MiB, past MAX_SIZE.
 IMAGES = ("library/small:1", "library/multi:1", "library/multiarch:1", "library/ociindex:1")
-MAX_SIZE = "12Mi"
+MAX_SIZE = os.environ.get("REGCACHE_SOAK_MAX_SIZE", "12Mi")
 PULLERS = 3
 SLOW_READERS = 2
 HANG_UPS = 2
@@ -51,6 +65,22 @@ DESCRIPTORS_LEFT_OVER = 16
 
 def descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def blob_files(storage: str) -> Set[str]:
+    """The digests of the blob files in a store, from its layout (blobs/<alg>/<2 hex>/<hex>)."""
+    root = os.path.join(storage, "blobs")
+    return {f"{alg}:{name}" for alg in os.listdir(root) for sub in os.listdir(os.path.join(root, alg))
+            for name in os.listdir(os.path.join(root, alg, sub))}
+
+
+def probes_within(seconds: float) -> int:
+    """
+    How many probes regcache can send into a bare-429 storm of ``seconds``:
+    one at the end of each pause, the pauses doubling from ABUSE_FIRST, so
+    the k-th at 2 (2^k - 1) s after the first 429.
+    """
+    return int(math.log2(seconds / ABUSE_FIRST + 1))
 
 
 def metric_sum(url: str, name: str, label: str = "") -> float:
@@ -192,28 +222,41 @@ class Soak:
     # -- faults --------------------------------------------------------------
 
     def schedule(self) -> Dict[str, float]:
-        """Inject the faults at fixed fractions of the run; returns the evictions counted before the kill."""
+        """
+        Inject the faults at fixed fractions of the run; returns the
+        evictions counted before the kill, the blob files deleted in the
+        moment between that count and the kill, and how long the storm lasted.
+        """
         at = {"storm": 0.15, "calm": 0.25, "resets": 0.35, "kill": 0.55, "resets again": 0.75}
         start = time.monotonic()
-        evicted_before_kill = 0.0
+        figures = {"evicted_before_kill": 0.0, "deleted_at_kill": 0, "storm_seconds": 0.0}
+        storm_began = None
         for what, when in sorted(at.items(), key=lambda kv: kv[1]):
             if self.stop.wait(max(0.0, start + when * SECONDS - time.monotonic())):
                 break
             if what == "storm":
+                storm_began = time.monotonic()
                 self.hub.mode("429-abuse")
                 self.faults["429 storm"] += 1
             elif what == "calm":
                 self.hub.mode("normal")
+                figures["storm_seconds"] = time.monotonic() - storm_began
             elif what.startswith("resets"):
                 self.hub.fault("reset", scope="blobs", times=3)
                 self.faults["resets mid-blob"] += 3
             elif what == "kill":
-                evicted_before_kill = metric_sum(self.rc.url, "regcache_evicted_total", 'kind="blob"')
+                # An eviction that ends after the count, or is cut short by
+                # the kill, shows as files gone in between.
+                files = blob_files(self.rc.storage)
+                figures["evicted_before_kill"] = metric_sum(self.rc.url, "regcache_evicted_total", 'kind="blob"')
                 self.rc.kill()
+                figures["deleted_at_kill"] = len((files - blob_files(self.rc.storage)) & set(self.blobs))
                 self.faults["kill -9"] += 1
                 self.rc.start()
         self.stop.wait(max(0.0, start + SECONDS - time.monotonic()))
-        return {"evicted_before_kill": evicted_before_kill}
+        if storm_began is not None and not figures["storm_seconds"]:
+            figures["storm_seconds"] = time.monotonic() - storm_began
+        return figures
 
 
 def test_soak(hub, regcache, images, tmp_path):
@@ -269,18 +312,25 @@ def test_soak(hub, regcache, images, tmp_path):
 
     gets: Dict[str, int] = stats["cdn_blob_gets"]
     fetched = stats["cdn_blob_gets_total"]
-    explained = len(gets) + evicted + soak.faults["resets mid-blob"] + stats["rate_limited"] + removed
+    refused = sum(stats["cdn_rate_limited"].values())
+    refusable = len(gets) + probes_within(figures["storm_seconds"])
+    explained = (len(gets) + evicted + figures["deleted_at_kill"] + soak.faults["resets mid-blob"] + refused
+                 + removed)
+    fills = Counter(re.findall(r"Blob fill (landed|failed|verified but not stored)", log))
     print(f"\nsoak: {SECONDS:.0f} s, pulls {dict(soak.pulls)}, blob reads {dict(soak.blob_reads)}, "
           f"{soak.bytes_read} bytes read raw, slowloris cut {soak.cut_slowloris}, faults {dict(soak.faults)}; "
           f"RSS before {rss_before}, peak {soak.peak_rss}, after {rss_after}; descriptors before {fds_before}, "
           f"peak {soak.peak_fds}, after {fds_after}; upstream blob GETs {fetched} for {len(gets)} distinct blobs, "
-          f"{evicted:.0f} evictions, {stats['rate_limited']} rate-limited, {removed} unfinished removed at restart")
+          f"{evicted:.0f} evictions (+{figures['deleted_at_kill']} at the kill), {refused} refused with 429 "
+          f"in a {figures['storm_seconds']:.1f} s storm, {removed} unfinished removed at restart; "
+          f"regcache's fills {dict(fills)}")
     print("failed pulls:", Counter(re.sub(r"[0-9a-f]{64}|\d+", "N", w) for w in soak.why).most_common(8))
     assert not soak.mismatched, f"wrong bytes served: {soak.mismatched}"
     assert soak.pulls["completed"] >= PULLERS, soak.pulls
     assert soak.blob_reads["complete"] >= 1, soak.blob_reads
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert set(gets) <= set(soak.blobs), "a blob no image holds was fetched"
+    assert refused <= refusable, f"{refused} blob GETs refused with 429, only {refusable} could be"
     assert fetched <= explained, f"{fetched} upstream blob GETs, only {explained} explained"
     assert soak.peak_rss < PEAK_RSS and soak.peak_fds < PEAK_DESCRIPTORS
     password = USERS["ci"]
