@@ -1245,6 +1245,7 @@ def test_regcache_points_at_the_in_chart_seaweedfs_with_its_credentials(tmp_path
                                         "secretKey": shared.bucket.secret_key}]
     assert len(shared.bucket.secret_key) >= 32
     assert {"Read", "Write", "List"} <= set(identity["actions"])
+    assert "Admin" not in identity["actions"]   # weed makes the bucket; regcache never needs to
     given = render(merged(SEAWEEDFS, {"storage": {"s3": {"accessKey": "mine", "secretKey": "my-secret-key"}}}))[0]
     shared = load({}, resolved_env(given, tmp_path)).shared
     assert (shared.bucket.access_key, shared.bucket.secret_key) == ("mine", "my-secret-key")
@@ -1333,3 +1334,22 @@ def test_schema_accepts_the_shared_level_the_docs_show():
         {"storage": {"backend": "s3"}, "seaweedfs": {"enabled": True}},
     ):
         _chart().validate_schema(values)
+
+
+def test_notes_describe_the_shared_level_and_warn_of_what_cannot_work():
+    """
+    NOTES.txt names the bucket the pods share (not the scale-out caveats
+    of per-pod volumes), warns that redirects to the in-chart SeaweedFS
+    point at a name nodes cannot resolve, and that keys the chart made up
+    are new on every render without a cluster to look them up in.
+    """
+    _, notes = render(SHARED)
+    assert "3 pods share the bucket example-regcache at https://storage.googleapis.com" in notes
+    assert "own cache volume" not in notes
+    _, notes = render(merged(SEAWEEDFS, {"storage": {"s3": {"redirect": True}}}))
+    assert "WARNING: storage.s3.redirect" in notes
+    assert "made up" in notes
+    _, notes = render(merged(SEAWEEDFS, {"storage": {"s3": {"accessKey": "a", "secretKey": "b"}}}))
+    assert "WARNING" not in notes and "made up" not in notes
+    _, notes = render(MODES["shared-everything"])
+    assert "3 to 9 pods" in notes
