@@ -1192,7 +1192,8 @@ def test_seaweedfs_is_a_statefulset_with_a_volume_running_weed_mini():
     seaweedfs.enabled runs `weed mini` (master, volume, filer and S3 in one
     process) from chrislusf/seaweedfs in a one-pod StatefulSet whose data
     is a claim of seaweedfs.persistence.size, creating the bucket at start,
-    with its admin UI, WebDAV, telemetry and extra gateways off.
+    with its admin UI, WebDAV, telemetry and extra gateways off, logging
+    to the kubelet rather than to files.
     """
     objects, _ = render(SEAWEEDFS)
     sts = seaweed(objects)
@@ -1202,8 +1203,8 @@ def test_seaweedfs_is_a_statefulset_with_a_volume_running_weed_mini():
     (ctr,) = sts["spec"]["template"]["spec"]["containers"]
     assert ctr["image"].startswith("chrislusf/seaweedfs:")
     argv = ctr["command"] + ctr["args"]
-    assert argv[:2] == ["/usr/bin/weed", "mini"]
-    flags = dict(a.lstrip("-").split("=", 1) for a in argv[2:])
+    assert argv[:3] == ["/usr/bin/weed", "-logtostderr=true", "mini"]   # no log files in /tmp
+    flags = dict(a.lstrip("-").split("=", 1) for a in argv[3:])
     assert flags["bucket"] == "regcache"
     assert (flags["admin.ui"], flags["webdav"], flags["master.telemetry"]) == ("false", "false", "false")
     assert (flags["s3.port.iceberg"], flags["s3.port.lance"]) == ("0", "0")
@@ -1232,7 +1233,7 @@ def test_regcache_points_at_the_in_chart_seaweedfs_with_its_credentials(tmp_path
     assert shared.bucket.bucket == "regcache"
     assert shared.redirect is False
     (ctr,) = sts["spec"]["template"]["spec"]["containers"]
-    flags = dict(a.lstrip("-").split("=", 1) for a in ctr["args"][1:])
+    flags = dict(a.lstrip("-").split("=", 1) for a in ctr["args"][2:])
     assert int(flags["s3.port"]) == next(p["containerPort"] for p in ctr["ports"] if p["name"] == port["targetPort"])
     volume_name = next(m["name"] for m in ctr["volumeMounts"]
                        if flags["s3.config"].startswith(m["mountPath"] + "/"))

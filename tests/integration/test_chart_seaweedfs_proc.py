@@ -37,12 +37,17 @@ class ChartSeaweed(Seaweed):
                 f"-s3.config={self.identities}", "-ip.bind=127.0.0.1", f"-s3.port={self.s3_port}", *ports]
 
 
-def test_the_rendered_seaweedfs_serves_regcache_with_the_charts_keys(tmp_path):
+def test_the_rendered_seaweedfs_serves_regcache_with_the_charts_keys(tmp_path, monkeypatch):
     """
     The rendered weed command starts, creates the bucket regcache is told
-    to use before anyone asks for it, and admits the access key regcache's pods get (put, create-only
-    races, multipart, ranges, presigned GETs) while refusing a wrong secret.
+    to use before anyone asks for it, and admits the access key regcache's
+    pods get (put, create-only races, multipart, ranges, presigned GETs)
+    while refusing a wrong secret; it writes no log files to the pod's
+    small /tmp.
     """
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
     objects, _ = render(SEAWEEDFS)
     sts = only(objects, "StatefulSet", f"{RELEASE}-seaweedfs")
     (ctr,) = sts["spec"]["template"]["spec"]["containers"]
@@ -67,6 +72,7 @@ def test_the_rendered_seaweedfs_serves_regcache_with_the_charts_keys(tmp_path):
                                *keys, str(tmp_path)],
                               cwd=REPO, env=run_env, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert not [f.name for f in tmp.iterdir() if ".log." in f.name]
     out = json.loads(done.stdout.decode().strip().splitlines()[-1])
     assert out["put"] and out["read"] == "hello"
     assert out["race_winners"] == 1
