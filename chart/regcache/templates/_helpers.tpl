@@ -240,7 +240,7 @@ spec:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
   {{- if and $shared $root.Values.topologySpread.enabled }}
   # Across nodes and zones, so a preempted node or a lost zone takes few
-  # pods; each revision spreads on its own during a rollout.
+  # pods; each revision spreads on its own during a rollout (from 1.27).
   topologySpreadConstraints:
     {{- range list "kubernetes.io/hostname" "topology.kubernetes.io/zone" }}
     - topologyKey: {{ . }}
@@ -249,8 +249,10 @@ spec:
       labelSelector:
         matchLabels:
           {{- include "regcache.selectorLabels" $root | nindent 10 }}
+      {{- if semverCompare ">=1.27-0" $root.Capabilities.KubeVersion.Version }}
       matchLabelKeys:
         - pod-template-hash
+      {{- end }}
     {{- end }}
   {{- end }}
   containers:
