@@ -1111,6 +1111,24 @@ def test_shared_credentials_stay_in_their_secret():
     assert [i["key"] for i in volume["secret"]["items"]] == ["key"]
 
 
+def test_shared_and_seaweedfs_pods_write_only_their_stores_and_tmp():
+    """
+    With a read-only root, a shared-level pod writes its level-1 store and
+    /tmp only (the key is a read-only mount), and SeaweedFS its data claim
+    and /tmp; both run as the locked-down user the server does.
+    """
+    objects, _ = render(MODES["shared-everything"])
+    mounts = container(objects)["volumeMounts"]
+    assert sorted(m["mountPath"] for m in mounts if not m.get("readOnly")) == ["/tmp", "/var/lib/registry"]
+    objects, _ = render(SEAWEEDFS)
+    spec = seaweed(objects)["spec"]["template"]["spec"]
+    (ctr,) = spec["containers"]
+    assert sorted(m["mountPath"] for m in ctr["volumeMounts"] if not m.get("readOnly")) == ["/data", "/tmp"]
+    assert spec["securityContext"] == pod_spec(objects)["securityContext"]
+    assert ctr["securityContext"] == container(objects)["securityContext"]
+    assert spec["automountServiceAccountToken"] is False
+
+
 def test_shared_pod_disruption_budget_keeps_all_but_one_up():
     """
     With more than one replica a PodDisruptionBudget lets a drain take one
