@@ -37,6 +37,8 @@ KUBE_VERSIONS = sorted({"%d.%d" % _CURRENT[0], "%d.%d" % _CURRENT[-1]})
 
 SEED = yaml.safe_load((CHART / "ci" / "seed-values.yaml").read_text())
 SCALE_OUT = yaml.safe_load((CHART / "ci" / "scale-out-values.yaml").read_text())
+SHARED = yaml.safe_load((CHART / "ci" / "shared-values.yaml").read_text())
+SEAWEEDFS = yaml.safe_load((CHART / "ci" / "seaweedfs-values.yaml").read_text())
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +103,8 @@ def kinds(objects):
 
 
 def pod_spec(objects):
-    workload = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    workload = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")
+                and o["metadata"]["name"] == RELEASE]
     assert len(workload) == 1
     return workload[0]["spec"]["template"]["spec"]
 
@@ -136,6 +139,19 @@ MODES = {
         "config": {"upstreams": [{"name": "dockerhub", "urls": ["https://registry-1.docker.io"]}],
                    "auth": {"groups": {"robots": ["ci"]}}},
     }),
+    "shared": SHARED,
+    "shared-everything": merged(SHARED, {
+        "storage": {"local": {"volume": "ephemeral", "storageClass": "local-ssd"},
+                    "s3": {"existingSecret": "", "accessKey": "GOOG1EEXAMPLE", "secretKey": "hmac-secret",
+                           "redirect": True, "prefix": "regcache/"},
+                    "leases": {"ttl": "20s", "redis": "redis://redis:6379"}},
+        "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 9},
+        "scaleOut": {"localityHint": True},
+        "upstream": {"username": "hub-user", "password": "hub-token"},
+        "auth": {"existingSecret": "regcache-htpasswd"},
+        "metrics": {"port": 9102},
+    }),
+    "seaweedfs": SEAWEEDFS,
 }
 
 
@@ -862,3 +878,497 @@ def test_a_config_change_rolls_the_pods():
         return workload["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
     assert annotation({"rules": []}) != annotation({"rules": [{"deny": "**"}]})
+
+
+# --- A config file's settings are not shadowed ------------------------------
+
+
+def test_config_file_max_size_is_not_overridden_by_the_chart(tmp_path):
+    """
+    A max_size in the config file's cache section is the one regcache uses:
+    the chart sets no REGCACHE_MAX_SIZE then (an environment variable wins
+    over the file), unless cache.maxSize asks for one explicitly.
+    """
+    from regcache.config import load
+
+    config = {"upstreams": [{"name": "dockerhub", "urls": ["https://registry-1.docker.io"]}],
+              "cache": {"max_size": "10Gi"}}
+    objects, _ = render(merged(SEED, {"config": config}))
+    variables = {name: e["value"] for name, e in env(objects).items() if "value" in e}
+    assert "REGCACHE_MAX_SIZE" not in variables
+    configmap = only(objects, "ConfigMap")
+    (tmp_path / "regcache.yaml").write_text(configmap["data"]["regcache.yaml"])
+    variables["REGCACHE_CONFIG"] = str(tmp_path / "regcache.yaml")
+    variables["REGCACHE_STORAGE"] = str(tmp_path)
+    assert load({}, variables).max_size == 10 * 2 ** 30
+    explicit = merged(SEED, {"config": config, "cache": {"maxSize": "20Gi"}})
+    assert env(render(explicit)[0])["REGCACHE_MAX_SIZE"]["value"] == "20Gi"
+    assert env(render(merged(SEED, {"config": {"upstreams": config["upstreams"]}}))[0])[
+        "REGCACHE_MAX_SIZE"]["value"] == "58982Mi"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"storage": {"backend": "s3"}}, "config.storage"),
+    ({"cache": {"storage": "/data"}}, "config.cache.storage"),
+])
+def test_config_file_settings_the_chart_owns_are_refused(section, message):
+    """
+    The store's place and backend decide the workload the chart renders
+    (its volume, a Deployment or StatefulSet), so a config file that sets
+    them, which the chart's variables would silently override, fails with
+    the value to use instead.
+    """
+    config = merged({"upstreams": [{"name": "dockerhub", "urls": ["https://registry-1.docker.io"]}]}, section)
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(merged(SEED, {"config": config}))
+
+
+# --- The shared level (storage.backend s3) ---------------------------------
+
+
+STORAGE_ENV = {"REGCACHE_STORAGE_BACKEND", "REGCACHE_ADVERTISE", "POD_IP"}
+
+
+def test_local_backend_renders_no_shared_level():
+    """
+    The default backend is local: no variable of the shared level, no
+    PodDisruptionBudget, autoscaler or SeaweedFS, and scale-out stays a
+    StatefulSet.
+    """
+    for values in ({}, SEED, SCALE_OUT):
+        objects, _ = render(values)
+        names = set(env(objects))
+        assert not STORAGE_ENV & names and not [n for n in names if n.startswith("REGCACHE_S3_")]
+        assert not {"PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"} & set(kinds(objects))
+        assert "seaweedfs" not in json.dumps(objects)
+    assert "StatefulSet" in kinds(render(SCALE_OUT)[0])
+
+
+def test_shared_level_is_a_deployment_of_replicas_behind_the_plain_service():
+    """
+    With s3 the pods keep nothing of their own worth a stable identity: a
+    Deployment (never the StatefulSet) of replicaCount pods, rolled one new
+    pod at a time, no claim, no headless Service, and the one Service
+    selects them all.
+    """
+    objects, _ = render(SHARED)
+    deployment = only(objects, "Deployment", RELEASE)
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "StatefulSet" not in kinds(objects)
+    assert "PersistentVolumeClaim" not in kinds(objects)
+    (service,) = [o for o in objects if o["kind"] == "Service"]
+    assert service["spec"].get("clusterIP") != "None"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in service["spec"]["selector"].items())
+
+
+def test_shared_pods_spread_across_nodes_and_zones():
+    """
+    topologySpreadConstraints spread the pods over nodes and zones, so a
+    preempted node or a lost zone takes few of them; ScheduleAnyway by
+    default, so a small cluster still runs them all.
+    """
+    spec = pod_spec(render(SHARED)[0])
+    constraints = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
+    assert set(constraints) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    deployment = only(render(SHARED)[0], "Deployment")
+    for c in constraints.values():
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert c["maxSkew"] == 1
+        assert c["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    strict = pod_spec(render(merged(SHARED, {"topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}}))[0])
+    assert {c["whenUnsatisfiable"] for c in strict["topologySpreadConstraints"]} == {"DoNotSchedule"}
+    off = pod_spec(render(merged(SHARED, {"topologySpread": {"enabled": False}}))[0])
+    assert "topologySpreadConstraints" not in off
+
+
+def test_shared_level_one_is_a_sized_emptydir_with_max_size_below_it():
+    """
+    Each pod's own store is an emptyDir capped at storage.local.size, and
+    regcache evicts at maxSizePercent of it, so the kubelet never evicts
+    the pod for filling it; persistence.size does not apply.
+    """
+    objects, _ = render(SHARED)
+    data = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "data")
+    assert data == {"name": "data", "emptyDir": {"sizeLimit": "20Gi"}}
+    assert env(objects)["REGCACHE_MAX_SIZE"]["value"] == "18432Mi"   # 20 * 1024 * 0.9
+    mounts = {m["mountPath"]: m["name"] for m in container(objects)["volumeMounts"]}
+    assert mounts["/var/lib/registry"] == "data"
+
+
+def test_shared_level_one_can_be_a_generic_ephemeral_volume():
+    """
+    storage.local.volume ephemeral gives each pod a claim of its own from a
+    StorageClass (a local SSD class, say), made and deleted with the pod.
+    """
+    objects, _ = render(merged(SHARED, {"storage": {"local": {"volume": "ephemeral",
+                                                              "storageClass": "local-ssd"}}}))
+    data = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "data")
+    claim = data["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["storageClassName"] == "local-ssd"
+    assert claim["accessModes"] == ["ReadWriteOnce"]
+    assert claim["resources"]["requests"]["storage"] == "20Gi"
+    assert "PersistentVolumeClaim" not in kinds(objects)
+
+
+def resolved_env(objects, tmp_path):
+    """
+    The container's environment as the kubelet would give it to regcache:
+    secretKeyRefs read from the rendered Secret (or a stand-in for one the
+    user manages), $(POD_IP) expanded, and mounted secret files written
+    under tmp_path with their variables pointing there.
+    """
+    secrets = {o["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in o["data"].items()}
+               for o in objects if o["kind"] == "Secret"}
+    secrets.setdefault("regcache-gcs-hmac", {"accessKey": "GOOG1EMANAGED", "secretKey": "managed-secret"})
+    spec = pod_spec(objects)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    out = {}
+    for e in container(objects)["env"]:
+        source = e.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            out[e["name"]] = secrets[ref["name"]][ref["key"]]
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "status.podIP"
+            out[e["name"]] = "10.8.0.7"
+        else:
+            out[e["name"]] = e["value"].replace("$(POD_IP)", out.get("POD_IP", "$(POD_IP)"))
+    for mount in container(objects)["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if not secret:
+            continue
+        for item in secret["items"]:
+            path = f"{mount['mountPath']}/{item['path']}"
+            local = tmp_path / mount["name"] / item["path"]
+            local.parent.mkdir(exist_ok=True)
+            local.write_text(secrets.get(secret["secretName"], {}).get(item["key"], "file-from-a-managed-secret"))
+            for name, value in out.items():
+                if value == path:
+                    out[name] = str(local)
+    out["REGCACHE_STORAGE"] = str(tmp_path / "store")
+    return out
+
+
+def test_shared_settings_reach_regcache_as_it_loads_them(tmp_path):
+    """
+    The bucket's endpoint, name, region, prefix, size limit and redirect
+    flag, the credentials (the access key from a secretKeyRef, the secret
+    key as a mounted file), the lease settings and the address peers
+    forward to (the pod IP from the downward API) are what regcache's own
+    config loader makes of the pod's environment.
+    """
+    from regcache.config import load
+
+    objects, _ = render(MODES["shared-everything"])
+    shared = load({}, resolved_env(objects, tmp_path)).shared
+    bucket = shared.bucket
+    assert (bucket.endpoint, bucket.bucket, bucket.region, bucket.prefix) == (
+        "https://storage.googleapis.com", "example-regcache", "auto", "regcache/")
+    assert (bucket.access_key, bucket.secret_key) == ("GOOG1EEXAMPLE", "hmac-secret")
+    assert shared.advertise == "http://10.8.0.7:5000"
+    assert shared.redirect is True
+    assert shared.max_size == 2 * 2 ** 40
+    assert (shared.lease_ttl, shared.redis) == (20.0, "redis://redis:6379")
+    variables = env(objects)
+    assert "REGCACHE_S3_SECRET_KEY" not in variables
+    assert [e["name"] for e in container(objects)["env"]].index("POD_IP") < \
+        [e["name"] for e in container(objects)["env"]].index("REGCACHE_ADVERTISE")
+    plain = load({}, resolved_env(render(SHARED)[0], tmp_path)).shared
+    assert (plain.redirect, plain.lease_ttl, plain.redis, plain.bucket.prefix) == (False, 30.0, None, "")
+    assert plain.bucket.access_key == "GOOG1EMANAGED"
+
+
+def test_shared_credentials_stay_in_their_secret():
+    """
+    Keys given as values land only in the chart's Secret, whose checksum
+    rolls the pods when they change; with existingSecret the chart makes
+    none and reads the named keys from it.
+    """
+    values = MODES["shared-everything"]
+    objects, notes = render(values)
+    secret = only(objects, "Secret", f"{RELEASE}-s3")
+    assert base64.b64decode(secret["data"]["secretKey"]).decode() == "hmac-secret"
+    encoded = base64.b64encode(b"hmac-secret").decode()
+    for obj in objects:
+        if obj is not secret:
+            assert "hmac-secret" not in json.dumps(obj) and encoded not in json.dumps(obj), obj["kind"]
+    assert "hmac-secret" not in notes
+
+    def checksum(v):
+        return only(render(v)[0], "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/s3-secret"]
+
+    assert checksum(values) != checksum(merged(values, {"storage": {"s3": {"secretKey": "rotated"}}}))
+    managed = merged(SHARED, {"storage": {"s3": {"accessKeyKey": "id", "secretKeyKey": "key"}}})
+    objects, _ = render(managed)
+    assert "Secret" not in kinds(objects)
+    assert env(objects)["REGCACHE_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "regcache-gcs-hmac", "key": "id"}
+    volume = next(v for v in pod_spec(objects)["volumes"] if v.get("secret", {}).get("secretName")
+                  == "regcache-gcs-hmac")
+    assert [i["key"] for i in volume["secret"]["items"]] == ["key"]
+
+
+def test_shared_and_seaweedfs_pods_write_only_their_stores_and_tmp():
+    """
+    With a read-only root, a shared-level pod writes its level-1 store and
+    /tmp only (the key is a read-only mount), and SeaweedFS its data claim
+    and /tmp; both run as the locked-down user the server does.
+    """
+    objects, _ = render(MODES["shared-everything"])
+    mounts = container(objects)["volumeMounts"]
+    assert sorted(m["mountPath"] for m in mounts if not m.get("readOnly")) == ["/tmp", "/var/lib/registry"]
+    objects, _ = render(SEAWEEDFS)
+    spec = seaweed(objects)["spec"]["template"]["spec"]
+    (ctr,) = spec["containers"]
+    assert sorted(m["mountPath"] for m in ctr["volumeMounts"] if not m.get("readOnly")) == ["/data", "/tmp"]
+    assert spec["securityContext"] == pod_spec(objects)["securityContext"]
+    assert ctr["securityContext"] == container(objects)["securityContext"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_shared_pod_disruption_budget_keeps_all_but_one_up():
+    """
+    With more than one replica a PodDisruptionBudget lets a drain take one
+    pod at a time (maxUnavailable 1 by default); one replica gets none,
+    since a budget for it would block every drain.
+    """
+    objects, _ = render(SHARED)
+    pdb = only(objects, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == only(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert "PodDisruptionBudget" not in kinds(render(merged(SHARED, {"replicaCount": 1}))[0])
+    two = only(render(merged(SHARED, {"podDisruptionBudget": {"maxUnavailable": 2}}))[0], "PodDisruptionBudget")
+    assert two["spec"]["maxUnavailable"] == 2
+    assert "PodDisruptionBudget" not in kinds(render(merged(SHARED, {"podDisruptionBudget": {"enabled": False}}))[0])
+
+
+def test_shared_autoscaler_is_optional_and_owns_the_replica_count():
+    """
+    autoscaling.enabled adds an autoscaling/v2 HorizontalPodAutoscaler on
+    CPU for the Deployment, which then leaves replicas to it (an upgrade
+    would otherwise reset the count); off by default.
+    """
+    assert "HorizontalPodAutoscaler" not in kinds(render(SHARED)[0])
+    objects, _ = render(MODES["shared-everything"])
+    hpa = only(objects, "HorizontalPodAutoscaler")
+    deployment = only(objects, "Deployment")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 9)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert "replicas" not in deployment["spec"]
+    assert "PodDisruptionBudget" in kinds(objects)
+
+
+def test_autoscaler_needs_the_shared_level():
+    """
+    Each pod count change moves keys between the StatefulSet's volumes and
+    costs cold misses: the chart refuses an autoscaler without s3.
+    """
+    with pytest.raises(helm.HelmError, match="autoscaling.enabled needs storage.backend s3"):
+        render(merged(SCALE_OUT, {"autoscaling": {"enabled": True}}))
+
+
+def test_shared_ingress_hashing_is_an_optional_locality_hint():
+    """
+    With s3 any pod can answer any request, so the Ingress hashes nothing
+    by default; scaleOut.localityHint turns the URI hashing back on, so a
+    digest mostly lands on the pod whose level-1 store has it.
+    """
+    annotations = only(render(SHARED)[0], "Ingress")["metadata"].get("annotations", {})
+    assert "nginx.ingress.kubernetes.io/upstream-hash-by" not in annotations
+    hinted = only(render(MODES["shared-everything"])[0], "Ingress")
+    assert hinted["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$uri"
+
+
+def test_shared_level_works_through_an_external_name_service():
+    """
+    Without hashing an Ingress in another namespace can reach the pods
+    through one Service address: the combination scale-out refuses is
+    fine with s3.
+    """
+    objects, _ = render(merged(SHARED, {"externalNameService": {"enabled": True, "namespace": "ingress"}}))
+    assert only(objects, "Ingress")["metadata"]["namespace"] == "ingress"
+
+
+# --- SeaweedFS in the chart --------------------------------------------------
+
+
+def seaweed(objects):
+    return only(objects, "StatefulSet", f"{RELEASE}-seaweedfs")
+
+
+def test_seaweedfs_is_a_statefulset_with_a_volume_running_weed_mini():
+    """
+    seaweedfs.enabled runs `weed mini` (master, volume, filer and S3 in one
+    process) from chrislusf/seaweedfs in a one-pod StatefulSet whose data
+    is a claim of seaweedfs.persistence.size, creating the bucket at start,
+    with its admin UI, WebDAV, telemetry and extra gateways off, logging
+    to the kubelet rather than to files.
+    """
+    objects, _ = render(SEAWEEDFS)
+    sts = seaweed(objects)
+    assert sts["spec"]["replicas"] == 1
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    (ctr,) = sts["spec"]["template"]["spec"]["containers"]
+    assert ctr["image"].startswith("chrislusf/seaweedfs:")
+    argv = ctr["command"] + ctr["args"]
+    assert argv[:3] == ["/usr/bin/weed", "-logtostderr=true", "mini"]   # no log files in /tmp
+    flags = dict(a.lstrip("-").split("=", 1) for a in argv[3:])
+    assert flags["bucket"] == "regcache"
+    assert (flags["admin.ui"], flags["webdav"], flags["master.telemetry"]) == ("false", "false", "false")
+    assert (flags["s3.port.iceberg"], flags["s3.port.lance"]) == ("0", "0")
+    mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
+    assert mounts[flags["dir"]]["name"] == claim["metadata"]["name"]
+    config_dir, config_file = flags["s3.config"].rsplit("/", 1)
+    assert mounts[config_dir]["readOnly"] is True
+    assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(e["name"] == "GOMEMLIMIT" for e in ctr["env"])
+
+
+def test_regcache_points_at_the_in_chart_seaweedfs_with_its_credentials(tmp_path):
+    """
+    With seaweedfs.enabled regcache's endpoint is SeaweedFS's Service, its
+    bucket the one SeaweedFS creates, and its keys the identity in
+    SeaweedFS's S3 config, made by the chart when none are given.
+    """
+    from regcache.config import load
+
+    objects, _ = render(SEAWEEDFS)
+    sts = seaweed(objects)
+    service = only(objects, "Service", f"{RELEASE}-seaweedfs")
+    (port,) = service["spec"]["ports"]
+    shared = load({}, resolved_env(objects, tmp_path)).shared
+    assert shared.bucket.endpoint == f"http://{service['metadata']['name']}:{port['port']}"
+    assert shared.bucket.bucket == "regcache"
+    assert shared.redirect is False
+    (ctr,) = sts["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.lstrip("-").split("=", 1) for a in ctr["args"][2:])
+    assert int(flags["s3.port"]) == next(p["containerPort"] for p in ctr["ports"] if p["name"] == port["targetPort"])
+    volume_name = next(m["name"] for m in ctr["volumeMounts"]
+                       if flags["s3.config"].startswith(m["mountPath"] + "/"))
+    volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == volume_name)
+    secret = only(objects, "Secret", volume["secret"]["secretName"])
+    item = next(i for i in volume["secret"]["items"] if i["path"] == flags["s3.config"].rsplit("/", 1)[1])
+    identities = json.loads(base64.b64decode(secret["data"][item["key"]]))
+    (identity,) = identities["identities"]
+    assert identity["credentials"] == [{"accessKey": shared.bucket.access_key,
+                                        "secretKey": shared.bucket.secret_key}]
+    assert len(shared.bucket.secret_key) >= 32
+    assert {"Read", "Write", "List"} <= set(identity["actions"])
+    assert "Admin" not in identity["actions"]   # weed makes the bucket; regcache never needs to
+    given = render(merged(SEAWEEDFS, {"storage": {"s3": {"accessKey": "mine", "secretKey": "my-secret-key"}}}))[0]
+    shared = load({}, resolved_env(given, tmp_path)).shared
+    assert (shared.bucket.access_key, shared.bucket.secret_key) == ("mine", "my-secret-key")
+
+
+def test_seaweedfs_is_reached_by_regcache_pods_only():
+    """
+    SeaweedFS's Service selects its own pod and never regcache's (nor does
+    regcache's Service select SeaweedFS); a NetworkPolicy admits only
+    regcache's pods, on the S3 port, since weed's other ports (master,
+    filer, admin) listen too.
+    """
+    objects, _ = render(SEAWEEDFS)
+    pod_labels = seaweed(objects)["spec"]["template"]["metadata"]["labels"]
+    regcache_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+    def selects(selector, labels):
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    store = only(objects, "Service", f"{RELEASE}-seaweedfs")
+    assert selects(store["spec"]["selector"], pod_labels)
+    assert not selects(store["spec"]["selector"], regcache_labels)
+    assert not selects(only(objects, "Service", RELEASE)["spec"]["selector"], pod_labels)
+    policy = only(objects, "NetworkPolicy")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert selects(peer["podSelector"]["matchLabels"], regcache_labels)
+    assert rule["ports"] == [{"port": "s3", "protocol": "TCP"}]
+    assert "NetworkPolicy" not in kinds(render(merged(SEAWEEDFS, {"seaweedfs": {"networkPolicy": False}}))[0])
+
+
+# --- The shared level's values in the schema ---------------------------------
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"storage": {"backend": "gcs"}}, "/storage/backend"),
+    ({"storage": {"backend": "s3", "s3": {"existingSecret": "k", "bucket": "mirror-cache"}}}, "/storage/s3"),
+    ({"storage": {"backend": "s3", "s3": {"existingSecret": "k", "endpoint": "https://s3.example"}}}, "/storage/s3"),
+    ({"storage": {"backend": "s3", "s3": {"endpoint": "s3.example", "bucket": "mirror-cache", "existingSecret": "k"}}},
+     "/storage/s3/endpoint"),
+    ({"storage": {"backend": "s3", "s3": {"endpoint": "https://s3.example", "bucket": "mirror-cache"}}}, "/storage/s3"),
+    ({"storage": {"s3": {"maxSize": "lots"}}}, "/storage/s3/maxSize"),
+    ({"storage": {"leases": {"ttl": "soon"}}}, "/storage/leases/ttl"),
+    ({"storage": {"leases": {"redis": "http://redis:6379"}}}, "/storage/leases/redis"),
+    ({"storage": {"local": {"volume": "hostPath"}}}, "/storage/local/volume"),
+    ({"storage": {"local": {"size": "big"}}}, "/storage/local/size"),
+    ({"storage": {"advertise": "10.0.0.1:5000"}}, "/storage/advertise"),
+    ({"topologySpread": {"whenUnsatisfiable": "Sometimes"}}, "/topologySpread/whenUnsatisfiable"),
+    ({"podDisruptionBudget": {"maxUnavailable": 0}}, "/podDisruptionBudget/maxUnavailable"),
+    ({"autoscaling": {"maxReplicas": 0}}, "/autoscaling/maxReplicas"),
+    ({"seaweedfs": {"enabled": True}}, "/storage/backend"),
+    ({"storage": {"backend": "s3", "s3": {"existingSecret": "k"}}, "seaweedfs": {"enabled": True}},
+     "/storage/s3/existingSecret"),
+    ({"storage": {"backend": "s3", "s3": {"endpoint": "https://s3.example"}}, "seaweedfs": {"enabled": True}},
+     "/storage/s3/endpoint"),
+    ({"seaweedfs": {"persistence": {"size": "huge"}}}, "/seaweedfs/persistence/size"),
+])
+def test_schema_rejects_bad_shared_level_values_and_names_the_key(values, where):
+    """
+    The shared level's values fail at install with the key named: an
+    unknown backend, s3 without a bucket, an endpoint or credentials
+    (unless SeaweedFS provides them), a bad size, duration or URL, and
+    SeaweedFS without the s3 backend or with settings it makes itself.
+    """
+    with pytest.raises(helm.HelmValuesError) as caught:
+        render(values)
+    assert where in str(caught.value)
+
+
+def test_schema_accepts_the_shared_level_the_docs_show():
+    """
+    The shared-level shapes used in docs/kubernetes.md pass the schema:
+    S3 with keys as values, GCS with an existing Secret, the in-chart
+    SeaweedFS with nothing else.
+    """
+    for values in (
+        {"replicaCount": 3, "storage": {"backend": "s3", "s3": {
+            "endpoint": "https://s3.eu-west-1.amazonaws.com", "bucket": "mirror-cache", "region": "eu-west-1",
+            "accessKey": "AKIAEXAMPLE", "secretKey": "s", "redirect": True, "maxSize": "1Ti"}}},
+        {"storage": {"backend": "s3", "advertise": "http://[$(POD_IP)]:5000", "s3": {
+            "endpoint": "https://storage.googleapis.com", "bucket": "mirror-cache", "region": "auto",
+            "existingSecret": "hmac"}, "leases": {"ttl": "30s", "redis": "redis://redis:6379/0"}},
+         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8,
+                         "targetCPUUtilizationPercentage": 60}},
+        {"storage": {"backend": "s3"}, "seaweedfs": {"enabled": True}},
+    ):
+        _chart().validate_schema(values)
+
+
+def test_notes_describe_the_shared_level_and_warn_of_what_cannot_work():
+    """
+    NOTES.txt names the bucket the pods share (not the scale-out caveats
+    of per-pod volumes), warns that redirects to the in-chart SeaweedFS
+    point at a name nodes cannot resolve, and that keys the chart made up
+    are new on every render without a cluster to look them up in.
+    """
+    _, notes = render(SHARED)
+    assert "3 pods share the bucket example-regcache at https://storage.googleapis.com" in notes
+    assert "own cache volume" not in notes
+    _, notes = render(merged(SEAWEEDFS, {"storage": {"s3": {"redirect": True}}}))
+    assert "WARNING: storage.s3.redirect" in notes
+    assert "made up" in notes
+    _, notes = render(merged(SEAWEEDFS, {"storage": {"s3": {"accessKey": "a", "secretKey": "b"}}}))
+    assert "WARNING" not in notes and "made up" not in notes
+    _, notes = render(MODES["shared-everything"])
+    assert "3 to 9 pods" in notes

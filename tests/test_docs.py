@@ -318,6 +318,40 @@ def check_auth_json(config):
         assert user and colon, f"auths.{host}.auth: not base64 of user:password"
 
 
+def check_gcs_lifecycle(config):
+    """
+    A file for `gcloud storage buckets update --lifecycle-file`: rules of
+    an action GCS has and conditions it knows, ages in whole days.
+    """
+    subset(config, {"lifecycle"}, "GCS lifecycle file")
+    rules = config["lifecycle"]["rule"]
+    assert rules, "at least one rule"
+    for rule in rules:
+        subset(rule, {"action", "condition"}, "rule[]")
+        assert rule["action"]["type"] in ("Delete", "SetStorageClass", "AbortIncompleteMultipartUpload")
+        subset(rule["condition"], {"age", "matchesPrefix", "matchesSuffix", "daysSinceCustomTime", "createdBefore",
+                                   "isLive", "numNewerVersions", "matchesStorageClass"}, "rule[].condition")
+        assert isinstance(rule["condition"]["age"], int) and rule["condition"]["age"] > 0
+        assert all(not p.startswith("/") for p in rule["condition"].get("matchesPrefix", [])), "object names have no /"
+
+
+def check_s3_lifecycle(config):
+    """
+    A file for `aws s3api put-bucket-lifecycle-configuration
+    --lifecycle-configuration file://...`, validated by botocore against
+    S3's own API model.
+    """
+    import botocore.session
+    import botocore.validate
+
+    model = botocore.session.get_session().get_service_model("s3")
+    shape = model.operation_model("PutBucketLifecycleConfiguration").input_shape
+    botocore.validate.validate_parameters({"Bucket": "example-regcache", "LifecycleConfiguration": config}, shape)
+    for rule in config["Rules"]:
+        assert "Filter" in rule, "Rules[]: Filter (Prefix alone is the deprecated form)"
+        assert rule["Status"] in ("Enabled", "Disabled")
+
+
 def check_chart_values(values):
     helm.Chart.load(ROOT / "chart" / "regcache").validate_schema(values)
 
@@ -332,6 +366,8 @@ CHECKERS = [
     (r"/etc/gitlab-runner/config\.toml", check_runner_config),
     (r"containerd-mirror\.yaml", check_gke_containerd),
     (r"(\$\{XDG_RUNTIME_DIR\}/containers|/etc/containers)/auth\.json", check_auth_json),
+    (r"gcs-lifecycle\.json", check_gcs_lifecycle),
+    (r"s3-lifecycle\.json", check_s3_lifecycle),
     (r"values\.yaml|[\w-]+-values\.yaml", check_chart_values),
     (r"regcache\.yaml", check_regcache_config),
 ]

@@ -49,11 +49,86 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-More than one replica switches to a StatefulSet: each pod needs its own
-volume, and an RWO volume cannot be shared.
+More than one replica on the local backend switches to a StatefulSet: each
+pod needs its own volume, and an RWO volume cannot be shared.
 */}}
 {{- define "regcache.scaleOut" -}}
-{{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- if and (not (include "regcache.shared" .)) (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{/*
+The shared level (storage.backend s3): any pod answers any request from the
+bucket, so the pods are interchangeable and run from a Deployment.
+*/}}
+{{- define "regcache.shared" -}}
+{{- if eq .Values.storage.backend "s3" }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the Ingress hashes each URI to one pod: always in scale-out, where
+a digest lives on one pod only; with s3 only as a locality hint.
+*/}}
+{{- define "regcache.hashed" -}}
+{{- if or (include "regcache.scaleOut" .) (and (include "regcache.shared" .) .Values.scaleOut.localityHint) }}true{{ end }}
+{{- end }}
+
+{{/*
+More than one pod of the shared level, now or once the autoscaler has its
+minimum: the PodDisruptionBudget then lets drains through one at a time.
+*/}}
+{{- define "regcache.severalPods" -}}
+{{- $pods := ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled }}
+{{- if and (include "regcache.shared" .) (gt (int $pods) 1) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Secret holding the bucket's key pair: the user's, or the chart's.
+*/}}
+{{- define "regcache.s3SecretName" -}}
+{{- if .Values.storage.s3.existingSecret }}
+{{- .Values.storage.s3.existingSecret }}
+{{- else }}
+{{- printf "%s-s3" (include "regcache.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "regcache.seaweedfsName" -}}
+{{- printf "%s-seaweedfs" (include "regcache.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+SeaweedFS's own name label, so neither Service selects the other's pods.
+*/}}
+{{- define "regcache.seaweedfsSelectorLabels" -}}
+app.kubernetes.io/name: seaweedfs
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "regcache.seaweedfsLabels" -}}
+helm.sh/chart: {{ include "regcache.chart" . }}
+{{ include "regcache.seaweedfsSelectorLabels" . }}
+app.kubernetes.io/component: object-store
+app.kubernetes.io/part-of: {{ include "regcache.name" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+The bucket regcache uses: the one SeaweedFS creates defaults to "regcache".
+*/}}
+{{- define "regcache.bucket" -}}
+{{- if .Values.seaweedfs.enabled }}
+{{- .Values.storage.s3.bucket | default "regcache" }}
+{{- else }}
+{{- .Values.storage.s3.bucket }}
+{{- end }}
+{{- end }}
+
+{{- define "regcache.s3Endpoint" -}}
+{{- if .Values.seaweedfs.enabled }}
+{{- printf "http://%s:8333" (include "regcache.seaweedfsName" .) }}
+{{- else }}
+{{- .Values.storage.s3.endpoint }}
+{{- end }}
 {{- end }}
 
 {{- define "regcache.headlessName" -}}
@@ -90,15 +165,17 @@ imagePullSecrets:
 {{- end }}
 
 {{/*
-REGCACHE_MAX_SIZE: cache.maxSize if set, else maxSizePercent of
-persistence.size, in MiB, so eviction starts before the volume is full and
-writes fail.  The schema only lets plain Kubernetes quantities through.
+REGCACHE_MAX_SIZE: cache.maxSize if set, else nothing when the config file
+has a cache.max_size (the variable would win over it), else maxSizePercent
+of the store's volume (persistence.size, or storage.local.size with s3),
+in MiB, so eviction starts before the volume is full and writes fail.  The
+schema only lets plain Kubernetes quantities through.
 */}}
 {{- define "regcache.maxSize" -}}
 {{- if .Values.cache.maxSize }}
 {{- .Values.cache.maxSize }}
-{{- else }}
-{{- $size := toString .Values.persistence.size }}
+{{- else if not (hasKey (.Values.config.cache | default dict) "max_size") }}
+{{- $size := toString (ternary .Values.storage.local.size .Values.persistence.size (eq .Values.storage.backend "s3")) }}
 {{- $number := regexReplaceAll "^([0-9.]+)([A-Za-z]*)$" $size "${1}" }}
 {{- $unit := regexReplaceAll "^([0-9.]+)([A-Za-z]*)$" $size "${2}" }}
 {{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 }}
@@ -115,6 +192,15 @@ StatefulSet passes false and brings "data" from volumeClaimTemplates.
 */}}
 {{- define "regcache.podTemplate" -}}
 {{- $root := .root }}
+{{- $shared := include "regcache.shared" $root }}
+{{- with $root.Values.config }}
+{{- if hasKey . "storage" }}
+{{- fail "config.storage: set the shared level with the chart's storage values (storage.backend, storage.s3, storage.leases): they decide the workload the chart renders, and its variables would override the file" }}
+{{- end }}
+{{- if hasKey (.cache | default dict) "storage" }}
+{{- fail "config.cache.storage: the chart mounts the store at /var/lib/registry and points REGCACHE_STORAGE there; leave it out of the config file" }}
+{{- end }}
+{{- end }}
 {{- /* With a config file the file names each upstream's credentials. */}}
 {{- $secret := "" }}
 {{- if not $root.Values.config }}
@@ -124,6 +210,10 @@ StatefulSet passes false and brings "data" from volumeClaimTemplates.
 {{- if and $secret (not $root.Values.upstream.existingSecret) }}
 {{- /* regcache reads its credentials once, at start: roll the pods on change. */}}
 {{- $_ := set $annotations "checksum/upstream-secret" (include (print $root.Template.BasePath "/secret-upstream.yaml") $root | sha256sum) }}
+{{- end }}
+{{- if and $shared (not $root.Values.storage.s3.existingSecret) }}
+{{- /* And the bucket's key pair. */}}
+{{- $_ := set $annotations "checksum/s3-secret" (include (print $root.Template.BasePath "/secret-s3.yaml") $root | sha256sum) }}
 {{- end }}
 {{- if $root.Values.config }}
 {{- /* So is the config file (the pull policy in it too). */}}
@@ -148,6 +238,23 @@ spec:
   automountServiceAccountToken: {{ $root.Values.serviceAccount.automount }}
   securityContext:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  {{- if and $shared $root.Values.topologySpread.enabled }}
+  # Across nodes and zones, so a preempted node or a lost zone takes few
+  # pods; each revision spreads on its own during a rollout (from 1.27).
+  topologySpreadConstraints:
+    {{- range list "kubernetes.io/hostname" "topology.kubernetes.io/zone" }}
+    - topologyKey: {{ . }}
+      maxSkew: {{ $root.Values.topologySpread.maxSkew }}
+      whenUnsatisfiable: {{ $root.Values.topologySpread.whenUnsatisfiable }}
+      labelSelector:
+        matchLabels:
+          {{- include "regcache.selectorLabels" $root | nindent 10 }}
+      {{- if semverCompare ">=1.27-0" $root.Capabilities.KubeVersion.Version }}
+      matchLabelKeys:
+        - pod-template-hash
+      {{- end }}
+    {{- end }}
+  {{- end }}
   containers:
     - name: {{ $root.Chart.Name }}
       image: "{{ $root.Values.image.repository }}:{{ $root.Values.image.tag | default $root.Chart.AppVersion }}"
@@ -172,6 +279,41 @@ spec:
           value: "tcp:5000"
         - name: REGCACHE_STORAGE
           value: /var/lib/registry
+        {{- if $shared }}
+        {{- with $root.Values.storage }}
+        - name: REGCACHE_STORAGE_BACKEND
+          value: s3
+        # The address the other pods forward a download to while this pod
+        # holds its lease.
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: REGCACHE_ADVERTISE
+          value: {{ .advertise | default "http://$(POD_IP):5000" | quote }}
+        - name: REGCACHE_S3_ENDPOINT
+          value: {{ include "regcache.s3Endpoint" $root | quote }}
+        - name: REGCACHE_S3_BUCKET
+          value: {{ include "regcache.bucket" $root | quote }}
+        - name: REGCACHE_S3_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "regcache.s3SecretName" $root }}
+              key: {{ .s3.accessKeyKey }}
+        - name: REGCACHE_S3_SECRET_KEY_FILE
+          value: /etc/regcache/s3/secret-key
+        {{- if .s3.redirect }}
+        - name: REGCACHE_S3_REDIRECT
+          value: "true"
+        {{- end }}
+        {{- range $name, $value := dict "REGCACHE_S3_REGION" .s3.region "REGCACHE_S3_PREFIX" .s3.prefix "REGCACHE_S3_MAX_SIZE" .s3.maxSize "REGCACHE_LEASE_TTL" .leases.ttl "REGCACHE_REDIS" .leases.redis }}
+        {{- if $value }}
+        - name: {{ $name }}
+          value: {{ $value | quote }}
+        {{- end }}
+        {{- end }}
+        {{- end }}
+        {{- end }}
         {{- with $root.Values.metrics.port }}
         - name: REGCACHE_METRICS_LISTEN
           value: "tcp:{{ . }}"
@@ -196,8 +338,10 @@ spec:
         - name: REGCACHE_PASSWORD_FILE
           value: /etc/regcache/upstream/password
         {{- end }}
+        {{- with include "regcache.maxSize" $root }}
         - name: REGCACHE_MAX_SIZE
-          value: {{ include "regcache.maxSize" $root | quote }}
+          value: {{ . | quote }}
+        {{- end }}
         {{- with $root.Values.auth }}
         {{- if .existingSecret }}
         - name: REGCACHE_HTPASSWD
@@ -237,6 +381,11 @@ spec:
           mountPath: /etc/regcache/upstream
           readOnly: true
         {{- end }}
+        {{- if $shared }}
+        - name: s3-credentials
+          mountPath: /etc/regcache/s3
+          readOnly: true
+        {{- end }}
         {{- if $root.Values.config }}
         - name: config
           mountPath: /etc/regcache/config
@@ -249,7 +398,33 @@ spec:
           readOnly: true
         {{- end }}
   volumes:
-    {{- if not $root.Values.persistence.enabled }}
+    {{- if $shared }}
+    {{- with $root.Values.storage.local }}
+    {{- if eq .volume "ephemeral" }}
+    # Level 1: a claim made and deleted with the pod; the bucket keeps the rest.
+    - name: data
+      ephemeral:
+        volumeClaimTemplate:
+          metadata:
+            labels:
+              {{- include "regcache.selectorLabels" $root | nindent 14 }}
+          spec:
+            accessModes:
+              - ReadWriteOnce
+            {{- with include "regcache.storageClassName" .storageClass }}
+            {{- . | nindent 12 }}
+            {{- end }}
+            resources:
+              requests:
+                storage: {{ .size }}
+    {{- else }}
+    # Level 1: lost with the pod, which costs bucket reads, never a pull.
+    - name: data
+      emptyDir:
+        sizeLimit: {{ .size }}
+    {{- end }}
+    {{- end }}
+    {{- else if not $root.Values.persistence.enabled }}
     - name: data
       emptyDir:
         sizeLimit: {{ $root.Values.persistence.size }}
@@ -284,6 +459,15 @@ spec:
           - key: {{ $root.Values.upstream.passwordKey }}
             path: password
     {{- end }}
+    {{- if $shared }}
+    - name: s3-credentials
+      secret:
+        secretName: {{ include "regcache.s3SecretName" $root }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.storage.s3.secretKeyKey }}
+            path: secret-key
+    {{- end }}
   {{- with $root.Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -299,15 +483,15 @@ spec:
 {{- end }}
 
 {{/*
-storageClassName: "" leaves it out (the cluster's default class), "-" asks
-for no class at all (storageClassName: "").
+Called with a storageClass value: "" leaves storageClassName out (the
+cluster's default class), "-" asks for no class at all (storageClassName: "").
 */}}
-{{- define "regcache.storageClass" -}}
-{{- if .Values.persistence.storageClass }}
-{{- if eq "-" .Values.persistence.storageClass }}
+{{- define "regcache.storageClassName" -}}
+{{- if . }}
+{{- if eq "-" . }}
 storageClassName: ""
 {{- else }}
-storageClassName: {{ .Values.persistence.storageClass | quote }}
+storageClassName: {{ . | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
