@@ -50,10 +50,11 @@ def regcache(tmp_path, hub):
     password = tmp_path / "password"
     password.write_text(USERS["ci"] + "\n")
 
-    def start(*args, upstream=None, storage=None, credentials=True, env=None, listen=None, open_files=None):
+    def start(*args, upstream=None, storage=None, credentials=True, env=None, listen=None, open_files=None,
+              port=None):
         extra = ["--username", "ci", "--password-file", str(password)] if credentials else []
         r = Regcache(storage or str(tmp_path / f"store{len(started)}"), upstream or hub.registry_url,
-                     [*extra, *args], env=env, listen=listen, open_files=open_files)
+                     [*extra, *args], env=env, listen=listen, open_files=open_files, port=port)
         started.append(r)
         return r.start()
 

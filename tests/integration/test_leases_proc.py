@@ -1,0 +1,127 @@
+# test-case-name: tests.integration.test_leases_proc
+"""
+One upstream fetch per blob across replicas, with real processes: three
+regcache replicas sharing a SeaweedFS bucket in front of the fake Docker
+Hub, clients pulling the large image's blobs from all of them at once, and
+the lease holder killed in the middle of the large blob.
+"""
+
+import hashlib
+import threading
+import urllib.request
+
+import pytest
+
+from tests.integration.procs import scrape, value, wait_for
+from tests.processes import free_port
+
+IMAGE = "library/large:1"
+
+
+@pytest.fixture
+def replicas(regcache, seaweed):
+    """A factory: ``replicas(n, *args)`` starts n regcache processes sharing the bucket, each advertising its port."""
+    def start(n, *args):
+        started = []
+        for _ in range(n):
+            port = free_port()
+            started.append(regcache(*seaweed.regcache_args(), "--advertise", f"http://127.0.0.1:{port}", *args,
+                                    env=seaweed.regcache_env(), port=port))
+        return started
+    return start
+
+
+class Pull(threading.Thread):
+    """One client's GET of one blob from one replica, hashed as it arrives (110 MiB is never held)."""
+
+    def __init__(self, replica, name: str, digest: str, start: threading.Event):
+        super().__init__(daemon=True)
+        self.replica = replica
+        self.url = f"{replica.url}/v2/{name}/blobs/{digest}"
+        self.start_event = start
+        self.received = 0
+        self.digest = None
+        self.error = None
+
+    def run(self):
+        self.start_event.wait()
+        h = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(self.url, timeout=120) as r:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    h.update(chunk)
+                    self.received += len(chunk)
+            self.digest = "sha256:" + h.hexdigest()
+        except Exception as e:  # the test looks at what each client got
+            self.error = e
+
+
+def _pulls(replicas, image, clients):
+    go = threading.Event()
+    pulls = [Pull(replicas[i % len(replicas)], "library/large", b.digest, go)
+             for i in range(clients) for b in image.blobs()]
+    for p in pulls:
+        p.start()
+    return go, pulls
+
+
+def _total(replicas, name, **labels):
+    return sum(value(scrape(r.url), name, **labels) for r in replicas)
+
+
+def test_eight_clients_on_three_replicas_cause_one_upstream_get_per_blob(replicas, hub, images):
+    """
+    Eight clients pulling the large image's blobs at once, spread over three
+    replicas, make upstream send each blob exactly once, and every client
+    gets the blob's own bytes: one replica took the lease, the others
+    forwarded to it.
+    """
+    reps = replicas(3)
+    image = images[IMAGE]
+    go, pulls = _pulls(reps, image, 8)
+    go.set()
+    for p in pulls:
+        p.join(300)
+    assert [(p.url, p.error) for p in pulls if p.error is not None] == []
+    assert [p.digest for p in pulls] == [p.url.rsplit("/", 1)[1] for p in pulls]
+    gets = hub.stats()["cdn_blob_gets"]
+    assert {b.digest: gets.get(b.digest, 0) for b in image.blobs()} == {b.digest: 1 for b in image.blobs()}
+    assert _total(reps, "regcache_leases_total", result="won") == len(image.blobs())
+    assert _total(reps, "regcache_forwards_total", direction="sent", result="ok") >= 1
+    assert _total(reps, "regcache_coordinator_fallbacks_total", reason="unavailable") == 0
+
+
+def test_a_killed_holder_is_taken_over_and_no_client_gets_wrong_bytes(replicas, hub, images):
+    """
+    With the lease holder killed with SIGKILL in the middle of the large
+    blob, another replica takes the lease over once it expired and finishes
+    the download: the clients of the surviving replicas get the right
+    bytes, and upstream sends the blob at most twice.
+    """
+    a, b, c = replicas(3, "--lease-ttl", "3s")
+    image = images[IMAGE]
+    layer = max(image.blobs(), key=lambda blob: blob.size)
+    # About 8 MiB a second: the kill lands well inside the 110 MiB.
+    hub.fault("drip", "blobs", path=layer.digest.split(":")[1], chunk=256 * 1024, interval=0.03)
+    go = threading.Event()
+    first = Pull(a, "library/large", layer.digest, go)
+    first.start()
+    go.set()
+    wait_for(lambda: value(scrape(a.url), "regcache_leases_total", result="won") == 1, what="A to take the lease")
+    wait_for(lambda: first.received > 0, what="A's client to get bytes")
+    others = [Pull(r, "library/large", layer.digest, go) for r in (b, c, b, c)]
+    for p in others:
+        p.start()
+    wait_for(lambda: all(p.received > 0 for p in others), what="B's and C's clients to get bytes from A")
+    assert value(scrape(b.url), "regcache_forwards_total", direction="sent", result="ok") >= 1
+    assert value(scrape(c.url), "regcache_forwards_total", direction="sent", result="ok") >= 1
+    a.kill()
+    for p in others:
+        p.join(300)
+    first.join(60)
+    assert [p.error for p in others] == [None] * len(others)
+    assert {p.digest for p in others} == {layer.digest}
+    # A's own client may have failed with it, but never with other bytes.
+    assert first.error is not None or first.digest == layer.digest
+    assert hub.stats()["cdn_blob_gets"][layer.digest] <= 2
+    assert _total((b, c), "regcache_leases_total", result="taken_over") == 1
