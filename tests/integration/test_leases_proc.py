@@ -48,9 +48,13 @@ class Pull(threading.Thread):
         h = hashlib.sha256()
         try:
             with urllib.request.urlopen(self.url, timeout=120) as r:
+                length = int(r.headers["Content-Length"])
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     h.update(chunk)
                     self.received += len(chunk)
+            # http.client ends a read of a cut body quietly, short.
+            if self.received != length:
+                raise EOFError(f"{self.received} of {length} bytes")
             self.digest = "sha256:" + h.hexdigest()
         except Exception as e:  # the test looks at what each client got
             self.error = e
