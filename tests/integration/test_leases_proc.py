@@ -7,12 +7,17 @@ the lease holder killed in the middle of the large blob.
 """
 
 import hashlib
+import json
 import threading
+import time
+import types
 import urllib.request
 
 import pytest
 
+from regcache.peers import PEER_HEADER, PeerAuth, peer_key
 from tests.integration.procs import scrape, value, wait_for
+from tests.integration.seaweed import SECRET_KEY
 from tests.processes import free_port
 
 IMAGE = "library/large:1"
@@ -129,3 +134,35 @@ def test_a_killed_holder_is_taken_over_and_no_client_gets_wrong_bytes(replicas, 
     assert first.error is not None or first.digest == layer.digest
     assert hub.stats()["cdn_blob_gets"][layer.digest] <= 2
     assert _total((b, c), "regcache_leases_total", result="taken_over") == 1
+
+
+def test_the_peer_route_serves_only_signed_requests_and_never_fetches(replicas, hub, images):
+    """
+    The route between replicas answers 403 in OCI JSON without a valid
+    signature; with one, it serves a blob the replica holds (Range too),
+    and a 404 for one it neither holds nor downloads, asking nobody for it.
+    """
+    (a,) = replicas(1)
+    held = images["library/small:1"].blobs()[0]
+    other = images["library/multi:1"].blobs()[0]
+    status, _, _ = a.get(f"/v2/library/small/blobs/{held.digest}")
+    assert status == 200
+    signer = PeerAuth(peer_key(SECRET_KEY), types.SimpleNamespace(seconds=time.time))
+    stranger = PeerAuth(peer_key("not the bucket's secret"), types.SimpleNamespace(seconds=time.time))
+    path = f"/_regcache/blobs/{held.digest}"
+    for headers in ({}, {PEER_HEADER: stranger.sign(held.digest)}, {PEER_HEADER: signer.sign(other.digest)}):
+        status, got, body = a.get(path, headers=headers)
+        assert (status, got["Content-Type"], json.loads(body)["errors"][0]["code"]) == (403, "application/json",
+                                                                                         "DENIED")
+    status, _, body = a.get(path, headers={PEER_HEADER: signer.sign(held.digest)})
+    assert (status, "sha256:" + hashlib.sha256(body).hexdigest()) == (200, held.digest)
+    status, got, tail = a.get(path, headers={PEER_HEADER: signer.sign(held.digest), "Range": "bytes=100-"})
+    assert (status, tail, got["Content-Range"]) == (206, body[100:], f"bytes 100-{held.size - 1}/{held.size}")
+    before = hub.stats()
+    status, _, body = a.get(f"/_regcache/blobs/{other.digest}", headers={PEER_HEADER: signer.sign(other.digest)})
+    assert (status, json.loads(body)["errors"][0]["code"]) == (404, "BLOB_UNKNOWN")
+    after = hub.stats()
+    assert [s.get(other.digest, 0) for s in (after["cdn_blob_gets"], after["registry_blob_heads"])] == [0, 0]
+    assert after["manifest_heads_total"] == before["manifest_heads_total"]
+    assert value(scrape(a.url), "regcache_forwards_total", direction="served", result="denied") == 3
+    assert value(scrape(a.url), "regcache_forwards_total", direction="served", result="missing") == 1
