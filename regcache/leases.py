@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from regcache.peers import PeerError
 from regcache.reference import Digest
 from regcache.remote import BlobStream, Remote
 from regcache.s3 import StorageError
@@ -58,6 +59,8 @@ MAX_ROUNDS = 3
 
 #: The most of a lease object believed: a URL, a token and a number.
 MAX_LEASE = 4096
+
+LEASE_TYPE = "application/json"
 
 #: What a look into the bucket gives a fill from an offset, or None.
 Look = Callable[[int], Awaitable[Optional[BlobStream]]]
@@ -88,6 +91,58 @@ class Lease:
             return None
 
 
+class BucketTable:
+    """
+    Leases as objects in the bucket, each written create-only and changed
+    only by compare-and-swap on its ETag, which is what a holder keeps.
+    """
+
+    def __init__(self, bucket, clock):
+        self.bucket = bucket
+        self.clock = clock
+
+    async def take(self, digest: Digest, mine: Lease) -> Tuple[Optional[str], Optional[Lease], str]:
+        """
+        (The ETag of ``mine`` if it is now the lease, else None; the live
+        lease of another holder if there is one; how: won, taken_over or
+        lost.)
+        """
+        name = lease_name(digest)
+        for _ in range(3):
+            etag = _named(await self.bucket.put_etag(name, mine.encode(), LEASE_TYPE, create_only=True))
+            if etag is not None:
+                return etag, None, "won"
+            found = await self.bucket.read(name)
+            if found is None:
+                continue  # given up meanwhile: create it again
+            info, body = found
+            theirs = Lease.decode(body)
+            if theirs is not None and theirs.expires > self.clock.seconds() and theirs.holder != mine.holder:
+                return None, theirs, "lost"
+            # Expired, garbled, or a past life's of this replica (which has
+            # one fill per digest, and it is the one asking).
+            etag = _named(await self.bucket.put_etag(name, mine.encode(), LEASE_TYPE,
+                                                                  if_match=info.etag))
+            if etag is not None:
+                return etag, None, "taken_over"
+        raise StorageError(f"the lease on {digest} changed hands too often to be taken")
+
+    async def renew(self, digest: Digest, lease: Lease, etag: str) -> Optional[str]:
+        """The new ETag, or None if the lease is no longer the one ``etag`` names."""
+        return _named(await self.bucket.put_etag(lease_name(digest), lease.encode(), LEASE_TYPE,
+                                                              if_match=etag))
+
+    async def release(self, digest: Digest, etag: str) -> None:
+        await self.bucket.delete(lease_name(digest), if_match=etag)
+
+
+def _named(etag: Optional[str]) -> Optional[str]:
+    """A written lease's ETag, which every later compare-and-swap needs; None when the write's condition failed."""
+    if etag == "":
+        raise StorageError("the object store named no ETag for a lease")
+    return etag
+
+
 class _Held:
     """A lease this replica holds: its current ETag, and the renewal timer or the renewal under way."""
 
@@ -102,14 +157,15 @@ class _Held:
 class Leases:
     """
     The coordinator of the fills (see regcache.shared.Solo for the seam):
-    ``me`` is the URL peers reach this replica at, ``peers`` the client
-    that forwards to a holder (regcache.peers.Peers).
+    ``table`` where the leases live (BucketTable, or regcache.redis_leases'),
+    ``me`` the URL peers reach this replica at, ``peers`` the client that
+    forwards to a holder (regcache.peers.Peers).
     """
 
     log = Logger()
 
-    def __init__(self, bucket, peers, me: str, ttl: float, reactor, metrics, deadline: float = LEASE_DEADLINE):
-        self.bucket = bucket
+    def __init__(self, table, peers, me: str, ttl: float, reactor, metrics, deadline: float = LEASE_DEADLINE):
+        self.table = table
         self.peers = peers
         self.me = me
         self.ttl = ttl
@@ -140,7 +196,7 @@ class Leases:
                 stream = await self.peers.open(holder.holder, digest, start,
                                                lambda offset: self._resume(upstream, name, digest, look, offset))
                 return stream, False
-            except Exception as e:
+            except PeerError as e:
                 self.log.warn("Holder {holder} of the lease on {digest} cannot send it: {error}",
                               holder=holder.holder, digest=str(digest), error=str(e))
             stream = await look(start) if look is not None else None
@@ -184,47 +240,27 @@ class Leases:
             return None
         if len(self._held) >= MAX_HELD:
             raise StorageError(f"{MAX_HELD} leases are held already")
-        d = Deferred.fromCoroutine(self._take(digest))
+        mine = Lease(self.me, secrets.token_hex(16), self.reactor.seconds() + self.ttl)
+        d = Deferred.fromCoroutine(self.table.take(digest, mine))
         try:
-            return await d.addTimeout(self.deadline, self.reactor)
+            etag, theirs, how = await d.addTimeout(self.deadline, self.reactor)
         except TimeoutError:
             self.metrics.leases.labels("failed").inc()
-            raise StorageError(f"the object store did not settle the lease within {self.deadline:g}s")
+            raise StorageError(f"the coordinator did not settle the lease within {self.deadline:g}s")
         except StorageError:
             self.metrics.leases.labels("failed").inc()
             raise
-
-    async def _take(self, digest: Digest) -> Optional[Lease]:
-        name = lease_name(digest)
-        for _ in range(3):
-            mine = Lease(self.me, secrets.token_hex(16), self.reactor.seconds() + self.ttl)
-            etag = await self.bucket.put_etag(name, mine.encode(), "application/json", create_only=True)
-            if etag is not None:
-                return self._won(digest, mine, etag, "won")
-            found = await self.bucket.read(name)
-            if found is None:
-                continue  # given up meanwhile: create it again
-            info, body = found
-            theirs = Lease.decode(body)
-            # A live lease in this replica's own name is a past life's: this
-            # replica has one fill per digest, and it is the one asking.
-            if theirs is not None and theirs.expires > self.reactor.seconds() and theirs.holder != self.me:
-                self.metrics.leases.labels("lost").inc()
-                return theirs
-            etag = await self.bucket.put_etag(name, mine.encode(), "application/json", if_match=info.etag)
-            if etag is not None:
-                return self._won(digest, mine, etag, "taken_over")
-        raise StorageError(f"the lease on {digest} changed hands too often to be taken")
+        self.metrics.leases.labels(how).inc()
+        if theirs is not None:
+            return theirs
+        self._won(digest, mine, etag, how)
+        return None
 
     def _won(self, digest: Digest, lease: Lease, etag: str, how: str) -> None:
-        if not etag:
-            raise StorageError("the object store named no ETag for a lease")
-        self.metrics.leases.labels(how).inc()
         self.log.info("Took the lease on {digest} ({how})", digest=str(digest), how=how, event="lease")
         held = _Held(lease, etag)
         self._held[digest] = held
         self._schedule(digest, held)
-        return None
 
     # Renewal and release
 
@@ -234,8 +270,7 @@ class Leases:
     def _renew(self, digest: Digest, held: _Held) -> None:
         held.timer = None
         lease = Lease(held.lease.holder, held.lease.token, self.reactor.seconds() + self.ttl)
-        d = Deferred.fromCoroutine(self.bucket.put_etag(lease_name(digest), lease.encode(), "application/json",
-                                                        if_match=held.etag))
+        d = Deferred.fromCoroutine(self.table.renew(digest, lease, held.etag))
         d.addTimeout(self.ttl / 3, self.reactor)
         held.renewing = d
         d.addCallbacks(self._renewed, self._unrenewed, (digest, held, lease), errbackArgs=(digest, held))
@@ -274,7 +309,7 @@ class Leases:
         waited: Deferred = Deferred()
         after.addBoth(lambda result: (waited.callback(None), result)[1])
         waited.addCallback(lambda _: Deferred.fromCoroutine(
-            self.bucket.delete(lease_name(digest), if_match=held.etag)).addTimeout(self.deadline * 5, self.reactor))
+            self.table.release(digest, held.etag)).addTimeout(self.deadline * 5, self.reactor))
         waited.addErrback(lambda f: self.log.warn(
             "Could not give up the lease on {digest}: {error}; it expires on its own",
             digest=str(digest), error=f.getErrorMessage()))

@@ -25,7 +25,6 @@ import socket
 from typing import Awaitable, Callable, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.logger import Logger
 
 from regcache.body import Source
 from regcache.errors import RegistryError, UpstreamError, in_words
@@ -140,8 +139,6 @@ class PeerBlobs:
     The holder's side of the peer route: a blob from the fill this replica
     runs under its lease (``coordinator.holds``), or from its store.
     """
-
-    log = Logger()
 
     def __init__(self, auth: PeerAuth, store, fills, coordinator, metrics):
         self.auth = auth

@@ -26,7 +26,7 @@ from regcache.clientauth import WATCH_SECONDS, Gate
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills, RateFloor
-from regcache.leases import Leases
+from regcache.leases import BucketTable, Leases
 from regcache.listener import Listener, listen_endpoint
 from regcache.metrics import Metrics, metrics_resource
 from regcache.mirror import Mirror
@@ -149,7 +149,9 @@ def build(config, reactor, reread=None) -> MultiService:
               if config.shared is not None else None)
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
-    coordinator = _coordinator(config, bucket, reactor, metrics) if bucket is not None else None
+    # Replicas sign what they ask each other with a key only they have.
+    peer_auth = PeerAuth(peer_key(config.shared.bucket.secret_key), reactor) if bucket is not None else None
+    coordinator = _coordinator(config, bucket, reactor, metrics, peer_auth) if bucket is not None else None
     shared = SharedLevel(bucket, store, metrics, reactor, coordinator) if bucket is not None else None
     fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate), shared)
     tags = TagMap(config.storage, run, store.index)
@@ -162,8 +164,7 @@ def build(config, reactor, reread=None) -> MultiService:
     gate = Gate(config.auth, reactor, _pool(reactor, "regcache-auth", 2) if config.auth else None, metrics)
     status = Status(metrics, fills, registries, reactor, config.max_size, usage=accounting,
                     docker_hub=[u.name for u in config.upstreams if u.docker_hub])
-    peers = (PeerBlobs(PeerAuth(peer_key(config.shared.bucket.secret_key), reactor), store, fills, coordinator,
-                       metrics) if coordinator is not None else None)
+    peers = PeerBlobs(peer_auth, store, fills, coordinator, metrics) if coordinator is not None else None
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status,
                             serve_metrics=metrics_endpoint is None, gate=gate, peers=peers)
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -212,7 +213,7 @@ def build(config, reactor, reread=None) -> MultiService:
     return top
 
 
-def _coordinator(config, bucket, reactor, metrics) -> Leases:
+def _coordinator(config, bucket, reactor, metrics, auth) -> Leases:
     """
     Who downloads a blob neither level holds: leases in the bucket, and a
     forward to their holder, at the URL this replica tells the others.
@@ -224,9 +225,8 @@ def _coordinator(config, bucket, reactor, metrics) -> Leases:
     Logger().info("Other replicas reach this one at {url} for the blobs it downloads (--advertise)", url=me)
     if urlsplit(me).hostname in ("127.0.0.1", "::1", "localhost"):
         Logger().warn("--advertise {url} is a loopback address: only replicas on this host can reach it", url=me)
-    peers = Peers(upstream_http.client(reactor, 5.0), PeerAuth(peer_key(config.shared.bucket.secret_key), reactor),
-                  reactor, metrics)
-    return Leases(bucket, peers, me, config.shared.lease_ttl, reactor, metrics)
+    peers = Peers(upstream_http.client(reactor, 5.0), auth, reactor, metrics)
+    return Leases(BucketTable(bucket, reactor), peers, me, config.shared.lease_ttl, reactor, metrics)
 
 
 def _members(config, registries):

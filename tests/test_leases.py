@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from regcache.leases import LEASE_DEADLINE, MAX_ROUNDS, Lease, Leases, lease_name
+from regcache.leases import LEASE_DEADLINE, MAX_ROUNDS, BucketTable, Lease, Leases, lease_name
 from regcache.metrics import Metrics
 from regcache.peers import PeerError
 from regcache.reference import Digest
@@ -110,7 +110,7 @@ class LeasesTests(SynchronousTestCase):
         self.peers = FakePeers()
         self.upstream = FakeUpstream()
         self.metrics = Metrics()
-        self.leases = Leases(self.bucket, self.peers, ME, TTL, self.clock, self.metrics)
+        self.leases = Leases(BucketTable(self.bucket, self.clock), self.peers, ME, TTL, self.clock, self.metrics)
 
     def source(self, leases=None, look=None):
         return Deferred.fromCoroutine((leases or self.leases).source(self.upstream, "library/x", DIGEST, look))
@@ -198,7 +198,7 @@ class LeasesTests(SynchronousTestCase):
     def test_of_two_replicas_taking_over_one_wins(self):
         """Two replicas that both read the expired lease: the second compare-and-swap fails, and it follows the first."""
         self.hold(expires=self.clock.seconds() - 1)
-        other = Leases(self.bucket, self.peers, OTHER, TTL, self.clock, Metrics())
+        other = Leases(BucketTable(self.bucket, self.clock), self.peers, OTHER, TTL, self.clock, Metrics())
         first = self.source()
         second = self.source(other)
         self.assertEqual(self.successResultOf(first)[1], True)
