@@ -26,7 +26,7 @@ from regcache.clientauth import WATCH_SECONDS, Gate
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills, RateFloor
-from regcache.leases import BucketTable, Leases
+from regcache.leases import LEASE_DEADLINE, BucketTable, Leases
 from regcache.listener import Listener, listen_endpoint
 from regcache.metrics import Metrics, metrics_resource
 from regcache.mirror import Mirror
@@ -34,6 +34,7 @@ from regcache.peers import PeerAuth, PeerBlobs, Peers, default_advertise, peer_k
 from regcache.policy import Policy, Registry
 from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
+from regcache.redis_leases import RedisTable, connect as redis_connect
 from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.s3 import S3
@@ -226,7 +227,11 @@ def _coordinator(config, bucket, reactor, metrics, auth) -> Leases:
     if urlsplit(me).hostname in ("127.0.0.1", "::1", "localhost"):
         Logger().warn("--advertise {url} is a loopback address: only replicas on this host can reach it", url=me)
     peers = Peers(upstream_http.client(reactor, 5.0), auth, reactor, metrics)
-    return Leases(BucketTable(bucket, reactor), peers, me, config.shared.lease_ttl, reactor, metrics)
+    if config.shared.redis:
+        table = RedisTable(redis_connect(config.shared.redis, LEASE_DEADLINE), config.shared.lease_ttl)
+    else:
+        table = BucketTable(bucket, reactor)
+    return Leases(table, peers, me, config.shared.lease_ttl, reactor, metrics)
 
 
 def _members(config, registries):

@@ -14,6 +14,7 @@ from tests.certs import CA
 from tests.fakes.images import standard_images
 from tests.fakes.serve import FakeHubProcess
 from tests.integration.procs import Regcache
+from tests.integration.redisproc import RedisServer
 from tests.integration.seaweed import Seaweed
 
 #: Big enough to take many reads and writes, small enough for a 10-minute suite.
@@ -83,6 +84,13 @@ def ghcr(ghcr_dir):
 def ca(tmp_path):
     """A certificate authority made for the test, to issue server certificates (tests.certs)."""
     return CA(str(tmp_path / "pki"))
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on loopback, killed after the test."""
+    with RedisServer(str(tmp_path / "redis.log")) as server:
+        yield server
 
 
 @pytest.fixture

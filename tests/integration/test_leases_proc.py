@@ -166,3 +166,33 @@ def test_the_peer_route_serves_only_signed_requests_and_never_fetches(replicas, 
     assert after["manifest_heads_total"] == before["manifest_heads_total"]
     assert value(scrape(a.url), "regcache_forwards_total", direction="served", result="denied") == 3
     assert value(scrape(a.url), "regcache_forwards_total", direction="served", result="missing") == 1
+
+
+def test_leases_in_redis_give_one_upstream_get_per_blob_and_redis_down_fails_no_pull(replicas, redis_server, hub,
+                                                                                      images):
+    """
+    With --redis the leases live in Redis: clients spread over three
+    replicas cause one upstream GET per blob, and the leases are gone
+    from Redis once released.  With Redis killed, a cold pull still
+    succeeds: the replica fetches alone, and says so.
+    """
+    reps = replicas(3, "--redis", redis_server.url)
+    image = images["library/multi:1"]
+    go = threading.Event()
+    pulls = [Pull(reps[i % 3], "library/multi", b.digest, go) for i in range(6) for b in image.blobs()]
+    for p in pulls:
+        p.start()
+    go.set()
+    for p in pulls:
+        p.join(300)
+    assert [(p.error, p.digest) for p in pulls] == [(None, p.url.rsplit("/", 1)[1]) for p in pulls]
+    gets = hub.stats()["cdn_blob_gets"]
+    assert {b.digest: gets.get(b.digest, 0) for b in image.blobs()} == {b.digest: 1 for b in image.blobs()}
+    assert _total(reps, "regcache_leases_total", result="won") == len(image.blobs())
+    wait_for(lambda: redis_server.keys("regcache:leases/*") == [], what="the leases to be released")
+    redis_server.kill()
+    small = images["library/small:1"].blobs()[0]
+    lone = Pull(reps[1], "library/small", small.digest, go)
+    lone.run()
+    assert (lone.error, lone.digest) == (None, small.digest)
+    assert value(scrape(reps[1].url), "regcache_coordinator_fallbacks_total", reason="unavailable") == 1
