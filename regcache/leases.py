@@ -26,7 +26,7 @@ never a failed pull).
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Dict, Optional, Tuple
+from typing import Awaitable, Callable, Dict, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
@@ -173,10 +173,17 @@ class Leases:
         self.metrics = metrics
         self.deadline = deadline
         self._held: Dict[Digest, _Held] = {}
+        #: Fetches made without a lease, until released: no more than the
+        #: fills under way, and never more than MAX_HELD.
+        self._alone: Set[Digest] = set()
 
-    def holds(self, digest: Digest) -> bool:
-        """Whether this replica downloads ``digest`` under its lease: what a peer may be served from."""
-        return digest in self._held
+    def fetching(self, digest: Digest) -> bool:
+        """
+        Whether this replica's fill of ``digest`` reads it from upstream
+        itself, under its lease or alone: what is shared once it landed,
+        and what a peer may be served from, as it never forwards.
+        """
+        return digest in self._held or digest in self._alone
 
     async def source(self, upstream: Remote, name: str, digest: Digest, look: Optional[Look] = None,
                      start: int = 0) -> Tuple[BlobStream, bool]:
@@ -189,7 +196,7 @@ class Leases:
             try:
                 holder = await self._claim(digest)
             except StorageError as e:
-                return await self._alone(upstream, name, digest, "unavailable", str(e))
+                return await self._fetch_alone(upstream, name, digest, "unavailable", str(e))
             if holder is None:
                 return await self._fetch(upstream, name, digest), True
             try:
@@ -206,7 +213,7 @@ class Leases:
             # track of the blob gives it up as soon as it notices.
             await deferLater(self.reactor, min(max(holder.expires - self.reactor.seconds(), 0.0), self.ttl),
                              lambda: None)
-        return await self._alone(upstream, name, digest, "contended",
+        return await self._fetch_alone(upstream, name, digest, "contended",
                                  f"the lease on {digest} is held by replicas that cannot send it")
 
     async def _resume(self, upstream: Remote, name: str, digest: Digest, look: Optional[Look],
@@ -217,8 +224,10 @@ class Leases:
             stream, _ = await self.source(upstream, name, digest, look, offset)
         return stream
 
-    async def _alone(self, upstream: Remote, name: str, digest: Digest, reason: str, why: str):
+    async def _fetch_alone(self, upstream: Remote, name: str, digest: Digest, reason: str, why: str):
         self.metrics.coordinator_fallbacks.labels(reason).inc()
+        if len(self._alone) < MAX_HELD:
+            self._alone.add(digest)
         self.log.warn("Fetching {digest} without a lease: {why}", digest=str(digest), why=why,
                       event="coordinator_fallback", reason=reason)
         return await upstream.open_blob(name, digest), True
@@ -297,6 +306,7 @@ class Leases:
 
     def release(self, digest: Digest) -> None:
         """This replica's download of ``digest`` ended: the lease goes, unless another took it over."""
+        self._alone.discard(digest)
         held = self._held.pop(digest, None)
         if held is None:
             return

@@ -137,7 +137,7 @@ class Peers:
 class PeerBlobs:
     """
     The holder's side of the peer route: a blob from the fill this replica
-    runs under its lease (``coordinator.holds``), or from its store.
+    reads from upstream itself (``coordinator.fetching``), or from its store.
     """
 
     def __init__(self, auth: PeerAuth, store, fills, coordinator, metrics):
@@ -164,7 +164,7 @@ class PeerBlobs:
                 self.metrics.forwards.labels("served", "ok").inc()
                 return BlobAnswer(size, fd, Source(size), "peer", self.store.pin(digest))
             fill = self.fills.get(digest)
-            if fill is None or not self.coordinator.holds(digest):
+            if fill is None or not self.coordinator.fetching(digest):
                 break
             try:
                 size = await fill.wait_started()

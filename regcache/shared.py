@@ -53,8 +53,11 @@ class Solo:
         """
         return await upstream.open_blob(name, digest), True
 
-    def holds(self, digest: Digest) -> bool:
-        """Whether this replica downloads ``digest`` for the others; alone, it never does."""
+    def fetching(self, digest: Digest) -> bool:
+        """
+        Whether a fill of ``digest`` turned to upstream after it began on
+        another source; alone, a fill's first source is its only one.
+        """
         return False
 
     def release(self, digest: Digest) -> None:
@@ -163,11 +166,11 @@ class SharedLevel:
         """
         A fill of ``digest`` landed, verified, in the local store: if this
         replica fetched it from upstream, share it, then give the lease up.
-        A fill that began on another's copy and won the lease on resuming
-        fetched it too.
+        A fill that began on another replica's bytes and turned to upstream
+        when they failed (regcache.leases) fetched it too.
         """
         fetched = self._fetched.pop(digest, False)
-        if not fetched and not self.coordinator.holds(digest):
+        if not fetched and not self.coordinator.fetching(digest):
             self.coordinator.release(digest)
             return
         unpin = self.store.pin(digest)

@@ -129,7 +129,7 @@ class LeasesTests(SynchronousTestCase):
         self.assertEqual(self.bucket.calls[0], ("put", NAME, True, None))
         lease = self.bucket.lease()
         self.assertEqual((lease.holder, lease.expires), (ME, self.clock.seconds() + TTL))
-        self.assertTrue(self.leases.holds(DIGEST))
+        self.assertTrue(self.leases.fetching(DIGEST))
         self.assertEqual(self.count("leases", "won"), 1)
 
     def test_the_lease_is_renewed_by_compare_and_swap_while_held(self):
@@ -150,7 +150,7 @@ class LeasesTests(SynchronousTestCase):
         self.leases.release(DIGEST)
         self.assertEqual(self.bucket.calls[-1], ("delete", NAME, etag))
         self.assertNotIn(NAME, self.bucket.objects)
-        self.assertFalse(self.leases.holds(DIGEST))
+        self.assertFalse(self.leases.fetching(DIGEST))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_lease_taken_over_is_never_deleted_by_its_old_holder(self):
@@ -158,7 +158,7 @@ class LeasesTests(SynchronousTestCase):
         self.successResultOf(self.source())
         self.hold(token="new holder")
         self.clock.advance(TTL / 3)
-        self.assertFalse(self.leases.holds(DIGEST))
+        self.assertFalse(self.leases.fetching(DIGEST))
         self.leases.release(DIGEST)
         self.assertEqual(self.bucket.lease().token, "new holder")
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -183,7 +183,7 @@ class LeasesTests(SynchronousTestCase):
         stream, fetched = self.successResultOf(self.source())
         self.assertEqual((stream[0], stream[1], fetched), ("peer stream", OTHER, False))
         self.assertEqual(self.upstream.opened, 0)
-        self.assertFalse(self.leases.holds(DIGEST))
+        self.assertFalse(self.leases.fetching(DIGEST))
         self.assertEqual(self.count("leases", "lost"), 1)
 
     def test_an_expired_lease_is_taken_over_with_a_compare_and_swap(self):
@@ -218,7 +218,11 @@ class LeasesTests(SynchronousTestCase):
         self.assertEqual(self.peers.opened, [])
 
     def test_a_bucket_that_does_not_answer_means_fetching_alone(self):
-        """The bucket late past the deadline: the fetch goes ahead without a lease, and the fallback is counted."""
+        """
+        The bucket late past the deadline: the fetch goes ahead without a
+        lease (and is this replica's own, to share) until released; the
+        fallback is counted.
+        """
         self.bucket.hang = True
         d = self.source()
         self.assertNoResult(d)
@@ -226,7 +230,10 @@ class LeasesTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), (("upstream stream", DIGEST), True))
         self.assertEqual(self.count("coordinator_fallbacks", "unavailable"), 1)
         self.assertEqual(self.count("leases", "failed"), 1)
-        self.assertFalse(self.leases.holds(DIGEST))
+        self.assertTrue(self.leases.fetching(DIGEST))
+        self.leases.release(DIGEST)
+        self.assertFalse(self.leases.fetching(DIGEST))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_failing_bucket_means_fetching_alone(self):
         """The bucket erring on the claim: the fetch goes ahead without a lease."""
@@ -263,7 +270,7 @@ class LeasesTests(SynchronousTestCase):
             return "bucket stream"
 
         self.assertEqual(self.successResultOf(self.source(look=look)), ("bucket stream", False))
-        self.assertFalse(self.leases.holds(DIGEST))
+        self.assertFalse(self.leases.fetching(DIGEST))
 
     def test_holders_that_never_send_it_end_in_a_bounded_fetch_alone(self):
         """A live holder that keeps refusing: after MAX_ROUNDS waits, this replica fetches alone."""
@@ -299,7 +306,7 @@ class LeasesTests(SynchronousTestCase):
         resumed = self.successResultOf(Deferred.fromCoroutine(stream[3](1234)))
         self.assertEqual(resumed, ("upstream stream", DIGEST))
         self.assertEqual(looked, [1234])
-        self.assertTrue(self.leases.holds(DIGEST))
+        self.assertTrue(self.leases.fetching(DIGEST))
 
     def test_a_forward_resumes_at_its_offset(self):
         """A resume that finds a live holder asks it for the rest, from the offset reached."""
@@ -317,11 +324,11 @@ class LeasesTests(SynchronousTestCase):
 
 
 class SoloSeamTests(SynchronousTestCase):
-    def test_solo_holds_nothing(self):
-        """Without coordination no replica downloads for another: the peer route serves only the store."""
+    def test_solo_turns_to_upstream_only_first(self):
+        """Alone, a fill's source is upstream from the start: nothing turns to it later."""
         from regcache.shared import Solo
 
-        self.assertFalse(Solo().holds(DIGEST))
+        self.assertFalse(Solo().fetching(DIGEST))
         upstream = FakeUpstream()
         self.assertEqual(self.successResultOf(Deferred.fromCoroutine(Solo().source(upstream, "x", DIGEST))),
                          (("upstream stream", DIGEST), True))

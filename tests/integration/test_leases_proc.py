@@ -105,7 +105,8 @@ def test_a_killed_holder_is_taken_over_and_no_client_gets_wrong_bytes(replicas, 
     With the lease holder killed with SIGKILL in the middle of the large
     blob, another replica takes the lease over once it expired and finishes
     the download: the clients of the surviving replicas get the right
-    bytes, and upstream sends the blob at most twice.
+    bytes, upstream sends the blob at most twice, and the replica that
+    took over shares it.
     """
     a, b, c = replicas(3, "--lease-ttl", "3s")
     image = images[IMAGE]
@@ -134,6 +135,9 @@ def test_a_killed_holder_is_taken_over_and_no_client_gets_wrong_bytes(replicas, 
     assert first.error is not None or first.digest == layer.digest
     assert hub.stats()["cdn_blob_gets"][layer.digest] <= 2
     assert _total((b, c), "regcache_leases_total", result="taken_over") == 1
+    # The replica that took over fetched it, so it shares it as well.
+    wait_for(lambda: _total((b, c), "regcache_shared_uploads_total", kind="blob", result="uploaded") == 1,
+             what="the blob to reach the bucket from the replica that took over")
 
 
 def test_the_peer_route_serves_only_signed_requests_and_never_fetches(replicas, hub, images):
