@@ -318,6 +318,7 @@ class Leases:
         after = held.renewing if held.renewing is not None else succeed(None)
         waited: Deferred = Deferred()
         after.addBoth(lambda result: (waited.callback(None), result)[1])
+        # Off any client's path: more patience than a claim, still bounded.
         waited.addCallback(lambda _: Deferred.fromCoroutine(
             self.table.release(digest, held.etag)).addTimeout(self.deadline * 5, self.reactor))
         waited.addErrback(lambda f: self.log.warn(

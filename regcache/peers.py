@@ -191,11 +191,15 @@ def default_advertise(listen: str) -> Optional[str]:
     """
     The URL peers reach this replica at when --advertise is not given: this
     host's address (as its name resolves: a pod's IP on Kubernetes) and the
-    port ``listen`` (a Twisted endpoint) names; None if it names none.
+    port ``listen`` (a Twisted endpoint) names; None if it names none or
+    the host's name does not resolve.  Resolved once, at start-up.
     """
     m = re.match(r"(tcp6?|ssl):(?:port=)?(\d+)", listen)
     if m is None:
         return None
     scheme = "https" if m.group(1) == "ssl" else "http"
-    host = socket.gethostbyname(socket.gethostname())
+    try:
+        host = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
     return f"{scheme}://{host}:{m.group(2)}"

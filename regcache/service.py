@@ -221,8 +221,8 @@ def _coordinator(config, bucket, reactor, metrics, auth) -> Leases:
     """
     me = config.shared.advertise or default_advertise(config.listen)
     if me is None:
-        raise ConfigError(f"--advertise: needed with --storage-backend s3 when --listen ({config.listen}) names "
-                          "no TCP port")
+        raise ConfigError(f"--advertise: needed with --storage-backend s3 here: --listen ({config.listen}) names "
+                          "no TCP port, or this host's name does not resolve to an address")
     Logger().info("Other replicas reach this one at {url} for the blobs it downloads (--advertise)", url=me)
     if urlsplit(me).hostname in ("127.0.0.1", "::1", "localhost"):
         Logger().warn("--advertise {url} is a loopback address: only replicas on this host can reach it", url=me)

@@ -58,3 +58,13 @@ class AdvertiseTests(SynchronousTestCase):
     def test_an_endpoint_without_a_port_advertises_nothing(self):
         """A unix socket has no address peers can reach: --advertise must say it."""
         self.assertIsNone(default_advertise("unix:/run/regcache.sock"))
+
+    def test_a_host_whose_name_does_not_resolve_advertises_nothing(self):
+        """No address for this host's name: nothing is guessed, --advertise must say it."""
+        import socket
+
+        def unresolvable(name):
+            raise socket.gaierror("no such host")
+
+        self.patch(socket, "gethostbyname", unresolvable)
+        self.assertIsNone(default_advertise("tcp:5000"))
