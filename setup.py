@@ -26,6 +26,10 @@ setup(
         # file is refused by a standard validator rather than by hand.
         "PyYAML>=6.0",
         "jsonschema>=4.18",
+        # Leases in Redis (--redis), optional beside the bucket's: maintained,
+        # Twisted-native (no thread per call), Lua scripts for owner-only renew
+        # and release.  Imported only when --redis is given.
+        "txredisapi>=1.4",
         # The registrable domain of a token realm, so credentials go only to the registry's own
         # (auth.docker.io for registry-1.docker.io), never to a realm an upstream names elsewhere.
         "publicsuffixlist>=1.0",

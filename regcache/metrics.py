@@ -196,6 +196,27 @@ class Metrics:
             "regcache_shared_uploads", "Content this replica put into the shared bucket, by kind and result",
             ["kind", "result"], registry=r,
         )
+        # ``result``: won (created), taken_over (replaced an expired one),
+        # lost (another replica holds it, live) or failed (the bucket erred
+        # or was late: this replica fetched alone).
+        self.leases = Counter(
+            "regcache_leases", "Claims of the lease on a blob download across replicas, by result",
+            ["result"], registry=r,
+        )
+        # ``direction``: sent (this replica asked the lease holder) or served
+        # (a peer asked this one); ``result`` ok, failed, and for served also
+        # denied (no valid signature) or missing (neither held nor downloading).
+        self.forwards = Counter(
+            "regcache_forwards", "Blob requests forwarded between replicas, by direction and result",
+            ["direction", "result"], registry=r,
+        )
+        # ``reason``: unavailable (the coordinator erred or was late) or
+        # contended (holders that could not send it, round after round).
+        self.coordinator_fallbacks = Counter(
+            "regcache_coordinator_fallbacks",
+            "Blob downloads this replica made without a lease, the coordinator being unable to settle one",
+            ["reason"], registry=r,
+        )
         self.evicted = Counter(
             "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r
         )

@@ -99,7 +99,7 @@ class RegistryRoutes:
     log = Logger()
 
     def __init__(self, mirror, policy, metrics, reactor, not_ready, status=None, serve_metrics: bool = True,
-                 gate=None):
+                 gate=None, peers=None):
         """
         ``not_ready()`` is None when this process should get clients, else
         why not (regcache.readiness).  ``status`` (regcache.status.Status)
@@ -107,7 +107,8 @@ class RegistryRoutes:
         ``serve_metrics`` is False when /metrics has a port of its own
         (--metrics-listen), so it need not be public.  ``gate``
         (regcache.clientauth) says who each registry request comes from;
-        without one, it is EVERYONE.
+        without one, it is EVERYONE.  ``peers`` (regcache.peers.PeerBlobs)
+        serves other replicas the blobs this one downloads; None: no peer route.
         """
         self.serve_metrics = serve_metrics
         self.mirror = mirror
@@ -117,6 +118,7 @@ class RegistryRoutes:
         self.not_ready = not_ready
         self.status = status
         self.gate = gate
+        self.peers = peers
 
     async def _identify(self, request, ping: bool = False):
         """
@@ -280,7 +282,9 @@ class RegistryRoutes:
             self._cache_result(request, cache)
             self._blob_headers(request, digest, size)
             return b""
-        answer = await self.mirror.blob(route, digest)
+        return await self._send_blob(request, digest, await self.mirror.blob(route, digest))
+
+    async def _send_blob(self, request, digest, answer):
         # The answer owns a descriptor: whatever happens from here on, this
         # is where it is given back.
         try:
@@ -292,6 +296,19 @@ class RegistryRoutes:
             return await body.send(request, answer, start, end, self.reactor, self.metrics)
         finally:
             answer.release()
+
+    # Between replicas
+
+    @app.route("/_regcache/blobs/<reference>", methods=["GET"])
+    async def peer_blob(self, request, reference):
+        """
+        A blob for another replica (regcache.peers), signed by it: no client
+        identity or pull policy here, the requester applied both.
+        """
+        if self.peers is None:
+            raise RegistryError("NAME_UNKNOWN", "not found", status=404)
+        digest, answer = await self.peers.answer(request, reference)
+        return await self._send_blob(request, digest, answer)
 
     @staticmethod
     def _cache_result(request, cache: str) -> None:

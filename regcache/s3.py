@@ -240,7 +240,7 @@ class S3:
         url = self.url(key, query)
         signed = self._signed(method, url, headers or {}, payload)
         deadline = self.timeout + (body.length / UPLOAD_FLOOR if isinstance(body, _FileRegion) else 0)
-        d = self._http.request(method, url, headers=signed, data=body, allow_redirects=False)
+        d = self._http.request(method, url, headers=signed, data=body, allow_redirects=False, unbuffered=True)
         d.addTimeout(deadline, self._reactor)
         try:
             return await d
@@ -249,6 +249,9 @@ class S3:
         except StorageError:
             raise
         except Exception as e:
+            if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
+                # A caller's own deadline gave the exchange up: no fault of the store's wire.
+                raise StorageError(f"{method} {key} was given up before the object store answered")
             raise StorageError(in_words(f"the object store ({method} {key})", e))
 
     async def _small(self, response, what: str) -> bytes:
@@ -340,6 +343,15 @@ class S3:
         Write a small object.  False when a condition failed: it exists
         (``create_only``), or its ETag is no longer ``if_match``.
         """
+        return await self.put_etag(name, body, content_type, metadata, create_only, if_match) is not None
+
+    async def put_etag(self, name: str, body: bytes, content_type: str = "application/octet-stream",
+                       metadata: Optional[Dict[str, str]] = None, create_only: bool = False,
+                       if_match: Optional[str] = None) -> Optional[str]:
+        """
+        As ``put``, but the ETag of what was written (None when a condition
+        failed): what a later compare-and-swap names (regcache.leases).
+        """
         headers = {"Content-Type": content_type, **_meta(metadata)}
         if create_only:
             headers.update(self._create_only())
@@ -348,7 +360,8 @@ class S3:
         key = self.key(name)
         response = await self._request("PUT", key, headers=headers, body=_Bytes(body),
                                        payload=hashlib.sha256(body).hexdigest())
-        return await self._written(response, f"PUT {key}")
+        etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
+        return etag if await self._written(response, f"PUT {key}") else None
 
     async def _written(self, response, what: str) -> bool:
         if response.code in (412, 409):

@@ -26,12 +26,15 @@ from regcache.clientauth import WATCH_SECONDS, Gate
 from regcache.config import ConfigError
 from regcache.expiry import Expiry
 from regcache.inflight import FillDrain, Fills, RateFloor
+from regcache.leases import LEASE_DEADLINE, BucketTable, Leases
 from regcache.listener import Listener, listen_endpoint
 from regcache.metrics import Metrics, metrics_resource
 from regcache.mirror import Mirror
+from regcache.peers import PeerAuth, PeerBlobs, Peers, default_advertise, peer_key
 from regcache.policy import Policy, Registry
 from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
+from regcache.redis_leases import RedisTable, connect as redis_connect
 from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.s3 import S3
@@ -147,7 +150,10 @@ def build(config, reactor, reread=None) -> MultiService:
               if config.shared is not None else None)
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
-    shared = SharedLevel(bucket, store, metrics, reactor) if bucket is not None else None
+    # Replicas sign what they ask each other with a key only they have.
+    peer_auth = PeerAuth(peer_key(config.shared.bucket.secret_key), reactor) if bucket is not None else None
+    coordinator = _coordinator(config, bucket, reactor, metrics, peer_auth) if bucket is not None else None
+    shared = SharedLevel(bucket, store, metrics, reactor, coordinator) if bucket is not None else None
     fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate), shared)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
@@ -159,8 +165,9 @@ def build(config, reactor, reread=None) -> MultiService:
     gate = Gate(config.auth, reactor, _pool(reactor, "regcache-auth", 2) if config.auth else None, metrics)
     status = Status(metrics, fills, registries, reactor, config.max_size, usage=accounting,
                     docker_hub=[u.name for u in config.upstreams if u.docker_hub])
+    peers = PeerBlobs(peer_auth, store, fills, coordinator, metrics) if coordinator is not None else None
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status,
-                            serve_metrics=metrics_endpoint is None, gate=gate)
+                            serve_metrics=metrics_endpoint is None, gate=gate, peers=peers)
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     limits = ClientLimits(
         head_timeout=config.client_header_timeout,
@@ -205,6 +212,26 @@ def build(config, reactor, reread=None) -> MultiService:
         RateLimitProbe(_hub_members(registries), reactor, config.ratelimit_probe).setServiceParent(top)
     AccountingFlush(accounting, reactor).setServiceParent(top)
     return top
+
+
+def _coordinator(config, bucket, reactor, metrics, auth) -> Leases:
+    """
+    Who downloads a blob neither level holds: leases in the bucket, and a
+    forward to their holder, at the URL this replica tells the others.
+    """
+    me = config.shared.advertise or default_advertise(config.listen)
+    if me is None:
+        raise ConfigError(f"--advertise: needed with --storage-backend s3 here: --listen ({config.listen}) names "
+                          "no TCP port, or this host's name does not resolve to an address")
+    Logger().info("Other replicas reach this one at {url} for the blobs it downloads (--advertise)", url=me)
+    if urlsplit(me).hostname in ("127.0.0.1", "::1", "localhost"):
+        Logger().warn("--advertise {url} is a loopback address: only replicas on this host can reach it", url=me)
+    peers = Peers(upstream_http.client(reactor, 5.0), auth, reactor, metrics)
+    if config.shared.redis:
+        table = RedisTable(redis_connect(config.shared.redis, LEASE_DEADLINE), config.shared.lease_ttl)
+    else:
+        table = BucketTable(bucket, reactor)
+    return Leases(table, peers, me, config.shared.lease_ttl, reactor, metrics)
 
 
 def _members(config, registries):

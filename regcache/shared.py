@@ -78,12 +78,21 @@ class Solo:
     cannot answer in time.
     """
 
-    async def source(self, upstream: Remote, name: str, digest: Digest) -> Tuple[BlobStream, bool]:
+    async def source(self, upstream: Remote, name: str, digest: Digest, look=None) -> Tuple[BlobStream, bool]:
         """
         (The stream of the blob's bytes, whether this replica fetched it
-        from upstream and so must share it.)
+        from upstream and so must share it.)  ``look(offset)`` is the
+        bucket's copy from an offset, or None: for a coordinator whose
+        source fails mid-body and looks again before it asks anyone else.
         """
         return await upstream.open_blob(name, digest), True
+
+    def fetching(self, digest: Digest) -> bool:
+        """
+        Whether a fill of ``digest`` turned to upstream after it began on
+        another source; alone, a fill's first source is its only one.
+        """
+        return False
 
     def release(self, digest: Digest) -> None:
         """This replica's download of ``digest`` ended, shared or not."""
@@ -219,9 +228,18 @@ class SharedLevel:
         if stream is not None:
             self._fetched[digest] = False
             return stream
-        stream, fetched = await self.coordinator.source(upstream, name, digest)
+        stream, fetched = await self.coordinator.source(upstream, name, digest,
+                                                        lambda offset: self._look(upstream, name, digest, offset))
         self._fetched[digest] = fetched
         return stream
+
+    async def _look(self, upstream: Remote, name: str, digest: Digest, offset: int) -> Optional[BlobStream]:
+        """The bucket's copy from ``offset``, or None when it has none or cannot say."""
+        try:
+            return await self._bucket_stream(upstream, name, digest, offset)
+        except StorageError as e:
+            self.log.warn("The bucket cannot be read for {digest}: {error}", digest=str(digest), error=str(e))
+            return None
 
     async def blob_size(self, digest: Digest) -> Optional[int]:
         """The size of the bucket's copy of ``digest``, for a HEAD: None when it has none or cannot say."""
@@ -258,9 +276,12 @@ class SharedLevel:
         """
         A fill of ``digest`` landed, verified, in the local store: if this
         replica fetched it from upstream, share it, then give the lease up.
+        A fill that began on another replica's bytes and turned to upstream
+        when they failed (regcache.leases) fetched it too.
         """
         self._read.pop(digest, None)
-        if not self._fetched.pop(digest, False):
+        fetched = self._fetched.pop(digest, False)
+        if not fetched and not self.coordinator.fetching(digest):
             self.coordinator.release(digest)
             return
         self._queue.append((digest, size))

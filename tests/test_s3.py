@@ -57,7 +57,7 @@ class FakeHTTP:
         self.answers: List = list(answers)
         self.sent = []
 
-    def request(self, method, url, headers=None, data=None, allow_redirects=True):
+    def request(self, method, url, headers=None, data=None, allow_redirects=True, unbuffered=False):
         body = b""
         if data is not None:
             consumer = _Collect()

@@ -48,7 +48,7 @@ class HandFedBucket:
     def __init__(self):
         self.calls = []  # (method, url, headers, data, Deferred)
 
-    def request(self, method, url, headers=None, data=None, allow_redirects=True):
+    def request(self, method, url, headers=None, data=None, allow_redirects=True, unbuffered=False):
         d = Deferred()
         self.calls.append((method, url, {k.decode(): v[0].decode() for k, v in (headers or {}).items()}, data, d))
         return d

@@ -14,6 +14,7 @@ from tests.certs import CA
 from tests.fakes.images import standard_images
 from tests.fakes.serve import FakeHubProcess
 from tests.integration.procs import Regcache
+from tests.integration.redisproc import RedisServer
 from tests.integration.seaweed import Seaweed
 
 #: Big enough to take many reads and writes, small enough for a 10-minute suite.
@@ -70,10 +71,11 @@ def regcache(tmp_path, hub):
     password = tmp_path / "password"
     password.write_text(USERS["ci"] + "\n")
 
-    def start(*args, upstream=None, storage=None, credentials=True, env=None, listen=None, open_files=None):
+    def start(*args, upstream=None, storage=None, credentials=True, env=None, listen=None, open_files=None,
+              port=None):
         extra = ["--username", "ci", "--password-file", str(password)] if credentials else []
         r = Regcache(storage or str(tmp_path / f"store{len(started)}"), upstream or hub.registry_url,
-                     [*extra, *args], env=env, listen=listen, open_files=open_files)
+                     [*extra, *args], env=env, listen=listen, open_files=open_files, port=port)
         started.append(r)
         return r.start()
 
@@ -102,6 +104,13 @@ def ghcr(ghcr_dir):
 def ca(tmp_path):
     """A certificate authority made for the test, to issue server certificates (tests.certs)."""
     return CA(str(tmp_path / "pki"))
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on loopback, killed after the test."""
+    with RedisServer(str(tmp_path / "redis.log")) as server:
+        yield server
 
 
 @pytest.fixture
