@@ -36,6 +36,7 @@ from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.s3 import S3
 from regcache.shared import SharedLevel
+from regcache.sharedmeta import SharedMeta
 from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
 from regcache.status import Status
@@ -149,10 +150,14 @@ def build(config, reactor, reread=None) -> MultiService:
     policy = Policy(registries, reactor, config.default, pulls)
     shared = SharedLevel(bucket, store, metrics, reactor) if bucket is not None else None
     fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate), shared)
-    tags = TagMap(config.storage, run, store.index)
+    # Manifests, tags and links go to the bucket beside the blobs.
+    meta = SharedMeta(shared) if shared is not None else None
+    if meta is not None:
+        store.on_link = meta.link
+    tags = TagMap(config.storage, run, store.index, shared=meta)
     tags.count()
     referrers = ReferrersCache(config.storage, run, tags)
-    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers, meta)
     readiness = Readiness(store, run, reactor)
     # Password checks have threads of their own: a flood of logins must not
     # queue the store's reads behind bcrypt, nor the other way round.

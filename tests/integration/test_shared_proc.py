@@ -46,6 +46,73 @@ def test_a_replica_serves_what_another_fetched_from_the_bucket(replicas, hub, im
     assert value(scrape(b.url), "regcache_shared_lookups_total", kind="blob", result="hit") == len(image.blobs())
 
 
+def _shared(proc, kind):
+    """How many ``kind`` objects ``proc`` put in the bucket, whether it or another replica was first."""
+    samples = scrape(proc.url)
+    return sum(value(samples, "regcache_shared_uploads_total", kind=kind, result=r) for r in ("uploaded", "present"))
+
+
+def _cached_by(proc, image, tmp_path):
+    """
+    Pull ``image`` through ``proc`` by tag and wait until all it fetched is
+    in the bucket: blobs, manifest, its links and the tag.
+    """
+    r = skopeo_pull(f"{proc.host}/{image.name}", str(tmp_path / "first"))
+    assert r.returncode == 0, r.stderr
+    blobs = len(image.blobs())
+    wait_for(lambda: _shared(proc, "blob") >= blobs and _shared(proc, "manifest") >= 1
+             and _shared(proc, "link") >= blobs + 1 and _shared(proc, "tag") >= 1,
+             what="the image's blobs, manifest, links and tag to reach the bucket")
+
+
+def test_a_replica_that_never_saw_an_image_serves_it_with_upstream_stopped(replicas, hub, images, tmp_path):
+    """
+    With upstream down, B pulls by digest an image only A fetched: manifest,
+    links and blobs all come from the bucket, upstream is asked nothing, and
+    B's copy is byte-identical.
+    """
+    a, b = replicas(2)
+    image = images[IMAGE]
+    _cached_by(a, image, tmp_path)
+    log = hub.request_log()
+    hub.down()
+    try:
+        ref = f"{b.host}/{image.repo}@{image.digest}"
+        r = skopeo_pull(ref, str(tmp_path / "b"))
+        assert r.returncode == 0, r.stderr
+    finally:
+        hub.up()
+    assert dir_digests(str(tmp_path / "b")) == expected_files(image)
+    assert hub.request_log() == log
+    samples = scrape(b.url)
+    assert value(samples, "regcache_shared_lookups_total", kind="manifest", result="hit") == 1
+    assert value(samples, "regcache_shared_lookups_total", kind="link", result="hit") >= 1
+    assert _upstream_requests(samples) == 0
+
+
+def test_a_tag_fresh_in_the_bucket_costs_no_upstream_request(replicas, hub, images, tmp_path):
+    """
+    B pulls by tag an image A pulled moments ago: the tag A checked is fresh
+    in the bucket, so B asks upstream nothing at all, not even a HEAD.
+    """
+    a, b = replicas(2)
+    image = images[IMAGE]
+    _cached_by(a, image, tmp_path)
+    log = hub.request_log()
+    r = skopeo_pull(f"{b.host}/{image.name}", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    assert dir_digests(str(tmp_path / "b")) == expected_files(image)
+    assert hub.request_log() == log
+    samples = scrape(b.url)
+    assert value(samples, "regcache_shared_lookups_total", kind="tag", result="hit") == 1
+    assert _upstream_requests(samples) == 0
+
+
+def _upstream_requests(samples):
+    """Every request a replica sent upstream, by its own count."""
+    return sum(v for (name, _), v in samples.items() if name == "regcache_upstream_requests_total")
+
+
 def test_without_the_bucket_each_replica_goes_on_alone(replicas, seaweed, hub, images, tmp_path):
     """
     With SeaweedFS killed, a replica still serves what it holds without
