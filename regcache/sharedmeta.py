@@ -1,4 +1,4 @@
-# test-case-name: tests.test_sharedmeta,tests.integration.test_shared_proc
+# test-case-name: tests.test_shared,tests.integration.test_shared_proc
 """
 What a pull needs besides blobs, in the shared bucket: manifests, the last
 known digest of each tag, and which repositories hold which digest.
