@@ -20,7 +20,7 @@ from regcache.errors import UpstreamError
 from regcache.manifests import Manifest
 from regcache.metrics import Metrics
 from regcache.reference import Digest
-from regcache.s3 import ObjectInfo, StorageError
+from regcache.s3 import Listed, ObjectInfo, StorageError
 from regcache.shared import SharedLevel, blob_name
 from regcache.sharedmeta import SharedMeta, escaped, link_name, manifest_name, tag_name
 from regcache.store import Store
@@ -103,6 +103,20 @@ class FakeBucket:
         with open(path, "rb") as f:
             body = f.read()
         return await self.put(name, body, content_type, metadata, create_only=True)
+
+    async def list(self, prefix, after=None, limit=1000):
+        await self._answer("LIST", prefix)
+        names = sorted(n for n in self.objects if n.startswith(prefix) and (after is None or n > after))
+        page = names[:limit]
+        listed = [Listed(n, len(self.objects[n][0]), "") for n in page]
+        return listed, (page[-1] if len(names) > limit else None)
+
+    async def delete(self, name, if_match=None):
+        await self._answer("DELETE", name)
+        if name in self.objects and if_match is not None and self._info(name).etag != if_match:
+            return False
+        self.objects.pop(name, None)
+        return True
 
     def release(self):
         held, self.held = self.held, []

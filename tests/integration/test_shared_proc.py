@@ -7,10 +7,21 @@ asking upstream; with the bucket gone, each replica serves what it holds and
 fetches the rest itself.
 """
 
+import hashlib
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
 import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 from tests.integration.clients import dir_digests, expected_files, skopeo_pull
-from tests.integration.procs import scrape, value, wait_for
+from tests.integration.procs import REPO, scrape, value, wait_for
+from tests.integration.seaweed import ACCESS_KEY, SECRET_KEY
 
 IMAGE = "library/multi:1"
 
@@ -133,3 +144,58 @@ def test_without_the_bucket_each_replica_goes_on_alone(replicas, seaweed, hub, i
     assert r.returncode == 0, r.stderr
     assert dir_digests(str(tmp_path / "b")) == expected_files(image)
     assert value(scrape(b.url), "regcache_shared_lookups_total", kind="blob", result="failed") >= 1
+
+
+def _bucket_request(seaweed, method, name, data=b""):
+    """One signed request to the bucket, as another writer than regcache: its status."""
+    url = f"{seaweed.endpoint}/{seaweed.bucket}/{name}"
+    request = AWSRequest(method=method, url=url, data=data,
+                         headers={"x-amz-content-sha256": hashlib.sha256(data).hexdigest()})
+    S3SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", "us-east-1").add_auth(request)
+    sent = urllib.request.Request(url, data=data if method == "PUT" else None, method=method,
+                                  headers=dict(request.headers.items()))
+    try:
+        with urllib.request.urlopen(sent, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _verify(seaweed, storage):
+    env = dict(os.environ, PYTHONPATH=REPO, **seaweed.regcache_env())
+    return subprocess.run([sys.executable, "-m", "regcache", "verify", "--storage", storage,
+                           *seaweed.regcache_args()], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_verify_checks_the_bucket_and_deletes_what_is_bad(replicas, seaweed, images, tmp_path):
+    """
+    ``regcache verify`` with the s3 backend hashes every blob and manifest in
+    the bucket: a clean bucket passes; a blob overwritten with other bytes
+    is reported, exit status 1, and deleted, so a replica can share it anew.
+    """
+    a, = replicas(1)
+    image = images["library/small:1"]
+    _cached_by(a, image, tmp_path)
+    done = _verify(seaweed, a.storage)
+    assert done.returncode == 0, done.stdout + done.stderr
+    objects = len(image.blobs()) + 1
+    assert f"bucket: checked {objects} objects" in done.stdout
+    layer = image.layers[0]
+    name = f"blobs/sha256/{layer.hex[:2]}/{layer.hex}"
+    assert _bucket_request(seaweed, "PUT", name, b"not the layer") == 200
+    done = _verify(seaweed, a.storage)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"bucket: corrupt: {name}" in done.stdout
+    assert _bucket_request(seaweed, "HEAD", name) == 404
+
+
+def test_verify_says_when_it_checks_only_the_local_level(regcache, images, tmp_path):
+    """Without the s3 backend, verify says the bucket was not checked."""
+    a = regcache()
+    r = skopeo_pull(f"{a.host}/library/small:1", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-m", "regcache", "verify", "--storage", a.storage],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "checked the local level only" in done.stdout
