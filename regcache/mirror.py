@@ -31,6 +31,7 @@ from regcache.policy import Route
 from regcache.reference import Digest, check_tag, is_digest
 from regcache.referrers import ReferrersEntry, ReferrersKey
 from regcache.remote import ManifestInfo
+from regcache.shared import BUCKET
 from regcache.singleflight import SingleFlight
 from regcache.tags import TagEntry, TagKey, accept_key, accepted
 
@@ -403,6 +404,9 @@ class Mirror:
                 if not confirmed:
                     await self._joinable(route, fill, digest)
             size = await self._started(fill, digest)
+            if cache == "miss" and fill.source == BUCKET:
+                # Not upstream's: another replica's download, in the bucket.
+                cache = "shared"
             fd = self._opened(digest, fill.reader)
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()

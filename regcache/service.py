@@ -163,7 +163,7 @@ def build(config, reactor, reread=None) -> MultiService:
     # queue the store's reads behind bcrypt, nor the other way round.
     gate = Gate(config.auth, reactor, _pool(reactor, "regcache-auth", 2) if config.auth else None, metrics)
     status = Status(metrics, fills, registries, reactor, config.max_size, usage=accounting,
-                    docker_hub=[u.name for u in config.upstreams if u.docker_hub])
+                    docker_hub=[u.name for u in config.upstreams if u.docker_hub], shared=shared is not None)
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status,
                             serve_metrics=metrics_endpoint is None, gate=gate)
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -31,6 +31,9 @@ from regcache.upstream import ResponseStream
 #: The media type blobs are stored under: their own is the manifest's to say.
 BLOB_TYPE = "application/octet-stream"
 
+#: The source a stream read from the bucket names (``BlobStream.source``).
+BUCKET = "bucket"
+
 
 def blob_name(digest: Digest) -> str:
     """Where a blob lives in the bucket: sharded by the digest's first byte, as distribution lays them out."""
@@ -107,7 +110,7 @@ class SharedLevel:
                 return await upstream.open_blob(name, digest)
             return stream
 
-        return ResponseStream(response, info.size, start, "bucket", self.idle, resume)
+        return ResponseStream(response, info.size, start, BUCKET, self.idle, resume)
 
     async def open_blob(self, upstream: Remote, name: str, digest: Digest) -> BlobStream:
         """

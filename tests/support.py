@@ -211,7 +211,7 @@ class Rig:
         # Docker Hub's name, as service.py marks a Docker Hub upstream; tests
         # give it pull accounting (``status.usage``) and a limit as they need.
         self.status = Status(self.metrics, self.fills, self.policy.registries, self.reactor, None,
-                             docker_hub=["docker.io"])
+                             docker_hub=["docker.io"], shared=bucket is not None)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem,
                                      self.status, gate=self.gate)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
