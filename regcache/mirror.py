@@ -41,6 +41,10 @@ STALE_WARNING = '110 regcache "Response is Stale"'
 #: pairs, a table keyed by what clients ask for); past it, a 503.
 MAX_CONFIRMATIONS = 256
 
+#: Distinct objects looked for in the shared bucket at once with their
+#: callers waiting together; past it, each caller looks on its own.
+MAX_BUCKET_LOOKS = 1024
+
 #: A media type (RFC 6838's restricted names), as an artifactType filter
 #: must be before it goes upstream and into a cache key.
 _MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
@@ -109,9 +113,9 @@ class Mirror:
         self.clock = clock
         self._tag_checks = SingleFlight()
         self._manifest_gets = SingleFlight()
-        #: Bucket reads of manifests, each within the shared level's
-        #: deadline, so no bigger than the requests of that long.
-        self._bucket_gets = SingleFlight()
+        #: Looks into the shared bucket, one per object at a time
+        #: (manifests, tags, links), each ended by the shared level's deadline.
+        self._bucket_looks = SingleFlight()
         self._referrers_gets = SingleFlight()
         self._confirmations = SingleFlight()
 
@@ -176,7 +180,17 @@ class Mirror:
         """
         if self.meta is None:
             return None
-        return await self._bucket_gets.run(digest, lambda: Deferred.fromCoroutine(self._load(digest)))
+        return await self._look(("manifest", digest), lambda: self._load(digest))
+
+    def _look(self, key, work) -> Deferred:
+        """
+        ``work()`` (a look into the bucket), shared with the callers waiting
+        for the same ``key``; past MAX_BUCKET_LOOKS keys under way (clients
+        choose them), each caller looks alone.
+        """
+        if key not in self._bucket_looks and len(self._bucket_looks) >= MAX_BUCKET_LOOKS:
+            return Deferred.fromCoroutine(work())
+        return self._bucket_looks.run(key, lambda: Deferred.fromCoroutine(work()))
 
     async def _load(self, digest: Digest) -> Optional[Manifest]:
         m = await self.meta.manifest(digest)
@@ -217,7 +231,7 @@ class Mirror:
         key = TagKey(route.registry.name, route.name, tag, accept_key(types))
         entry = known = await self.tags.get(key)
         if known is None and self.meta is not None:
-            entry = known = await self._bucket_tag(key)
+            entry = known = await self._look(("tag", key), lambda: self._bucket_tag(key))
         warning = None
         # Whether ``entry`` is this key's own, not another kind of client's.
         own = True
@@ -472,7 +486,8 @@ class Mirror:
         key = _repository(route)
         if await self.store.linked(digest, key):
             return
-        if self.meta is not None and await self.meta.linked(digest, key):
+        if self.meta is not None and await self._look(("link", key, digest),
+                                                      lambda: self.meta.linked(digest, key)):
             self.store.link(digest, key)
             return
         # Asking is contacting upstream: a client that may not make regcache

@@ -49,7 +49,8 @@ class FakeBucket:
     regcache.s3.S3 in memory: objects by name, with create-only writes.
     ``failing`` makes every call a StorageError, ``hanging`` makes every
     call wait for ever (for the caller's deadline), ``holding`` keeps
-    writes waiting until the test calls ``release``.
+    writes (``holding_reads`` small reads) waiting until the test calls
+    ``release``.
     """
 
     def __init__(self):
@@ -58,6 +59,7 @@ class FakeBucket:
         self.failing = False
         self.hanging = False
         self.holding = False
+        self.holding_reads = False
         self.held = []
 
     async def _answer(self, method: str, name: str):
@@ -83,6 +85,10 @@ class FakeBucket:
 
     async def read(self, name):
         await self._answer("GET", name)
+        if self.holding_reads:
+            d = Deferred()
+            self.held.append(d)
+            await d
         if name not in self.objects:
             return None
         return self._info(name), self.objects[name][0]
@@ -533,6 +539,24 @@ class ReplicaTests(unittest.TestCase):
         c = self.pull(self.b, f"/v2/library/small/manifests/{image.digest}")
         self.assertEqual((c.status(), c.header("X-Cache")), (200, "shared"))
         self.assertEqual(len(self.b.hub.requests), 0)
+
+    def test_clients_asking_at_once_share_one_look_into_the_bucket(self):
+        """Concurrent requests for a manifest B lacks make one bucket GET of it, and of its link."""
+        image = self.a.images["library/small:1"]
+        self.pull(self.a, f"/v2/library/small/manifests/{image.digest}")
+        self.bucket.calls.clear()
+        self.bucket.holding_reads = True
+        path = f"/v2/library/small/manifests/{image.digest}"
+        clients = [self.b.client(path, headers={"Accept": ALL}) for _ in range(3)]
+        self.b.settle()
+        while self.bucket.held:
+            self.bucket.release()
+            self.b.settle()
+        self.assertEqual([c.status() for c in clients], [200] * 3)
+        digest = Digest.parse(image.digest)
+        reads = [name for method, name in self.bucket.calls if method == "GET"]
+        self.assertEqual(reads.count(manifest_name(digest)), 1)
+        self.assertEqual(reads.count(link_name(digest, ("docker.io", "library/small"))), 1)
 
     def test_a_bucket_link_does_not_open_another_repository(self):
         """A manifest in the bucket for one repository is not served under another without upstream's word."""
