@@ -119,6 +119,34 @@ def test_a_tag_fresh_in_the_bucket_costs_no_upstream_request(replicas, hub, imag
     assert _upstream_requests(samples) == 0
 
 
+def test_a_multi_platform_image_by_tag_with_upstream_stopped(replicas, hub, images, tmp_path):
+    """
+    An index A pulled with every platform, pulled from B by its tag with
+    upstream down: the tag (fresh in the bucket), the index, each child
+    manifest and every blob come from the bucket, with zero upstream
+    requests, and every blob is byte-identical.
+    """
+    a, b = replicas(2)
+    image = images["library/multiarch:1"]
+    r = skopeo_pull(f"{a.host}/{image.name}", str(tmp_path / "a"), extra=["--all"])
+    assert r.returncode == 0, r.stderr
+    blobs, manifests = len(image.blobs()), len(image.manifests())
+    wait_for(lambda: _shared(a, "blob") >= blobs and _shared(a, "manifest") >= manifests
+             and _shared(a, "tag") >= 1, what="the index, its children and their blobs to reach the bucket")
+    log = hub.request_log()
+    hub.down()
+    try:
+        r = skopeo_pull(f"{b.host}/{image.name}", str(tmp_path / "b"), extra=["--all"])
+        assert r.returncode == 0, r.stderr
+    finally:
+        hub.up()
+    got = dir_digests(str(tmp_path / "b"))
+    assert {blob.hex: blob.hex for blob in image.blobs()}.items() <= got.items()
+    assert got["manifest.json"] == image.digest.split(":")[1]
+    assert hub.request_log() == log
+    assert _upstream_requests(scrape(b.url)) == 0
+
+
 def _upstream_requests(samples):
     """Every request a replica sent upstream, by its own count."""
     return sum(v for (name, _), v in samples.items() if name == "regcache_upstream_requests_total")
