@@ -132,18 +132,14 @@ class Mirror:
         ``vouched``: the repository's own tag named ``digest``, so it holds
         it with no need to ask.
         """
-        m = await self._held(digest)
+        m, cache = await self._held(digest), "hit"
+        if m is None:
+            m, cache = await self._from_bucket(digest), "shared"
         if m is not None:
             if not vouched:
                 await self._confirmed(route, digest, "manifest")
-            self.metrics.cache.labels("manifest", "hit").inc()
-            return m, "hit"
-        m = await self._from_bucket(digest)
-        if m is not None:
-            if not vouched:
-                await self._confirmed(route, digest, "manifest")
-            self.metrics.cache.labels("manifest", "shared").inc()
-            return m, "shared"
+            self.metrics.cache.labels("manifest", cache).inc()
+            return m, cache
         self.metrics.cache.labels("manifest", "miss").inc()
         _may_fetch(route, f"manifest {route.name}@{digest}")
         # Content is pinned by the digest, so ask with every type: an Accept
