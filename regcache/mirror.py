@@ -31,6 +31,7 @@ from regcache.policy import Route
 from regcache.reference import Digest, check_tag, is_digest
 from regcache.referrers import ReferrersEntry, ReferrersKey
 from regcache.remote import ManifestInfo
+from regcache.shared import BUCKET
 from regcache.singleflight import SingleFlight
 from regcache.tags import TagEntry, TagKey, accept_key, accepted
 
@@ -39,6 +40,10 @@ STALE_WARNING = '110 regcache "Response is Stale"'
 #: Link confirmations under way at once (distinct repository and digest
 #: pairs, a table keyed by what clients ask for); past it, a 503.
 MAX_CONFIRMATIONS = 256
+
+#: Distinct objects looked for in the shared bucket at once with their
+#: callers waiting together; past it, each caller looks on its own.
+MAX_BUCKET_LOOKS = 1024
 
 #: A media type (RFC 6838's restricted names), as an artifactType filter
 #: must be before it goes upstream and into a cache key.
@@ -92,8 +97,14 @@ class BlobAnswer:
 class Mirror:
     log = Logger()
 
-    def __init__(self, store, tags, fills, policy, metrics, clock, referrers):
+    def __init__(self, store, tags, fills, policy, metrics, clock, referrers, meta=None):
+        """
+        ``meta`` is the shared level's manifests, tags and links
+        (regcache.sharedmeta), when there is a bucket: where a local miss
+        looks before upstream, and where what is fetched is shared.
+        """
         self.store = store
+        self.meta = meta
         self.tags = tags
         self.referrers_cache = referrers
         self.fills = fills
@@ -102,6 +113,9 @@ class Mirror:
         self.clock = clock
         self._tag_checks = SingleFlight()
         self._manifest_gets = SingleFlight()
+        #: Looks into the shared bucket, one per object at a time
+        #: (manifests, tags, links), each ended by the shared level's deadline.
+        self._bucket_looks = SingleFlight()
         self._referrers_gets = SingleFlight()
         self._confirmations = SingleFlight()
 
@@ -118,12 +132,14 @@ class Mirror:
         ``vouched``: the repository's own tag named ``digest``, so it holds
         it with no need to ask.
         """
-        m = await self._held(digest)
+        m, cache = await self._held(digest), "hit"
+        if m is None:
+            m, cache = await self._from_bucket(digest), "shared"
         if m is not None:
             if not vouched:
                 await self._confirmed(route, digest, "manifest")
-            self.metrics.cache.labels("manifest", "hit").inc()
-            return m, "hit"
+            self.metrics.cache.labels("manifest", cache).inc()
+            return m, cache
         self.metrics.cache.labels("manifest", "miss").inc()
         _may_fetch(route, f"manifest {route.name}@{digest}")
         # Content is pinned by the digest, so ask with every type: an Accept
@@ -143,7 +159,39 @@ class Mirror:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.name}@{digest}")
         except UpstreamError as e:
             raise self.policy.failure(e, f"manifest {digest}")
-        await self.store.put_manifest(m, _repository(route))
+        await self._keep(m, _repository(route))
+        return m
+
+    async def _keep(self, m: Manifest, link: Optional[RepoKey] = None) -> None:
+        """Store a manifest fetched from upstream (checked against its digest), and share it."""
+        await self.store.put_manifest(m, link)
+        if self.meta is not None:
+            self.meta.put_manifest(m)
+
+    async def _from_bucket(self, digest: Digest) -> Optional[Manifest]:
+        """
+        The shared bucket's copy of the manifest ``digest``, stored here
+        once it proved to be that manifest; None without a bucket, or when
+        it has none (or cannot say in time).
+        """
+        if self.meta is None:
+            return None
+        return await self._look(("manifest", digest), lambda: self._load(digest))
+
+    def _look(self, key, work) -> Deferred:
+        """
+        ``work()`` (a look into the bucket), shared with the callers waiting
+        for the same ``key``; past MAX_BUCKET_LOOKS keys under way (clients
+        choose them), each caller looks alone.
+        """
+        if key not in self._bucket_looks and len(self._bucket_looks) >= MAX_BUCKET_LOOKS:
+            return Deferred.fromCoroutine(work())
+        return self._bucket_looks.run(key, lambda: Deferred.fromCoroutine(work()))
+
+    async def _load(self, digest: Digest) -> Optional[Manifest]:
+        m = await self.meta.manifest(digest)
+        if m is not None:
+            await self.store.put_manifest(m)
         return m
 
     async def _held(self, digest: Digest) -> Optional[Manifest]:
@@ -178,6 +226,8 @@ class Mirror:
             )
         key = TagKey(route.registry.name, route.name, tag, accept_key(types))
         entry = known = await self.tags.get(key)
+        if known is None and self.meta is not None:
+            entry = known = await self._look(("tag", key), lambda: self._bucket_tag(key))
         warning = None
         # Whether ``entry`` is this key's own, not another kind of client's.
         own = True
@@ -231,6 +281,23 @@ class Mirror:
                 "which the Accept header does not include",
             )
         return ManifestAnswer(digest, media_type, size, body, cache, warning)
+
+    async def _bucket_tag(self, key: TagKey) -> Optional[TagEntry]:
+        """
+        The shared bucket's entry for a tag this replica has none of, kept
+        here as if checked here when the bucket's was (unless a newer one
+        landed meanwhile), with its manifest: a replica that never saw the
+        tag serves it fresh with no upstream request, and stale, as the
+        bucket last knew it, while upstream fails.
+        """
+        found = await self.meta.tag(key)
+        if found is None:
+            return None
+        entry = self.tags.adopt(key, found)
+        digest = entry.parsed_digest
+        if not self._holds(digest):
+            await self._from_bucket(digest)
+        return entry
 
     def _within_deadline(self, check: Deferred, route: Route) -> Deferred:
         """
@@ -294,7 +361,7 @@ class Mirror:
             # Upstream answered the HEAD but named no digest: only a GET can
             # tell.  Docker Hub always names it, so this costs no pulls there.
             m = _typed(await route.upstream.get_manifest(route.name, tag, list(types)))
-            await self.store.put_manifest(m)
+            await self._keep(m)
             digest, media_type, size = m.digest, m.media_type, m.size
         else:
             digest = info.digest
@@ -347,6 +414,9 @@ class Mirror:
                 if not confirmed:
                     await self._joinable(route, fill, digest)
             size = await self._started(fill, digest)
+            if cache == "miss" and fill.source == BUCKET:
+                # Not upstream's: another replica's download, in the bucket.
+                cache = "shared"
             fd = self._opened(digest, fill.reader)
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()
@@ -411,6 +481,10 @@ class Mirror:
         """
         key = _repository(route)
         if await self.store.linked(digest, key):
+            return
+        if self.meta is not None and await self._look(("link", key, digest),
+                                                      lambda: self.meta.linked(digest, key)):
+            self.store.link(digest, key)
             return
         # Asking is contacting upstream: a client that may not make regcache
         # do so gets the challenge, as for any miss.

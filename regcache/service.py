@@ -39,6 +39,7 @@ from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.s3 import S3
 from regcache.shared import SharedLevel
+from regcache.sharedmeta import SharedMeta
 from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
 from regcache.status import Status
@@ -155,16 +156,20 @@ def build(config, reactor, reread=None) -> MultiService:
     coordinator = _coordinator(config, bucket, reactor, metrics, peer_auth) if bucket is not None else None
     shared = SharedLevel(bucket, store, metrics, reactor, coordinator) if bucket is not None else None
     fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate), shared)
-    tags = TagMap(config.storage, run, store.index)
+    # Manifests, tags and links go to the bucket beside the blobs.
+    meta = SharedMeta(shared) if shared is not None else None
+    if meta is not None:
+        store.on_link = meta.link
+    tags = TagMap(config.storage, run, store.index, shared=meta)
     tags.count()
     referrers = ReferrersCache(config.storage, run, tags)
-    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers, meta)
     readiness = Readiness(store, run, reactor)
     # Password checks have threads of their own: a flood of logins must not
     # queue the store's reads behind bcrypt, nor the other way round.
     gate = Gate(config.auth, reactor, _pool(reactor, "regcache-auth", 2) if config.auth else None, metrics)
     status = Status(metrics, fills, registries, reactor, config.max_size, usage=accounting,
-                    docker_hub=[u.name for u in config.upstreams if u.docker_hub])
+                    docker_hub=[u.name for u in config.upstreams if u.docker_hub], shared=shared is not None)
     peers = PeerBlobs(peer_auth, store, fills, coordinator, metrics) if coordinator is not None else None
     routes = RegistryRoutes(mirror, policy, metrics, reactor, readiness.problem, status,
                             serve_metrics=metrics_endpoint is None, gate=gate, peers=peers)

@@ -1,4 +1,4 @@
-# test-case-name: tests.test_shared,tests.integration.test_shared_proc
+# test-case-name: tests.test_shared,tests.test_shared_faults,tests.integration.test_shared_proc
 """
 The shared level: a bucket every replica reads and fills, behind each
 replica's own store.

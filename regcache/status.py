@@ -30,8 +30,12 @@ from regcache.index import BLOB, MANIFEST
 
 #: Cache lookup results that needed no download of their own, and the one
 #: that did (``unreadable`` is neither: the cache held it, the disk failed).
-HIT_RESULTS = ("hit", "join", "revalidated", "stale")
+#: ``shared`` came from the shared bucket: no upstream download either.
+LOCAL_RESULTS = ("hit", "join", "revalidated", "stale")
+HIT_RESULTS = LOCAL_RESULTS + ("shared",)
 MISS_RESULTS = ("miss",)
+#: What the shared level looks up in the bucket (regcache_shared_lookups_total).
+SHARED_KINDS = ("blob", "blob_head", "manifest", "tag", "link")
 LOOKUP_KINDS = ("blob", "manifest", "tag", "referrers")
 SENDERS = ("sendfile", "read")
 
@@ -83,11 +87,12 @@ class Status:
     Collects the page's figures.  ``registries`` are the configured
     upstreams (regcache.policy.Registry), ``docker_hub`` the names of those
     that are Docker Hub, ``max_size`` the store's limit (None: unlimited),
-    ``usage`` pull accounting (None until it is wired: no pulls counted).
+    ``usage`` pull accounting (None until it is wired: no pulls counted),
+    ``shared`` whether there is a shared level (``--storage-backend s3``).
     """
 
     def __init__(self, metrics, fills, registries: Sequence, clock, max_size: Optional[int],
-                 usage: Optional[UsageSource] = None, docker_hub: Iterable[str] = ()):
+                 usage: Optional[UsageSource] = None, docker_hub: Iterable[str] = (), shared: bool = False):
         self.metrics = metrics
         self.fills = fills
         self.registries = list(registries)
@@ -95,6 +100,7 @@ class Status:
         self.max_size = max_size
         self.usage = usage
         self.docker_hub = frozenset(docker_hub)
+        self.shared = shared
         self.popular = Popular()
 
     def pulled(self, upstream: str, name: str) -> None:
@@ -118,6 +124,7 @@ class Status:
             "docker_hub": self._docker_hub(usages),
             "credentials": [_usage(u) for u in usages],
             "cache": self._cache(),
+            "levels": self._levels(),
             "bytes": self._bytes(),
             "store": self._store(),
             "top_images": self.popular.top(keep=lambda key: visible(*key.split("/", 1))),
@@ -166,6 +173,41 @@ class Status:
         hits, misses = self._lookups(HIT_RESULTS), self._lookups(MISS_RESULTS)
         return {"hits": hits, "misses": misses,
                 "hit_ratio": hits / (hits + misses) if hits + misses else None}
+
+    def _levels(self) -> dict:
+        """
+        What each level answered: the local store, and the shared bucket
+        (None with the local backend alone).  Leases and forwards are the
+        coordinator's (regcache.leases); None where this build counts none.
+        """
+        local = {"hits": self._lookups(LOCAL_RESULTS)}
+        if not self.shared:
+            return {"local": local, "shared": None}
+
+        def shared(counter: str, kinds, results) -> int:
+            return int(sum(self._sample(counter, {"kind": k, "result": r}) for k in kinds for r in results))
+
+        lookups = {k: {r: shared("regcache_shared_lookups_total", [k], [r]) for r in ("hit", "miss", "failed")}
+                   for k in SHARED_KINDS}
+        content = [k for k in SHARED_KINDS if k != "link"]
+        return {"local": local, "shared": {
+            "hits": sum(lookups[k]["hit"] for k in content),
+            "misses": sum(lookups[k]["miss"] for k in content),
+            "failed": sum(lookups[k]["failed"] for k in SHARED_KINDS),
+            "lookups": lookups,
+            "uploads": shared("regcache_shared_uploads_total", SHARED_KINDS, ["uploaded"]),
+            "upload_failures": shared("regcache_shared_uploads_total", SHARED_KINDS, ["failed", "dropped"]),
+            "leases_won": self._counted("leases", "regcache_leases_total", [{"result": "won"},
+                                                                              {"result": "taken_over"}]),
+            "forwarded": self._counted("forwards", "regcache_forwards_total",
+                                       [{"direction": "sent", "result": "ok"}]),
+        }}
+
+    def _counted(self, attribute: str, name: str, labels: List[dict]) -> Optional[int]:
+        """The sum of ``name``'s samples with ``labels``, or None if Metrics has no such counter."""
+        if getattr(self.metrics, attribute, None) is None:
+            return None
+        return int(sum(self._sample(name, ls) for ls in labels))
 
     def _bytes(self) -> dict:
         served = int(sum(self._sample("regcache_served_blob_bytes_total", {"sender": s}) for s in SENDERS))
@@ -279,6 +321,12 @@ TEMPLATE = """\
       <div>Saved <span id="bytes-saved"><t:attr name="data-value"><t:slot name="saved_value"/></t:attr><t:slot name="saved"/></span> of upstream traffic
         (<t:slot name="served"/> served, <t:slot name="fetched"/> fetched)</div>
     </section>
+    <section id="levels">
+      <h2>Levels</h2>
+      <div><span class="figure" id="local-hits"><t:attr name="data-value"><t:slot name="local_hits"/></t:attr><t:slot name="local_hits"/></span>
+        <span class="of"> answered by this replica's store</span></div>
+      <t:transparent t:render="shared_level"/>
+    </section>
     <section id="store">
       <h2>Store</h2>
       <div class="figure" id="store-bytes"><t:attr name="data-value"><t:slot name="store_value"/></t:attr><t:slot name="store"/></div>
@@ -357,12 +405,32 @@ class _Page(Element):
             chart_height=str(CHART_HEIGHT),
             hit_ratio=_ratio(cache["hit_ratio"]), hit_ratio_value=_data(cache["hit_ratio"]),
             hits=str(cache["hits"]), misses=str(cache["misses"]),
+            local_hits=str(d["levels"]["local"]["hits"]),
             saved=size(moved["saved"]), saved_value=str(moved["saved"]),
             served=size(moved["served"]), fetched=size(moved["fetched"]),
             store=size(store["bytes"]), store_value=str(store["bytes"]),
             store_limit=size(store["limit"]), store_limit_value=_data(store["limit"]),
             evicted=str(store["evicted"]), version=d["version"], time=_when(d["time"]),
         )
+
+    @renderer
+    def shared_level(self, request, tag):
+        shared = self.data["levels"]["shared"]
+        if shared is None:
+            return tags.div("Local level only: no shared bucket (--storage-backend local).", id="no-shared")
+
+        def figure(id_: str, value) -> Tag:
+            return tags.span(_opt(value), id=id_, **{"data-value": _data(value)})
+
+        return [
+            tags.div(figure("bucket-hits", shared["hits"]), " from the shared bucket, ",
+                     figure("bucket-misses", shared["misses"]), " missed there, ",
+                     figure("bucket-failed", shared["failed"]), " failed or late"),
+            tags.div(figure("bucket-uploads", shared["uploads"]), " shared with the other replicas, ",
+                     figure("bucket-upload-failures", shared["upload_failures"]), " not"),
+            tags.div(figure("leases-won", shared["leases_won"]), " downloads this replica led, ",
+                     figure("forwarded", shared["forwarded"]), " requests forwarded to the replica leading one"),
+        ]
 
     @renderer
     def bars(self, request, tag):

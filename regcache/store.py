@@ -240,6 +240,9 @@ class Store:
         self._writers: Dict[Digest, BlobWriter] = {}
         #: Digests with link writes under way -> the last one's end.
         self._link_writes: Dict[Digest, Deferred] = {}
+        #: Told of each link recorded, to share it (regcache.sharedmeta's
+        #: ``link``), when there is a shared level.
+        self.on_link: Optional[Callable[[Digest, RepoKey], None]] = None
 
     def prepare(self) -> int:
         """
@@ -400,6 +403,8 @@ class Store:
         added = self.index.links.add(digest, key)
         if added is None:
             return
+        if self.on_link is not None:
+            self.on_link(digest, key)
         data, path = self.blob_path(digest), self._path("links", digest)
         if added:
             # The oldest link made way: the file is rewritten without it.

@@ -269,13 +269,16 @@ class EntryFiles:
 class TagMap(EntryFiles):
     what = "tag entry"
 
-    def __init__(self, root: str, run, index, memory: int = MEMORY):
+    def __init__(self, root: str, run, index, memory: int = MEMORY, shared=None):
         """
         ``run`` is the store's thread runner; ``index`` the store's Index,
-        whose limit sets the tag files' bound.
+        whose limit sets the tag files' bound; ``shared`` the shared
+        level's tags (regcache.sharedmeta), if any, told of every entry
+        written down, so that other replicas know what this one checked.
         """
         super().__init__(root, run)
         self._index = index
+        self._shared = shared
         self._memory = memory
         #: Bytes tags/ takes on disk, and its entry files (path -> bytes),
         #: least recently used first.
@@ -300,6 +303,27 @@ class TagMap(EntryFiles):
 
     def _path(self, key: TagKey) -> str:
         return os.path.join(self._dir(key), key.accept + ".json")
+
+    def put(self, key: TagKey, entry: TagEntry, share: bool = True) -> TagEntry:
+        """
+        As EntryFiles.put, and shared unless ``share`` is False (an entry
+        that came from the shared level).  A check found unchanged is
+        shared as often as it is written down (TOUCH_EVERY).
+        """
+        entry = super().put(key, entry)
+        if share and self._shared is not None:
+            self._shared.put_tag(key, entry)
+        return entry
+
+    def adopt(self, key: TagKey, entry: TagEntry) -> TagEntry:
+        """
+        Keep another replica's entry (from the shared level), unless one as
+        new or newer reached memory meanwhile: that one is returned.
+        """
+        current = self._known(key)
+        if current is not None and current.checked >= entry.checked:
+            return current
+        return self.put(key, entry, share=False)
 
     def _parse(self, data: bytes) -> TagEntry:
         return TagEntry.from_json(data)

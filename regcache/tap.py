@@ -23,7 +23,8 @@ class Options(usage.Options):
         "set in the environment (names in brackets); the command line wins, then the environment, "
         "then the default.\n\n"
         "`regcache verify [--storage DIR]` re-hashes every cached file and removes those that do "
-        "not match their digest (exit status 1 if any did); `regcache verify --help` for more.\n\n"
+        "not match their digest (exit status 1 if any did), and with --storage-backend s3 every "
+        "blob and manifest in the shared bucket; `regcache verify --help` for more.\n\n"
         "`regcache prefetch IMAGE...` warms a running regcache with those images (exit status 1 if "
         "any failed); `regcache prefetch --help` for more."
     )

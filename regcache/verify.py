@@ -27,6 +27,12 @@ What is removed, and why:
 The links of good content are kept: they say which repositories may be
 served it, and losing them would cost a confirmation upstream per
 repository.
+
+With ``--storage-backend s3`` (on the command line, in the environment or
+in ``--config``'s storage section, as the server takes it) the shared
+bucket is checked too, after the local level (regcache.verify_bucket);
+without it the output says that only the local level was checked.  A
+replica whose local level is empty or gone can check the bucket alone.
 """
 
 import argparse
@@ -175,15 +181,66 @@ def main(argv: Sequence[str], environ=None, out: TextIO = sys.stdout) -> int:
     parser.add_argument("--storage", help="cache directory (default: as the server: "
                         "REGCACHE_STORAGE, or /var/lib/regcache as root)")
     parser.add_argument("--jobs", type=int, default=2, help="files hashed at once (default 2)")
+    parser.add_argument("--config", help="the server's config file, for its storage section")
+    for option in _BUCKET_OPTIONS:
+        parser.add_argument(f"--{option}", help="as the server takes it: the shared level's bucket")
     args = parser.parse_args(list(argv))
     environ = os.environ if environ is None else environ
+    given = {"storage": args.storage, "config": args.config,
+             **{option: getattr(args, option.replace("-", "_")) for option in _BUCKET_OPTIONS}}
     try:
-        root = settings.load({"storage": args.storage}, environ).storage
+        config = settings.load(given, environ)
     except settings.ConfigError as e:
         out.write(f"regcache verify: {e}\n")
         return 2
-    if not os.path.isdir(os.path.join(root, "blobs")):
+    root = config.storage
+    code = 0
+    if os.path.isdir(os.path.join(root, "blobs")):
+        code = 1 if verify(root, out, args.jobs).problems else 0
+    elif config.shared is None:
         out.write(f"regcache verify: no store at {root}\n")
         return 2
-    report = verify(root, out, args.jobs)
-    return 1 if report.problems else 0
+    else:
+        out.write(f"no local store at {root}: checking the bucket only\n")
+    if config.shared is None:
+        out.write("checked the local level only: the storage backend is local (no bucket to check)\n")
+        return code
+    return max(code, _verify_bucket(config.shared.bucket, out, args.jobs))
+
+
+#: The server's options that say where the bucket is and how to reach it.
+_BUCKET_OPTIONS = ("storage-backend", "s3-endpoint", "s3-bucket", "s3-region", "s3-prefix", "s3-access-key",
+                   "s3-secret-key-file")
+
+
+def _verify_bucket(bucket_settings, out: TextIO, jobs: int) -> int:
+    """
+    Check the bucket in a reactor of its own (the command runs once and
+    exits): 0 clean, 1 bad objects found (and deleted), 2 when it could not
+    be listed.
+    """
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+    from twisted.internet.threads import deferToThread
+
+    from regcache import upstream_http
+    from regcache.s3 import S3, StorageError
+    from regcache.verify_bucket import BucketCheck
+
+    codes = []
+
+    async def check(reactor) -> None:
+        bucket = S3(bucket_settings, upstream_http.client(reactor, 5.0), reactor, deferToThread)
+        try:
+            report = await BucketCheck(bucket, out, reactor, jobs).run()
+        except StorageError as e:
+            out.write(f"regcache verify: cannot list the bucket {bucket_settings.bucket}: {e}\n")
+            codes.append(2)
+            return
+        codes.append(1 if report.problems else 0)
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(check(reactor)))
+    except SystemExit:
+        pass  # react's way to end; the result is in ``codes``
+    return codes[0] if codes else 2

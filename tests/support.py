@@ -34,6 +34,8 @@ from regcache.reference import Digest
 from regcache.remote import MemberHealth
 from regcache.routes import RegistryRoutes
 from regcache.rules import PullRules
+from regcache.shared import SharedLevel
+from regcache.sharedmeta import SharedMeta
 from regcache.site import RegcacheSite
 from regcache.status import Status
 from regcache.store import Store
@@ -174,12 +176,15 @@ class Rig:
     """
 
     def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=(),
-                 revalidate_deadline=0.3, auth=None, auth_run=inline):
+                 revalidate_deadline=0.3, auth=None, auth_run=inline, bucket=None):
         """
         ``upstream`` answers for ``hosts`` and is the default; ``others``
         are more regcache.policy.Registry entries, as a config file's
         further upstreams.  ``auth`` (a config.AuthSettings) turns client
         authentication on, its password checks run by ``auth_run``.
+        ``bucket`` (an S3, or tests.test_shared's FakeBucket) is the shared
+        level, as ``--storage-backend s3`` makes one: rigs given the same
+        bucket are replicas of one deployment.
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
@@ -191,17 +196,22 @@ class Rig:
         main = Registry("docker.io", frozenset(hosts), self.upstream, tag_ttl, max_stale,
                         revalidate_deadline=revalidate_deadline)
         self.policy = Policy([main, *others], self.reactor, pulls=PullRules(metrics=self.metrics))
-        self.fills = Fills(self.store, self.reactor, self.metrics)
-        tags = TagMap(self.root, inline, self.store.index)
+        self.shared = SharedLevel(bucket, self.store, self.metrics, self.reactor) if bucket is not None else None
+        self.meta = SharedMeta(self.shared) if bucket is not None else None
+        if self.meta is not None:
+            self.store.on_link = self.meta.link
+        self.fills = Fills(self.store, self.reactor, self.metrics, shared=self.shared)
+        tags = TagMap(self.root, inline, self.store.index, shared=self.meta)
         tags.count()
         referrers = ReferrersCache(self.root, inline, tags)
-        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
+        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers,
+                             self.meta)
         self.readiness = Readiness(self.store, inline, self.reactor)
         self.gate = Gate(auth, self.reactor, auth_run, self.metrics) if auth else None
         # Docker Hub's name, as service.py marks a Docker Hub upstream; tests
         # give it pull accounting (``status.usage``) and a limit as they need.
         self.status = Status(self.metrics, self.fills, self.policy.registries, self.reactor, None,
-                             docker_hub=["docker.io"])
+                             docker_hub=["docker.io"], shared=bucket is not None)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem,
                                      self.status, gate=self.gate)
         self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
@@ -326,7 +336,7 @@ class HubRig(TreqRig):
     """
 
     def __init__(self, credentials=None, tag_ttl=60, max_stale=None, timeouts=None, root=None, wrap=None,
-                 revalidate_deadline=0.3, auth=None, **hub_options):
+                 revalidate_deadline=0.3, auth=None, bucket=None, **hub_options):
         from treq.testing import StubTreq
 
         from regcache.upstream import Upstream
@@ -353,7 +363,7 @@ class HubRig(TreqRig):
                             jitter=lambda: 0.5, docker_hub=True, realms=[self.hub.hosts["auth"]])
 
         super().__init__(upstream=make, tag_ttl=tag_ttl, max_stale=max_stale, root=root,
-                         revalidate_deadline=revalidate_deadline, auth=auth)
+                         revalidate_deadline=revalidate_deadline, auth=auth, bucket=bucket)
 
     def get(self, path, method="GET", headers=None, peer="192.168.1.1") -> "Client":
         c = self.client(path, method, headers, peer)

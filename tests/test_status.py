@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from regcache.accounting import Usage
 from regcache.status import POPULAR_BOUND, Popular
 from tests.support import FedBody, HubRig, Rig, blob
+from tests.test_shared import FakeBucket
 
 ALL = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, " \
       "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
@@ -231,3 +232,66 @@ class DownloadFiguresTests(SynchronousTestCase):
         body.end()
         self.assertEqual((first.body(), second.body()), (data, data))
         self.assertEqual(status_json(rig)["downloads"], [])
+
+
+class LevelsTests(SynchronousTestCase):
+    def test_local_only_says_so(self):
+        """Without a shared bucket, the page shows the local level's hits and says there is no other level."""
+        rig = HubRig()
+        for _ in range(2):
+            rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL})
+        data = status_json(rig)
+        # The second pull: the tag and its manifest, both from the store.
+        self.assertEqual(data["levels"], {"local": {"hits": 2}, "shared": None})
+        page = Page(status_html(rig))
+        self.assertEqual(page.value("local-hits"), "2")
+        self.assertIn("no-shared", page.ids)
+
+    def test_both_levels_with_a_shared_bucket(self):
+        """
+        A replica that pulls what another fetched shows its answers from the
+        bucket; the one that fetched shows what it shared.  The HTML carries
+        the same figures.
+        """
+        bucket = FakeBucket()
+        a, b = HubRig(bucket=bucket), HubRig(bucket=bucket)
+        image = a.images["library/small:1"]
+        for rig in (a, b):
+            self.assertEqual(rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL}).status(), 200)
+            for layer in image.blobs():
+                self.assertEqual(rig.get(f"/v2/library/small/blobs/{layer.digest}").status(), 200)
+        shared_a, shared_b = status_json(a)["levels"]["shared"], status_json(b)["levels"]["shared"]
+        blobs = len(image.blobs())
+        # B: the tag, the manifest and every blob came from the bucket.
+        self.assertEqual(shared_b["hits"], 2 + blobs)
+        self.assertEqual(shared_b["lookups"]["blob"], {"hit": blobs, "miss": 0, "failed": 0})
+        self.assertEqual(shared_b["uploads"], 0)
+        # A: its blobs, the manifest, the tag and the links went up.
+        self.assertGreaterEqual(shared_a["uploads"], blobs + 2)
+        self.assertEqual(shared_a["upload_failures"], 0)
+        page = Page(status_html(b))
+        self.assertEqual(page.value("bucket-hits"), str(2 + blobs))
+        self.assertEqual(page.value("bucket-uploads"), "0")
+        # Served from the bucket: no upstream download of B's own, so hits of the whole cache.
+        self.assertEqual(status_json(b)["cache"]["misses"], 0)
+
+    def test_leases_and_forwards_when_counted(self):
+        """Leases won (or taken over) and requests forwarded come from the coordinator's counters."""
+        from prometheus_client import Counter
+
+        rig = HubRig(bucket=FakeBucket())
+        metrics = rig.metrics
+        if getattr(metrics, "leases", None) is None:
+            metrics.leases = Counter("regcache_leases", "leases", ["result"], registry=metrics.registry)
+        if getattr(metrics, "forwards", None) is None:
+            metrics.forwards = Counter("regcache_forwards", "forwards", ["direction", "result"],
+                                       registry=metrics.registry)
+        metrics.leases.labels(result="won").inc(2)
+        metrics.leases.labels(result="taken_over").inc()
+        metrics.leases.labels(result="lost").inc()
+        metrics.forwards.labels(direction="sent", result="ok").inc(4)
+        metrics.forwards.labels(direction="served", result="ok").inc()
+        shared = status_json(rig)["levels"]["shared"]
+        self.assertEqual((shared["leases_won"], shared["forwarded"]), (3, 4))
+        page = Page(status_html(rig))
+        self.assertEqual((page.value("leases-won"), page.value("forwarded")), ("3", "4"))
