@@ -70,7 +70,7 @@ def request_labels(path: bytes, method: bytes, code: int):
 #: What a cache lookup can come to (X-Cache): "join" is a client that
 #: followed another's download (the dedupe saving).  Policy denials are
 #: counted by the policy's own counter.
-CACHE_RESULTS = ("hit", "miss", "join", "revalidated", "stale", "unreadable")
+CACHE_RESULTS = ("hit", "miss", "join", "revalidated", "stale", "unreadable", "redirect")
 #: The routes whose answers are timed and whose bytes count as cache bytes.
 _TIMED = {"manifests": "manifest", "blobs": "blob"}
 #: Upstream exchange kinds (regcache_upstream_requests_total's ``kind``).
@@ -101,7 +101,8 @@ class Metrics:
         )
         self.cache = Counter(
             "regcache_cache_lookups",
-            "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale, unreadable)",
+            "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale, unreadable, "
+            "redirect)",
             ["kind", "result"], registry=r,
         )
         self.cache_bytes = Counter(

@@ -92,8 +92,10 @@ class BlobAnswer:
 class Mirror:
     log = Logger()
 
-    def __init__(self, store, tags, fills, policy, metrics, clock, referrers):
+    def __init__(self, store, tags, fills, policy, metrics, clock, referrers, redirects=None):
+        """``redirects`` (regcache.redirect): where blob GETs may be sent to the bucket; None: nowhere."""
         self.store = store
+        self.redirects = redirects
         self.tags = tags
         self.referrers_cache = referrers
         self.fills = fills
@@ -353,6 +355,27 @@ class Mirror:
                 return BlobAnswer(size, fd, fill, cache, self.store.pin(digest))
             # The fill moved into the store meanwhile: open it there.
         raise RegistryError("UNAVAILABLE", f"blob {digest} could not be opened", status=503)
+
+    async def blob_location(self, route: Route, digest: Digest, host: str, authorization: bool) -> Optional[str]:
+        """
+        Where a GET of ``digest`` sent to ``host`` is redirected (a
+        presigned URL of the bucket's copy), or None to serve it here, once
+        it passed what serving it would: a local miss is a fetch for the
+        policy, as the bucket's copy is, and the repository must be known
+        to hold it.  A fill under way here is followed, not redirected.
+        """
+        if self.redirects is None or not self.redirects.allowed(host, authorization):
+            return None
+        if self.fills.get(digest) is not None:
+            return None
+        entry = self.store.index.get(digest)
+        if entry is None:
+            _may_fetch(route, f"blob {digest}")
+        await self._confirmed(route, digest, "blob")
+        location = await self.redirects.location(digest, entry.size if entry is not None else None)
+        if location is not None:
+            self.metrics.cache.labels("blob", "redirect").inc()
+        return location
 
     async def blob_size(self, route: Route, digest: Digest):
         """

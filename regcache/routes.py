@@ -280,6 +280,15 @@ class RegistryRoutes:
             self._cache_result(request, cache)
             self._blob_headers(request, digest, size)
             return b""
+        # The Host field, not getRequestHostname: regcache.site hides it from the router.
+        location = await self.mirror.blob_location(route, digest, (request.getHeader(b"host") or b"").decode("latin-1"),
+                                                   request.getHeader(b"authorization") is not None)
+        if location is not None:
+            self._cache_result(request, "redirect")
+            request.setResponseCode(307)
+            request.setHeader("Location", location)
+            request.setHeader("Docker-Content-Digest", str(digest))
+            return sized(request, b"")
         answer = await self.mirror.blob(route, digest)
         # The answer owns a descriptor: whatever happens from here on, this
         # is where it is given back.

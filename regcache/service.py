@@ -32,6 +32,7 @@ from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
+from regcache.redirect import Redirects
 from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.s3 import S3
@@ -152,7 +153,9 @@ def build(config, reactor, reread=None) -> MultiService:
     tags = TagMap(config.storage, run, store.index)
     tags.count()
     referrers = ReferrersCache(config.storage, run, tags)
-    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers)
+    redirects = (Redirects(shared, config.shared.redirect_expiry, metrics)
+                 if shared is not None and config.shared.redirect else None)
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers, redirects)
     readiness = Readiness(store, run, reactor)
     # Password checks have threads of their own: a flood of logins must not
     # queue the store's reads behind bcrypt, nor the other way round.

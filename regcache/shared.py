@@ -18,18 +18,22 @@ the blob comes from upstream as it would without it, a pull never fails
 for it, and a blob that could not be uploaded is only not shared.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from regcache.reference import Digest
 from regcache.remote import BlobStream, Remote
-from regcache.s3 import S3, StorageError
+from regcache.s3 import S3, ObjectInfo, StorageError
 from regcache.upstream import ResponseStream
 
 #: The media type blobs are stored under: their own is the manifest's to say.
 BLOB_TYPE = "application/octet-stream"
+
+#: Uploads of blobs held here that the bucket was found to lack (``share``)
+#: under way at once; past it, one is left for a later request to start.
+MAX_REPAIRS = 4
 
 
 def blob_name(digest: Digest) -> str:
@@ -77,6 +81,8 @@ class SharedLevel:
         #: fetch, which is the one to share.  A fill ends in ``landed`` or
         #: ``failed``, so this is no bigger than the fills.
         self._fetched: Dict[Digest, bool] = {}
+        #: Blobs going up to the bucket now: no second upload of one starts.
+        self._uploading: Set[Digest] = set()
 
     # Reading
 
@@ -130,11 +136,15 @@ class SharedLevel:
         self._fetched[digest] = fetched
         return stream
 
+    async def blob_info(self, digest: Digest) -> Optional[ObjectInfo]:
+        """The bucket's HEAD of ``digest`` within the deadline: None if it has none; StorageError if it cannot say."""
+        return await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
+                                  f"HEAD {blob_name(digest)}")
+
     async def blob_size(self, digest: Digest) -> Optional[int]:
         """The size of the bucket's copy of ``digest``, for a HEAD: None when it has none or cannot say."""
         try:
-            info = await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
-                                      f"HEAD {blob_name(digest)}")
+            info = await self.blob_info(digest)
         except StorageError as e:
             self.metrics.shared_lookups.labels("blob_head", "failed").inc()
             self.log.warn("The bucket cannot be asked about {digest}: {error}", digest=str(digest), error=str(e))
@@ -161,7 +171,27 @@ class SharedLevel:
         self._fetched.pop(digest, None)
         self.coordinator.release(digest)
 
+    def share(self, digest: Digest, size: int) -> None:
+        """
+        Upload ``digest``, which the local store holds and the bucket was
+        just found to lack (evicted there, or its first upload failed), so
+        that other replicas and redirects find it again.  In the
+        background, pinned here meanwhile, once at a time per blob.
+        """
+        if digest in self._uploading or len(self._uploading) >= MAX_REPAIRS:
+            return
+        unpin = self.store.pin(digest)
+        d = Deferred.fromCoroutine(self._upload(digest, size))
+        d.addBoth(lambda result: (unpin(), result)[1])
+
     async def _upload(self, digest: Digest, size: int) -> None:
+        self._uploading.add(digest)
+        try:
+            await self._put_blob(digest, size)
+        finally:
+            self._uploading.discard(digest)
+
+    async def _put_blob(self, digest: Digest, size: int) -> None:
         path = self.store.blob_path(digest)
         try:
             # The payload hash signed is the content's own, when it is a sha256.

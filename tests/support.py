@@ -29,6 +29,7 @@ from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
+from regcache.redirect import Redirects
 from regcache.referrers import ReferrersCache
 from regcache.reference import Digest
 from regcache.remote import MemberHealth
@@ -174,12 +175,15 @@ class Rig:
     """
 
     def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=(),
-                 revalidate_deadline=0.3, auth=None, auth_run=inline):
+                 revalidate_deadline=0.3, auth=None, auth_run=inline, shared=None, redirect=None):
         """
         ``upstream`` answers for ``hosts`` and is the default; ``others``
         are more regcache.policy.Registry entries, as a config file's
         further upstreams.  ``auth`` (a config.AuthSettings) turns client
         authentication on, its password checks run by ``auth_run``.
+        ``shared(reactor, store, metrics)`` makes the shared level
+        (regcache.shared) behind the store; ``redirect`` is then the expiry
+        of redirects to its bucket (regcache.redirect), None for none.
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
@@ -191,11 +195,14 @@ class Rig:
         main = Registry("docker.io", frozenset(hosts), self.upstream, tag_ttl, max_stale,
                         revalidate_deadline=revalidate_deadline)
         self.policy = Policy([main, *others], self.reactor, pulls=PullRules(metrics=self.metrics))
-        self.fills = Fills(self.store, self.reactor, self.metrics)
+        self.shared = shared(self.reactor, self.store, self.metrics) if shared else None
+        self.fills = Fills(self.store, self.reactor, self.metrics, shared=self.shared)
+        redirects = Redirects(self.shared, redirect, self.metrics) if redirect is not None else None
         tags = TagMap(self.root, inline, self.store.index)
         tags.count()
         referrers = ReferrersCache(self.root, inline, tags)
-        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers)
+        self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers,
+                             redirects)
         self.readiness = Readiness(self.store, inline, self.reactor)
         self.gate = Gate(auth, self.reactor, auth_run, self.metrics) if auth else None
         # Docker Hub's name, as service.py marks a Docker Hub upstream; tests
