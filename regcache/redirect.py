@@ -25,9 +25,9 @@ regcache verified before it uploaded it; clients check digests themselves.
 
 A client's Authorization header must never reach the bucket: Go's HTTP
 client (containerd, dockerd, skopeo, podman) keeps it on a redirect to the
-same host name or a subdomain of it, the store then refuses the request
-(two kinds of authentication; moby#50065) and has seen the client's
-password.  So a request that carries one, to a host whose name is the
+same host name or a subdomain of it (some Go versions compare the port
+too, some do not: the check here is by name, the safe side), S3 then refuses the request (two kinds of
+authentication; moby#50065) and the store has seen the client's password.  So a request that carries one, to a host whose name is the
 bucket's or a parent domain of it, is served here instead.
 """
 
@@ -45,7 +45,7 @@ def keeps_authorization(target: str, origin: str) -> bool:
     """
     Whether Go's HTTP client keeps the Authorization header on a redirect
     from host ``origin`` to host ``target``: the same name or a subdomain
-    (net/http's isDomainOrSubdomain; ports play no part).
+    (net/http's isDomainOrSubdomain), whatever the ports.
     """
     target, origin = target.lower().rstrip("."), origin.lower().rstrip(".")
     if target == origin:
