@@ -192,6 +192,18 @@ class Metrics:
             "regcache_shared_uploads", "Content this replica put into the shared bucket, by kind and result",
             ["kind", "result"], registry=r,
         )
+        self.shared_sweeps = Counter(
+            "regcache_shared_sweeps",
+            "Rounds of the bucket's sweeper: swept (this replica held the sweeper lease), not_holder, failed",
+            ["result"], registry=r,
+        )
+        self.shared_evicted = Counter(
+            "regcache_shared_evicted", "Objects evicted from the bucket to keep it under --s3-max-size", ["kind"],
+            registry=r,
+        )
+        self.shared_bucket_bytes = Gauge(
+            "regcache_shared_bucket_bytes", "Bytes of blobs in the bucket at this replica's last sweep", registry=r,
+        )
         self.evicted = Counter(
             "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r
         )

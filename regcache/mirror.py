@@ -327,6 +327,8 @@ class Mirror:
                     os.close(fd)
                     raise
                 self.metrics.cache.labels("blob", cache).inc()
+                if self.fills.shared is not None:
+                    self.fills.shared.used(digest)
                 return BlobAnswer(size, fd, Source(size), cache, self.store.pin(digest))
             fill = self.fills.get(digest)
             confirmed = False

@@ -116,4 +116,5 @@ class Redirects:
                 self.shared.share(digest, held)
             return None
         lookups.labels("blob_redirect", "hit").inc()
+        self.shared.used(digest)
         return self.shared.bucket.presign(blob_name(digest), self.expiry)

@@ -10,6 +10,7 @@ receive what they use.
 import os
 import resource
 import signal
+import socket
 from urllib.parse import urlsplit
 
 from twisted.application.internet import TimerService
@@ -41,6 +42,7 @@ from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
 from regcache.status import Status
 from regcache.store import Store
+from regcache.sweeper import Sweeper, Uses
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
 from regcache.tls import upstream_policy
@@ -148,7 +150,9 @@ def build(config, reactor, reread=None) -> MultiService:
               if config.shared is not None else None)
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
-    shared = SharedLevel(bucket, store, metrics, reactor) if bucket is not None else None
+    limited = config.shared is not None and config.shared.max_size is not None
+    uses = Uses(bucket, reactor, config.shared.sweep_interval) if limited else None
+    shared = SharedLevel(bucket, store, metrics, reactor, uses=uses) if bucket is not None else None
     fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate), shared)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
@@ -180,6 +184,11 @@ def build(config, reactor, reread=None) -> MultiService:
     # Before the port: the start-up scan is under way when the first
     # request arrives, and eviction waits for it.
     Expiry(store, config.max_size, reactor, metrics).setServiceParent(top)
+    if limited:
+        settings = config.shared
+        Sweeper(bucket, settings.max_size, reactor, metrics, settings.advertise or socket.gethostname(),
+                settings.sweep_interval, settings.redirect_expiry if settings.redirect else 0.0
+                ).setServiceParent(top)
     readiness.setServiceParent(top)
     if config.auth and config.auth.htpasswd:
         watch = TimerService(WATCH_SECONDS, gate.check_file)

@@ -69,8 +69,10 @@ class SharedLevel:
     log = Logger()
 
     def __init__(self, bucket: S3, store, metrics, reactor, coordinator=None, deadline: float = 2.0,
-                 idle: float = 15.0):
+                 idle: float = 15.0, uses=None):
+        """``uses`` (regcache.sweeper.Uses) records the blobs served, for the bucket's eviction; None: no limit."""
         self.bucket = bucket
+        self.uses = uses
         self.store = store
         self.metrics = metrics
         self.reactor = reactor
@@ -131,10 +133,16 @@ class SharedLevel:
             self.metrics.shared_lookups.labels("blob", "hit" if stream is not None else "miss").inc()
         if stream is not None:
             self._fetched[digest] = False
+            self.used(digest)
             return stream
         stream, fetched = await self.coordinator.source(upstream, name, digest)
         self._fetched[digest] = fetched
         return stream
+
+    def used(self, digest: Digest) -> None:
+        """``digest`` was served from either level, or redirected: a use that keeps it in the bucket longer."""
+        if self.uses is not None:
+            self.uses.used(digest)
 
     async def blob_info(self, digest: Digest) -> Optional[ObjectInfo]:
         """The bucket's HEAD of ``digest`` within the deadline: None if it has none; StorageError if it cannot say."""
