@@ -322,6 +322,38 @@ def check_chart_values(values):
     helm.Chart.load(ROOT / "chart" / "regcache").validate_schema(values)
 
 
+#: What regcache keeps in the bucket that a lifecycle rule may expire:
+#: never its leases, which it manages itself.
+LIFECYCLE_PREFIXES = {"blobs/", "uses/"}
+
+
+def check_gcs_lifecycle(config):
+    """A GCS lifecycle config (gcloud's --lifecycle-file): Delete rules only on regcache's expirable prefixes."""
+    subset(config, {"rule"}, "lifecycle")
+    for rule in config["rule"]:
+        subset(rule, {"action", "condition"}, "rule")
+        assert rule["action"]["type"] in ("Delete", "AbortIncompleteMultipartUpload"), rule
+        subset(rule["condition"], {"age", "matchesPrefix"}, "condition")
+        assert isinstance(rule["condition"]["age"], int) and rule["condition"]["age"] > 0, rule
+        assert set(rule["condition"].get("matchesPrefix", [])) <= LIFECYCLE_PREFIXES, rule
+        assert rule["action"]["type"] != "Delete" or rule["condition"].get("matchesPrefix"), \
+            f"{rule}: a Delete rule without a prefix would expire the leases too"
+
+
+def check_s3_lifecycle(config):
+    """An S3 lifecycle configuration (put-bucket-lifecycle-configuration), on regcache's expirable prefixes."""
+    subset(config, {"Rules"}, "lifecycle")
+    for rule in config["Rules"]:
+        subset(rule, {"ID", "Status", "Filter", "Expiration", "AbortIncompleteMultipartUpload"}, "rule")
+        assert rule["Status"] in ("Enabled", "Disabled"), rule
+        prefix = rule["Filter"].get("Prefix")
+        if "Expiration" in rule:
+            assert prefix in LIFECYCLE_PREFIXES, f"{rule}: expires outside {sorted(LIFECYCLE_PREFIXES)}"
+            assert rule["Expiration"]["Days"] > 0, rule
+        else:
+            assert rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] > 0, rule
+
+
 CHECKERS = [
     (r"/etc/docker/daemon\.json", check_daemon_json),
     (r"/etc/containerd/certs\.d/.+/hosts\.toml", check_hosts_toml),
@@ -334,6 +366,8 @@ CHECKERS = [
     (r"(\$\{XDG_RUNTIME_DIR\}/containers|/etc/containers)/auth\.json", check_auth_json),
     (r"values\.yaml|[\w-]+-values\.yaml", check_chart_values),
     (r"regcache\.yaml", check_regcache_config),
+    (r"gcs-lifecycle\.json", check_gcs_lifecycle),
+    (r"s3-lifecycle\.json", check_s3_lifecycle),
 ]
 
 
