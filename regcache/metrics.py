@@ -101,8 +101,8 @@ class Metrics:
         )
         self.cache = Counter(
             "regcache_cache_lookups",
-            "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale, unreadable, "
-            "redirect)",
+            "Cache lookups by kind (blob, manifest, tag, referrers) and result "
+            "(hit, miss, join, revalidated, stale, unreadable, redirect)",
             ["kind", "result"], registry=r,
         )
         self.cache_bytes = Counter(

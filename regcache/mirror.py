@@ -92,10 +92,15 @@ class BlobAnswer:
 class Mirror:
     log = Logger()
 
-    def __init__(self, store, tags, fills, policy, metrics, clock, referrers, redirects=None):
-        """``redirects`` (regcache.redirect): where blob GETs may be sent to the bucket; None: nowhere."""
+    def __init__(self, store, tags, fills, policy, metrics, clock, referrers, redirects=None, uses=None):
+        """
+        ``redirects`` (regcache.redirect): where blob GETs may be sent to
+        the bucket; None: nowhere.  ``uses`` (regcache.sweeper.Uses)
+        records the blobs served, for the bucket's eviction; None: no limit.
+        """
         self.store = store
         self.redirects = redirects
+        self.uses = uses
         self.tags = tags
         self.referrers_cache = referrers
         self.fills = fills
@@ -327,8 +332,7 @@ class Mirror:
                     os.close(fd)
                     raise
                 self.metrics.cache.labels("blob", cache).inc()
-                if self.fills.shared is not None:
-                    self.fills.shared.used(digest)
+                self._used(digest)
                 return BlobAnswer(size, fd, Source(size), cache, self.store.pin(digest))
             fill = self.fills.get(digest)
             confirmed = False
@@ -354,6 +358,7 @@ class Mirror:
             fd = self._opened(digest, fill.reader)
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()
+                self._used(digest)
                 return BlobAnswer(size, fd, fill, cache, self.store.pin(digest))
             # The fill moved into the store meanwhile: open it there.
         raise RegistryError("UNAVAILABLE", f"blob {digest} could not be opened", status=503)
@@ -377,7 +382,13 @@ class Mirror:
         location = await self.redirects.location(digest, entry.size if entry is not None else None)
         if location is not None:
             self.metrics.cache.labels("blob", "redirect").inc()
+            self._used(digest)
         return location
+
+    def _used(self, digest: Digest) -> None:
+        """A GET of ``digest`` was served or redirected: a use, for the bucket's eviction (regcache.sweeper)."""
+        if self.uses is not None:
+            self.uses.used(digest)
 
     async def blob_size(self, route: Route, digest: Digest):
         """

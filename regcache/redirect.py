@@ -14,7 +14,8 @@ deadline.  Whatever that cannot settle is served as without redirects:
   has no copy yet);
 - the bucket lacks a blob the local store holds: served from the local
   level, and uploaded in the background (the bucket lost it to eviction,
-  or its first upload failed), so that the next GET is redirected;
+  or its first upload failed), once per SHARE_AGAIN, so that later GETs
+  are redirected;
 - neither holds it: the usual fill, which uploads it once it landed;
 - the bucket failed or was late: served as if it held nothing.
 
@@ -26,11 +27,14 @@ regcache verified before it uploaded it; clients check digests themselves.
 A client's Authorization header must never reach the bucket: Go's HTTP
 client (containerd, dockerd, skopeo, podman) keeps it on a redirect to the
 same host name or a subdomain of it (some Go versions compare the port
-too, some do not: the check here is by name, the safe side), S3 then refuses the request (two kinds of
-authentication; moby#50065) and the store has seen the client's password.  So a request that carries one, to a host whose name is the
-bucket's or a parent domain of it, is served here instead.
+too, some do not: the check here is by name, the safe side); S3 then
+refuses the request (two kinds of authentication; moby#50065), and the
+store has seen the client's password.  So a request that carries one, to
+a host whose name is the bucket's or a parent domain of it, is served
+here instead.
 """
 
+from collections import OrderedDict
 from typing import Optional
 from urllib.parse import urlsplit
 
@@ -39,6 +43,11 @@ from twisted.logger import Logger
 from regcache.reference import Digest
 from regcache.s3 import StorageError
 from regcache.shared import SharedLevel, blob_name
+
+#: Seconds before a blob held here that the bucket still lacks is uploaded again.
+SHARE_AGAIN = 600.0
+#: Blobs remembered as uploaded that way.
+MAX_SHARED = 1024
 
 
 def keeps_authorization(target: str, origin: str) -> bool:
@@ -71,13 +80,32 @@ class Redirects:
 
     log = Logger()
 
-    def __init__(self, shared: SharedLevel, expiry: float, metrics):
+    def __init__(self, shared: SharedLevel, expiry: float, metrics, reactor):
         self.shared = shared
+        self.reactor = reactor
+        #: Blobs this replica uploaded because a redirect found the bucket lacking them, and when.
+        self._shared: "OrderedDict[Digest, float]" = OrderedDict()
         self.expiry = int(expiry)
         self.metrics = metrics
         #: Where presigned URLs point: the endpoint's host.
         self.host = urlsplit(shared.bucket.settings.endpoint).hostname or ""
         self._warned = False
+
+    def _may_share(self, digest: Digest) -> bool:
+        """
+        Whether to upload a blob the bucket lacks: not again within
+        SHARE_AGAIN seconds, so the GETs that come while it goes up do not
+        upload it again; the table is bounded, the oldest forgotten first.
+        """
+        now = self.reactor.seconds()
+        last = self._shared.get(digest)
+        if last is not None and now - last < SHARE_AGAIN:
+            return False
+        self._shared[digest] = now
+        self._shared.move_to_end(digest)
+        while len(self._shared) > MAX_SHARED:
+            self._shared.popitem(last=False)
+        return True
 
     def allowed(self, host: str, authorization: bool) -> bool:
         """
@@ -112,9 +140,8 @@ class Redirects:
             return None
         if info is None:
             lookups.labels("blob_redirect", "miss").inc()
-            if held is not None:
+            if held is not None and self._may_share(digest):
                 self.shared.share(digest, held)
             return None
         lookups.labels("blob_redirect", "hit").inc()
-        self.shared.used(digest)
         return self.shared.bucket.presign(blob_name(digest), self.expiry)

@@ -152,14 +152,14 @@ def build(config, reactor, reread=None) -> MultiService:
     policy = Policy(registries, reactor, config.default, pulls)
     limited = config.shared is not None and config.shared.max_size is not None
     uses = Uses(bucket, reactor, config.shared.sweep_interval) if limited else None
-    shared = SharedLevel(bucket, store, metrics, reactor, uses=uses) if bucket is not None else None
+    shared = SharedLevel(bucket, store, metrics, reactor) if bucket is not None else None
     fills = Fills(store, reactor, metrics, RateFloor(config.min_download_rate), shared)
     tags = TagMap(config.storage, run, store.index)
     tags.count()
     referrers = ReferrersCache(config.storage, run, tags)
-    redirects = (Redirects(shared, config.shared.redirect_expiry, metrics)
+    redirects = (Redirects(shared, config.shared.redirect_expiry, metrics, reactor)
                  if shared is not None and config.shared.redirect else None)
-    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers, redirects)
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers, redirects, uses)
     readiness = Readiness(store, run, reactor)
     # Password checks have threads of their own: a flood of logins must not
     # queue the store's reads behind bcrypt, nor the other way round.

@@ -18,22 +18,18 @@ the blob comes from upstream as it would without it, a pull never fails
 for it, and a blob that could not be uploaded is only not shared.
 """
 
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from regcache.reference import Digest
 from regcache.remote import BlobStream, Remote
-from regcache.s3 import S3, ObjectInfo, StorageError
+from regcache.s3 import S3, StorageError
 from regcache.upstream import ResponseStream
 
 #: The media type blobs are stored under: their own is the manifest's to say.
 BLOB_TYPE = "application/octet-stream"
-
-#: Uploads of blobs held here that the bucket was found to lack (``share``)
-#: under way at once; past it, one is left for a later request to start.
-MAX_REPAIRS = 4
 
 
 def blob_name(digest: Digest) -> str:
@@ -69,10 +65,8 @@ class SharedLevel:
     log = Logger()
 
     def __init__(self, bucket: S3, store, metrics, reactor, coordinator=None, deadline: float = 2.0,
-                 idle: float = 15.0, uses=None):
-        """``uses`` (regcache.sweeper.Uses) records the blobs served, for the bucket's eviction; None: no limit."""
+                 idle: float = 15.0):
         self.bucket = bucket
-        self.uses = uses
         self.store = store
         self.metrics = metrics
         self.reactor = reactor
@@ -83,8 +77,6 @@ class SharedLevel:
         #: fetch, which is the one to share.  A fill ends in ``landed`` or
         #: ``failed``, so this is no bigger than the fills.
         self._fetched: Dict[Digest, bool] = {}
-        #: Blobs going up to the bucket now: no second upload of one starts.
-        self._uploading: Set[Digest] = set()
 
     # Reading
 
@@ -133,26 +125,16 @@ class SharedLevel:
             self.metrics.shared_lookups.labels("blob", "hit" if stream is not None else "miss").inc()
         if stream is not None:
             self._fetched[digest] = False
-            self.used(digest)
             return stream
         stream, fetched = await self.coordinator.source(upstream, name, digest)
         self._fetched[digest] = fetched
         return stream
 
-    def used(self, digest: Digest) -> None:
-        """``digest`` was served from either level, or redirected: a use that keeps it in the bucket longer."""
-        if self.uses is not None:
-            self.uses.used(digest)
-
-    async def blob_info(self, digest: Digest) -> Optional[ObjectInfo]:
-        """The bucket's HEAD of ``digest`` within the deadline: None if it has none; StorageError if it cannot say."""
-        return await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
-                                  f"HEAD {blob_name(digest)}")
-
     async def blob_size(self, digest: Digest) -> Optional[int]:
         """The size of the bucket's copy of ``digest``, for a HEAD: None when it has none or cannot say."""
         try:
-            info = await self.blob_info(digest)
+            info = await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
+                                      f"HEAD {blob_name(digest)}")
         except StorageError as e:
             self.metrics.shared_lookups.labels("blob_head", "failed").inc()
             self.log.warn("The bucket cannot be asked about {digest}: {error}", digest=str(digest), error=str(e))
@@ -179,27 +161,7 @@ class SharedLevel:
         self._fetched.pop(digest, None)
         self.coordinator.release(digest)
 
-    def share(self, digest: Digest, size: int) -> None:
-        """
-        Upload ``digest``, which the local store holds and the bucket was
-        just found to lack (evicted there, or its first upload failed), so
-        that other replicas and redirects find it again.  In the
-        background, pinned here meanwhile, once at a time per blob.
-        """
-        if digest in self._uploading or len(self._uploading) >= MAX_REPAIRS:
-            return
-        unpin = self.store.pin(digest)
-        d = Deferred.fromCoroutine(self._upload(digest, size))
-        d.addBoth(lambda result: (unpin(), result)[1])
-
     async def _upload(self, digest: Digest, size: int) -> None:
-        self._uploading.add(digest)
-        try:
-            await self._put_blob(digest, size)
-        finally:
-            self._uploading.discard(digest)
-
-    async def _put_blob(self, digest: Digest, size: int) -> None:
         path = self.store.blob_path(digest)
         try:
             # The payload hash signed is the content's own, when it is a sha256.
@@ -213,3 +175,25 @@ class SharedLevel:
         self.metrics.shared_uploads.labels("blob", "uploaded" if created else "present").inc()
         self.log.info("Shared {digest} ({size} bytes) in the bucket", digest=str(digest), size=size,
                       event="shared", created=created)
+
+    # For redirects (regcache.redirect)
+
+    async def blob_info(self, digest: Digest):
+        """
+        The bucket's HEAD of ``digest`` (an ObjectInfo) within the
+        deadline: None if it has none; StorageError if it cannot say.
+        """
+        return await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
+                                  f"HEAD {blob_name(digest)}")
+
+    def share(self, digest: Digest, size: int) -> None:
+        """
+        Upload ``digest``, which the local store holds and the bucket was
+        just found to lack (evicted there, or its first upload failed), as
+        this replica's own fetch would be once it landed, so that other
+        replicas and redirects find it again.
+        """
+        if digest in self._fetched:
+            return  # a fill of it is under way here, and shares it when it lands
+        self._fetched[digest] = True
+        self.landed(digest, size)

@@ -175,7 +175,8 @@ class Rig:
     """
 
     def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=(),
-                 revalidate_deadline=0.3, auth=None, auth_run=inline, shared=None, redirect=None):
+                 revalidate_deadline=0.3, auth=None, auth_run=inline, shared=None, redirect=None,
+                 uses=None):
         """
         ``upstream`` answers for ``hosts`` and is the default; ``others``
         are more regcache.policy.Registry entries, as a config file's
@@ -184,6 +185,7 @@ class Rig:
         ``shared(reactor, store, metrics)`` makes the shared level
         (regcache.shared) behind the store; ``redirect`` is then the expiry
         of redirects to its bucket (regcache.redirect), None for none.
+        ``uses`` (regcache.sweeper.Uses) is told of the blobs served.
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
@@ -197,12 +199,12 @@ class Rig:
         self.policy = Policy([main, *others], self.reactor, pulls=PullRules(metrics=self.metrics))
         self.shared = shared(self.reactor, self.store, self.metrics) if shared else None
         self.fills = Fills(self.store, self.reactor, self.metrics, shared=self.shared)
-        redirects = Redirects(self.shared, redirect, self.metrics) if redirect is not None else None
+        redirects = Redirects(self.shared, redirect, self.metrics, self.reactor) if redirect is not None else None
         tags = TagMap(self.root, inline, self.store.index)
         tags.count()
         referrers = ReferrersCache(self.root, inline, tags)
         self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers,
-                             redirects)
+                             redirects, uses)
         self.readiness = Readiness(self.store, inline, self.reactor)
         self.gate = Gate(auth, self.reactor, auth_run, self.metrics) if auth else None
         # Docker Hub's name, as service.py marks a Docker Hub upstream; tests

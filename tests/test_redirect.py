@@ -28,6 +28,8 @@ class FakeBucket:
         self.heads = []
         self.broken = False
         self.hang = False
+        self.uploads = 0
+        self.broken_uploads = False
 
     async def head(self, name):
         self.heads.append(name)
@@ -45,12 +47,22 @@ class FakeBucket:
         return f"{self.settings.endpoint}/cache/{name}?X-Amz-Expires={expires}&X-Amz-Signature=abc"
 
     async def upload(self, name, path, size, sha256, content_type, metadata=None):
+        self.uploads += 1
+        if self.broken_uploads:
+            raise StorageError("the object store answered 503 to PUT", 503)
         with open(path, "rb") as f:
             data = f.read()
         assert hashlib.sha256(data).hexdigest() == sha256
         created = name not in self.objects
         self.objects.setdefault(name, data)
         return created
+
+
+class RecordedUses:
+    """regcache.sweeper.Uses as the mirror sees it, keeping the digests it is told were served."""
+
+    def __init__(self, used):
+        self.used = used.append
 
 
 class RedirectTests(SynchronousTestCase):
@@ -61,8 +73,10 @@ class RedirectTests(SynchronousTestCase):
         self.path = f"/v2/library/alpine/blobs/{self.digest}"
 
     def make_rig(self, bucket, redirect=600):
+        self.used = []
+        uses = RecordedUses(self.used)
         rig = Rig(shared=lambda reactor, store, metrics: SharedLevel(bucket, store, metrics, reactor),
-                  redirect=redirect)
+                  redirect=redirect, uses=uses)
         self.addCleanup(shutil.rmtree, rig.root, True)
         return rig
 
@@ -103,6 +117,7 @@ class RedirectTests(SynchronousTestCase):
         self.assertEqual(c.body(), b"")
         self.assertEqual(self.rig.upstream.calls, [])
         self.assertEqual(self.lookups("hit"), 1)
+        self.assertEqual(self.used, [self.digest])
 
     def test_a_blob_held_in_both_levels_is_redirected(self):
         """A local copy does not keep a GET here: the bucket's copy is what redirects are for."""
@@ -158,6 +173,15 @@ class RedirectTests(SynchronousTestCase):
         self.assertEqual(self.lookups("miss"), 1)
         again = self.rig.client(self.path)
         self.assertEqual(again.status(), 307)
+        self.assertEqual(self.used, [self.digest, self.digest])
+
+    def test_a_blob_the_bucket_still_lacks_is_uploaded_once_a_while(self):
+        """GETs that come while a blob held here goes up (or after it failed) do not upload it again at once."""
+        self.held()
+        self.bucket.broken_uploads = True
+        for _ in range(3):
+            self.assertEqual(self.rig.client(self.path).status(), 200)
+        self.assertEqual(self.bucket.uploads, 1)
 
     def test_a_blob_neither_level_holds_is_fetched_and_served(self):
         """With neither level holding it, the usual fill streams it to the client and shares it."""
