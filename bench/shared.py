@@ -145,12 +145,21 @@ class Shared:
                     run.r["meta"].setdefault("failures", []).append("shared: the blobs never all reached the bucket")
                     break
                 time.sleep(0.2)
+            for result in ("uploaded", "present", "failed"):
+                run.add(self.out, f"uploads_{result}",
+                        sum(_counter(m.url, "regcache_shared_uploads_total", result=result) for m in replicas))
             fresh.append(self.regcache(prefix))
             for name, image in (("large", large), ("small", small)):
                 layer = image.layers[0]
                 url = f"{fresh[0].url}/v2/{image.name}/blobs/{layer['digest']}"
                 for kind in ("bucket_hit", "local_hit"):
+                    hits = _counter(fresh[0].url, "regcache_shared_lookups_total", kind="blob", result="hit")
                     got = run.attempt(f"shared {kind} {name}", measure.streams, url, 1, layer["size"])
+                    came = _counter(fresh[0].url, "regcache_shared_lookups_total", kind="blob", result="hit") - hits
+                    if got and came != (1 if kind == "bucket_hit" else 0):
+                        run.r["meta"].setdefault("failures", []).append(
+                            f"shared: the {kind} GET of the {name} layer was not one ({came:g} bucket reads)")
+                        got = None
                     if got:
                         run.add(self.out, f"{kind}_{name}_s", got["wall_s"])
                         run.add(self.out, f"{kind}_{name}_bps", got["aggregate"])
