@@ -29,7 +29,9 @@ ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ])
-SCRATCH = "/dev/shm/regcache-bench"
+#: The clients' copies, per bench process: a run's cleanup must not take
+#: the copies of another run going on at the same time.
+SCRATCH = f"/dev/shm/regcache-bench-{os.getpid()}"
 
 
 class PullFailed(Exception):
