@@ -19,7 +19,7 @@ import time
 import traceback
 
 from bench import images as image_builder
-from bench import crowd, measure, report, servers
+from bench import crowd, measure, report, servers, shared
 
 MIRRORS = ("regcache", "reference")
 PULLED = ("small", "medium", "large", "multi")  # the crowd image is for the crowd phase only
@@ -349,6 +349,10 @@ class Run:
         self.r["meta"]["outage_tag_ttl_s"] = ttl
         self.r["meta"]["regcache_header_timeout_s"] = timeout
 
+    def shared(self) -> None:
+        """The shared level: 3 regcache replicas on one SeaweedFS bucket (bench/shared.py)."""
+        shared.phase(self)
+
     def _revalidate(self, m, image) -> None:
         """A manifest request of the tag (answered whatever the upstream does), to let a probe through."""
         measure._http(f"{m.url}/v2/{image.name}/manifests/{image.tag}", headers={"Accept": measure.ACCEPT})
@@ -469,11 +473,18 @@ TOOLS = {"skopeo": "skopeo", "docker-registry": "docker-registry", "nginx": "ngi
          "ab": "apache2-utils", "curl": "curl"}
 
 
-def preflight() -> None:
-    """Stop at once, naming the Debian packages, when a tool the bench runs is missing."""
+def preflight(phases) -> None:
+    """Stop at once, naming the packages, when a tool the bench runs is missing."""
     missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
     if missing:
         sys.exit(f"bench: missing tools; install them with: apt-get install -y {' '.join(missing)}")
+    if "shared" in phases:
+        from tests.integration.seaweed import weed_binary
+
+        try:
+            weed_binary()
+        except RuntimeError as e:
+            sys.exit(f"bench: the shared phase needs SeaweedFS: {e}")
     if not os.path.isdir("/dev/shm"):
         sys.exit("bench: needs /dev/shm (a tmpfs) for the clients' copies")
 
@@ -495,15 +506,15 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
-    p.add_argument("--phases", default="pulls,concurrent,throughput,crowd,manifests,mixed,outage,startup")
+    p.add_argument("--phases", default="pulls,concurrent,throughput,crowd,manifests,mixed,outage,startup,shared")
     args = p.parse_args(argv)
-    preflight()
     phases = args.phases.split(",")
+    preflight(phases)
     run = Run(args)
     started = time.monotonic()
     try:
         run.setup()
-        for phase in ("pulls", "concurrent", "throughput", "crowd", "manifests", "mixed", "outage", "startup"):
+        for phase in ("pulls", "concurrent", "throughput", "crowd", "manifests", "mixed", "outage", "startup", "shared"):
             if phase in phases:
                 if phase in ("throughput", "manifests", "mixed", "outage") and not run.warm:
                     run.warm = {label: run.start(label) for label in MIRRORS}

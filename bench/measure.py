@@ -29,7 +29,9 @@ ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ])
-SCRATCH = "/dev/shm/regcache-bench"
+#: The clients' copies, per bench process: a run's cleanup must not take
+#: the copies of another run going on at the same time.
+SCRATCH = f"/dev/shm/regcache-bench-{os.getpid()}"
 
 
 class PullFailed(Exception):
@@ -136,9 +138,10 @@ def verify(image, dest: str, full_hash: bool) -> None:
                 raise PullFailed(f"layer {layer['digest']} has the wrong bytes")
 
 
-def streams(url: str, n: int, size: int, timeout: float = 120) -> Dict[str, float]:
+def streams(url: str, n: int, size: int, timeout: float = 120, follow: bool = False) -> Dict[str, float]:
     """
-    ``n`` curl downloads of ``url`` at once, measured as users feel them.
+    ``n`` curl downloads of ``url`` at once, measured as users feel them;
+    ``follow``: through a redirect (regcache's ``--s3-redirect``).
 
     - ``aggregate``: all bytes over the wall-clock time from the first
       request sent to the last byte received: the headline figure.
@@ -153,7 +156,7 @@ def streams(url: str, n: int, size: int, timeout: float = 120) -> Dict[str, floa
     errs low, equally for every server.
     """
     cmd = ["curl", "-sS", "-K", "-", "-o", "/dev/null", "--max-time", str(int(timeout)),
-           "-w", "%{speed_download} %{size_download} %{http_code}"]
+           "-w", "%{speed_download} %{size_download} %{http_code}", *(["-L"] if follow else [])]
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(n)]
     config = f'url = "{url}"\n'.encode()

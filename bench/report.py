@@ -229,6 +229,9 @@ def markdown(res: dict) -> str:
     start = rc.get("startup", {})
     lines.append(f"| start-up on {meta.get('startup_blobs', '?')} cached blobs: until /readyz, index built (s) | "
                  f"{_fmt(_m(start.get('ready_s')))}, {_fmt(_m(start.get('index_s')))} | | |")
+    from bench.shared import markdown as shared_rows
+
+    lines += shared_rows(res)
     failures = meta.get("failures")
     if failures:
         lines += ["", "Failures:", ""] + [f"- {f}" for f in failures]

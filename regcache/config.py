@@ -154,6 +154,8 @@ SETTINGS = (
             "(a flag; only for a bucket every client can reach)"),
     Setting("s3-max-size", ("REGCACHE_S3_MAX_SIZE",), "unlimited",
             "Size limit of the bucket's content, least recently used evicted first; unlimited for none"),
+    Setting("s3-sweep-interval", ("REGCACHE_S3_SWEEP_INTERVAL",), "5m",
+            "How often a replica tries to take the sweeper lease and sweep the bucket down to --s3-max-size"),
     Setting("advertise", ("REGCACHE_ADVERTISE",), None,
             "The URL other replicas reach this one at, for downloads they forward to it, e.g. "
             "http://$(POD_IP):5000"),
@@ -409,6 +411,8 @@ class SharedSettings:
     redirect_expiry: float = 900.0
     #: Size limit of the bucket's content, or None.
     max_size: Optional[int] = None
+    #: Seconds between the sweeps that keep the bucket under max_size.
+    sweep_interval: float = 300.0
     #: The URL peers reach this replica at.
     advertise: Optional[str] = None
     lease_ttl: float = 30.0
@@ -683,6 +687,8 @@ def shared_settings(given: Mapping[str, str], raw: Mapping[str, Optional[str]], 
                               prefix=value("s3-prefix", s3.get("prefix")) or ""),
         redirect=redirect,
         max_size=None if _unlimited(max_size_text) else parse_size("s3-max-size", max_size_text),
+        sweep_interval=_duration("s3-sweep-interval", value("s3-sweep-interval", s3.get("sweep_interval")) or "5m",
+                                 positive=True),
         advertise=advertise.rstrip("/") if advertise else None,
         lease_ttl=_duration("lease-ttl", value("lease-ttl", leases.get("ttl")) or "30s", positive=True),
         redis=redis or None,

@@ -70,7 +70,7 @@ def request_labels(path: bytes, method: bytes, code: int):
 #: What a cache lookup can come to (X-Cache): "join" is a client that
 #: followed another's download (the dedupe saving).  Policy denials are
 #: counted by the policy's own counter.
-CACHE_RESULTS = ("hit", "miss", "join", "revalidated", "stale", "unreadable")
+CACHE_RESULTS = ("hit", "miss", "join", "revalidated", "stale", "unreadable", "redirect")
 #: The routes whose answers are timed and whose bytes count as cache bytes.
 _TIMED = {"manifests": "manifest", "blobs": "blob"}
 #: Upstream exchange kinds (regcache_upstream_requests_total's ``kind``).
@@ -101,7 +101,8 @@ class Metrics:
         )
         self.cache = Counter(
             "regcache_cache_lookups",
-            "Cache lookups by kind (blob, manifest, tag, referrers) and result (hit, miss, join, revalidated, stale, unreadable)",
+            "Cache lookups by kind (blob, manifest, tag, referrers) and result "
+            "(hit, miss, join, revalidated, stale, unreadable, redirect)",
             ["kind", "result"], registry=r,
         )
         self.cache_bytes = Counter(
@@ -216,6 +217,18 @@ class Metrics:
             "regcache_coordinator_fallbacks",
             "Blob downloads this replica made without a lease, the coordinator being unable to settle one",
             ["reason"], registry=r,
+        )
+        self.shared_sweeps = Counter(
+            "regcache_shared_sweeps",
+            "Rounds of the bucket's sweeper: swept (this replica held the sweeper lease), not_holder, failed",
+            ["result"], registry=r,
+        )
+        self.shared_evicted = Counter(
+            "regcache_shared_evicted", "Objects evicted from the bucket to keep it under --s3-max-size", ["kind"],
+            registry=r,
+        )
+        self.shared_bucket_bytes = Gauge(
+            "regcache_shared_bucket_bytes", "Bytes of blobs in the bucket at this replica's last sweep", registry=r,
         )
         self.evicted = Counter(
             "regcache_evicted", "Entries evicted to keep the cache under its size limit", ["kind"], registry=r

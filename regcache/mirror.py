@@ -97,14 +97,19 @@ class BlobAnswer:
 class Mirror:
     log = Logger()
 
-    def __init__(self, store, tags, fills, policy, metrics, clock, referrers, meta=None):
+    def __init__(self, store, tags, fills, policy, metrics, clock, referrers, meta=None, redirects=None, uses=None):
         """
         ``meta`` is the shared level's manifests, tags and links
         (regcache.sharedmeta), when there is a bucket: where a local miss
         looks before upstream, and where what is fetched is shared.
+        ``redirects`` (regcache.redirect): where blob GETs may be sent to
+        the bucket; None: nowhere.  ``uses`` (regcache.sweeper.Uses)
+        records the blobs served, for the bucket's eviction; None: no limit.
         """
         self.store = store
         self.meta = meta
+        self.redirects = redirects
+        self.uses = uses
         self.tags = tags
         self.referrers_cache = referrers
         self.fills = fills
@@ -392,6 +397,7 @@ class Mirror:
                     os.close(fd)
                     raise
                 self.metrics.cache.labels("blob", cache).inc()
+                self._used(digest)
                 return BlobAnswer(size, fd, Source(size), cache, self.store.pin(digest))
             fill = self.fills.get(digest)
             confirmed = False
@@ -420,9 +426,37 @@ class Mirror:
             fd = self._opened(digest, fill.reader)
             if fd is not None:
                 self.metrics.cache.labels("blob", cache).inc()
+                self._used(digest)
                 return BlobAnswer(size, fd, fill, cache, self.store.pin(digest))
             # The fill moved into the store meanwhile: open it there.
         raise RegistryError("UNAVAILABLE", f"blob {digest} could not be opened", status=503)
+
+    async def blob_location(self, route: Route, digest: Digest, host: str, authorization: bool) -> Optional[str]:
+        """
+        Where a GET of ``digest`` sent to ``host`` is redirected (a
+        presigned URL of the bucket's copy), or None to serve it here, once
+        it passed what serving it would: a local miss is a fetch for the
+        policy, as the bucket's copy is, and the repository must be known
+        to hold it.  A fill under way here is followed, not redirected.
+        """
+        if self.redirects is None or not self.redirects.allowed(host, authorization):
+            return None
+        if self.fills.get(digest) is not None:
+            return None
+        entry = self.store.index.get(digest)
+        if entry is None:
+            _may_fetch(route, f"blob {digest}")
+        await self._confirmed(route, digest, "blob")
+        location = await self.redirects.location(digest, entry.size if entry is not None else None)
+        if location is not None:
+            self.metrics.cache.labels("blob", "redirect").inc()
+            self._used(digest)
+        return location
+
+    def _used(self, digest: Digest) -> None:
+        """A GET of ``digest`` was served or redirected: a use, for the bucket's eviction (regcache.sweeper)."""
+        if self.uses is not None:
+            self.uses.used(digest)
 
     async def blob_size(self, route: Route, digest: Digest):
         """

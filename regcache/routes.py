@@ -282,6 +282,15 @@ class RegistryRoutes:
             self._cache_result(request, cache)
             self._blob_headers(request, digest, size)
             return b""
+        # The Host field, not getRequestHostname: regcache.site hides it from the router.
+        location = await self.mirror.blob_location(route, digest, (request.getHeader(b"host") or b"").decode("latin-1"),
+                                                   request.getHeader(b"authorization") is not None)
+        if location is not None:
+            self._cache_result(request, "redirect")
+            request.setResponseCode(307)
+            request.setHeader("Location", location)
+            request.setHeader("Docker-Content-Digest", str(digest))
+            return sized(request, b"")
         return await self._send_blob(request, digest, await self.mirror.blob(route, digest))
 
     async def _send_blob(self, request, digest, answer):

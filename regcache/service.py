@@ -10,6 +10,7 @@ receive what they use.
 import os
 import resource
 import signal
+import socket
 from urllib.parse import urlsplit
 
 from twisted.application.internet import TimerService
@@ -35,6 +36,7 @@ from regcache.policy import Policy, Registry
 from regcache.probe import RateLimitProbe
 from regcache.readiness import Readiness
 from regcache.redis_leases import RedisTable, connect as redis_connect
+from regcache.redirect import Redirects
 from regcache.reload import Reloads, credentials_reloader, policy_reloader
 from regcache.routes import RegistryRoutes
 from regcache.s3 import S3
@@ -44,6 +46,7 @@ from regcache.rules import PullRules
 from regcache.site import ClientLimits, RegcacheSite
 from regcache.status import Status
 from regcache.store import Store
+from regcache.sweeper import Sweeper, Uses
 from regcache.referrers import ReferrersCache
 from regcache.tags import TagMap
 from regcache.tls import upstream_policy
@@ -151,6 +154,8 @@ def build(config, reactor, reread=None) -> MultiService:
               if config.shared is not None else None)
     pulls = PullRules(config.policy, metrics)
     policy = Policy(registries, reactor, config.default, pulls)
+    limited = config.shared is not None and config.shared.max_size is not None
+    uses = Uses(bucket, reactor, config.shared.sweep_interval) if limited else None
     # Replicas sign what they ask each other with a key only they have.
     peer_auth = PeerAuth(peer_key(config.shared.bucket.secret_key), reactor) if bucket is not None else None
     coordinator = _coordinator(config, bucket, reactor, metrics, peer_auth) if bucket is not None else None
@@ -163,7 +168,9 @@ def build(config, reactor, reread=None) -> MultiService:
     tags = TagMap(config.storage, run, store.index, shared=meta)
     tags.count()
     referrers = ReferrersCache(config.storage, run, tags)
-    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers, meta)
+    redirects = (Redirects(shared, config.shared.redirect_expiry, metrics, reactor)
+                 if shared is not None and config.shared.redirect else None)
+    mirror = Mirror(store, tags, fills, policy, metrics, reactor, referrers, meta, redirects, uses)
     readiness = Readiness(store, run, reactor)
     # Password checks have threads of their own: a flood of logins must not
     # queue the store's reads behind bcrypt, nor the other way round.
@@ -189,6 +196,11 @@ def build(config, reactor, reread=None) -> MultiService:
     # Before the port: the start-up scan is under way when the first
     # request arrives, and eviction waits for it.
     Expiry(store, config.max_size, reactor, metrics).setServiceParent(top)
+    if limited:
+        settings = config.shared
+        Sweeper(bucket, settings.max_size, reactor, metrics, settings.advertise or socket.gethostname(),
+                settings.sweep_interval, settings.redirect_expiry if settings.redirect else 0.0
+                ).setServiceParent(top)
     readiness.setServiceParent(top)
     if config.auth and config.auth.htpasswd:
         watch = TimerService(WATCH_SECONDS, gate.check_file)

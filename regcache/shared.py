@@ -244,14 +244,8 @@ class SharedLevel:
     async def blob_size(self, digest: Digest) -> Optional[int]:
         """The size of the bucket's copy of ``digest``, for a HEAD: None when it has none or cannot say."""
         try:
-            if not self._usable():
-                raise StorageError("the bucket did not answer lately")
-            info = await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
-                                      f"HEAD {blob_name(digest)}")
-            self._answered()
+            info = await self.blob_info(digest)
         except StorageError as e:
-            if self._usable():
-                self._answered(e)
             self.metrics.shared_lookups.labels("blob_head", "failed").inc()
             self.log.warn("The bucket cannot be asked about {digest}: {error}", digest=str(digest), error=str(e))
             return None
@@ -361,3 +355,34 @@ class SharedLevel:
         self.metrics.shared_uploads.labels("blob", "uploaded" if created else "present").inc()
         self.log.info("Shared {digest} ({size} bytes) in the bucket", digest=str(digest), size=size,
                       event="shared", created=created)
+
+    # For redirects (regcache.redirect)
+
+    async def blob_info(self, digest: Digest):
+        """
+        The bucket's HEAD of ``digest`` (an ObjectInfo) within the
+        deadline: None if it has none; StorageError if it cannot say,
+        or did not answer lately (a break, as for reads).
+        """
+        if not self._usable():
+            raise StorageError("the bucket did not answer lately")
+        try:
+            info = await self._within(Deferred.fromCoroutine(self.bucket.head(blob_name(digest))),
+                                      f"HEAD {blob_name(digest)}")
+        except StorageError as e:
+            self._answered(e)
+            raise
+        self._answered()
+        return info
+
+    def share(self, digest: Digest, size: int) -> None:
+        """
+        Upload ``digest``, which the local store holds and the bucket was
+        just found to lack (evicted there, or its first upload failed), as
+        this replica's own fetch would be once it landed, so that other
+        replicas and redirects find it again.
+        """
+        if digest in self._fetched:
+            return  # a fill of it is under way here, and shares it when it lands
+        self._fetched[digest] = True
+        self.landed(digest, size)

@@ -29,6 +29,7 @@ from regcache.metrics import Metrics
 from regcache.mirror import Mirror
 from regcache.policy import Policy, Registry
 from regcache.readiness import Readiness
+from regcache.redirect import Redirects
 from regcache.referrers import ReferrersCache
 from regcache.reference import Digest
 from regcache.remote import MemberHealth
@@ -176,7 +177,8 @@ class Rig:
     """
 
     def __init__(self, upstream=None, tag_ttl=60, max_stale=None, root=None, hosts=("docker.io",), others=(),
-                 revalidate_deadline=0.3, auth=None, auth_run=inline, bucket=None):
+                 revalidate_deadline=0.3, auth=None, auth_run=inline, bucket=None, shared=None, redirect=None,
+                 uses=None):
         """
         ``upstream`` answers for ``hosts`` and is the default; ``others``
         are more regcache.policy.Registry entries, as a config file's
@@ -185,6 +187,10 @@ class Rig:
         ``bucket`` (an S3, or tests.test_shared's FakeBucket) is the shared
         level, as ``--storage-backend s3`` makes one: rigs given the same
         bucket are replicas of one deployment.
+        ``shared(reactor, store, metrics)`` makes the shared level
+        (regcache.shared) behind the store; ``redirect`` is then the expiry
+        of redirects to its bucket (regcache.redirect), None for none.
+        ``uses`` (regcache.sweeper.Uses) is told of the blobs served.
         """
         self.root = root or tempfile.mkdtemp(prefix="regcache-test-")
         self.reactor = MemoryReactorClock()
@@ -196,16 +202,20 @@ class Rig:
         main = Registry("docker.io", frozenset(hosts), self.upstream, tag_ttl, max_stale,
                         revalidate_deadline=revalidate_deadline)
         self.policy = Policy([main, *others], self.reactor, pulls=PullRules(metrics=self.metrics))
-        self.shared = SharedLevel(bucket, self.store, self.metrics, self.reactor) if bucket is not None else None
+        if bucket is not None:
+            self.shared = SharedLevel(bucket, self.store, self.metrics, self.reactor)
+        else:
+            self.shared = shared(self.reactor, self.store, self.metrics) if shared else None
         self.meta = SharedMeta(self.shared) if bucket is not None else None
         if self.meta is not None:
             self.store.on_link = self.meta.link
         self.fills = Fills(self.store, self.reactor, self.metrics, shared=self.shared)
+        redirects = Redirects(self.shared, redirect, self.metrics, self.reactor) if redirect is not None else None
         tags = TagMap(self.root, inline, self.store.index, shared=self.meta)
         tags.count()
         referrers = ReferrersCache(self.root, inline, tags)
         self.mirror = Mirror(self.store, tags, self.fills, self.policy, self.metrics, self.reactor, referrers,
-                             self.meta)
+                             self.meta, redirects, uses)
         self.readiness = Readiness(self.store, inline, self.reactor)
         self.gate = Gate(auth, self.reactor, auth_run, self.metrics) if auth else None
         # Docker Hub's name, as service.py marks a Docker Hub upstream; tests
