@@ -102,15 +102,24 @@ class Regcache:
             "--listen", self.listen,
             "--storage", self.storage, *(["--upstream", self.upstream] if self.upstream else []), *self.args,
         ]
+        indexed = self._indexed()
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=stderr, preexec_fn=self._limits if self.open_files else None)
         if wait:
             try:
                 wait_http(self.url + "/readyz", proc=self.proc, context=self.context)
-            except (RuntimeError, TimeoutError) as e:
+                # /readyz does not wait for the start-up index; the tests
+                # that evict or count what is cached need it done.
+                wait_for(lambda: self._indexed() > indexed, timeout=20, what="the start-up index")
+            except (RuntimeError, TimeoutError, AssertionError) as e:
                 self.failed(str(e))
         return self
+
+    def _indexed(self) -> int:
+        """How many start-up indexes this log records as ended (done or failed)."""
+        log = self.log()
+        return log.count("Indexed ") + log.count("Indexing the store failed")
 
     def _limits(self) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
