@@ -403,6 +403,73 @@ class Run:
             if not self.args.keep:
                 shutil.rmtree(storage, ignore_errors=True)
 
+    def bigstore(self) -> None:
+        """
+        regcache on a synthetic store of ``--bigstore-blobs`` blobs
+        (bench/bigstore.py: made once under --workdir, reused, and repaired
+        after the eviction it suffers here).  First a plain start: seconds
+        until /readyz answers 200, until the start-up index is complete (its
+        log line, also regcache_store_indexed), RSS then, CPU seconds spent,
+        and the worst /healthz answer while indexing (the reactor's longest
+        stall).  Then a start with --max-size just below the store's size:
+        the eviction pass that follows the index, from its log line (how
+        many entries and bytes, time to choose them on the reactor, time to
+        delete them in a thread) and the worst /healthz meanwhile.
+        """
+        from bench import bigstore
+
+        n = self.args.bigstore_blobs
+        root = os.path.join(self.args.workdir, f"bigstore-{n}")
+        out = self.r["regcache"].setdefault("bigstore", {})
+        log(f"big store of {n} blobs at {root}: making or repairing it")
+        out["made"] = bigstore.make(root, n)
+        size = bigstore.store_bytes(n)
+        self.r["meta"]["bigstore_blobs"] = n
+        out["store_bytes"] = size
+        self.settle()
+        log("big store: start-up")
+        out["start"] = self.attempt("big store start-up", self._big_start, root, ())
+        limit = int(size * 0.99)
+        log(f"big store: start-up with --max-size {limit} (the store holds {size} bytes)")
+        out["evict"] = self.attempt("big store eviction", self._big_start, root, ("--max-size", str(limit)))
+        out["limit"] = limit
+
+    def _big_start(self, root: str, extra) -> dict:
+        """One start on the big store, watched until its index (and with ``extra``, the eviction) is done."""
+        m = servers.Regcache("regcache", self.dir, self.upstream.url)
+        log_path = root + ".log"
+        if os.path.exists(log_path):
+            os.unlink(log_path)
+        t = time.monotonic()
+        try:
+            m.start(root, extra=extra)
+            got = {"ready_s": time.monotonic() - t}
+            want = measure.EVICTED if extra else measure.INDEXED
+            worst, deadline = 0.0, t + 900
+            while True:
+                with open(log_path, errors="replace") as f:
+                    text = f.read()
+                if want.search(text) or time.monotonic() > deadline:
+                    break
+                a = time.monotonic()
+                measure._http(m.url + "/healthz", timeout=60)
+                worst = max(worst, time.monotonic() - a)
+                time.sleep(0.1)
+            got["done_s"] = time.monotonic() - t
+            got["worst_healthz_s"] = worst
+            found = measure.INDEXED.search(text)
+            got["index_s"] = float(found.group(1)) if found else None
+            evicted = measure.EVICTED.search(text)
+            if evicted:
+                got.update({k: float(v) for k, v in evicted.groupdict().items()})
+            usage = m.process.usage()
+            got["rss_mib"], got["cpu_s"] = _rss_now(m.process.pid), usage["cpu_s"]
+            got["peak_rss_mib"] = usage["rss_mib"]
+            return got
+        finally:
+            if m.process is not None:
+                m.stop()
+
     def _timed_start(self, storage: str, run: int) -> dict:
         m = servers.Regcache("regcache", self.dir, self.upstream.url)
         t = time.monotonic()
@@ -489,13 +556,15 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent pulls and streams")
     p.add_argument("--outage-ttl", type=float, default=5, help="regcache --tag-ttl in the outage phase")
     p.add_argument("--startup-blobs", type=int, default=10000, help="blobs in the store of the startup phase")
+    p.add_argument("--bigstore-blobs", type=int, default=1000000,
+                   help="blobs in the synthetic store of the bigstore phase (made once under --workdir, reused)")
     p.add_argument("--crowd", type=int, default=1000, help="clients at once of the crowd phase (64 MiB each)")
     p.add_argument("--crowd-reps", type=int, default=1, help="repetitions of the crowd (about a minute each)")
     p.add_argument("--idle-clients", type=int, default=10000, help="idle keep-alive connections of the crowd phase")
     p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
-    p.add_argument("--phases", default="pulls,concurrent,throughput,crowd,manifests,mixed,outage,startup")
+    p.add_argument("--phases", default="pulls,concurrent,throughput,crowd,manifests,mixed,outage,startup,bigstore")
     args = p.parse_args(argv)
     preflight()
     phases = args.phases.split(",")
@@ -503,7 +572,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         run.setup()
-        for phase in ("pulls", "concurrent", "throughput", "crowd", "manifests", "mixed", "outage", "startup"):
+        for phase in ("pulls", "concurrent", "throughput", "crowd", "manifests", "mixed", "outage", "startup",
+                      "bigstore"):
             if phase in phases:
                 if phase in ("throughput", "manifests", "mixed", "outage") and not run.warm:
                     run.warm = {label: run.start(label) for label in MIRRORS}

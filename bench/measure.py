@@ -184,6 +184,8 @@ def streams(url: str, n: int, size: int, timeout: float = 120) -> Dict[str, floa
 
 #: regcache's log line when its start-up index is built (expiry.py).
 INDEXED = re.compile(r"Indexed \d+ cached files, \d+ bytes, in ([\d.]+)s")
+EVICTED = re.compile(r"Evicted (?P<entries>\d+) entries \((?P<manifests>\d+) manifests\), (?P<freed>\d+) bytes, "
+                     r"chosen in (?P<choose_s>[\d.]+)s on the reactor, deleted in (?P<delete_s>[\d.]+)s")
 
 
 def index_seconds(log_path: str, run: int, timeout: float = 60) -> float:

@@ -199,7 +199,9 @@ class Expiry(Service):
             if limit is None:
                 return
             before = self.index.total
+            chose = self.clock.seconds()
             victims = self.index.choose(int(limit * self.LOW))
+            chose = self.clock.seconds() - chose
             if not victims:
                 self._stuck_until = self.clock.seconds() + self.BACKOFF
                 self.log.warn(
@@ -217,9 +219,9 @@ class Expiry(Service):
             self.log.failure("Choosing what to evict failed")
             return
         self.evicting.append(deleting)
-        deleting.addBoth(self._evicted, deleting, victims, before, started)
+        deleting.addBoth(self._evicted, deleting, victims, before, started, chose)
 
-    def _evicted(self, result, deleting, victims, before: int, started: float) -> None:
+    def _evicted(self, result, deleting, victims, before: int, started: float, chose: float) -> None:
         self.evicting.remove(deleting)
         freed = sum(entry.size for _, entry in victims)
         if isinstance(result, Failure):
@@ -227,9 +229,9 @@ class Expiry(Service):
             return
         manifests = sum(1 for _, e in victims if e.kind == MANIFEST)
         self.log.info(
-            "Evicted {count} entries ({manifests} manifests), {freed} bytes, in {took:.3f}s: "
-            "store {before} -> {after} bytes (limit {limit})",
-            count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started,
+            "Evicted {count} entries ({manifests} manifests), {freed} bytes, chosen in {chose:.3f}s on the "
+            "reactor, deleted in {took:.3f}s in a thread: store {before} -> {after} bytes (limit {limit})",
+            count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started, chose=chose,
             before=before, after=self.index.total, limit=self.limit, event="evict",
         )
         if self.metrics is not None:

@@ -13,10 +13,11 @@ out of step with them:
 - sizes are the files' sizes (or, for a layer that a cached manifest
   describes, the size the manifest declares: a file of another size is
   treated as missing and fetched again);
-- last use is kept in memory and persisted as the file's mtime, at most once
-  every ``TOUCH_EVERY`` seconds per entry, so a busy blob costs one ``utime``
-  per ten minutes rather than one per request, and after a restart the LRU
-  order is right to within those ten minutes, which is all eviction needs;
+- last use is the entries' order in memory, and persisted as the file's
+  mtime, at most once every ``TOUCH_EVERY`` seconds per entry, so a busy
+  blob costs one ``utime`` per ten minutes rather than one per request, and
+  after a restart the LRU order is right to within those ten minutes, which
+  is all eviction needs;
 - which manifest needs which blobs comes from the manifests themselves,
   parsed when stored and when indexed (they are at most 4 MiB);
 - which repositories hold each digest comes from its links file
@@ -29,11 +30,16 @@ bytes it wrote: room is made before its bytes arrive, yet an upstream whose
 length lies cannot evict more than one step beyond what it really sent.  A
 download pauses (``room``) while evicted files are still being deleted if
 writing on would pass the limit.
+
+A store may hold a million entries, so what is kept per entry is small
+(about 300 bytes; bench/README.md has the figures): an entry is one slotted
+object in a plain dict whose order is the LRU order, a manifest's
+references are the entries' own digest objects, and a blob named by one
+manifest records that manifest alone, not a set of one.
 """
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from twisted.internet.defer import Deferred
 
@@ -55,13 +61,11 @@ CHUNK_HEADROOM = 2 * 1024 * 1024
 RESERVE_AHEAD = 16 * 1024 * 1024
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     size: int
     kind: str
-    #: Clock seconds of the last use, in memory.
-    used: float
-    #: The last use that was written to the file's mtime.
+    #: Clock seconds of the last use that was written to the file's mtime.
     persisted: float
 
 
@@ -72,12 +76,42 @@ class Scan:
     """
 
     #: Oldest use first.
-    entries: "OrderedDict[Digest, Entry]"
-    #: Manifest digest -> the (digest, declared size) pairs it references.
-    refs: Dict[Digest, Tuple[Tuple[Digest, int], ...]]
+    entries: Dict[Digest, Entry]
+    #: Manifest digest -> the entries it references (each once), as the
+    #: keys of ``entries``: one object per digest however many name it.
+    refs: Dict[Digest, Tuple[Digest, ...]]
     strays: int = 0
     #: Digest -> the repositories its links file names, oldest first.
-    links: Dict[Digest, List[RepoKey]] = field(default_factory=dict)
+    links: Dict[Digest, Tuple[RepoKey, ...]] = field(default_factory=dict)
+    #: What ``Index`` keeps of ``refs`` the other way round (see
+    #: ``referrers_of``), built in the scan's thread too: loading a scan
+    #: of a million entries costs the reactor nothing per entry.
+    referrers: Dict[Digest, "Referrers"] = field(default_factory=dict)
+    #: The sum of the entries' sizes.
+    stored: int = 0
+
+
+#: The manifest that names a digest, or a set when several do.
+Referrers = Union[Digest, Set[Digest]]
+
+
+def _add_referrer(referrers: Dict[Digest, Referrers], ref: Digest, manifest: Digest) -> None:
+    users = referrers.get(ref)
+    if users is None:
+        referrers[ref] = manifest
+    elif isinstance(users, set):
+        users.add(manifest)
+    elif users != manifest:
+        referrers[ref] = {users, manifest}
+
+
+def referrers_of(refs: Dict[Digest, Tuple[Digest, ...]]) -> Dict[Digest, Referrers]:
+    """Digest -> the manifests of ``refs`` that name it, as ``Index`` keeps them."""
+    referrers: Dict[Digest, Referrers] = {}
+    for manifest, named in refs.items():
+        for ref in named:
+            _add_referrer(referrers, ref, manifest)
+    return referrers
 
 
 def _noop() -> None:
@@ -96,9 +130,10 @@ class Index:
 
     def __init__(self, now: Callable[[], float]):
         self._now = now
-        self.entries: "OrderedDict[Digest, Entry]" = OrderedDict()
+        #: Least recently used first: a use moves an entry to the end.
+        self.entries: Dict[Digest, Entry] = {}
         self.refs: Dict[Digest, Tuple[Digest, ...]] = {}
-        self.referrers: Dict[Digest, Set[Digest]] = {}
+        self._referrers: Dict[Digest, Referrers] = {}
         #: Which repositories hold each entry (until the start-up scan is
         #: loaded, also entries it has not found yet).
         self.links = Links()
@@ -184,10 +219,10 @@ class Index:
         if old is not None:
             self.stored -= old.size
             kind = MANIFEST if MANIFEST in (kind, old.kind) else BLOB
-        self.entries[digest] = Entry(size, kind, now, now)
+        self.entries[digest] = Entry(size, kind, now)
         self.stored += size
         if kind == MANIFEST and refs:
-            self._link(digest, tuple(refs))
+            self._link(digest, tuple(dict.fromkeys(refs)))
         self.on_grow()
 
     def use(self, digest: Digest) -> List[Digest]:
@@ -208,8 +243,7 @@ class Index:
                 continue
             seen.add(d)
             todo.extend(self.refs.get(d, ()))
-            self.entries.move_to_end(d)
-            entry.used = now
+            self.entries[d] = self.entries.pop(d)
             if now - entry.persisted >= TOUCH_EVERY:
                 entry.persisted = now
                 touch.append(d)
@@ -222,12 +256,21 @@ class Index:
         self.stored -= entry.size
         self.links.drop(digest)
         for ref in self.refs.pop(digest, ()):
-            users = self.referrers.get(ref)
-            if users is not None:
+            users = self._referrers.get(ref)
+            if users == digest:
+                del self._referrers[ref]
+            elif isinstance(users, set):
                 users.discard(digest)
-                if not users:
-                    del self.referrers[ref]
+                if len(users) == 1:
+                    self._referrers[ref] = users.pop()
         return entry
+
+    def referrers(self, digest: Digest) -> Set[Digest]:
+        """The cached manifests that name ``digest`` directly."""
+        users = self._referrers.get(digest)
+        if users is None:
+            return set()
+        return set(users) if isinstance(users, set) else {users}
 
     def named_by(self, digest: Digest, key: RepoKey) -> bool:
         """
@@ -237,7 +280,7 @@ class Index:
         Subjects are no such name: a signature does not make its image
         another repository's.
         """
-        todo, seen = list(self.referrers.get(digest, ())), {digest}
+        todo, seen = list(self.referrers(digest)), {digest}
         while todo:
             d = todo.pop()
             if d in seen:
@@ -245,7 +288,7 @@ class Index:
             seen.add(d)
             if self.links.has(d, key):
                 return True
-            todo.extend(self.referrers.get(d, ()))
+            todo.extend(self.referrers(d))
         return False
 
     def pin(self, digest: Digest) -> Callable[[], None]:
@@ -271,7 +314,7 @@ class Index:
     def _link(self, manifest: Digest, refs: Tuple[Digest, ...]) -> None:
         self.refs[manifest] = refs
         for ref in refs:
-            self.referrers.setdefault(ref, set()).add(manifest)
+            _add_referrer(self._referrers, ref, manifest)
 
     # Start-up
 
@@ -279,27 +322,27 @@ class Index:
         """
         Merge a start-up scan.  Whatever the reactor learned while the scan
         ran (commits, uses) is newer than the scan, so it wins and goes last
-        in LRU order.
+        in LRU order.  The scan's tables become the index's own, so this
+        costs the reactor what was learned meanwhile, not what the scan
+        found.
         """
         live = self.entries
         entries = scan.entries
+        stored = scan.stored
         for digest in live:
-            entries.pop(digest, None)
+            old = entries.pop(digest, None)
+            if old is not None:
+                stored -= old.size
         for digest, entry in live.items():
             entries[digest] = entry
+            stored += entry.size
         self.entries = entries
+        self.stored = stored
         live_refs = self.refs
-        self.refs, self.referrers = {}, {}
-        for manifest, refs in scan.refs.items():
-            if manifest in entries and manifest not in live_refs:
-                self._link(manifest, tuple(d for d, _ in refs))
+        self.refs, self._referrers = scan.refs, scan.referrers
         for manifest, refs in live_refs.items():
             self._link(manifest, refs)
-        for digest, keys in scan.links.items():
-            if digest in entries:
-                self.links.merge(digest, keys)
-        self.links.only(entries)
-        self.stored = sum(e.size for e in entries.values())
+        self.links.load(scan.links, entries)
         self.ready = True
 
     # Eviction
@@ -344,7 +387,7 @@ class Index:
             seen.add(d)
             if d in self.pins:
                 return False
-            for user in self.referrers.get(d, ()):
+            for user in self.referrers(d):
                 if user in self.entries and not visit(user):
                     return False
             order.append(d)

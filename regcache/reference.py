@@ -53,10 +53,12 @@ def check_tag(tag: str) -> str:
     return tag
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Digest:
     """
     A verified-to-be-well-formed digest of an algorithm regcache can compute.
+    Slotted: the store's index holds one per cached file, a million of them
+    on a big store.
     """
 
     algorithm: str
