@@ -241,25 +241,60 @@ class Run:
             self.retire(m)
 
     def manifests(self) -> None:
-        """Requests/s and p99 of cached manifest GET and HEAD, by digest and by tag."""
-        secs, conns = self.args.duration, self.args.connections
+        """
+        Requests/s, p50 and p99 of cached manifest GET (wrk) and HEAD (ab),
+        by digest and by tag, at ``--connections`` and 256 connections:
+        regcache, the reference, and nginx serving the same manifest bytes
+        as a static file under the same paths with the headers regcache
+        answers with (the limit for this machine).
+        """
+        secs = self.args.duration
         reps = self.args.heavy_reps
+        image = self.images["small"]
+        paths = {by: f"/v2/{image.name}/manifests/{ref}" for by, ref in (("digest", image.digest), ("tag", image.tag))}
+        nginx = self._manifest_nginx(paths["digest"], paths.values())
         self.settle()
-        for rep in range(reps):
-            log(f"manifest load, repetition {rep + 1}/{reps}")
-            for label in MIRRORS:
-                m = self.warm[label]
-                image = self.images["small"]
-                before = self._usage(label)
-                for by, ref in (("digest", image.digest), ("tag", image.tag)):
-                    url = f"{m.url}/v2/{image.name}/manifests/{ref}"
-                    # One request first: the tag's check (and the cache's
-                    # entry for this Accept list) happens outside the load.
-                    self.attempt(f"{label} warm-up {by}", measure.get, url)
-                    load = self.r[label].setdefault("manifest", {})
-                    self.add(load, f"get_{by}", self.attempt(f"{label} GET by {by}", measure.wrk, url, secs, conns))
-                    self.add(load, f"head_{by}", self.attempt(f"{label} HEAD by {by}", measure.ab_head, url, secs, conns))
-                self._add_cpu(label, "cpu_manifests", before)
+        try:
+            for rep in range(reps):
+                log(f"manifest load, repetition {rep + 1}/{reps}")
+                for label in (*MIRRORS, "nginx"):
+                    base = nginx.url.rsplit("/", 1)[0] if label == "nginx" else self.warm[label].url
+                    before = self._usage(label)
+                    for by, path in paths.items():
+                        url = base + path
+                        # One request first: the tag's check (and the cache's
+                        # entry for this Accept list) happens outside the load.
+                        self.attempt(f"{label} warm-up {by}", measure.get, url)
+                        load = self.r[label].setdefault("manifest", {})
+                        for conns in sorted({self.args.connections, 256}):
+                            suffix = "" if conns == self.args.connections else f"_c{conns}"
+                            self.add(load, f"get_{by}{suffix}", self.attempt(
+                                f"{label} GET by {by}, {conns} connections", measure.wrk, url, secs, conns))
+                            self.add(load, f"head_{by}{suffix}", self.attempt(
+                                f"{label} HEAD by {by}, {conns} connections", measure.ab_head, url, secs, conns))
+                    self._add_cpu(label, "cpu_manifests", before)
+        finally:
+            nginx.stop()
+
+    def _manifest_nginx(self, digest_path: str, paths) -> "servers.Nginx":
+        """
+        nginx serving the bytes regcache answers a manifest GET with, under
+        ``paths``, with the same headers but those nginx makes itself.
+        """
+        import urllib.request
+
+        req = urllib.request.Request(self.warm["regcache"].url + digest_path, headers={"Accept": measure.ACCEPT})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body, headers = r.read(), dict(r.headers)
+        kept = {k: v for k, v in headers.items()
+                if k.lower() not in ("date", "server", "content-length", "connection", "keep-alive")}
+        file = os.path.join(self.dir, "manifest.json")
+        with open(file, "wb") as f:
+            f.write(body)
+        self.r["meta"]["manifest_headers"] = kept
+        blob = self.large_layer
+        return servers.Nginx(self.dir, servers._blob_file(self.upstream.storage, blob["digest"]),
+                             static=[(p, file, kept) for p in paths]).start()
 
     def mixed(self) -> None:
         """
@@ -402,6 +437,32 @@ class Run:
         finally:
             if not self.args.keep:
                 shutil.rmtree(storage, ignore_errors=True)
+
+    def cold(self) -> None:
+        """
+        Time to first byte of a cold blob: each of the cold image's 20
+        layers fetched once with curl from a fresh regcache (nothing
+        cached: its first request also fetches regcache's token) and once
+        straight from the upstream with a token in hand, taking turns blob
+        by blob.  The median of each, and their difference, is the figure;
+        the whole downloads' times are kept too.
+        """
+        image = self.images["cold"]
+        reps = self.args.heavy_reps
+        token = measure.bearer(self.upstream.url, image.name)
+        for rep in range(reps):
+            self.settle()
+            log(f"cold time to first byte, 20 blobs, repetition {rep + 1}/{reps}")
+            m = self.start("regcache")
+            try:
+                for layer in image.layers:
+                    path = f"/v2/{image.name}/blobs/{layer['digest']}"
+                    self.add(self.r["direct"].setdefault("cold_blob", {}), "samples",
+                             self.attempt("direct cold blob", measure.first_byte, self.upstream.url + path, token))
+                    self.add(self.r["regcache"].setdefault("cold_blob", {}), "samples",
+                             self.attempt("regcache cold blob", measure.first_byte, m.url + path))
+            finally:
+                self.retire(m)
 
     def bigstore(self) -> None:
         """
@@ -564,7 +625,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
-    p.add_argument("--phases", default="pulls,concurrent,throughput,crowd,manifests,mixed,outage,startup,bigstore")
+    p.add_argument("--phases",
+                   default="pulls,concurrent,cold,throughput,crowd,manifests,mixed,outage,startup,bigstore")
     args = p.parse_args(argv)
     preflight()
     phases = args.phases.split(",")
@@ -572,8 +634,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         run.setup()
-        for phase in ("pulls", "concurrent", "throughput", "crowd", "manifests", "mixed", "outage", "startup",
-                      "bigstore"):
+        for phase in ("pulls", "concurrent", "cold", "throughput", "crowd", "manifests", "mixed", "outage",
+                      "startup", "bigstore"):
             if phase in phases:
                 if phase in ("throughput", "manifests", "mixed", "outage") and not run.warm:
                     run.warm = {label: run.start(label) for label in MIRRORS}
