@@ -347,18 +347,19 @@ class Index:
 
     # Eviction
 
-    def choose(self, target: int) -> List[Tuple[Digest, Entry]]:
+    def choose(self, target: int, most: Optional[int] = None) -> List[Tuple[Digest, Entry]]:
         """
         Remove and return the least recently used entries, enough to bring
-        ``total`` down to ``target``, in the order their files must be
-        deleted: every manifest before what it references.  A pinned entry
-        is never chosen, nor one a pinned manifest references.
+        ``total`` down to ``target`` (or about ``most`` of them, whichever
+        comes first: a manifest's group is never split), in the order their
+        files must be deleted: every manifest before what it references.  A
+        pinned entry is never chosen, nor one a pinned manifest references.
         """
         chosen: List[Tuple[Digest, Entry]] = []
         taken: Set[Digest] = set()
         total = self.total
         for digest in self.entries:
-            if total <= target:
+            if total <= target or (most is not None and len(chosen) >= most):
                 break
             if digest in taken or digest in self.pins:
                 continue

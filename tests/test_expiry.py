@@ -284,6 +284,27 @@ class EvictionTests(Base):
         self.assertIn("regcache_store_bytes 8000.0", text)
 
 
+    def test_a_pass_bigger_than_a_batch_goes_in_reactor_turns(self):
+        """
+        A pass that must evict more than BATCH entries chooses one batch per
+        reactor turn (choosing runs on the reactor), each deleted at once,
+        until the store is down to the low-water mark; a stop cancels the
+        turn still to come.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.expiry.BATCH = 1
+        digests = self.add(10)
+        # Crossing the high-water mark, 2 entries had to go: in two turns.
+        self.assertEqual([e["count"] for e in events if e.get("event") == "evict"], [1, 1])
+        self.assertEqual(self.present(digests), [False, False] + [True] * 8)
+        self.assertEqual(self.store.index.total, 8000)
+        for i in range(2):
+            cache_blob(self.store, *blob(1000, b"more" + bytes([i])))
+        turn = self.expiry._next_batch
+        self.assertTrue(turn.active())
+        self.expiry.stopService()
+        self.assertFalse(turn.active())
+
     def test_the_index_gauge_says_when_the_start_up_index_is_complete(self):
         """
         regcache_store_indexed is 0 while the start-up scan runs (/readyz
