@@ -61,7 +61,7 @@ class Expiry(Service):
     #: an entry; a pass over a store of a million entries evicts a hundred
     #: thousand or more, so it goes in turns of about this many, each one
     #: deleted as soon as it is chosen.
-    BATCH = 4096
+    BATCH = 1024
 
     def __init__(self, store, max_size: Optional[int], clock, metrics=None):
         self.store = store
