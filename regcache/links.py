@@ -78,8 +78,10 @@ def parse(data: bytes) -> List[RepoKey]:
     return keys[-CAP:]
 
 
-#: Distinct link files a start-up scan remembers the parse of.
+#: Distinct link files a start-up scan remembers the parse of, and the
+#: largest it remembers: at most 16 MiB of file bytes held.
 MEMO = 4096
+MEMO_FILE = 4096
 
 
 def read_head(path: str, limit: int) -> Optional[bytes]:
@@ -116,7 +118,7 @@ def read(path: str) -> List[RepoKey]:
 def reader() -> Callable[[str], Tuple[RepoKey, ...]]:
     """
     ``read`` for the start-up scan of every links file: interned keys, and
-    one tuple for all the files with the same bytes (up to MEMO of them).
+    one tuple for all the files with the same bytes (up to MEMO small ones).
     """
     memo: Dict[bytes, Tuple[RepoKey, ...]] = {}
 
@@ -127,7 +129,7 @@ def reader() -> Callable[[str], Tuple[RepoKey, ...]]:
         keys = memo.get(data)
         if keys is None:
             keys = tuple(Links._intern(k) for k in parse(data))
-            if len(memo) < MEMO:
+            if len(memo) < MEMO and len(data) <= MEMO_FILE:
                 memo[data] = keys
         return keys
 
