@@ -139,7 +139,7 @@ def targets(res: dict) -> List[dict]:
     if evict.get("entries"):
         row(f"{n} cached blobs: one eviction pass", "–", None, None,
             f"{evict['entries']:.0f} entries ({evict['manifests']:.0f} manifests), {evict['freed'] / 1e6:.1f} MB: "
-            f"chosen in {evict['choose_s']:.2f} s on the reactor, deleted in {evict['delete_s']:.1f} s in a thread; "
+            f"deleted in {evict['delete_s']:.1f} s in a thread; "
             f"worst /healthz meanwhile {evict['worst_healthz_s']:.2f} s")
 
     for key, label, goal in (("get_digest", "GET by digest", 2), ("head_digest", "HEAD by digest", 2),

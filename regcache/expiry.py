@@ -56,12 +56,6 @@ class Expiry(Service):
     #: After an eviction that could free nothing (all pinned or being
     #: written), growth does not retry it for this long.
     BACKOFF = 5.0
-    #: Entries chosen per reactor turn.  Choosing runs on the reactor (so
-    #: nothing starts reading a victim meanwhile) at tens of microseconds
-    #: an entry; a pass over a store of a million entries evicts a hundred
-    #: thousand or more, so it goes in turns of about this many, each one
-    #: deleted as soon as it is chosen.
-    BATCH = 1024
 
     def __init__(self, store, max_size: Optional[int], clock, metrics=None):
         self.store = store
@@ -77,7 +71,6 @@ class Expiry(Service):
         #: the index when they were chosen.
         self.evicting: List[Deferred] = []
         self._loading: Optional[Deferred] = None
-        self._next_batch = None
         self._stuck_until = 0.0
         self._loop = LoopingCall(self._periodic)
         self._loop.clock = clock
@@ -103,8 +96,6 @@ class Expiry(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        if self._next_batch is not None and self._next_batch.active():
-            self._next_batch.cancel()
         if self.evicting:
             return DeferredList(list(self.evicting))
         return None
@@ -208,9 +199,7 @@ class Expiry(Service):
             if limit is None:
                 return
             before = self.index.total
-            chose = self.clock.seconds()
-            victims = self.index.choose(int(limit * self.LOW), most=self.BATCH)
-            chose = self.clock.seconds() - chose
+            victims = self.index.choose(int(limit * self.LOW))
             if not victims:
                 self._stuck_until = self.clock.seconds() + self.BACKOFF
                 self.log.warn(
@@ -228,18 +217,9 @@ class Expiry(Service):
             self.log.failure("Choosing what to evict failed")
             return
         self.evicting.append(deleting)
-        deleting.addBoth(self._evicted, deleting, victims, before, started, chose)
-        if len(victims) >= self.BATCH and self.index.total > int(limit * self.LOW):
-            self._next_batch = self.clock.callLater(0, self._batch)
+        deleting.addBoth(self._evicted, deleting, victims, before, started)
 
-    def _batch(self) -> None:
-        """The next turn of a pass that chose a whole batch and is not down to the low-water mark yet."""
-        self._next_batch = None
-        limit = self.limit
-        if limit is not None and self.index.total > int(limit * self.LOW):
-            self.evict()
-
-    def _evicted(self, result, deleting, victims, before: int, started: float, chose: float) -> None:
+    def _evicted(self, result, deleting, victims, before: int, started: float) -> None:
         self.evicting.remove(deleting)
         freed = sum(entry.size for _, entry in victims)
         if isinstance(result, Failure):
@@ -247,9 +227,9 @@ class Expiry(Service):
             return
         manifests = sum(1 for _, e in victims if e.kind == MANIFEST)
         self.log.info(
-            "Evicted {count} entries ({manifests} manifests), {freed} bytes, chosen in {chose:.3f}s on the "
-            "reactor, deleted in {took:.3f}s in a thread: store {before} -> {after} bytes (limit {limit})",
-            count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started, chose=chose,
+            "Evicted {count} entries ({manifests} manifests), {freed} bytes, in {took:.3f}s: "
+            "store {before} -> {after} bytes (limit {limit})",
+            count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started,
             before=before, after=self.index.total, limit=self.limit, event="evict",
         )
         if self.metrics is not None:

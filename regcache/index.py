@@ -13,11 +13,10 @@ out of step with them:
 - sizes are the files' sizes (or, for a layer that a cached manifest
   describes, the size the manifest declares: a file of another size is
   treated as missing and fetched again);
-- last use is the entries' order in memory, and persisted as the file's
-  mtime, at most once every ``TOUCH_EVERY`` seconds per entry, so a busy
-  blob costs one ``utime`` per ten minutes rather than one per request, and
-  after a restart the LRU order is right to within those ten minutes, which
-  is all eviction needs;
+- last use is kept in memory and persisted as the file's mtime, at most once
+  every ``TOUCH_EVERY`` seconds per entry, so a busy blob costs one ``utime``
+  per ten minutes rather than one per request, and after a restart the LRU
+  order is right to within those ten minutes, which is all eviction needs;
 - which manifest needs which blobs comes from the manifests themselves,
   parsed when stored and when indexed (they are at most 4 MiB);
 - which repositories hold each digest comes from its links file
@@ -30,16 +29,11 @@ bytes it wrote: room is made before its bytes arrive, yet an upstream whose
 length lies cannot evict more than one step beyond what it really sent.  A
 download pauses (``room``) while evicted files are still being deleted if
 writing on would pass the limit.
-
-A store may hold a million entries, so what is kept per entry is small
-(about 300 bytes; bench/README.md has the figures): an entry is one slotted
-object in a plain dict whose order is the LRU order, a manifest's
-references are the entries' own digest objects, and a blob named by one
-manifest records that manifest alone, not a set of one.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
 
@@ -61,11 +55,13 @@ CHUNK_HEADROOM = 2 * 1024 * 1024
 RESERVE_AHEAD = 16 * 1024 * 1024
 
 
-@dataclass(slots=True)
+@dataclass
 class Entry:
     size: int
     kind: str
-    #: Clock seconds of the last use that was written to the file's mtime.
+    #: Clock seconds of the last use, in memory.
+    used: float
+    #: The last use that was written to the file's mtime.
     persisted: float
 
 
@@ -76,42 +72,12 @@ class Scan:
     """
 
     #: Oldest use first.
-    entries: Dict[Digest, Entry]
-    #: Manifest digest -> the entries it references (each once), as the
-    #: keys of ``entries``: one object per digest however many name it.
-    refs: Dict[Digest, Tuple[Digest, ...]]
+    entries: "OrderedDict[Digest, Entry]"
+    #: Manifest digest -> the (digest, declared size) pairs it references.
+    refs: Dict[Digest, Tuple[Tuple[Digest, int], ...]]
     strays: int = 0
     #: Digest -> the repositories its links file names, oldest first.
-    links: Dict[Digest, Tuple[RepoKey, ...]] = field(default_factory=dict)
-    #: What ``Index`` keeps of ``refs`` the other way round (see
-    #: ``referrers_of``), built in the scan's thread too: loading a scan
-    #: of a million entries costs the reactor nothing per entry.
-    referrers: Dict[Digest, "Referrers"] = field(default_factory=dict)
-    #: The sum of the entries' sizes.
-    stored: int = 0
-
-
-#: The manifest that names a digest, or a set when several do.
-Referrers = Union[Digest, Set[Digest]]
-
-
-def _add_referrer(referrers: Dict[Digest, Referrers], ref: Digest, manifest: Digest) -> None:
-    users = referrers.get(ref)
-    if users is None:
-        referrers[ref] = manifest
-    elif isinstance(users, set):
-        users.add(manifest)
-    elif users != manifest:
-        referrers[ref] = {users, manifest}
-
-
-def referrers_of(refs: Dict[Digest, Tuple[Digest, ...]]) -> Dict[Digest, Referrers]:
-    """Digest -> the manifests of ``refs`` that name it, as ``Index`` keeps them."""
-    referrers: Dict[Digest, Referrers] = {}
-    for manifest, named in refs.items():
-        for ref in named:
-            _add_referrer(referrers, ref, manifest)
-    return referrers
+    links: Dict[Digest, List[RepoKey]] = field(default_factory=dict)
 
 
 def _noop() -> None:
@@ -130,10 +96,9 @@ class Index:
 
     def __init__(self, now: Callable[[], float]):
         self._now = now
-        #: Least recently used first: a use moves an entry to the end.
-        self.entries: Dict[Digest, Entry] = {}
+        self.entries: "OrderedDict[Digest, Entry]" = OrderedDict()
         self.refs: Dict[Digest, Tuple[Digest, ...]] = {}
-        self._referrers: Dict[Digest, Referrers] = {}
+        self.referrers: Dict[Digest, Set[Digest]] = {}
         #: Which repositories hold each entry (until the start-up scan is
         #: loaded, also entries it has not found yet).
         self.links = Links()
@@ -219,10 +184,10 @@ class Index:
         if old is not None:
             self.stored -= old.size
             kind = MANIFEST if MANIFEST in (kind, old.kind) else BLOB
-        self.entries[digest] = Entry(size, kind, now)
+        self.entries[digest] = Entry(size, kind, now, now)
         self.stored += size
         if kind == MANIFEST and refs:
-            self._link(digest, tuple(dict.fromkeys(refs)))
+            self._link(digest, tuple(refs))
         self.on_grow()
 
     def use(self, digest: Digest) -> List[Digest]:
@@ -243,7 +208,8 @@ class Index:
                 continue
             seen.add(d)
             todo.extend(self.refs.get(d, ()))
-            self.entries[d] = self.entries.pop(d)
+            self.entries.move_to_end(d)
+            entry.used = now
             if now - entry.persisted >= TOUCH_EVERY:
                 entry.persisted = now
                 touch.append(d)
@@ -256,21 +222,12 @@ class Index:
         self.stored -= entry.size
         self.links.drop(digest)
         for ref in self.refs.pop(digest, ()):
-            users = self._referrers.get(ref)
-            if users == digest:
-                del self._referrers[ref]
-            elif isinstance(users, set):
+            users = self.referrers.get(ref)
+            if users is not None:
                 users.discard(digest)
-                if len(users) == 1:
-                    self._referrers[ref] = users.pop()
+                if not users:
+                    del self.referrers[ref]
         return entry
-
-    def referrers(self, digest: Digest) -> Set[Digest]:
-        """The cached manifests that name ``digest`` directly."""
-        users = self._referrers.get(digest)
-        if users is None:
-            return set()
-        return set(users) if isinstance(users, set) else {users}
 
     def named_by(self, digest: Digest, key: RepoKey) -> bool:
         """
@@ -280,7 +237,7 @@ class Index:
         Subjects are no such name: a signature does not make its image
         another repository's.
         """
-        todo, seen = list(self.referrers(digest)), {digest}
+        todo, seen = list(self.referrers.get(digest, ())), {digest}
         while todo:
             d = todo.pop()
             if d in seen:
@@ -288,7 +245,7 @@ class Index:
             seen.add(d)
             if self.links.has(d, key):
                 return True
-            todo.extend(self.referrers(d))
+            todo.extend(self.referrers.get(d, ()))
         return False
 
     def pin(self, digest: Digest) -> Callable[[], None]:
@@ -314,7 +271,7 @@ class Index:
     def _link(self, manifest: Digest, refs: Tuple[Digest, ...]) -> None:
         self.refs[manifest] = refs
         for ref in refs:
-            _add_referrer(self._referrers, ref, manifest)
+            self.referrers.setdefault(ref, set()).add(manifest)
 
     # Start-up
 
@@ -322,44 +279,43 @@ class Index:
         """
         Merge a start-up scan.  Whatever the reactor learned while the scan
         ran (commits, uses) is newer than the scan, so it wins and goes last
-        in LRU order.  The scan's tables become the index's own, so this
-        costs the reactor what was learned meanwhile, not what the scan
-        found.
+        in LRU order.
         """
         live = self.entries
         entries = scan.entries
-        stored = scan.stored
         for digest in live:
-            old = entries.pop(digest, None)
-            if old is not None:
-                stored -= old.size
+            entries.pop(digest, None)
         for digest, entry in live.items():
             entries[digest] = entry
-            stored += entry.size
         self.entries = entries
-        self.stored = stored
         live_refs = self.refs
-        self.refs, self._referrers = scan.refs, scan.referrers
+        self.refs, self.referrers = {}, {}
+        for manifest, refs in scan.refs.items():
+            if manifest in entries and manifest not in live_refs:
+                self._link(manifest, tuple(d for d, _ in refs))
         for manifest, refs in live_refs.items():
             self._link(manifest, refs)
-        self.links.load(scan.links, entries)
+        for digest, keys in scan.links.items():
+            if digest in entries:
+                self.links.merge(digest, keys)
+        self.links.only(entries)
+        self.stored = sum(e.size for e in entries.values())
         self.ready = True
 
     # Eviction
 
-    def choose(self, target: int, most: Optional[int] = None) -> List[Tuple[Digest, Entry]]:
+    def choose(self, target: int) -> List[Tuple[Digest, Entry]]:
         """
         Remove and return the least recently used entries, enough to bring
-        ``total`` down to ``target`` (or about ``most`` of them, whichever
-        comes first: a manifest's group is never split), in the order their
-        files must be deleted: every manifest before what it references.  A
-        pinned entry is never chosen, nor one a pinned manifest references.
+        ``total`` down to ``target``, in the order their files must be
+        deleted: every manifest before what it references.  A pinned entry
+        is never chosen, nor one a pinned manifest references.
         """
         chosen: List[Tuple[Digest, Entry]] = []
         taken: Set[Digest] = set()
         total = self.total
         for digest in self.entries:
-            if total <= target or (most is not None and len(chosen) >= most):
+            if total <= target:
                 break
             if digest in taken or digest in self.pins:
                 continue
@@ -388,7 +344,7 @@ class Index:
             seen.add(d)
             if d in self.pins:
                 return False
-            for user in self.referrers(d):
+            for user in self.referrers.get(d, ()):
                 if user in self.entries and not visit(user):
                     return False
             order.append(d)

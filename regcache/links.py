@@ -24,10 +24,7 @@ Memory is bounded per digest: at most CAP repositories, the least recently
 used dropped first (the file is then rewritten without it), and a dropped
 link is confirmed again by upstream when next used.  The names in the keys
 are interned, so a repository linked to many digests keeps one copy of its
-name, and a digest's links are one tuple, which the start-up scan shares
-between every digest whose links file has the same bytes: a store of a
-million blobs pulled through a few repositories keeps a few tuples, not a
-million.
+name.
 
 Caches from before links have none: their content is unlinked, and is
 linked again per repository on first use, for free through a tag (the tag
@@ -38,7 +35,7 @@ import os
 import re
 import sys
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from regcache.reference import Digest
 
@@ -78,62 +75,13 @@ def parse(data: bytes) -> List[RepoKey]:
     return keys[-CAP:]
 
 
-#: Distinct link files a start-up scan remembers the parse of, and the
-#: largest it remembers: at most 16 MiB of file bytes held.
-MEMO = 4096
-MEMO_FILE = 4096
-
-
-def read_head(path: str, limit: int) -> Optional[bytes]:
-    """
-    Up to ``limit`` bytes of a small file, or None if it is missing: plain
-    ``os.read`` calls with no buffered file object, for scans of a million
-    files (links here, manifests in regcache.store).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        chunks, left = [], limit
-        while left:
-            chunk = os.read(fd, min(left, 65536))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    except IsADirectoryError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def read(path: str) -> List[RepoKey]:
     """A link file's links (none if it is missing).  Runs in a thread."""
-    data = read_head(path, MAX_FILE)
-    return parse(data) if data else []
-
-
-def reader() -> Callable[[str], Tuple[RepoKey, ...]]:
-    """
-    ``read`` for the start-up scan of every links file: interned keys, and
-    one tuple for all the files with the same bytes (up to MEMO small ones).
-    """
-    memo: Dict[bytes, Tuple[RepoKey, ...]] = {}
-
-    def read_one(path: str) -> Tuple[RepoKey, ...]:
-        data = read_head(path, MAX_FILE)
-        if not data:
-            return ()
-        keys = memo.get(data)
-        if keys is None:
-            keys = tuple(Links._intern(k) for k in parse(data))
-            if len(memo) < MEMO and len(data) <= MEMO_FILE:
-                memo[data] = keys
-        return keys
-
-    return read_one
+    try:
+        with open(path, "rb") as f:
+            return parse(f.read(MAX_FILE))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return []
 
 
 def append(path: str, data_path: str, key: RepoKey) -> None:
@@ -155,16 +103,11 @@ class Links:
     """
     The links of every digest the store holds, in memory, least recently
     used first per digest.  Bookkeeping on the reactor; the store writes.
-
-    A digest's links are a tuple, never changed in place (it may be shared
-    with other digests): a use that reorders them, or a new link, makes a
-    new one.  Most digests have one link or a few, so that is cheap; one
-    with CAP links costs a copy of CAP pointers per reordering use.
     """
 
     def __init__(self, cap: int = CAP):
         self.cap = cap
-        self._by_digest: Dict[Digest, Tuple[RepoKey, ...]] = {}
+        self._by_digest: Dict[Digest, "OrderedDict[RepoKey, None]"] = {}
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -178,8 +121,7 @@ class Links:
         keys = self._by_digest.get(digest)
         if keys is None or key not in keys:
             return False
-        if keys[-1] != key:
-            self._by_digest[digest] = tuple(k for k in keys if k != key) + (keys[keys.index(key)],)
+        keys.move_to_end(key)
         return True
 
     def keys(self, digest: Digest) -> List[RepoKey]:
@@ -191,27 +133,35 @@ class Links:
         the oldest link made way for it (the file must then be rewritten
         rather than appended to).
         """
-        if self.has(digest, key):
+        keys = self._by_digest.setdefault(digest, OrderedDict())
+        if key in keys:
+            keys.move_to_end(key)
             return None
-        keys = self._by_digest.get(digest, ()) + (self._intern(key),)
-        dropped = len(keys) > self.cap
-        self._by_digest[digest] = keys[-self.cap:]
+        keys[self._intern(key)] = None
+        dropped = False
+        while len(keys) > self.cap:
+            keys.popitem(last=False)
+            dropped = True
         return dropped
 
     def drop(self, digest: Digest) -> None:
         """The content is gone, and its links with it."""
         self._by_digest.pop(digest, None)
 
-    def load(self, found: Dict[Digest, Tuple[RepoKey, ...]], stored) -> None:
-        """
-        Take the links a start-up scan found (interned, as ``reader`` makes
-        them; for stored digests only) as the table, with those learned
-        meanwhile, which are newer, after them.  Links learned for a digest
-        the store turned out not to hold are dropped.
-        """
-        live, self._by_digest = self._by_digest, found
-        for digest, keys in live.items():
-            if digest in stored:
-                old = found.get(digest, ())
-                kept = set(keys)
-                found[digest] = (tuple(k for k in old if k not in kept) + keys)[-self.cap:]
+    def merge(self, digest: Digest, keys: Iterable[RepoKey]) -> None:
+        """Links found on disk, older than those in memory: added before them."""
+        live = self._by_digest.pop(digest, OrderedDict())
+        merged: "OrderedDict[RepoKey, None]" = OrderedDict()
+        for key in keys:
+            merged[self._intern(key)] = None
+        for key in live:
+            merged.pop(key, None)
+            merged[key] = None
+        while len(merged) > self.cap:
+            merged.popitem(last=False)
+        if merged:
+            self._by_digest[digest] = merged
+
+    def only(self, digests) -> None:
+        """Keep the links of ``digests`` alone: what a start-up scan found stored."""
+        self._by_digest = {d: keys for d, keys in self._by_digest.items() if d in digests}

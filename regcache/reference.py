@@ -53,12 +53,10 @@ def check_tag(tag: str) -> str:
     return tag
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Digest:
     """
     A verified-to-be-well-formed digest of an algorithm regcache can compute.
-    Slotted: the store's index holds one per cached file, a million of them
-    on a big store.
     """
 
     algorithm: str

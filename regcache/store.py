@@ -38,8 +38,6 @@ from memory.
 """
 
 import errno
-import gc
-import hashlib
 import os
 import re
 import stat
@@ -53,7 +51,7 @@ from twisted.logger import Logger
 
 from regcache import links
 from regcache.errors import BlobTooLarge
-from regcache.index import BLOB, MANIFEST, Entry, Index, Scan, referrers_of
+from regcache.index import BLOB, MANIFEST, Entry, Index, Scan
 from regcache.links import RepoKey
 from regcache.manifests import MAX_MANIFEST, Manifest, references
 from regcache.reference import ALGORITHMS, Digest
@@ -505,7 +503,7 @@ class Store:
                                   digest=str(digest))
                     # As a manifest, whatever the index knew it as: the
                     # type record goes too.
-                    self._discard(digest, Entry(entry.size if entry else 0, MANIFEST, 0.0))
+                    self._discard(digest, Entry(entry.size if entry else 0, MANIFEST, 0.0, 0.0))
             return None
         self._remember(m, identity)
         self._used(digest)
@@ -694,13 +692,7 @@ class Store:
                         yield _digest(alg.name, sub.name, entry.name), entry
 
     def _scan(self) -> Scan:
-        """
-        Built for a store of a million entries: one Entry per file and no
-        other object per entry that outlives the scan (a manifest's
-        references and the links are the entries' own digest objects; the
-        links of identical files one shared tuple).
-        """
-        entries: Dict[Digest, Entry] = {}
+        found: List[Tuple[float, Digest, int]] = []
         strays = 0
         for digest, entry in self.walk("blobs"):
             if digest is None:
@@ -710,73 +702,39 @@ class Store:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            entries[digest] = Entry(st.st_size, BLOB, st.st_mtime)
-            if len(entries) % FREEZE_EVERY == 0:
-                _freeze()
-        # The one object of each digest, for the references and links.
-        canon: Dict[Digest, Digest] = dict(zip(entries, entries))
-        refs: Dict[Digest, Tuple[Digest, ...]] = {}
+            found.append((st.st_mtime, digest, st.st_size))
+        sizes = {digest: size for _, digest, size in found}
+        refs: Dict = {}
         for digest, entry in self.walk("manifests"):
-            found = entries.get(digest) if digest is not None else None
-            if found is None:
+            if digest is None or digest not in sizes:
                 # Its body landed after the walk of blobs/ (the live index
                 # has it), or it has none and reads as missing.  Deleting
                 # here, beside requests, could take a record just written.
                 continue
-            body = links.read_head(self.blob_path(digest), MAX_MANIFEST + 1)
-            if body is None:
+            try:
+                with open(self.blob_path(digest), "rb") as f:
+                    body = f.read(MAX_MANIFEST + 1)
+            except FileNotFoundError:
                 continue
-            digest = canon[digest]
-            found.kind = MANIFEST
             # Bytes that do not match their digest name nothing: an edited
             # manifest must not make good layers look the wrong size.  It
             # is removed when it is first asked for.
-            if hashlib.new(digest.algorithm, body).hexdigest() != digest.hex:
-                refs[digest] = ()
-                continue
-            named = []
-            for ref, size in references(body):
-                ref = canon.setdefault(ref, ref)
-                named.append(ref)
-                if size is not None and ref in entries:
-                    # A file of another size than a manifest declares is
-                    # treated as missing when opened (Store.open_blob).
-                    entries[ref].size = size
-            refs[digest] = tuple(dict.fromkeys(named))
-        linked: Dict[Digest, Tuple[RepoKey, ...]] = {}
-        read = links.reader()
+            refs[digest] = tuple(references(body)) if Digest.of(body, digest.algorithm) == digest else ()
+        linked: Dict = {}
         for digest, entry in self.walk("links"):
             # A links file without its data (removed by hand) is left for
             # ``regcache verify``, as records without bodies are.
-            if digest in entries:
-                keys = read(entry.path)
+            if digest in sizes:
+                keys = links.read(entry.path)
                 if keys:
-                    linked[canon[digest]] = keys
-        del canon
-        # Oldest use first; the sort's own lists are two large blocks,
-        # given back when it is done.
-        order = sorted(entries, key=lambda d: entries[d].persisted)
-        entries = {d: entries[d] for d in order}
-        scan = Scan(entries, refs, strays, linked, referrers_of(refs), sum(e.size for e in entries.values()))
-        if len(entries) >= FREEZE_EVERY:
-            _freeze()
-        return scan
-
-
-#: Entries indexed between two freezes of the garbage collector.
-FREEZE_EVERY = 65536
-
-
-def _freeze() -> None:
-    """
-    Move every object the garbage collector tracks out of its reach
-    (``gc.freeze``): the index's entries hold no cycles (refcounts free
-    them), and each full collection would otherwise walk all of them with
-    the GIL held, stalling the reactor for a second or more on a store of a
-    million.  What it also freezes is the process's start-up state, which
-    lives as long anyway.
-    """
-    gc.freeze()
+                    linked[digest] = keys
+        declared = {ref: size for rs in refs.values() for ref, size in rs if size is not None}
+        found.sort(key=lambda t: t[0])
+        entries: "OrderedDict[Digest, Entry]" = OrderedDict()
+        for mtime, digest, size in found:
+            kind = MANIFEST if digest in refs else BLOB
+            entries[digest] = Entry(declared.get(digest, size), kind, mtime, mtime)
+        return Scan(entries, refs, strays, linked)
 
 
 _HEX = {alg: re.compile(f"[0-9a-f]{{{n}}}") for alg, n in ALGORITHMS.items()}

@@ -419,30 +419,6 @@ class LinksTableTests(SynchronousTestCase):
         self.assertEqual(rig.store.index.links.keys(digest), [])
 
 
-class ScanReaderTests(SynchronousTestCase):
-    def test_identical_small_files_share_one_tuple_and_big_ones_are_not_remembered(self):
-        """
-        The start-up scan's reader gives every links file with the same
-        bytes one tuple of interned keys, but remembers only files up to
-        MEMO_FILE bytes, so what it holds is bounded whatever the files are.
-        """
-        root = self.mktemp()
-        os.makedirs(root)
-        small = links.line(("docker.io", "library/a"))
-        big = b"".join(links.line(("docker.io", f"team/r{i}")) for i in range(links.MEMO_FILE // 10))
-        self.assertGreater(len(big), links.MEMO_FILE)
-        for name, data in (("s1", small), ("s2", small), ("b1", big), ("b2", big)):
-            with open(os.path.join(root, name), "wb") as f:
-                f.write(data)
-        read = links.reader()
-        s1, s2, b1, b2 = (read(os.path.join(root, n)) for n in ("s1", "s2", "b1", "b2"))
-        self.assertEqual(s1, (("docker.io", "library/a"),))
-        self.assertIs(s1, s2)
-        self.assertEqual(b1, b2)
-        self.assertIsNot(b1, b2)
-        self.assertEqual(read(os.path.join(root, "missing")), ())
-
-
 class DeferredHead(SynchronousTestCase):
     """The hand-fed upstream's HEAD is a Deferred the test answers: confirmation waits for it."""
 
