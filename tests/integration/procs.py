@@ -111,7 +111,7 @@ class Regcache:
                 wait_http(self.url + "/readyz", proc=self.proc, context=self.context)
                 # /readyz does not wait for the start-up index; the tests
                 # that evict or count what is cached need it done.
-                wait_for(lambda: self._indexed() > indexed, timeout=20, what="the start-up index")
+                wait_for(lambda: self._indexed() > indexed, timeout=60, what="the start-up index")
             except (RuntimeError, TimeoutError, AssertionError) as e:
                 self.failed(str(e))
         return self
