@@ -241,25 +241,60 @@ class Run:
             self.retire(m)
 
     def manifests(self) -> None:
-        """Requests/s and p99 of cached manifest GET and HEAD, by digest and by tag."""
-        secs, conns = self.args.duration, self.args.connections
+        """
+        Requests/s, p50 and p99 of cached manifest GET (wrk) and HEAD (ab),
+        by digest and by tag, at ``--connections`` and 256 connections:
+        regcache, the reference, and nginx serving the same manifest bytes
+        as a static file under the same paths with the headers regcache
+        answers with (the limit for this machine).
+        """
+        secs = self.args.duration
         reps = self.args.heavy_reps
+        image = self.images["small"]
+        paths = {by: f"/v2/{image.name}/manifests/{ref}" for by, ref in (("digest", image.digest), ("tag", image.tag))}
+        nginx = self._manifest_nginx(paths["digest"], paths.values())
         self.settle()
-        for rep in range(reps):
-            log(f"manifest load, repetition {rep + 1}/{reps}")
-            for label in MIRRORS:
-                m = self.warm[label]
-                image = self.images["small"]
-                before = self._usage(label)
-                for by, ref in (("digest", image.digest), ("tag", image.tag)):
-                    url = f"{m.url}/v2/{image.name}/manifests/{ref}"
-                    # One request first: the tag's check (and the cache's
-                    # entry for this Accept list) happens outside the load.
-                    self.attempt(f"{label} warm-up {by}", measure.get, url)
-                    load = self.r[label].setdefault("manifest", {})
-                    self.add(load, f"get_{by}", self.attempt(f"{label} GET by {by}", measure.wrk, url, secs, conns))
-                    self.add(load, f"head_{by}", self.attempt(f"{label} HEAD by {by}", measure.ab_head, url, secs, conns))
-                self._add_cpu(label, "cpu_manifests", before)
+        try:
+            for rep in range(reps):
+                log(f"manifest load, repetition {rep + 1}/{reps}")
+                for label in (*MIRRORS, "nginx"):
+                    base = nginx.url.rsplit("/", 1)[0] if label == "nginx" else self.warm[label].url
+                    before = self._usage(label)
+                    for by, path in paths.items():
+                        url = base + path
+                        # One request first: the tag's check (and the cache's
+                        # entry for this Accept list) happens outside the load.
+                        self.attempt(f"{label} warm-up {by}", measure.get, url)
+                        load = self.r[label].setdefault("manifest", {})
+                        for conns in sorted({self.args.connections, 256}):
+                            suffix = "" if conns == self.args.connections else f"_c{conns}"
+                            self.add(load, f"get_{by}{suffix}", self.attempt(
+                                f"{label} GET by {by}, {conns} connections", measure.wrk, url, secs, conns))
+                            self.add(load, f"head_{by}{suffix}", self.attempt(
+                                f"{label} HEAD by {by}, {conns} connections", measure.ab_head, url, secs, conns))
+                    self._add_cpu(label, "cpu_manifests", before)
+        finally:
+            nginx.stop()
+
+    def _manifest_nginx(self, digest_path: str, paths) -> "servers.Nginx":
+        """
+        nginx serving the bytes regcache answers a manifest GET with, under
+        ``paths``, with the same headers but those nginx makes itself.
+        """
+        import urllib.request
+
+        req = urllib.request.Request(self.warm["regcache"].url + digest_path, headers={"Accept": measure.ACCEPT})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body, headers = r.read(), dict(r.headers)
+        kept = {k: v for k, v in headers.items()
+                if k.lower() not in ("date", "server", "content-length", "connection", "keep-alive")}
+        file = os.path.join(self.dir, "manifest.json")
+        with open(file, "wb") as f:
+            f.write(body)
+        self.r["meta"]["manifest_headers"] = kept
+        blob = self.large_layer
+        return servers.Nginx(self.dir, servers._blob_file(self.upstream.storage, blob["digest"]),
+                             static=[(p, file, kept) for p in paths]).start()
 
     def mixed(self) -> None:
         """
@@ -407,6 +442,99 @@ class Run:
             if not self.args.keep:
                 shutil.rmtree(storage, ignore_errors=True)
 
+    def cold(self) -> None:
+        """
+        Time to first byte of a cold blob: each of the cold image's 20
+        layers fetched once with curl from a fresh regcache (nothing
+        cached: its first request also fetches regcache's token) and once
+        straight from the upstream with a token in hand, taking turns blob
+        by blob.  The median of each, and their difference, is the figure;
+        the whole downloads' times are kept too.
+        """
+        image = self.images["cold"]
+        reps = self.args.heavy_reps
+        token = measure.bearer(self.upstream.url, image.name)
+        for rep in range(reps):
+            self.settle()
+            log(f"cold time to first byte, 20 blobs, repetition {rep + 1}/{reps}")
+            m = self.start("regcache")
+            try:
+                for layer in image.layers:
+                    path = f"/v2/{image.name}/blobs/{layer['digest']}"
+                    self.add(self.r["direct"].setdefault("cold_blob", {}), "samples",
+                             self.attempt("direct cold blob", measure.first_byte, self.upstream.url + path, token))
+                    self.add(self.r["regcache"].setdefault("cold_blob", {}), "samples",
+                             self.attempt("regcache cold blob", measure.first_byte, m.url + path))
+            finally:
+                self.retire(m)
+
+    def bigstore(self) -> None:
+        """
+        regcache on a synthetic store of ``--bigstore-blobs`` blobs
+        (bench/bigstore.py: made once under --workdir, reused, and repaired
+        after the eviction it suffers here).  First a plain start: seconds
+        until /readyz answers 200, until the start-up index is complete (its
+        log line, also regcache_store_indexed), RSS then, CPU seconds spent,
+        and the worst /healthz answer while indexing (the reactor's longest
+        stall).  Then a start with --max-size just below the store's size:
+        the eviction pass that follows the index, from its log line (how
+        many entries and bytes, time to choose them on the reactor, time to
+        delete them in a thread) and the worst /healthz meanwhile.
+        """
+        from bench import bigstore
+
+        n = self.args.bigstore_blobs
+        root = os.path.join(self.args.workdir, f"bigstore-{n}")
+        out = self.r["regcache"].setdefault("bigstore", {})
+        log(f"big store of {n} blobs at {root}: making or repairing it")
+        out["made"] = bigstore.make(root, n)
+        size = bigstore.store_bytes(n)
+        self.r["meta"]["bigstore_blobs"] = n
+        out["store_bytes"] = size
+        self.settle()
+        log("big store: start-up")
+        out["start"] = self.attempt("big store start-up", self._big_start, root, ())
+        limit = int(size * 0.99)
+        log(f"big store: start-up with --max-size {limit} (the store holds {size} bytes)")
+        out["evict"] = self.attempt("big store eviction", self._big_start, root, ("--max-size", str(limit)))
+        out["limit"] = limit
+
+    def _big_start(self, root: str, extra) -> dict:
+        """One start on the big store, watched until its index (and with ``extra``, the eviction) is done."""
+        m = servers.Regcache("regcache", self.dir, self.upstream.url)
+        log_path = root + ".log"
+        if os.path.exists(log_path):
+            os.unlink(log_path)
+        t = time.monotonic()
+        try:
+            m.start(root, extra=extra)
+            got = {"ready_s": time.monotonic() - t}
+            want = measure.EVICTED if extra else measure.INDEXED
+            worst, deadline = 0.0, t + 900
+            while True:
+                with open(log_path, errors="replace") as f:
+                    text = f.read()
+                if want.search(text) or time.monotonic() > deadline:
+                    break
+                a = time.monotonic()
+                measure._http(m.url + "/healthz", timeout=60)
+                worst = max(worst, time.monotonic() - a)
+                time.sleep(0.1)
+            got["done_s"] = time.monotonic() - t
+            got["worst_healthz_s"] = worst
+            found = measure.INDEXED.search(text)
+            got["index_s"] = float(found.group(1)) if found else None
+            evicted = measure.EVICTED.search(text)
+            if evicted:
+                got.update({k: float(v) for k, v in evicted.groupdict().items()})
+            usage = m.process.usage()
+            got["rss_mib"], got["cpu_s"] = _rss_now(m.process.pid), usage["cpu_s"]
+            got["peak_rss_mib"] = usage["rss_mib"]
+            return got
+        finally:
+            if m.process is not None:
+                m.stop()
+
     def _timed_start(self, storage: str, run: int) -> dict:
         m = servers.Regcache("regcache", self.dir, self.upstream.url)
         t = time.monotonic()
@@ -500,13 +628,16 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent pulls and streams")
     p.add_argument("--outage-ttl", type=float, default=5, help="regcache --tag-ttl in the outage phase")
     p.add_argument("--startup-blobs", type=int, default=10000, help="blobs in the store of the startup phase")
+    p.add_argument("--bigstore-blobs", type=int, default=1000000,
+                   help="blobs in the synthetic store of the bigstore phase (made once under --workdir, reused)")
     p.add_argument("--crowd", type=int, default=1000, help="clients at once of the crowd phase (64 MiB each)")
     p.add_argument("--crowd-reps", type=int, default=1, help="repetitions of the crowd (about a minute each)")
     p.add_argument("--idle-clients", type=int, default=10000, help="idle keep-alive connections of the crowd phase")
     p.add_argument("--workdir", default="/var/tmp/regcache-bench", help="images and run files (on disk)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, storages)")
-    p.add_argument("--phases", default="pulls,concurrent,throughput,crowd,manifests,mixed,outage,startup,shared")
+    p.add_argument("--phases",
+                   default="pulls,concurrent,cold,throughput,crowd,manifests,mixed,outage,startup,bigstore,shared")
     args = p.parse_args(argv)
     phases = args.phases.split(",")
     preflight(phases)
@@ -514,7 +645,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         run.setup()
-        for phase in ("pulls", "concurrent", "throughput", "crowd", "manifests", "mixed", "outage", "startup", "shared"):
+        for phase in ("pulls", "concurrent", "cold", "throughput", "crowd", "manifests", "mixed", "outage",
+                      "startup", "bigstore", "shared"):
             if phase in phases:
                 if phase in ("throughput", "manifests", "mixed", "outage") and not run.warm:
                     run.warm = {label: run.start(label) for label in MIRRORS}

@@ -22,7 +22,7 @@ from typing import Dict, List
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 MiB = 1024 * 1024
-VERSION = "2"  # bump when the images' bytes change, so cached layouts are rebuilt
+VERSION = "3"  # bump when the images' bytes change, so cached layouts are rebuilt
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -163,7 +163,8 @@ def build(root: str, large_mib: int = 512) -> Dict[str, Image]:
     """
     Build (or reuse) the images under ``root``: small (1 MiB), medium
     (6 layers, 60 MiB), large (one ``large_mib`` layer), crowd (one 64 MiB
-    layer, for the 1,000-client phase) and multi (an index of amd64 and
+    layer, for the 1,000-client phase), cold (20 distinct 1 MiB layers, for
+    the cold phase's time to first byte) and multi (an index of amd64 and
     arm64).  Returns them by short name.
     """
     root = os.path.join(root, f"images-v{VERSION}-{large_mib}")
@@ -175,7 +176,7 @@ def build(root: str, large_mib: int = 512) -> Dict[str, Image]:
     layout = _Layout(os.path.join(root, "oci"))
     images = {}
     for short, sizes in (("small", [1 * MiB]), ("medium", [10 * MiB] * 6), ("large", [large_mib * MiB]),
-                         ("crowd", [64 * MiB])):
+                         ("crowd", [64 * MiB]), ("cold", [1 * MiB] * 20)):
         m = layout.manifest(short, sizes)
         layout.tag(m, short)
         layers = sorted(m["layers"], key=lambda x: -x["size"])

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import IO, Dict, List, Optional
@@ -185,8 +186,47 @@ def streams(url: str, n: int, size: int, timeout: float = 120, follow: bool = Fa
             "sum": sum(speeds), "speeds": speeds}
 
 
+def bearer(registry: str, repository: str) -> str:
+    """A pull token for ``repository`` from the realm ``registry`` challenges with, as a client gets one."""
+    req = urllib.request.Request(registry + "/v2/")
+    try:
+        urllib.request.urlopen(req, timeout=30).close()
+        return ""  # no auth
+    except urllib.error.HTTPError as e:
+        challenge = e.headers.get("WWW-Authenticate", "")
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    url = f"{params['realm']}?service={urllib.parse.quote(params['service'])}&scope=repository:{repository}:pull"
+    code, body = _http(url)
+    if code != 200:
+        raise PullFailed(f"token for {repository}: {code}")
+    doc = json.loads(body)
+    return doc.get("token") or doc["access_token"]
+
+
+def first_byte(url: str, token: str = "", timeout: float = 60) -> Dict[str, float]:
+    """
+    One curl GET of ``url``: seconds to the first byte of the answer
+    (``time_starttransfer``, connect included) and to the last; raises
+    unless it is a 200.
+    """
+    cmd = ["curl", "-sS", "-o", "/dev/null", "--max-time", str(int(timeout)),
+           "-w", "%{time_starttransfer} %{time_total} %{http_code}", url]
+    if token:
+        cmd[1:1] = ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10).stdout
+    try:
+        ttfb, total, code = out.split()
+    except ValueError:
+        raise PullFailed(f"curl {url}: {out[-200:]}")
+    if code != "200":
+        raise PullFailed(f"curl {url}: {code}")
+    return {"ttfb_s": float(ttfb), "total_s": float(total)}
+
+
 #: regcache's log line when its start-up index is built (expiry.py).
 INDEXED = re.compile(r"Indexed \d+ cached files, \d+ bytes, in ([\d.]+)s")
+EVICTED = re.compile(r"Evicted (?P<entries>\d+) entries \((?P<manifests>\d+) manifests\), (?P<freed>\d+) bytes, "
+                     r"in (?P<delete_s>[\d.]+)s")
 
 
 def index_seconds(log_path: str, run: int, timeout: float = 60) -> float:
@@ -232,8 +272,8 @@ def wrk(url: str, seconds: float, connections: int) -> Dict[str, float]:
     if not m:
         raise PullFailed(f"wrk printed no result: {out[-300:]}")
     r = json.loads(m.group(1))
-    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p99_ms": r["p99_us"] / 1000,
-            "errors": r["errors"], "requests": r["requests"]}
+    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
+            "p99_ms": r["p99_us"] / 1000, "errors": r["errors"], "requests": r["requests"]}
 
 
 def ab_head(url: str, seconds: float, connections: int) -> Dict[str, float]:
@@ -242,6 +282,7 @@ def ab_head(url: str, seconds: float, connections: int) -> Dict[str, float]:
            "-H", f"Accept: {ACCEPT}", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = re.search(r"Requests per second:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s*50%\s+(\d+)", out, re.M)
     p99 = re.search(r"^\s*99%\s+(\d+)", out, re.M)
     done = re.search(r"Complete requests:\s+(\d+)", out)
     if not (rps and p99 and done):
@@ -249,7 +290,7 @@ def ab_head(url: str, seconds: float, connections: int) -> Dict[str, float]:
     failed = re.search(r"Failed requests:\s+(\d+)", out)
     non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
     errors = int(failed.group(1)) + (int(non2xx.group(1)) if non2xx else 0)
-    return {"rps": float(rps.group(1)), "p99_ms": float(p99.group(1)), "errors": errors,
+    return {"rps": float(rps.group(1)), "p50_ms": float(p50.group(1)), "p99_ms": float(p99.group(1)), "errors": errors,
             "requests": int(done.group(1))}
 
 

@@ -28,7 +28,7 @@ def _crowd(r: dict, field: str = "aggregate") -> Optional[float]:
 
 
 def _load(r: dict, key: str, field: str = "rps") -> Optional[float]:
-    return _m([x[field] for x in r.get("manifest", {}).get(key, []) if x])
+    return _m([x.get(field) for x in r.get("manifest", {}).get(key, []) if x])
 
 
 def _ratio(a, b) -> Optional[float]:
@@ -107,6 +107,41 @@ def targets(res: dict) -> List[dict]:
             f"{idle['answered']} answered, {idle['closed_by_server']} closed after {_fmt(idle.get('close_after_s_median'), 0)} s "
             f"(median); RSS {_fmt(before, 0)} → {_fmt(held, 0)} MiB held → {_fmt(idle.get('rss_after_mib'), 0)} MiB after")
 
+    cold_rc, cold_direct = _cold(rc), _cold(direct)
+    if cold_rc is not None and cold_direct is not None:
+        added = (cold_rc - cold_direct) * 1000
+        row("cold blob time to first byte, median of 20 blobs", "≤ upstream's + 5 ms", None, added <= 5,
+            f"{cold_rc * 1000:.1f} ms vs {cold_direct * 1000:.1f} ms straight from the upstream (+{added:.1f} ms)")
+
+    for by in ("digest", "tag"):
+        a, c = _load(rc, f"get_{by}"), _load(nginx, f"get_{by}")
+        r = _ratio(a, c)
+        if c is not None:
+            p99 = _load(rc, f"get_{by}", "p99_ms")
+            row(f"cached manifest GET by {by} vs nginx (same bytes and headers), 32 connections",
+                "≥ 0.5× nginx's req/s" + (", p99 ≤ 10 ms" if by == "digest" else ""), r,
+                r is not None and r >= 0.5 and (by != "digest" or (p99 is not None and p99 <= 10)),
+                f"{_fmt(a, 0)} vs {_fmt(c, 0)} req/s; p50 {_fmt(_load(rc, f'get_{by}', 'p50_ms'))} vs "
+                f"{_fmt(_load(nginx, f'get_{by}', 'p50_ms'))} ms, p99 {_fmt(p99)} vs {_fmt(_load(nginx, f'get_{by}', 'p99_ms'))} ms")
+
+    big = rc.get("bigstore", {})
+    start, evict = big.get("start") or {}, big.get("evict") or {}
+    n = res["meta"].get("bigstore_blobs")
+    if start:
+        row(f"{n} cached blobs: until /readyz answers 200", "≤ 1 s", None, start["ready_s"] <= 1,
+            f"{start['ready_s']:.2f} s; worst /healthz while indexing {start['worst_healthz_s']:.2f} s")
+        row(f"{n} cached blobs: until the index is complete", "≤ 30 s", None,
+            start.get("index_s") is not None and start["index_s"] <= 30,
+            f"{_fmt(start.get('index_s'), 1)} s by its log line ({start['done_s']:.1f} s after start); "
+            f"{start['cpu_s']:.1f} CPU-s of regcache by then")
+        row(f"{n} cached blobs: RSS once indexed", "≤ 256 MiB", None, start["rss_mib"] <= 256,
+            f"{start['rss_mib']:.0f} MiB (peak {start['peak_rss_mib']:.0f})")
+    if evict.get("entries"):
+        row(f"{n} cached blobs: one eviction pass", "–", None, None,
+            f"{evict['entries']:.0f} entries ({evict['manifests']:.0f} manifests), {evict['freed'] / 1e6:.1f} MB: "
+            f"deleted in {evict['delete_s']:.1f} s in a thread; "
+            f"worst /healthz meanwhile {evict['worst_healthz_s']:.2f} s")
+
     for key, label, goal in (("get_digest", "GET by digest", 2), ("head_digest", "HEAD by digest", 2),
                              ("get_tag", "GET by tag (in window)", 5), ("head_tag", "HEAD by tag (in window)", 5)):
         a, b = _load(rc, key), _load(ref, key)
@@ -149,12 +184,20 @@ def targets(res: dict) -> List[dict]:
     return rows
 
 
+def _cold(r: dict, field: str = "ttfb_s") -> Optional[float]:
+    return _m([x[field] for x in r.get("cold_blob", {}).get("samples", []) if x])
+
+
 def _outcome(o: Optional[dict]) -> str:
     if not o:
         return "not measured"
     if o["ok"]:
         return f"{o['seconds']:.2f} s, ok"
     return f"{o['seconds']:.2f} s, failed" + (f" ({o['status']})" if o.get("status") else "")
+
+
+def _scale(v, by: float = 1000) -> Optional[float]:
+    return None if v is None else v * by
 
 
 def _fmt(v, digits=2) -> str:
@@ -209,12 +252,24 @@ def markdown(res: dict) -> str:
                          f"{show(_stream(ref, n, field))} | {show(_stream(res['nginx'], n, field))} |")
     lines.append(f"| CPU seconds per throughput repetition | {_fmt(_m(rc.get('cpu_streams')), 1)} | "
                  f"{_fmt(_m(ref.get('cpu_streams')), 1)} | |")
-    for key in ("get_digest", "head_digest", "get_tag", "head_tag", "get_digest_busy"):
-        name = "manifest GET by digest, 4 connections, during 8 blob streams" if key == "get_digest_busy" \
-            else f"manifest {key.replace('_', ' by ')}"
+    for key in ("get_digest_busy",):
+        name = "manifest GET by digest, 4 connections, during 8 blob streams"
         lines.append(f"| {name}: req/s, p99 ms, errors | "
                      f"{_fmt(_load(rc, key), 0)}, {_fmt(_load(rc, key, 'p99_ms'), 1)}, {_fmt(_load(rc, key, 'errors'), 0)} | "
                      f"{_fmt(_load(ref, key), 0)}, {_fmt(_load(ref, key, 'p99_ms'), 1)}, {_fmt(_load(ref, key, 'errors'), 0)} | |")
+    ng = res["nginx"]
+    for key in ("get_digest", "head_digest", "get_tag", "head_tag"):
+        for conns, suffix in ((meta.get("connections", 32), ""), (256, "_c256")):
+            k = key + suffix
+            if _load(rc, k) is None and _load(ng, k) is None:
+                continue
+            cells = [f"{_fmt(_load(x, k), 0)} req/s, p50 {_fmt(_load(x, k, 'p50_ms'), 1)}, "
+                     f"p99 {_fmt(_load(x, k, 'p99_ms'), 1)} ms, {_fmt(_load(x, k, 'errors'), 0)} errors"
+                     for x in (rc, ref, ng)]
+            lines.append(f"| manifest {key.replace('_', ' by ')}, {conns} connections | " + " | ".join(cells) + " |")
+    for field, name in (("ttfb_s", "time to first byte"), ("total_s", "whole download")):
+        lines.append(f"| cold 1 MiB blob, {name}, median of 20 (ms) | {_fmt(_scale(_cold(rc, field)), 1)} | | "
+                     f"{_fmt(_scale(_cold(res['direct'], field)), 1)} |")
     lines.append(f"| CPU seconds per manifest-load repetition | {_fmt(_m(rc.get('cpu_manifests')), 1)} | "
                  f"{_fmt(_m(ref.get('cpu_manifests')), 1)} | |")
     lines.append(f"| peak RSS of any instance (MiB) | {_fmt(_peak_rss(rc), 0)} | {_fmt(_peak_rss(ref), 0)} | |")

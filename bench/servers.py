@@ -253,13 +253,20 @@ class Upstream:
 
 
 class Nginx:
-    """nginx with sendfile serving one file: the practical limit for a warm blob."""
+    """
+    nginx with sendfile serving one file: the practical limit for a warm
+    blob.  ``static`` adds exact paths served from files with given headers
+    (a cached manifest's bytes under the URL and headers a mirror answers
+    with): the practical limit for a manifest.
+    """
 
-    def __init__(self, run_dir: str, file_path: str):
+    def __init__(self, run_dir: str, file_path: str, static=()):
         self.dir = os.path.join(run_dir, "nginx")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/blob"
         self.file_path = file_path
+        #: (URL path, file, {header: value}) each.
+        self.static = list(static)
         self.process: Optional[Process] = None
 
     def start(self) -> "Nginx":
@@ -270,6 +277,12 @@ class Nginx:
         os.symlink(self.file_path, link)
         conf = os.path.join(self.dir, "nginx.conf")
         d = self.dir
+        locations = []
+        for path, file, headers in self.static:
+            lines = [f'alias {file};', 'types { }', f'default_type "{headers["Content-Type"]}";', "etag off;"]
+            lines += [f"add_header {k} '{v}' always;" for k, v in headers.items() if k != "Content-Type"]
+            locations.append(f"location = {path} {{ {' '.join(lines)} }}")
+        static = "\n    ".join(locations)
         with open(conf, "w") as f:
             f.write(f"""
 daemon off;
@@ -293,6 +306,7 @@ http {{
   server {{
     listen 127.0.0.1:{self.port};
     location / {{ root {d}/www; }}
+    {static}
   }}
 }}
 """)

@@ -80,6 +80,7 @@ class Expiry(Service):
         if metrics is not None:
             metrics.store_bytes.set_function(lambda: self.index.stored)
             metrics.store_entries.set_function(lambda: len(self.index))
+            metrics.store_indexed.set_function(lambda: 1 if self.index.ready else 0)
             metrics.store_limit.set_function(lambda: math.inf if self.limit is None else self.limit)
 
     @property

@@ -171,6 +171,11 @@ class Metrics:
         self.store_entries = Gauge(
             "regcache_store_entries", "Blobs and manifests in the cache", registry=r
         )
+        self.store_indexed = Gauge(
+            "regcache_store_indexed",
+            "1 once the start-up index of the store is complete (eviction runs from then on), else 0",
+            registry=r,
+        )
         # ``result``: confirmed, unknown (upstream has no such content in
         # that repository) or failed (upstream could not answer).
         self.link_confirmations = Counter(

@@ -2,9 +2,13 @@
 """
 What ``/readyz`` answers: whether this process should be sent clients.
 
-It is ready once the store's start-up index has loaded (before that the
-store's size is unknown and eviction cannot run) and while the store can be
-written.  Writability is probed in the store's thread pool every
+It is ready as soon as the port is open, while the store can be written.
+The start-up index is not waited for: on a store of a million blobs it takes
+seconds, and the store serves meanwhile (a lookup it cannot answer from the
+index goes to the disk; regcache.store).  Only eviction waits for it, so a
+cache started at its limit may pass the limit by what it downloads during
+those seconds.  ``regcache_store_indexed`` and the log line ``Indexed ...``
+say when it is done.  Writability is probed in the store's thread pool every
 ``EVERY`` seconds and the answer cached, so the probe request itself never
 touches the disk.
 
@@ -68,7 +72,6 @@ class Readiness(Service):
     EVERY = 10.0
 
     def __init__(self, store, run: Callable[..., Deferred], clock):
-        self.index = store.index
         self.root = store.root
         self.run = run
         #: Why the store cannot be written, or None.  Store.prepare() wrote
@@ -80,8 +83,6 @@ class Readiness(Service):
 
     def problem(self) -> Optional[str]:
         """None when ready; otherwise what stands in the way, in words."""
-        if not self.index.ready:
-            return "the store is still being indexed"
         if self.unwritable is not None:
             return f"the store cannot be written: {self.unwritable}"
         return None

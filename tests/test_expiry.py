@@ -8,12 +8,13 @@ evicted while it is read or written.
 import json
 import os
 import shutil
+from collections import OrderedDict
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.expiry import Expiry
-from regcache.index import BLOB, MANIFEST, TOUCH_EVERY
+from regcache.index import BLOB, MANIFEST, TOUCH_EVERY, Scan
 from regcache.reference import Digest
 from regcache.manifests import Manifest
 from regcache.store import Store
@@ -287,6 +288,22 @@ class EvictionTests(Base):
         text = self.rig.client("/metrics").body().decode()
         self.assertIn('regcache_evicted_total{kind="blob"} 2.0', text)
         self.assertIn("regcache_store_bytes 8000.0", text)
+
+
+    def test_the_index_gauge_says_when_the_start_up_index_is_complete(self):
+        """
+        regcache_store_indexed is 0 while the start-up scan runs (/readyz
+        does not wait for it) and 1 once it has loaded.
+        """
+        rig = Rig()
+        self.addCleanup(shutil.rmtree, rig.root, True)
+        scans = []
+        rig.store.scan = lambda: scans.append(Deferred()) or scans[-1]
+        Expiry(rig.store, self.limit, rig.reactor, rig.metrics).startService()
+        value = rig.metrics.registry.get_sample_value
+        self.assertEqual(value("regcache_store_indexed"), 0)
+        scans[0].callback(Scan(OrderedDict(), {}))
+        self.assertEqual(value("regcache_store_indexed"), 1)
 
 
 class ManifestTests(Base):

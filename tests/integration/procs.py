@@ -135,6 +135,7 @@ class Regcache:
                 "--storage", self.storage, *(["--upstream", self.upstream] if self.upstream else []), *self.args,
             ]
             logged = self._log_size()
+            indexed = self._indexed()
             with open(self.stderr_path, "ab") as stderr:
                 self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=stderr, preexec_fn=self._limits if self.open_files else None)
@@ -145,6 +146,9 @@ class Regcache:
                 wait_for(lambda: self._listening(logged) or self.proc.poll() is not None, 20,
                          "regcache to say it listens, or to exit")
                 if self.proc.poll() is None:
+                    # /readyz does not wait for the start-up index; the tests
+                    # that evict or count what is cached need it done.
+                    wait_for(lambda: self._indexed() > indexed, timeout=60, what="the start-up index")
                     return self
                 why = f"process exited with {self.proc.returncode}; another process answered on port {self.port}"
             except (RuntimeError, TimeoutError, AssertionError) as e:
@@ -176,6 +180,11 @@ class Regcache:
         if not self.listen.startswith(("tcp:", "ssl:")):
             return True
         return re.search(rf"regcache serving .*? on \S*:{self.port}\b", self._log_since(offset)) is not None
+
+    def _indexed(self) -> int:
+        """How many start-up indexes this log records as ended (done or failed)."""
+        log = self.log()
+        return log.count("Indexed ") + log.count("Indexing the store failed")
 
     def _limits(self) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
