@@ -41,12 +41,13 @@ from regcache.s3 import StorageError
 #: take before this replica fetches alone: the deadline the shared level
 #: gives a look into the bucket (regcache.shared), which comes just before
 #: it on the same path.  A store on the cluster's network answers in
-#: milliseconds and a cloud bucket in tens of them, yet claims over a
-#: second were seen with three replicas and SeaweedFS on one loaded 2-core
-#: machine, falling back for nothing.  A bucket slower than this is in
-#: trouble, and a client waiting longer for its first byte loses more than
-#: the duplicate fetch a fallback costs.
-LEASE_DEADLINE = 2.0
+#: milliseconds and a cloud bucket in tens of them, yet claims over two
+#: seconds were seen with three replicas, SeaweedFS and eight hashing
+#: clients on one 2-core machine, each such claim falling back to a second
+#: upstream fetch of a 110 MiB layer for nothing.  A bucket slower than this
+#: is in trouble, and a client waiting longer for its first byte loses more
+#: than the duplicate fetch a fallback costs.
+LEASE_DEADLINE = 5.0
 
 #: Leases held at once: one per fill under way that won one.  Past it, a
 #: fill fetches without a lease, so the table cannot grow with client input.
@@ -198,6 +199,12 @@ class Leases:
             except StorageError as e:
                 return await self._fetch_alone(upstream, name, digest, "unavailable", str(e))
             if holder is None:
+                # The holder before may have shared it and let its lease go
+                # between this replica's look into the bucket and its claim.
+                stream = await look(start) if look is not None else None
+                if stream is not None:
+                    self.release(digest)
+                    return stream, False
                 return await self._fetch(upstream, name, digest), True
             try:
                 stream = await self.peers.open(holder.holder, digest, start,

@@ -305,8 +305,23 @@ class LeasesTests(SynchronousTestCase):
         del self.bucket.objects[NAME]
         resumed = self.successResultOf(Deferred.fromCoroutine(stream[3](1234)))
         self.assertEqual(resumed, ("upstream stream", DIGEST))
-        self.assertEqual(looked, [1234])
+        # Before the claim, and again once it is won.
+        self.assertEqual(looked, [1234, 1234])
         self.assertTrue(self.leases.fetching(DIGEST))
+
+    def test_a_claim_won_after_the_holder_shared_the_blob_reads_the_bucket(self):
+        """
+        The holder before may have shared the blob and let its lease go
+        between this replica's look into the bucket and its claim: the won
+        claim looks once more, reads the bucket's copy, and gives the lease
+        back, so upstream is not asked twice.
+        """
+        async def look(offset):
+            return ("bucket stream", offset)
+
+        self.assertEqual(self.successResultOf(self.source(look=look)), (("bucket stream", 0), False))
+        self.assertFalse(self.leases.fetching(DIGEST))
+        self.assertNotIn(NAME, self.bucket.objects)
 
     def test_a_forward_resumes_at_its_offset(self):
         """A resume that finds a live holder asks it for the rest, from the offset reached."""
