@@ -95,7 +95,9 @@ def test_eight_clients_on_three_replicas_cause_one_upstream_get_per_blob(replica
     assert [p.digest for p in pulls] == [p.url.rsplit("/", 1)[1] for p in pulls]
     gets = hub.stats()["cdn_blob_gets"]
     assert {b.digest: gets.get(b.digest, 0) for b in image.blobs()} == {b.digest: 1 for b in image.blobs()}
-    assert _total(reps, "regcache_leases_total", result="won") == len(image.blobs())
+    # A claim may also be won just after the holder shared the blob and let
+    # its lease go: that one reads the bucket (the GETs above are still one).
+    assert _total(reps, "regcache_leases_total", result="won") >= len(image.blobs())
     assert _total(reps, "regcache_forwards_total", direction="sent", result="ok") >= 1
     assert _total(reps, "regcache_coordinator_fallbacks_total", reason="unavailable") == 0
 
@@ -192,7 +194,9 @@ def test_leases_in_redis_give_one_upstream_get_per_blob_and_redis_down_fails_no_
     assert [(p.error, p.digest) for p in pulls] == [(None, p.url.rsplit("/", 1)[1]) for p in pulls]
     gets = hub.stats()["cdn_blob_gets"]
     assert {b.digest: gets.get(b.digest, 0) for b in image.blobs()} == {b.digest: 1 for b in image.blobs()}
-    assert _total(reps, "regcache_leases_total", result="won") == len(image.blobs())
+    # A claim may also be won just after the holder shared the blob and let
+    # its lease go: that one reads the bucket (the GETs above are still one).
+    assert _total(reps, "regcache_leases_total", result="won") >= len(image.blobs())
     wait_for(lambda: redis_server.keys("regcache:leases/*") == [], what="the leases to be released")
     redis_server.kill()
     small = images["library/small:1"].blobs()[0]
