@@ -143,7 +143,7 @@ MODES = {
     "shared-everything": merged(SHARED, {
         "storage": {"local": {"volume": "ephemeral", "storageClass": "local-ssd"},
                     "s3": {"existingSecret": "", "accessKey": "GOOG1EEXAMPLE", "secretKey": "hmac-secret",
-                           "redirect": True, "prefix": "regcache/"},
+                           "redirect": True, "prefix": "regcache/", "sweepInterval": "15m"},
                     "leases": {"ttl": "20s", "redis": "redis://redis:6379"}},
         "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 9},
         "scaleOut": {"localityHint": True},
@@ -1054,8 +1054,8 @@ def resolved_env(objects, tmp_path):
 
 def test_shared_settings_reach_regcache_as_it_loads_them(tmp_path):
     """
-    The bucket's endpoint, name, region, prefix, size limit and redirect
-    flag, the credentials (the access key from a secretKeyRef, the secret
+    The bucket's endpoint, name, region, prefix, size limit, sweep
+    interval and redirect flag, the credentials (the access key from a secretKeyRef, the secret
     key as a mounted file), the lease settings and the address peers
     forward to (the pod IP from the downward API) are what regcache's own
     config loader makes of the pod's environment.
@@ -1070,14 +1070,15 @@ def test_shared_settings_reach_regcache_as_it_loads_them(tmp_path):
     assert (bucket.access_key, bucket.secret_key) == ("GOOG1EEXAMPLE", "hmac-secret")
     assert shared.advertise == "http://10.8.0.7:5000"
     assert shared.redirect is True
-    assert shared.max_size == 2 * 2 ** 40
+    assert (shared.max_size, shared.sweep_interval) == (2 * 2 ** 40, 900.0)
     assert (shared.lease_ttl, shared.redis) == (20.0, "redis://redis:6379")
     variables = env(objects)
     assert "REGCACHE_S3_SECRET_KEY" not in variables
     assert [e["name"] for e in container(objects)["env"]].index("POD_IP") < \
         [e["name"] for e in container(objects)["env"]].index("REGCACHE_ADVERTISE")
     plain = load({}, resolved_env(render(SHARED)[0], tmp_path)).shared
-    assert (plain.redirect, plain.lease_ttl, plain.redis, plain.bucket.prefix) == (False, 30.0, None, "")
+    assert (plain.redirect, plain.lease_ttl, plain.redis, plain.bucket.prefix, plain.sweep_interval) == (
+        False, 30.0, None, "", 300.0)
     assert plain.bucket.access_key == "GOOG1EMANAGED"
 
 
@@ -1308,6 +1309,7 @@ def test_seaweedfs_is_reached_by_regcache_pods_only():
      "/storage/s3/endpoint"),
     ({"storage": {"backend": "s3", "s3": {"endpoint": "https://s3.example", "bucket": "mirror-cache"}}}, "/storage/s3"),
     ({"storage": {"s3": {"maxSize": "lots"}}}, "/storage/s3/maxSize"),
+    ({"storage": {"s3": {"sweepInterval": "often"}}}, "/storage/s3/sweepInterval"),
     ({"storage": {"leases": {"ttl": "soon"}}}, "/storage/leases/ttl"),
     ({"storage": {"leases": {"redis": "http://redis:6379"}}}, "/storage/leases/redis"),
     ({"storage": {"local": {"volume": "hostPath"}}}, "/storage/local/volume"),

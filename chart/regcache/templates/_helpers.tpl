@@ -306,7 +306,7 @@ spec:
         - name: REGCACHE_S3_REDIRECT
           value: "true"
         {{- end }}
-        {{- range $name, $value := dict "REGCACHE_S3_REGION" .s3.region "REGCACHE_S3_PREFIX" .s3.prefix "REGCACHE_S3_MAX_SIZE" .s3.maxSize "REGCACHE_LEASE_TTL" .leases.ttl "REGCACHE_REDIS" .leases.redis }}
+        {{- range $name, $value := dict "REGCACHE_S3_REGION" .s3.region "REGCACHE_S3_PREFIX" .s3.prefix "REGCACHE_S3_MAX_SIZE" .s3.maxSize "REGCACHE_S3_SWEEP_INTERVAL" .s3.sweepInterval "REGCACHE_LEASE_TTL" .leases.ttl "REGCACHE_REDIS" .leases.redis }}
         {{- if $value }}
         - name: {{ $name }}
           value: {{ $value | quote }}
