@@ -17,6 +17,7 @@ hold.
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
@@ -47,6 +48,11 @@ MAX_BUCKET_LOOKS = 1024
 
 #: A media type (RFC 6838's restricted names), as an artifactType filter
 #: must be before it goes upstream and into a cache key.
+#: Repositories remembered as having no referrers API upstream (a 404),
+#: the least recently told forgotten first: a bound on what requests
+#: for many names can make the mirror hold.
+MAX_NO_REFERRERS = 4096
+
 _MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 
 
@@ -122,6 +128,9 @@ class Mirror:
         #: (manifests, tags, links), each ended by the shared level's deadline.
         self._bucket_looks = SingleFlight()
         self._referrers_gets = SingleFlight()
+        #: (upstream, repository) -> clock seconds of upstream's last 404
+        #: to a referrers request there (see ``referrers``).
+        self._no_referrers: "OrderedDict[RepoKey, float]" = OrderedDict()
         self._confirmations = SingleFlight()
 
     # Manifests
@@ -586,7 +595,11 @@ class Mirror:
         window, else asked again, and the last one served stale while
         upstream fails.  Upstream's 404 (no referrers API) is passed on even
         with a copy at hand: it is an answer, not an outage, and it sends
-        clients to the ``sha256-<hex>`` tags.
+        clients to the ``sha256-<hex>`` tags.  It is kept like a tag too:
+        within the window every subject of that repository gets the 404
+        from memory, so a registry without the API costs one request per
+        repository and window, not one per signature lookup (cosign,
+        notation and oras each ask before they fall back to the tags).
         """
         if artifact_type is not None and not _MEDIA_TYPE_RE.fullmatch(artifact_type):
             raise RegistryError("UNSUPPORTED", "artifactType must be a media type", status=400)
@@ -594,13 +607,18 @@ class Mirror:
             # Nothing, cached or not, says of a subject that is not the
             # repository's which artifacts refer to it.
             await self._confirmed(route, digest, "manifest")
+        what = f"the referrers of {route.name}@{digest}"
+        repository = _repository(route)
+        told = self._no_referrers.get(repository)
+        if told is not None and self.clock.seconds() - told < route.registry.tag_ttl:
+            self.metrics.cache.labels("referrers", "hit").inc()
+            raise _no_referrers_api(what)
         key = ReferrersKey(route.registry.name, route.name, str(digest), artifact_type)
         known = await self.referrers_cache.get(key)
         if known is not None and self.policy.fresh(route, known):
             self.metrics.cache.labels("referrers", "hit").inc()
             return ReferrersAnswer(known.body, known.filtered, "hit")
         fallback = known if self.policy.stale_allowed(route, known) else None
-        what = f"the referrers of {route.name}@{digest}"
         if fallback is not None and not route.client.may_fetch:
             self.metrics.cache.labels("referrers", "stale").inc()
             return ReferrersAnswer(fallback.body, fallback.filtered, "stale", STALE_WARNING)
@@ -609,8 +627,11 @@ class Mirror:
             entry = await self._referrers_gets.run(key, lambda: Deferred.fromCoroutine(
                 self._fetch_referrers(route, digest, key, retry=fallback is None)))
         except UpstreamNotFound:
-            raise RegistryError("NAME_UNKNOWN", f"{what}: upstream offers no referrers API for it "
-                                "(look for a sha256-<hex> tag)")
+            self._no_referrers.pop(repository, None)
+            self._no_referrers[repository] = self.clock.seconds()
+            while len(self._no_referrers) > MAX_NO_REFERRERS:
+                self._no_referrers.popitem(last=False)
+            raise _no_referrers_api(what)
         except UpstreamError as e:
             if fallback is None:
                 if e.status == 502:
@@ -653,6 +674,11 @@ class Mirror:
 def _repository(route: Route) -> RepoKey:
     """The key links are kept under: the upstream, and the repository as it names it."""
     return route.registry.name, route.name
+
+
+def _no_referrers_api(what: str) -> RegistryError:
+    return RegistryError("NAME_UNKNOWN", f"{what}: upstream offers no referrers API for it "
+                         "(look for a sha256-<hex> tag)")
 
 
 def _may_fetch(route: Route, what: str) -> None:

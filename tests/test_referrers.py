@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 from twisted.trial.unittest import SynchronousTestCase
 
 from regcache.manifests import check_index
+from regcache import mirror
 from regcache.mirror import STALE_WARNING
 from tests.fakes.images import COSIGN_SIG
 from tests.support import HubRig
@@ -134,11 +135,43 @@ class ReferrersTests(SynchronousTestCase):
         self.assertEqual(code(c), "NAME_UNKNOWN")
 
     def test_404_is_not_cached_as_an_index(self):
-        """A 404 leaves no entry behind: the API turned on upstream is seen on the next request."""
+        """A 404 leaves no index behind: the API turned on upstream is seen once the window has passed."""
         self.rig.hub.referrers_api = False
         self.rig.get(self.path)
         self.rig.hub.referrers_api = True
+        self.rig.pass_time(61)
         self.assertEqual(self.rig.get(self.path).status(), 200)
+
+    def test_404_kept_for_the_window_per_repository(self):
+        """
+        Within the tag window a repository whose upstream has no referrers
+        API answers every subject's lookup with the 404 from memory: one
+        upstream request, not one per signature check.  Another repository
+        still asks.
+        """
+        self.rig.hub.referrers_api = False
+        other = self.rig.images["library/multi:1"].digest
+        signature = self.rig.signature.digest
+        for path in (self.path, f"/v2/library/small/referrers/{signature}", self.path):
+            c = self.rig.get(path)
+            self.assertEqual((c.status(), code(c)), (404, "NAME_UNKNOWN"), path)
+        self.assertEqual(self.gets(), 1)
+        self.assertEqual(self.rig.get(f"/v2/library/multi/referrers/{other}").status(), 404)
+        self.assertEqual(self.gets(), 2)
+        self.rig.pass_time(61)
+        self.assertEqual(self.rig.get(self.path).status(), 404)
+        self.assertEqual(self.gets(), 3)
+
+    def test_404s_remembered_are_bounded(self):
+        """Past MAX_NO_REFERRERS repositories the least recently told is forgotten, and asked again."""
+        self.patch(mirror, "MAX_NO_REFERRERS", 1)
+        self.rig.hub.referrers_api = False
+        other = self.rig.images["library/multi:1"].digest
+        multi = f"/v2/library/multi/referrers/{other}"
+        for path in (self.path, multi, self.path):
+            self.assertEqual(self.rig.get(path).status(), 404)
+        self.assertEqual(self.gets(), 3)
+        self.assertEqual(len(self.rig.mirror._no_referrers), 1)
 
     def test_404_even_with_a_cached_copy(self):
         """Upstream's 404 is its answer, not an outage: a cached index does not stand in for it."""

@@ -58,8 +58,9 @@ def test_referrers_pull_of_a_signature(hub, regcache, images):
 def test_fallback_to_the_sig_tag(hub, regcache, images, tmp_path):
     """
     With the upstream's referrers API off, regcache answers 404 as upstream
-    did, and the sha256-<hex>.sig tag a client then falls back to pulls
-    through with skopeo, byte for byte.
+    did, and again from memory within the tag window (no second request
+    upstream), and the sha256-<hex>.sig tag a client then falls back to
+    pulls through with skopeo, byte for byte.
     """
     hub.referrers(False)
     rc = regcache()
@@ -67,6 +68,11 @@ def test_fallback_to_the_sig_tag(hub, regcache, images, tmp_path):
     tag, sig = signature(hub, images)
     status, _, body = rc.get(f"/v2/library/small/referrers/{subject}")
     assert status == 404, body
+    asked = hub.stats()["referrers_gets"]
+    assert sum(asked.values()) == 1
+    status, _, again = rc.get(f"/v2/library/small/referrers/{subject}")
+    assert (status, again) == (404, body)
+    assert hub.stats()["referrers_gets"] == asked
 
     dest = str(tmp_path / "sig")
     r = skopeo_pull(f"{rc.host}/library/small:{tag}", dest)
