@@ -234,12 +234,19 @@ class SharedLevel:
         return stream
 
     async def _look(self, upstream: Remote, name: str, digest: Digest, offset: int) -> Optional[BlobStream]:
-        """The bucket's copy from ``offset``, or None when it has none or cannot say."""
+        """
+        The bucket's copy from ``offset``, or None when it has none or cannot
+        say: the coordinator's second look, counted like the first, since a
+        fill may read the bucket from here.
+        """
         try:
-            return await self._bucket_stream(upstream, name, digest, offset)
+            stream = await self._bucket_stream(upstream, name, digest, offset)
         except StorageError as e:
+            self.metrics.shared_lookups.labels("blob", "failed").inc()
             self.log.warn("The bucket cannot be read for {digest}: {error}", digest=str(digest), error=str(e))
             return None
+        self.metrics.shared_lookups.labels("blob", "hit" if stream is not None else "miss").inc()
+        return stream
 
     async def blob_size(self, digest: Digest) -> Optional[int]:
         """The size of the bucket's copy of ``digest``, for a HEAD: None when it has none or cannot say."""

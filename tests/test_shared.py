@@ -220,6 +220,42 @@ class BlobPathTests(LevelCase):
         self.assertEqual(_metric(self.metrics, "shared_uploads", "blob", "uploaded"), 1)
         self.assertEqual(_metric(self.metrics, "shared_lookups", "blob", "miss"), 1)
 
+    def test_a_second_look_that_finds_the_blob_is_counted_a_hit(self):
+        """
+        A fill that missed the bucket, then found the copy there on the
+        coordinator's second look (its holder shared it and let the lease go
+        meanwhile), read the bucket: that look counts too, a hit, so the
+        lookups say where the bytes came from.
+        """
+        bucket, data, digest = self.bucket, self.data, self.digest
+
+        class SharedMeanwhile(FakeCoordinator):
+            async def source(self, upstream, name, digest_, look=None, start=0):
+                bucket.objects[blob_name(digest)] = (data, "application/octet-stream", {})
+                return await look(start), False
+
+        self.level.coordinator = SharedMeanwhile()
+        _, results = self.opened()
+        self.assertEqual(results[0].source, "bucket")
+        self.assertEqual((_metric(self.metrics, "shared_lookups", "blob", "miss"),
+                          _metric(self.metrics, "shared_lookups", "blob", "hit")), (1, 1))
+
+    def test_a_second_look_that_fails_is_counted_a_failure(self):
+        """A second look the bucket errs on is a counted failure, and no stream: the coordinator goes on without it."""
+        bucket, found = self.bucket, []
+
+        class FailingMeanwhile(FakeCoordinator):
+            async def source(self, upstream, name, digest, look=None, start=0):
+                bucket.failing = True
+                found.append(await look(start))
+                return await upstream.open_blob(name, digest), True
+
+        self.level.coordinator = FailingMeanwhile()
+        self.opened()
+        self.assertEqual(found, [None])
+        self.assertEqual((_metric(self.metrics, "shared_lookups", "blob", "miss"),
+                          _metric(self.metrics, "shared_lookups", "blob", "failed")), (1, 1))
+
     def test_the_lease_is_kept_until_the_upload_ended(self):
         """Released only after the upload: another replica must not fetch what is on its way up."""
         self.opened()
