@@ -92,6 +92,7 @@ class Channel(HTTPChannel):
     _first = True
     _refused = False
     _head_timer = None
+    _host = None
     #: The cap this connection is past, if any (set by the site).
     over: Optional[str] = None
 
@@ -103,6 +104,16 @@ class Channel(HTTPChannel):
             # the idle timer: the head's deadline runs from the connection,
             # so a handshake sent a byte at a time is cut like a slow head.
             self._head_timer = self.callLater(self.site.limits.head_timeout, self._head_too_slow)
+
+    def getHost(self):
+        """
+        This end's address, asked of the socket once: Twisted's Request asks
+        for it in its constructor, a getsockname(2) per request otherwise,
+        and a connection's own address never changes.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def connectionLost(self, reason) -> None:
         self._stop_head_timer()
