@@ -15,11 +15,8 @@ from dataclasses import replace
 from urllib.parse import urlencode
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException
 
 from regcache import __version__, body
@@ -38,12 +35,6 @@ PULL_METHODS = ["GET", "HEAD"]
 #: answers it (the request is fine but for its digest).
 REFERENCE_CODES = {"name": "NAME_INVALID", "tag": "TAG_INVALID", "digest": "DIGEST_INVALID",
                    "algorithm": "DIGEST_INVALID"}
-
-
-#: The paths Klein would hand to ``RegistryRoutes.api`` unchanged: under
-#: ``/v2/``, not the base or the catalog, printable ASCII with nothing
-#: percent-encoded (werkzeug decodes those; ``api`` refuses them itself).
-_API_PATH = re.compile(rb"/v2/(?!_catalog\Z)[!-$&-.0-~][!-$&-~]*")
 
 
 def split_path(path: str):
@@ -128,54 +119,6 @@ class RegistryRoutes:
         self.status = status
         self.gate = gate
         self.peers = peers
-
-    def resource(self) -> Resource:
-        """
-        What the Site serves: every registry request of a pull goes straight
-        to ``api``, the rest (probes, the base, the status page, peers)
-        through Klein.  Klein's own work per request (binding werkzeug's map,
-        adapting the request, two maybeDeferreds, interface checks on the
-        result) costs about as much as all of twisted.web's (bench/ceiling.py),
-        and for these paths it decides nothing: ``api`` routes on the raw path.
-        """
-        return _Dispatch(self, self.app.resource())
-
-    def _answer(self, request) -> None:
-        """
-        ``api``'s answer to ``request``, as Klein would give it: the body
-        written and the request finished, errors through the same handlers,
-        and the work cancelled when the client hangs up first.
-        """
-        finished = []
-
-        def gone(reason):
-            finished.append(True)
-            if isinstance(reason, Failure):
-                d.cancel()
-
-        d = Deferred.fromCoroutine(self.api(request, None))
-        request.notifyFinish().addBoth(gone)
-        d.addErrback(self._failed, request, finished)
-        d.addCallback(self._write, request, finished)
-        d.addErrback(lambda f: self.log.failure("Unhandled error writing a response", f))
-
-    def _failed(self, failure, request, finished):
-        if finished:
-            if not failure.check(CancelledError):
-                self.log.failure("Unhandled error processing a request after its client left", failure)
-            return None
-        if failure.check(RegistryError):
-            return self.registry_error(request, failure)
-        if failure.check(InvalidReference):
-            return self.invalid_reference(request, failure)
-        return self.unexpected(request, failure)
-
-    @staticmethod
-    def _write(data, request, finished) -> None:
-        if data:
-            request.write(data)
-        if not finished:
-            request.finish()
 
     async def _identify(self, request, ping: bool = False):
         """
@@ -485,20 +428,3 @@ class RegistryRoutes:
         request.setResponseCode(500)
         request.setHeader("Content-Type", "application/json")
         return sized(request, json.dumps({"errors": [{"code": "UNKNOWN", "message": "internal error"}]}))
-
-
-class _Dispatch(Resource):
-    """The Site's root: registry API paths to RegistryRoutes.api, the rest to Klein."""
-
-    isLeaf = True
-
-    def __init__(self, routes: RegistryRoutes, klein: Resource):
-        super().__init__()
-        self.routes = routes
-        self.klein = klein
-
-    def render(self, request):
-        if _API_PATH.fullmatch(request.path) is None:
-            return self.klein.render(request)
-        self.routes._answer(request)
-        return NOT_DONE_YET

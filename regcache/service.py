@@ -191,7 +191,7 @@ def build(config, reactor, reread=None) -> MultiService:
     Logger().info("Client connections: at most {total} in all, {per} per address (open-file limit {files})",
                   total=limits.max_connections or "unlimited", per=limits.max_per_client or "unlimited",
                   files=open_files)
-    site = RegcacheSite(routes.resource(), metrics, reactor, limits)
+    site = RegcacheSite(routes.app.resource(), metrics, reactor, limits)
 
     # Before the port: the start-up scan is under way when the first
     # request arrives, and eviction waits for it.

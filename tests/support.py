@@ -224,7 +224,7 @@ class Rig:
                              docker_hub=["docker.io"], shared=bucket is not None)
         self.routes = RegistryRoutes(self.mirror, self.policy, self.metrics, self.reactor, self.readiness.problem,
                                      self.status, gate=self.gate)
-        self.site = RegcacheSite(self.routes.resource(), self.metrics, self.reactor)
+        self.site = RegcacheSite(self.routes.app.resource(), self.metrics, self.reactor)
 
     def client(self, path: str, method: str = "GET", headers=None, peer="192.168.1.1") -> "Client":
         return Client(self.site, path, method, headers or {}, peer)
