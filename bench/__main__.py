@@ -19,7 +19,7 @@ import time
 import traceback
 
 from bench import images as image_builder
-from bench import crowd, measure, report, servers, shared
+from bench import ceiling, crowd, measure, report, servers, shared
 
 MIRRORS = ("regcache", "reference")
 PULLED = ("small", "medium", "large", "multi")  # the crowd image is for the crowd phase only
@@ -246,19 +246,26 @@ class Run:
         by digest and by tag, at ``--connections`` and 256 connections:
         regcache, the reference, and nginx serving the same manifest bytes
         as a static file under the same paths with the headers regcache
-        answers with (the limit for this machine).
+        answers with (the limit for this machine); and the same bytes and
+        headers from a bare twisted.web Resource and a bare Klein route
+        (bench.ceiling: the floor of regcache's HTTP stack).
         """
         secs = self.args.duration
         reps = self.args.heavy_reps
         image = self.images["small"]
         paths = {by: f"/v2/{image.name}/manifests/{ref}" for by, ref in (("digest", image.digest), ("tag", image.tag))}
         nginx = self._manifest_nginx(paths["digest"], paths.values())
+        floors = {kind: ceiling.Ceiling(kind, self.dir, nginx.static[0][1], nginx.static[0][2]).start()
+                  for kind in ceiling.KINDS}
+        bases = {label: self.warm[label].url for label in MIRRORS}
+        bases["nginx"] = nginx.url.rsplit("/", 1)[0]
+        bases.update({kind: f.url for kind, f in floors.items()})
         self.settle()
         try:
             for rep in range(reps):
                 log(f"manifest load, repetition {rep + 1}/{reps}")
-                for label in (*MIRRORS, "nginx"):
-                    base = nginx.url.rsplit("/", 1)[0] if label == "nginx" else self.warm[label].url
+                for label, base in bases.items():
+                    self.r.setdefault(label, {})
                     before = self._usage(label)
                     for by, path in paths.items():
                         url = base + path
@@ -275,6 +282,8 @@ class Run:
                     self._add_cpu(label, "cpu_manifests", before)
         finally:
             nginx.stop()
+            for f in floors.values():
+                f.stop()
 
     def _manifest_nginx(self, digest_path: str, paths) -> "servers.Nginx":
         """
@@ -557,12 +566,12 @@ class Run:
             return {"seconds": time.monotonic() - t, "ok": False, "error": str(e)[:200]}
 
     def _usage(self, label: str) -> dict:
-        if label == "nginx":
+        if label not in MIRRORS:
             return {}
         return self.warm[label].process.usage()
 
     def _add_cpu(self, label: str, key: str, before: dict) -> None:
-        if label != "nginx":
+        if label in MIRRORS:
             self.add(self.r[label], key, self._usage(label)["cpu_s"] - before["cpu_s"])
 
     def finish(self) -> None:

@@ -37,6 +37,16 @@ def _ratio(a, b) -> Optional[float]:
     return a / b
 
 
+#: The bare HTTP stacks of bench.ceiling, serving the manifest's bytes: regcache's floor.
+FLOORS = ("twisted.web", "klein")
+
+
+def _floors(res: dict, key: str) -> str:
+    """``; twisted.web floor: N req/s, klein floor: M req/s`` for a manifest load, when measured."""
+    got = [(kind, _load(res.get(kind, {}), key)) for kind in FLOORS]
+    return "".join(f"; {kind} floor: {_fmt(rps, 0)} req/s" for kind, rps in got if rps is not None)
+
+
 def _peak_rss(r: dict) -> Optional[float]:
     values = [u.get("rss_mib") for u in r.get("instances", [])]
     values.append((r.get("warm_instance") or {}).get("rss_mib"))
@@ -122,7 +132,8 @@ def targets(res: dict) -> List[dict]:
                 "≥ 0.5× nginx's req/s" + (", p99 ≤ 10 ms" if by == "digest" else ""), r,
                 r is not None and r >= 0.5 and (by != "digest" or (p99 is not None and p99 <= 10)),
                 f"{_fmt(a, 0)} vs {_fmt(c, 0)} req/s; p50 {_fmt(_load(rc, f'get_{by}', 'p50_ms'))} vs "
-                f"{_fmt(_load(nginx, f'get_{by}', 'p50_ms'))} ms, p99 {_fmt(p99)} vs {_fmt(_load(nginx, f'get_{by}', 'p99_ms'))} ms")
+                f"{_fmt(_load(nginx, f'get_{by}', 'p50_ms'))} ms, p99 {_fmt(p99)} vs {_fmt(_load(nginx, f'get_{by}', 'p99_ms'))} ms"
+                + _floors(res, f"get_{by}"))
 
     big = rc.get("bigstore", {})
     start, evict = big.get("start") or {}, big.get("evict") or {}
@@ -267,6 +278,12 @@ def markdown(res: dict) -> str:
                      f"p99 {_fmt(_load(x, k, 'p99_ms'), 1)} ms, {_fmt(_load(x, k, 'errors'), 0)} errors"
                      for x in (rc, ref, ng)]
             lines.append(f"| manifest {key.replace('_', ' by ')}, {conns} connections | " + " | ".join(cells) + " |")
+            for kind in FLOORS:
+                floor = res.get(kind, {})
+                if _load(floor, k) is not None:
+                    lines.append(f"| {kind} floor: manifest {key.replace('_', ' by ')}, {conns} connections | | | "
+                                 f"{_fmt(_load(floor, k), 0)} req/s, p50 {_fmt(_load(floor, k, 'p50_ms'), 1)}, "
+                                 f"p99 {_fmt(_load(floor, k, 'p99_ms'), 1)} ms, {_fmt(_load(floor, k, 'errors'), 0)} errors |")
     for field, name in (("ttfb_s", "time to first byte"), ("total_s", "whole download")):
         lines.append(f"| cold 1 MiB blob, {name}, median of 20 (ms) | {_fmt(_scale(_cold(rc, field)), 1)} | | "
                      f"{_fmt(_scale(_cold(res['direct'], field)), 1)} |")

@@ -58,13 +58,9 @@ def _split(path: bytes):
     return (parts[1], parts[0]) if parts else ("other", None)
 
 
-def request_labels(path: bytes, method: bytes, code: int):
-    """(route, method, status) labels of one answered request."""
-    route, _ = _split(path)
+def _method_label(method: bytes) -> str:
     name = method.decode("latin-1")
-    if name not in REQUEST_METHODS:
-        name = "other"
-    return route, name, status_label(code)
+    return name if name in REQUEST_METHODS else "other"
 
 
 #: What a cache lookup can come to (X-Cache): "join" is a client that
@@ -94,6 +90,8 @@ class Metrics:
     def __init__(self, accounting=None, repositories=()) -> None:
         self.accounting = accounting
         self.repositories = frozenset(repositories)
+        #: count_request's series by (route, method, status, cache result) label.
+        self._answered = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -339,20 +337,36 @@ class Metrics:
         byte and its end (seconds, None when it sent nothing).
         """
         route, name = _split(path)
-        self.requests.labels(*request_labels(path, method, code)).inc()
+        key = (route, _method_label(method), status_label(code), cache if cache in CACHE_RESULTS else None)
+        series = self._answered.get(key)
+        if series is None:
+            series = self._answered[key] = self._series(*key)
+        requests, sent_bytes, first, whole = series
+        requests.inc()
         if name is not None and self.repositories:
             known = name if name in self.repositories else f"library/{name}" if "/" not in name else None
             if known in self.repositories:
                 self.repository_requests.labels(known, route).inc()
+        if sent_bytes is not None:
+            sent_bytes.inc(sent)
+        if first is not None and first_byte is not None:
+            first.observe(first_byte)
+        if whole is not None and took is not None:
+            whole.observe(took)
+
+    def _series(self, route: str, method: str, status: str, cache: Optional[str]):
+        """
+        The series one kind of answer counts into, looked up once: a
+        labels() call per series per request is a tenth of what regcache
+        itself spends on a cached manifest.  Every label is one of a fixed
+        few values, so the table of them stays small.
+        """
         kind = _TIMED.get(route)
         if kind is None:
-            return
-        if cache in CACHE_RESULTS:
-            self.cache_bytes.labels(kind, cache).inc(sent)
-        if first_byte is not None:
-            self.first_byte.labels(kind).observe(first_byte)
-        if took is not None:
-            self.duration.labels(kind).observe(took)
+            return self.requests.labels(route, method, status), None, None, None
+        return (self.requests.labels(route, method, status),
+                self.cache_bytes.labels(kind, cache) if cache is not None else None,
+                self.first_byte.labels(kind), self.duration.labels(kind))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.web.http import NO_BODY_CODES, HTTPChannel
 from twisted.web.server import Request, Site
 
 from regcache.clientauth import client_ip, within
@@ -92,6 +92,7 @@ class Channel(HTTPChannel):
     _first = True
     _refused = False
     _head_timer = None
+    _host = None
     #: The cap this connection is past, if any (set by the site).
     over: Optional[str] = None
 
@@ -103,6 +104,31 @@ class Channel(HTTPChannel):
             # the idle timer: the head's deadline runs from the connection,
             # so a handshake sent a byte at a time is cut like a slow head.
             self._head_timer = self.callLater(self.site.limits.head_timeout, self._head_too_slow)
+
+    def getHost(self):
+        """
+        This end's address, asked of the socket once: Twisted's Request asks
+        for it in its constructor, a getsockname(2) per request otherwise,
+        and a connection's own address never changes.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def checkPersistence(self, request, version) -> bool:
+        """
+        An HTTP/1.0 client that asks to keep its connection (``Connection:
+        keep-alive``: ab -k, some probes and proxies) keeps it, as nginx and
+        distribution let it: Twisted closes every HTTP/1.0 connection after
+        one answer, a TCP handshake per request.  Whether the answer can end
+        without a close is known only once its headers are set:
+        RegcacheRequest decides then.
+        """
+        if version == b"HTTP/1.0":
+            tokens = {t.strip().lower() for v in request.requestHeaders.getRawHeaders(b"connection", [])
+                      for t in v.split(b",")}
+            return b"keep-alive" in tokens and b"close" not in tokens
+        return super().checkPersistence(request, version)
 
     def connectionLost(self, reason) -> None:
         self._stop_head_timer()
@@ -219,7 +245,22 @@ class RegcacheRequest(Request):
     def write(self, data: bytes) -> None:
         if self.first_byte is None:
             self.first_byte = self._clock.seconds()
+            if self.clientproto == b"HTTP/1.0" and self.channel.persistent:
+                self._keep_alive_1_0()
         super().write(data)
+
+    def _keep_alive_1_0(self) -> None:
+        """
+        An HTTP/1.0 answer on a connection kept alive (Channel.checkPersistence)
+        says so, as RFC 9112 §9.3 has it; one whose end only a close can mark
+        (no Content-Length, and a body) closes the connection after all.
+        """
+        sized = (self.responseHeaders.hasHeader(b"content-length") or self.method == b"HEAD"
+                 or self.code in NO_BODY_CODES)
+        if sized:
+            self.responseHeaders.setRawHeaders(b"Connection", [b"Keep-Alive"])
+        else:
+            self.channel.persistent = False
 
 
 #: The most of a path the access log keeps: a client may send kilobytes.

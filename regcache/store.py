@@ -477,16 +477,18 @@ class Store:
         4 MiB) is checked against its digest; one that does not match is
         treated as missing and removed, so it is fetched again.
         """
-        return Deferred.fromCoroutine(self._manifest(digest))
-
-    async def _manifest(self, digest: Digest) -> Optional[Manifest]:
         if digest in self._deleting:
-            return None
+            return succeed(None)
         held = self._manifests.get(digest)
         if held is not None and (held.identity is None or self._now() - held.checked < RECHECK):
+            # The hot path, every cached manifest request but one a second:
+            # no coroutine to run for it.
             self._manifests.move_to_end(digest)
             self._used(digest)
-            return held.manifest
+            return succeed(held.manifest)
+        return Deferred.fromCoroutine(self._manifest(digest, held))
+
+    async def _manifest(self, digest: Digest, held: Optional[_Held]) -> Optional[Manifest]:
         # What the index says now, to tell a stale read from a new copy
         # that landed while the runner read the old one.
         entry = self.index.get(digest)

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 
 import jsonschema
+from hypothesis import given, settings, strategies as st
 from twisted.application.service import Application
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -237,3 +238,27 @@ class UpstreamEventTests(SynchronousTestCase):
         self.assertEqual({u["member"] for u in upstream if u["kind"] == "manifest"}, {rig.hub.hosts["registry"]})
         (fill,) = [line for line in lines if line.get("event") == "fill"]
         self.assertEqual((fill["bytes"], fill["size"], fill["outcome"]), (image.layers[0].size,) * 2 + ("landed",))
+
+
+class _Unformattable:
+    def __format__(self, spec):
+        raise ValueError("no format for me")
+
+
+_format_pieces = st.sampled_from(["{value}", "{value!r}", "{value!s}", "{value:.3f}", "{value:>8}", "{value:d}",
+                                  "{missing}", "{}", "{0}", "{value()}", "{{", "}}", "{", "}", "{item.real}",
+                                  "{item[0]}", "{value.nothing}", " ", "text", "(", "é\n"])
+_values = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+                    st.lists(st.integers(), max_size=3), st.just(_Unformattable()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_format_pieces, max_size=6).map("".join), _values, _values)
+def test_a_json_line_says_what_twisted_logger_would(fmt, value, item):
+    """
+    Whatever the format and the fields (calls, missing fields, bad
+    specs, values that cannot be formatted), a JSON line's message is the
+    text twisted.logger's own formatEvent makes of the event.
+    """
+    event = {"log_format": fmt, "log_time": 0.0, "log_level": LogLevel.info, "value": value, "item": item}
+    assert json.loads(logs.json_line(event))["message"] == formatEvent(event)

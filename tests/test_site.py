@@ -36,6 +36,84 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+def _heads(raw: bytes):
+    """The status line and headers (lower-cased names) of each answer in ``raw``, in order."""
+    answers = []
+    for part in raw.split(b"HTTP/1.")[1:]:
+        head = part.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        answers.append((head[0], {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}))
+    return answers
+
+
+class KeepAliveTests(SynchronousTestCase):
+    """
+    HTTP/1.0 clients that ask for keep-alive keep their connection, as
+    nginx and distribution let them, whenever the answer's end can be told
+    without a close; every other HTTP/1.0 connection closes after its answer.
+    """
+
+    def _connect(self, site):
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_an_http_1_0_client_asking_for_keep_alive_keeps_its_connection(self):
+        """
+        Two HTTP/1.0 requests with ``Connection: keep-alive`` on one
+        connection, a GET and a HEAD: both are answered, each saying
+        ``Connection: Keep-Alive`` with its Content-Length, and the
+        connection stays open.
+        """
+        channel, transport = self._connect(Rig().site)
+        for method in (b"GET", b"HEAD"):
+            channel.dataReceived(method + b" /v2/ HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+        answers = _heads(transport.value())
+        self.assertEqual([status for status, _ in answers], ["0 200 OK", "0 200 OK"])
+        for _, headers in answers:
+            self.assertEqual(headers.get("connection"), "Keep-Alive")
+            self.assertEqual(headers.get("content-length"), "2")
+        self.assertFalse(transport.disconnecting)
+
+    def test_an_http_1_0_client_that_does_not_ask_is_closed_after_its_answer(self):
+        """Without keep-alive, or with ``close`` beside it, an HTTP/1.0 connection ends with its answer."""
+        for connection in (b"", b"Connection: close\r\n", b"Connection: keep-alive, close\r\n"):
+            channel, transport = self._connect(Rig().site)
+            channel.dataReceived(b"GET /v2/ HTTP/1.0\r\n" + connection + b"\r\n")
+            ((status, headers),) = _heads(transport.value())
+            self.assertEqual(status, "0 200 OK")
+            self.assertNotEqual(headers.get("connection"), "Keep-Alive")
+            self.assertTrue(transport.disconnecting, connection)
+
+    def test_an_answer_without_a_length_closes_a_kept_connection(self):
+        """
+        An answer with a body but no Content-Length can end, for an HTTP/1.0
+        client, only with a close: the connection closes even though the
+        client asked to keep it, and the answer does not claim Keep-Alive.
+        """
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+
+        from regcache.metrics import Metrics
+        from regcache.site import RegcacheSite
+
+        class Unsized(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                request.write(b"a body of no stated length")
+                request.finish()
+                return NOT_DONE_YET
+
+        channel, transport = self._connect(RegcacheSite(Unsized(), Metrics(), Rig().reactor))
+        channel.dataReceived(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        ((status, headers),) = _heads(transport.value())
+        self.assertEqual(status, "0 200 OK")
+        self.assertNotIn("connection", headers)
+        self.assertTrue(transport.value().endswith(b"a body of no stated length"))
+        self.assertTrue(transport.disconnecting)
+
+
 class AccessLogTests(SynchronousTestCase):
     def test_each_request_is_one_structured_event(self):
         """

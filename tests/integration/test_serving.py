@@ -228,6 +228,46 @@ def test_many_requests_on_one_keepalive_connection(servers, blobs):
             c.close()
 
 
+class _HTTP10(http.client.HTTPConnection):
+    """An HTTP/1.0 client, as ``ab -k`` is: it keeps its connection only when asked and told so."""
+
+    _http_vsn, _http_vsn_str = 10, "HTTP/1.0"
+
+
+def test_an_http_1_0_client_keeps_its_connection_when_it_asks(servers, blobs):
+    """
+    HTTP/1.0 requests with ``Connection: keep-alive`` (HEADs and GETs of a
+    cached blob, whole and ranged) follow one another on one connection,
+    each answer saying Keep-Alive; one that does not ask is closed after
+    its answer.
+    """
+    _, cached = blobs
+    data, digest = cached["small"]
+    path = f"/v2/library/app/blobs/{digest}"
+    port = servers["sendfile"].port
+    c = _HTTP10("127.0.0.1", port, timeout=60)
+    try:
+        sock = None
+        for method, headers, want in (("HEAD", {}, b""), ("GET", {}, data), ("HEAD", {}, b""),
+                                      ("GET", {"Range": "bytes=100-"}, data[100:])):
+            c.request(method, path, headers={"Connection": "keep-alive", **headers})
+            r = c.getresponse()
+            assert r.read() == want, method
+            assert r.getheader("Connection") == "Keep-Alive" and not r.will_close, method
+            sock = sock or c.sock
+            assert c.sock is sock, "the connection was closed between requests"
+    finally:
+        c.close()
+    c = _HTTP10("127.0.0.1", port, timeout=60)
+    try:
+        c.request("HEAD", path)
+        r = c.getresponse()
+        r.read()
+        assert r.status == 200 and r.will_close
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize("sender", ["sendfile", "read"])
 def test_client_that_stops_reading_gets_backpressure(servers, blobs, sender):
     """
