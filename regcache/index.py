@@ -24,10 +24,12 @@ out of step with them:
   (regcache.links), read when asked (regcache.store).
 
 A store may hold a million entries, so an entry is no object of its own:
-the key is the digest's raw bytes (32 for sha256; the length tells the
-algorithm), the value one int (a blob's size) or, for a manifest, one tuple
-of its size and the keys it names, and the LRU order is the plain dict's
-insertion order (a use pops and re-inserts).  A blob named by one manifest
+the key is the digest as one int (64 bytes for sha256, where its raw bytes
+take 80; the bit length tells the algorithm, since a longer digest would
+need 128 leading zero bits to pass for a sha256), the value one int (a
+blob's size) or, for a manifest, one tuple of its size and the keys it
+names, and the LRU order is the plain dict's insertion order (a use pops
+and re-inserts).  A blob named by one manifest
 records that manifest's key, not a set of one.  ``Entry`` and ``Digest``
 objects are made only for what a caller asks about.  That is about 190
 bytes an entry (bench/README.md has the figures).
@@ -66,22 +68,27 @@ RESERVE_AHEAD = 16 * 1024 * 1024
 #: reads (their links files) before it asks upstream instead.
 MAX_NAMING = 64
 
-#: A digest's raw bytes: the index's key.
-Key = bytes
+#: A digest as an int: the index's key.
+Key = int
 #: A blob's size, or a manifest's (size, key it names, ...).
 Value = Union[int, Tuple]
 #: The manifest that names a key, or a set when several do.
 Referrers = Union[Key, Set[Key]]
 
-_BY_LENGTH = {n // 2: alg for alg, n in ALGORITHMS.items()}
+#: Shortest first: (most bits, algorithm, hex digits).
+_BY_BITS = sorted((n * 4, alg, n) for alg, n in ALGORITHMS.items())
 
 
 def key(digest: Digest) -> Key:
-    return bytes.fromhex(digest.hex)
+    return int(digest.hex, 16)
 
 
 def digest_of(k: Key) -> Digest:
-    return Digest(_BY_LENGTH[len(k)], k.hex())
+    bits = k.bit_length()
+    for most, alg, n in _BY_BITS:
+        if bits <= most:
+            return Digest(alg, format(k, f"0{n}x"))
+    raise ValueError("no digest algorithm has that many bits")
 
 
 class Entry(NamedTuple):

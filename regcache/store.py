@@ -37,6 +37,7 @@ asks for an eviction; a manifest that cannot be stored is still answered
 from memory.
 """
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -708,8 +709,8 @@ class Store:
         the memory it gives back is whole arenas the process can return.
         The links files are not read (regcache.links).
         """
-        keys: List[bytes] = []
-        mtimes = array("d")
+        keys: List[int] = []
+        mtimes = array("q")
         sizes = array("q")
         strays = 0
         base = os.path.join(self.root, "blobs")
@@ -718,71 +719,81 @@ class Store:
                 for entry in _scandir(sub.path):
                     if not entry.is_file(follow_symlinks=False):
                         continue
-                    if _digest(alg.name, sub.name, entry.name) is None:
+                    if not _is_digest(alg.name, sub.name, entry.name):
                         strays += 1
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    keys.append(bytes.fromhex(entry.name))
-                    mtimes.append(st.st_mtime)
+                    keys.append(int(entry.name, 16))
+                    mtimes.append(int(st.st_mtime))
                     sizes.append(st.st_size)
-        # Oldest use first.
-        order = sorted(range(len(keys)), key=mtimes.__getitem__)
+        # Oldest use first, by one int an entry (its mtime, then its place)
+        # made before the entries' own: when they go, so do their arenas.
+        order = [mtime << 32 | n for n, mtime in enumerate(mtimes)]
         del mtimes
-        entries: Dict[bytes, object] = {}
-        for n in order:
+        order.sort()
+        entries: Dict[int, object] = {}
+        for o in order:
+            n = o & 0xFFFFFFFF
             entries[keys[n]] = sizes[n]
-        del order, keys, sizes
+        del order, sizes
+        # Each digest's one int, for the manifests' references: an int made
+        # from a reference's text is another 64 bytes, kept as long as the
+        # entry that names it.  One large block, given back when done.
+        canon = dict(zip(keys, keys))
+        del keys
         referrers: Dict = {}
-        declared: Dict[bytes, int] = {}
         for digest, entry in self.walk("manifests"):
-            k = bytes.fromhex(digest.hex) if digest is not None else None
+            k = canon.get(int(digest.hex, 16)) if digest is not None else None
             if k not in entries:
                 # Its body landed after the walk of blobs/ (the live index
                 # has it), or it has none and reads as missing.  Deleting
                 # here, beside requests, could take a record just written.
                 continue
-            try:
-                with open(self.blob_path(digest), "rb") as f:
-                    body = f.read(MAX_MANIFEST + 1)
-            except FileNotFoundError:
+            value = entries[k]
+            body = _read_head(self.blob_path(digest), min(value if type(value) is int else value[0],
+                                                          MAX_MANIFEST) + 1)
+            if body is None:
                 continue
             # Bytes that do not match their digest name nothing: an edited
             # manifest must not make good layers look the wrong size.  It
             # is removed when it is first asked for.
             named = []
-            if hashlib.new(digest.algorithm, body).hexdigest() == digest.hex:
+            if len(body) <= MAX_MANIFEST and hashlib.new(digest.algorithm, body).hexdigest() == digest.hex:
                 for ref, size in references(body):
-                    r = bytes.fromhex(ref.hex)
+                    r = int(ref.hex, 16)
+                    r = canon.setdefault(r, r)
                     named.append(r)
-                    if size is not None:
-                        declared[r] = size
+                    # A file of another size than a manifest declares is
+                    # treated as missing when opened (Store.open_blob).
+                    held = entries.get(r) if size is not None else None
+                    if held is not None:
+                        entries[r] = size if type(held) is int else (size,) + held[1:]
             named = tuple(dict.fromkeys(named))
             for r in named:
                 add_referrer(referrers, r, k)
             value = entries[k]
             entries[k] = (value if type(value) is int else value[0],) + named
-        # A file of another size than a manifest declares is treated as
-        # missing when opened (Store.open_blob).
-        for r, size in declared.items():
-            value = entries.get(r)
-            if value is not None:
-                entries[r] = size if type(value) is int else (size,) + value[1:]
+        del canon
         stored = sum(v if type(v) is int else v[0] for v in entries.values())
+        _give_back()
         return Scan(entries, referrers, stored, strays)
 
 
 _HEX = {alg: re.compile(f"[0-9a-f]{{{n}}}") for alg, n in ALGORITHMS.items()}
 
 
-def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
-    """The digest a file name in the layout stands for (a hot path at start-up)."""
+def _is_digest(algorithm: str, prefix: str, name: str) -> bool:
+    """Whether a file name in the layout stands for a digest (the hottest path at start-up)."""
     pattern = _HEX.get(algorithm)
-    if pattern is None or len(prefix) != 2 or not name.startswith(prefix) or not pattern.fullmatch(name):
-        return None
-    return Digest(algorithm, name)
+    return pattern is not None and len(prefix) == 2 and name.startswith(prefix) and bool(pattern.fullmatch(name))
+
+
+def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
+    """The digest a file name in the layout stands for."""
+    return Digest(algorithm, name) if _is_digest(algorithm, prefix, name) else None
 
 
 _FOUND, _SAME, _GONE, _CORRUPT, _MISSING = "found", "same", "gone", "corrupt", "missing"
@@ -815,6 +826,43 @@ def _read_manifest(record: str, body: str, digest: Digest, known: Optional[Ident
     if Digest.of(data, digest.algorithm) != digest:
         return _CORRUPT, None, identity
     return _FOUND, Manifest(data, media_type, digest), identity
+
+
+def _give_back() -> None:
+    """
+    Return the free memory of the C heap to the system (glibc's
+    ``malloc_trim``; elsewhere nothing): the scan's large temporaries
+    (the sort, the dicts outgrown as they filled) leave holes there that
+    would otherwise stay resident, 20 MiB at a million entries.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_head(path: str, most: int) -> Optional[bytes]:
+    """
+    At most ``most`` bytes of a file (None if it is missing), read with
+    ``os.read`` into a buffer of what the file holds: a buffered read of
+    MAX_MANIFEST bytes maps and unmaps 4 MiB per file, which made reading
+    a third of a million small manifests at start-up take minutes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        parts = []
+        while most > 0:
+            part = os.read(fd, most)
+            if not part:
+                break
+            parts.append(part)
+            most -= len(part)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def _scandir(path: str) -> List[os.DirEntry]:
