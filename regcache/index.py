@@ -68,6 +68,11 @@ RESERVE_AHEAD = 16 * 1024 * 1024
 #: reads (their links files) before it asks upstream instead.
 MAX_NAMING = 64
 
+#: Removals remembered until the start-up scan is loaded.  Requests for
+#: digests never stored are removals too, so they are bounded; one the
+#: scan then brings back whose file is gone leaves again at its next open.
+MAX_GONE = 65536
+
 #: A digest as an int: the index's key.
 Key = int
 #: A blob's size, or a manifest's (size, key it names, ...).
@@ -330,11 +335,13 @@ class Index:
 
     def remove(self, digest: Digest) -> Optional[Entry]:
         k = key(digest)
-        if not self.ready:
+        if not self.ready and len(self._gone) < MAX_GONE:
             self._gone.add(k)
-        self.links.drop(digest)
         value = self._pop(k)
-        return None if value is None else _entry(value)
+        if value is None:
+            return None
+        self.links.drop(digest)
+        return _entry(value)
 
     def _pop(self, k: Key) -> Optional[Value]:
         value = self._entries.pop(k, None)

@@ -95,29 +95,27 @@ def first_holding(paths: List[str], key: RepoKey) -> Optional[int]:
     return None
 
 
-def record(path: str, data_path: str, key: RepoKey, rewrite: Callable[[str, bytes], None]) -> bool:
+def record(path: str, data_path: str, key: RepoKey, rewrite: Callable[[str, bytes], None]) -> None:
     """
     Add one link to its file, if the content is still there (a link never
     outlives its data) and the file does not name it yet: one small
     O_APPEND write, or past CAP a ``rewrite`` of the file without its
-    oldest line.  Returns whether the file gained the link.  Runs in a
-    thread.
+    oldest line.  Runs in a thread.
     """
     if not os.path.exists(data_path):
-        return False
+        return
     keys = read(path)
     if key in keys:
-        return False
+        return
     if len(keys) >= CAP:
         rewrite(path, b"".join(line(k) for k in keys[len(keys) - CAP + 1:] + [key]))
-        return True
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line(key))
     finally:
         os.close(fd)
-    return True
 
 
 class Links:

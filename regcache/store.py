@@ -417,6 +417,8 @@ class Store:
         if self.index.links.has(digest, key):
             return
         self.index.links.add(digest, key)
+        if self.on_link is not None:
+            self.on_link(digest, key)
         before = self._link_writes.get(digest)
         done: Deferred = Deferred()
         self._link_writes[digest] = done
@@ -426,17 +428,13 @@ class Store:
                 del self._link_writes[digest]
             done.callback(None)
 
-        def recorded(gained: bool) -> None:
-            if gained and self.on_link is not None:
-                self.on_link(digest, key)
-
         def write(_) -> None:
             # After the digest's earlier writes, so that they land in order
             # and an eviction can wait for them all.  A write that fails
             # loses only a link, confirmed again when next used.
             d = self._run(links.record, self._path("links", digest), self.blob_path(digest), key,
                           self._write_atomic)
-            d.addCallbacks(recorded, self._write_failed)
+            d.addErrback(self._write_failed)
             d.addErrback(lambda failure: self.log.warn("Could not record a link of {digest}: {error}",
                                                        digest=str(digest), error=failure.getErrorMessage()))
             d.addBoth(finished)
