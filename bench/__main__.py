@@ -510,21 +510,14 @@ class Run:
             m.start(root, extra=extra)
             got = {"ready_s": time.monotonic() - t}
             want = measure.EVICTED if extra else measure.INDEXED
-            worst, deadline, seen = 0.0, t + 900, -1
+            worst, deadline = 0.0, t + 900
             while True:
                 with open(log_path, errors="replace") as f:
                     text = f.read()
                 if time.monotonic() > deadline:
                     break
-                if want.search(text):
-                    # An eviction pass goes in batches, one log line each:
-                    # done when no new line came for a second.
-                    lines = len(measure.EVICTED.findall(text))
-                    if not extra or lines == seen:
-                        break
-                    seen = lines
-                    time.sleep(1.0)
-                    continue
+                if want.search(text) and (not extra or _pass_done(text)):
+                    break
                 a = time.monotonic()
                 measure._http(m.url + "/healthz", timeout=60)
                 worst = max(worst, time.monotonic() - a)
@@ -596,6 +589,17 @@ class Run:
         shutil.rmtree(measure.SCRATCH, ignore_errors=True)
         if not self.args.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pass_done(log_text: str) -> bool:
+    """
+    Whether an eviction pass's batches (one log line each, as each is
+    deleted) add up to all it freed: the first batch's store before, less
+    what the store holds now.
+    """
+    batches = [m.groupdict() for m in measure.EVICTED.finditer(log_text)]
+    freed = sum(int(b["freed"]) for b in batches)
+    return freed >= int(batches[0]["before"]) - int(batches[-1]["after"])
 
 
 def _rss_now(pid: int) -> float:

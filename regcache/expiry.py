@@ -65,6 +65,11 @@ class Expiry(Service):
     #: thousand or more, so it goes in turns of about this many, each one
     #: deleted as soon as it is chosen, and requests are served between.
     BATCH = 1024
+    #: Batches being deleted at once.  The next is chosen when one is done:
+    #: deleting is what takes long (three files an entry), and a pass
+    #: chosen all at once would hold a hundred thousand victims' digests
+    #: and paths in memory while the threads work through them.
+    IN_FLIGHT = 2
 
     def __init__(self, store, max_size: Optional[int], clock, metrics=None):
         self.store = store
@@ -83,6 +88,8 @@ class Expiry(Service):
         self._stuck_until = 0.0
         self._retry = None
         self._next_batch = None
+        #: Whether the last batch chosen left the pass short of its target.
+        self._more = False
         self._loop = LoopingCall(self._periodic)
         self._loop.clock = clock
         if metrics is not None:
@@ -212,6 +219,9 @@ class Expiry(Service):
         Choose victims now (on the reactor, so nothing can start reading
         them in between), then delete their files in a thread.
         """
+        if len(self.evicting) >= self.IN_FLIGHT:
+            # A pass under way: it goes on as its batches are deleted.
+            return
         try:
             limit = self.limit
             if limit is None:
@@ -239,20 +249,30 @@ class Expiry(Service):
         except Exception:
             self.log.failure("Choosing what to evict failed")
             return
+        self._more = len(victims) >= self.BATCH and self.index.total > target
         self.evicting.append(deleting)
         deleting.addBoth(self._evicted, deleting, victims, before, started, chose)
-        if len(victims) >= self.BATCH and self.index.total > target and self._next_batch is None:
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Choose the next batch of a pass in a later reactor turn, while fewer than IN_FLIGHT are being deleted."""
+        if self._more and len(self.evicting) < self.IN_FLIGHT and self._next_batch is None:
             self._next_batch = self.clock.callLater(0, self._batch)
 
     def _batch(self) -> None:
         """The next turn of a pass that chose a whole batch and is not down to the low-water mark yet."""
         self._next_batch = None
+        self._more = False
         limit = self.limit
         if limit is not None and self.index.total > int(limit * self.LOW):
             self.evict()
 
     def _evicted(self, result, deleting, victims, before: int, started: float, chose: float) -> None:
         self.evicting.remove(deleting)
+        self._go_on()
+        # Growth that came while IN_FLIGHT batches were being deleted did
+        # not evict: this is its turn.
+        self.check()
         freed = sum(entry.size for _, entry in victims)
         if isinstance(result, Failure):
             self.log.failure("Deleting evicted files failed", result)

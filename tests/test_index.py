@@ -178,3 +178,30 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual([d in rig.store.index for d in digests[:4]], [False, False, False, True])
         self.assertEqual(rig.store.index.total, 17_000)
         self.assertFalse(os.path.exists(rig.store.blob_path(digests[2])))
+
+    def test_no_more_than_in_flight_batches_are_being_deleted(self):
+        """
+        While IN_FLIGHT batches are still being deleted no more are chosen,
+        however many turns or checks come; the pass goes on as each is done.
+        """
+        rig = Rig()
+        self.addCleanup(shutil.rmtree, rig.root, True)
+        self.patch(Expiry, "BATCH", 2)
+        expiry = Expiry(rig.store, None, rig.reactor)
+        expiry.startService()
+        self.addCleanup(expiry.stopService)
+        for i in range(20):
+            data, digest = blob(1000, b"flight" + bytes([i]))
+            cache_blob(rig.store, data, digest)
+        runner = Deferring()
+        rig.store._run = runner
+        expiry.max_size = 10_000
+        expiry.check()
+        rig.reactor.advance(0)
+        self.assertEqual((len(expiry.evicting), len(rig.store.index)), (Expiry.IN_FLIGHT, 16))
+        rig.reactor.advance(0)
+        expiry.check()
+        self.assertEqual(len(rig.store.index), 16)
+        runner.run(0)
+        rig.reactor.advance(0)
+        self.assertEqual((len(expiry.evicting), len(rig.store.index)), (Expiry.IN_FLIGHT, 14))
