@@ -262,10 +262,14 @@ class Expiry(Service):
     def _batch(self) -> None:
         """The next turn of a pass that chose a whole batch and is not down to the low-water mark yet."""
         self._next_batch = None
-        self._more = False
         limit = self.limit
-        if limit is not None and self.index.total > int(limit * self.LOW):
-            self.evict()
+        if limit is None or self.index.total <= int(limit * self.LOW):
+            self._more = False
+            return
+        # With IN_FLIGHT batches being deleted (a check chose one meanwhile)
+        # this chooses nothing and the pass stays owed: the next batch done
+        # brings it back here.
+        self.evict()
 
     def _evicted(self, result, deleting, victims, before: int, started: float, chose: float) -> None:
         self.evicting.remove(deleting)

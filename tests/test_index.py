@@ -195,7 +195,10 @@ class BatchTests(SynchronousTestCase):
             cache_blob(rig.store, data, digest)
         runner = Deferring()
         rig.store._run = runner
-        expiry.max_size = 10_000
+        expiry.max_size = 10_600
+        # Far below the high-water mark: a pass that stopped at the high
+        # mark would show.
+        expiry.LOW = 0.5
         expiry.check()
         rig.reactor.advance(0)
         self.assertEqual((len(expiry.evicting), len(rig.store.index)), (Expiry.IN_FLIGHT, 16))
@@ -205,3 +208,10 @@ class BatchTests(SynchronousTestCase):
         runner.run(0)
         rig.reactor.advance(0)
         self.assertEqual((len(expiry.evicting), len(rig.store.index)), (Expiry.IN_FLIGHT, 14))
+        # Both batches done in one turn, each completion's check choosing
+        # the next: the pass is not cut short of the low-water mark.
+        while runner.calls:
+            for _ in range(len(runner.calls)):
+                runner.run(0)
+            rig.reactor.advance(0)
+        self.assertEqual(rig.store.index.total, 5_000)
