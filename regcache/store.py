@@ -241,6 +241,8 @@ class Store:
         self._deleting: Dict[Digest, List[Deferred]] = {}
         #: The blob writer of each download under way.
         self._writers: Dict[Digest, BlobWriter] = {}
+        #: The end of the last deletion under way (Store.delete), if any.
+        self._deletion: Optional[Deferred] = None
         #: Digests with link writes under way -> the last one's end.
         self._link_writes: Dict[Digest, Deferred] = {}
         #: Told of each link recorded, to share it (regcache.sharedmeta's
@@ -627,6 +629,11 @@ class Store:
         each one's links first (once the link writes under way are done).
         Until that is done the digests read as missing, and a new copy of
         one waits to be committed, so the deletion cannot remove it.
+
+        Deletions run one after another, each after the one before: an
+        eviction pass goes in batches (regcache.expiry), and a layer in a
+        later batch than its manifest must not go first, or a crash in
+        between leaves a manifest naming a deleted blob.
         """
         digests = [d for d, _ in victims]
         for d in digests:
@@ -641,14 +648,25 @@ class Store:
                 paths.append(self._path("manifests", d))
             paths.append(self.blob_path(d))
 
+        previous, finished = self._deletion, Deferred()
+        self._deletion = finished
+
         def done(result):
             self.index.deleted(size)
             for d in digests:
                 for waiter in self._deleting.pop(d, []):
                     waiter.callback(None)
+            if self._deletion is finished:
+                self._deletion = None
+            finished.callback(None)
             return result
 
-        d = self._links_written(digests)
+        d: Deferred = Deferred()
+        if previous is None:
+            d.callback(None)
+        else:
+            previous.addCallback(d.callback)
+        d.addCallback(lambda _: self._links_written(digests))
         d.addCallback(lambda _: self._run(_unlink_all, paths))
         return d.addBoth(done)
 

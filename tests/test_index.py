@@ -215,3 +215,31 @@ class BatchTests(SynchronousTestCase):
                 runner.run(0)
             rig.reactor.advance(0)
         self.assertEqual(rig.store.index.total, 5_000)
+
+
+class DeletionOrderTests(SynchronousTestCase):
+    def test_a_later_deletion_waits_for_the_one_before(self):
+        """
+        A batch that takes a layer whose manifest an earlier batch took is
+        deleted only after that one: a crash in between never leaves the
+        manifest on disk naming a deleted layer.
+        """
+        rig = Rig()
+        self.addCleanup(shutil.rmtree, rig.root, True)
+        data, layer = blob(1000, b"ordered")
+        cache_blob(rig.store, data, layer)
+        image = manifest_of(OCI_MANIFEST, layers=[(layer, 1000)])
+        rig.store.put_manifest(image)
+        runner = Deferring()
+        rig.store._run = runner
+        index = rig.store.index
+        first = rig.store.delete([(image.digest, index.remove(image.digest))])
+        second = rig.store.delete([(layer, index.remove(layer))])
+        self.assertEqual(len(runner.calls), 1)
+        self.assertIn(rig.store.blob_path(image.digest), runner.calls[0][1][0])
+        runner.run(0)
+        self.assertEqual(self.successResultOf(first), None)
+        self.assertTrue(os.path.exists(rig.store.blob_path(layer)))
+        runner.run(0)
+        self.assertEqual(self.successResultOf(second), None)
+        self.assertFalse(os.path.exists(rig.store.blob_path(layer)))
