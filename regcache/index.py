@@ -31,7 +31,7 @@ blob's size) or, for a manifest, one tuple of its size and the keys it
 names, and the LRU order is the plain dict's insertion order (a use pops
 and re-inserts).  A blob named by one manifest
 records that manifest's key, not a set of one.  ``Entry`` and ``Digest``
-objects are made only for what a caller asks about.  That is about 190
+objects are made only for what a caller asks about.  That is about 160
 bytes an entry (bench/README.md has the figures).
 
 The bytes it counts are bytes on disk, downloads under way included.  A
@@ -42,6 +42,7 @@ download pauses (``room``) while evicted files are still being deleted if
 writing on would pass the limit.
 """
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
@@ -363,9 +364,9 @@ class Index:
         """
         found: List[Digest] = []
         start = key(digest)
-        todo, seen = list(_users(self._referrers, start)), {start}
+        todo, seen = deque(_users(self._referrers, start)), {start}
         while todo and len(found) < MAX_NAMING:
-            k = todo.pop(0)
+            k = todo.popleft()
             if k in seen:
                 continue
             seen.add(k)
