@@ -859,14 +859,14 @@ def _give_back() -> None:
 
 def _read_head(path: str, most: int) -> Optional[bytes]:
     """
-    At most ``most`` bytes of a file (None if it is missing), read with
+    At most ``most`` bytes of a file (None if it is missing or no file), read with
     ``os.read`` into a buffer of what the file holds: a buffered read of
     MAX_MANIFEST bytes maps and unmaps 4 MiB per file, which made reading
     a third of a million small manifests at start-up take minutes.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         parts = []
@@ -877,6 +877,9 @@ def _read_head(path: str, most: int) -> Optional[bytes]:
             parts.append(part)
             most -= len(part)
         return b"".join(parts)
+    except IsADirectoryError:
+        # Put there by hand since the walk: no manifest to read.
+        return None
     finally:
         os.close(fd)
 
