@@ -523,7 +523,9 @@ class Run:
             while True:
                 with open(log_path, errors="replace") as f:
                     text = f.read()
-                if want.search(text) or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
+                    break
+                if want.search(text) and (not extra or _pass_done(text)):
                     break
                 a = time.monotonic()
                 measure._http(m.url + "/healthz", timeout=60)
@@ -533,9 +535,15 @@ class Run:
             got["worst_healthz_s"] = worst
             found = measure.INDEXED.search(text)
             got["index_s"] = float(found.group(1)) if found else None
-            evicted = measure.EVICTED.search(text)
-            if evicted:
-                got.update({k: float(v) for k, v in evicted.groupdict().items()})
+            batches = [m.groupdict() for m in measure.EVICTED.finditer(text)]
+            if batches:
+                got["batches"] = len(batches)
+                for k in ("entries", "manifests", "freed"):
+                    got[k] = sum(float(b[k]) for b in batches)
+                got["delete_s"] = max(float(b["delete_s"]) for b in batches)
+                chosen = [float(b["chose_s"]) for b in batches if b["chose_s"] is not None]
+                if chosen:
+                    got["chose_s"], got["chose_max_s"] = sum(chosen), max(chosen)
             usage = m.process.usage()
             got["rss_mib"], got["cpu_s"] = _rss_now(m.process.pid), usage["cpu_s"]
             got["peak_rss_mib"] = usage["rss_mib"]
@@ -590,6 +598,17 @@ class Run:
         shutil.rmtree(measure.SCRATCH, ignore_errors=True)
         if not self.args.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pass_done(log_text: str) -> bool:
+    """
+    Whether an eviction pass's batches (one log line each, as each is
+    deleted) add up to all it freed: the first batch's store before, less
+    what the store holds now.
+    """
+    batches = [m.groupdict() for m in measure.EVICTED.finditer(log_text)]
+    freed = sum(int(b["freed"]) for b in batches)
+    return freed >= int(batches[0]["before"]) - int(batches[-1]["after"])
 
 
 def _rss_now(pid: int) -> float:

@@ -226,7 +226,8 @@ def first_byte(url: str, token: str = "", timeout: float = 60) -> Dict[str, floa
 #: regcache's log line when its start-up index is built (expiry.py).
 INDEXED = re.compile(r"Indexed \d+ cached files, \d+ bytes, in ([\d.]+)s")
 EVICTED = re.compile(r"Evicted (?P<entries>\d+) entries \((?P<manifests>\d+) manifests\), (?P<freed>\d+) bytes, "
-                     r"in (?P<delete_s>[\d.]+)s")
+                     r"in (?P<delete_s>[\d.]+)s(?: \(chosen in (?P<chose_s>[\d.]+)s on the reactor\))?: "
+                     r"store (?P<before>\d+) -> (?P<after>\d+) bytes")
 
 
 def index_seconds(log_path: str, run: int, timeout: float = 60) -> float:

@@ -17,6 +17,7 @@ anything is evicted.  Only what cannot be evicted (blobs being read or
 written) can hold the store above it, and that is logged.
 """
 
+import gc
 import math
 from typing import List, Optional
 
@@ -58,6 +59,17 @@ class Expiry(Service):
     #: written), growth does not retry it for this long; then it is retried
     #: anyway, since the pins may be gone with nothing left to grow.
     BACKOFF = 5.0
+    #: Entries chosen per reactor turn.  Choosing runs on the reactor (so
+    #: nothing starts reading a victim meanwhile) at microseconds an
+    #: entry; a pass over a store of a million entries evicts a hundred
+    #: thousand or more, so it goes in turns of about this many, each one
+    #: deleted as soon as it is chosen, and requests are served between.
+    BATCH = 1024
+    #: Batches being deleted at once.  The next is chosen when one is done:
+    #: deleting is what takes long (three files an entry), and a pass
+    #: chosen all at once would hold a hundred thousand victims' digests
+    #: and paths in memory while the threads work through them.
+    IN_FLIGHT = 2
 
     def __init__(self, store, max_size: Optional[int], clock, metrics=None):
         self.store = store
@@ -75,6 +87,9 @@ class Expiry(Service):
         self._loading: Optional[Deferred] = None
         self._stuck_until = 0.0
         self._retry = None
+        self._next_batch = None
+        #: Whether the last batch chosen left the pass short of its target.
+        self._more = False
         self._loop = LoopingCall(self._periodic)
         self._loop.clock = clock
         if metrics is not None:
@@ -99,8 +114,9 @@ class Expiry(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        for call in (self._retry, self._next_batch):
+            if call is not None and call.active():
+                call.cancel()
         if self.evicting:
             return DeferredList(list(self.evicting))
         return None
@@ -111,6 +127,10 @@ class Expiry(Service):
 
         def loaded(scan: Scan) -> None:
             self.index.load(scan)
+            # What was just loaded lives as long as the process and holds
+            # no cycles: out of the collector's reach, a full collection
+            # does not walk a million objects with the GIL held.
+            gc.freeze()
             self.log.info(
                 "Indexed {count} cached files, {size} bytes, in {took:.3f}s{strays}",
                 count=len(self.index), size=self.index.stored, took=self.clock.seconds() - started,
@@ -199,12 +219,18 @@ class Expiry(Service):
         Choose victims now (on the reactor, so nothing can start reading
         them in between), then delete their files in a thread.
         """
+        if len(self.evicting) >= self.IN_FLIGHT:
+            # A pass under way: it goes on as its batches are deleted.
+            return
         try:
             limit = self.limit
             if limit is None:
                 return
             before = self.index.total
-            victims = self.index.choose(int(limit * self.LOW))
+            target = int(limit * self.LOW)
+            chose = self.clock.seconds()
+            victims = self.index.choose(target, most=self.BATCH)
+            chose = self.clock.seconds() - chose
             if not victims:
                 self._stuck_until = self.clock.seconds() + self.BACKOFF
                 if self._retry is None or not self._retry.active():
@@ -223,20 +249,43 @@ class Expiry(Service):
         except Exception:
             self.log.failure("Choosing what to evict failed")
             return
+        self._more = len(victims) >= self.BATCH and self.index.total > target
         self.evicting.append(deleting)
-        deleting.addBoth(self._evicted, deleting, victims, before, started)
+        deleting.addBoth(self._evicted, deleting, victims, before, started, chose)
+        self._go_on()
 
-    def _evicted(self, result, deleting, victims, before: int, started: float) -> None:
+    def _go_on(self) -> None:
+        """Choose the next batch of a pass in a later reactor turn, while fewer than IN_FLIGHT are being deleted."""
+        if self._more and len(self.evicting) < self.IN_FLIGHT and self._next_batch is None:
+            self._next_batch = self.clock.callLater(0, self._batch)
+
+    def _batch(self) -> None:
+        """The next turn of a pass that chose a whole batch and is not down to the low-water mark yet."""
+        self._next_batch = None
+        limit = self.limit
+        if limit is None or self.index.total <= int(limit * self.LOW):
+            self._more = False
+            return
+        # With IN_FLIGHT batches being deleted (a check chose one meanwhile)
+        # this chooses nothing and the pass stays owed: the next batch done
+        # brings it back here.
+        self.evict()
+
+    def _evicted(self, result, deleting, victims, before: int, started: float, chose: float) -> None:
         self.evicting.remove(deleting)
+        self._go_on()
+        # Growth that came while IN_FLIGHT batches were being deleted did
+        # not evict: this is its turn.
+        self.check()
         freed = sum(entry.size for _, entry in victims)
         if isinstance(result, Failure):
             self.log.failure("Deleting evicted files failed", result)
             return
         manifests = sum(1 for _, e in victims if e.kind == MANIFEST)
         self.log.info(
-            "Evicted {count} entries ({manifests} manifests), {freed} bytes, in {took:.3f}s: "
-            "store {before} -> {after} bytes (limit {limit})",
-            count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started,
+            "Evicted {count} entries ({manifests} manifests), {freed} bytes, in {took:.3f}s "
+            "(chosen in {chose:.3f}s on the reactor): store {before} -> {after} bytes (limit {limit})",
+            count=len(victims), manifests=manifests, freed=freed, took=self.clock.seconds() - started, chose=chose,
             before=before, after=self.index.total, limit=self.limit, event="evict",
         )
         if self.metrics is not None:

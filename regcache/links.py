@@ -14,17 +14,20 @@ manifest that named it is evicted.
 
 On disk a digest's links are one small file beside its data,
 ``links/<alg>/<2 hex>/<hex>``, one repository a line
-(``<upstream> <name>``), appended in the store's threads and read back at
-the start-up scan: checking a link in a request is a lookup in memory.  The
-file goes with the content: eviction deletes it with the data, and a line
-is written only while the data is there.  A line that does not parse (a
-write cut short by a crash) is skipped; the link is confirmed again.
+(``<upstream> <name>``), written in the store's threads and read there when
+a link is asked about.  Nothing per digest is held in memory: a store of a
+million digests would need a container for each, and reading a million
+files would be most of the start-up.  What memory holds is a bounded cache
+(``Links``) of the links asked about or written lately, so a hot digest
+costs no read.  The file goes with the content: eviction deletes it with the
+data, and a line is written only while the data is there.  A line that does
+not parse (a write cut short by a crash) is skipped; the link is confirmed
+again.
 
-Memory is bounded per digest: at most CAP repositories, the least recently
-used dropped first (the file is then rewritten without it), and a dropped
-link is confirmed again by upstream when next used.  The names in the keys
-are interned, so a repository linked to many digests keeps one copy of its
-name.
+A file holds at most CAP repositories: past that it is rewritten without
+the oldest, and a dropped link is confirmed again by upstream when next
+used.  The names in the keys are interned, so a repository linked to many
+digests keeps one copy of its name.
 
 Caches from before links have none: their content is unlinked, and is
 linked again per repository on first use, for free through a tag (the tag
@@ -35,14 +38,14 @@ import os
 import re
 import sys
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from regcache.reference import Digest
 
 #: (upstream name, repository as upstream names it).
 RepoKey = Tuple[str, str]
 
-#: Repositories remembered per digest.
+#: Repositories a links file holds.
 CAP = 1000
 
 #: Larger link files are read only this far (CAP lines are far less).
@@ -84,12 +87,28 @@ def read(path: str) -> List[RepoKey]:
         return []
 
 
-def append(path: str, data_path: str, key: RepoKey) -> None:
+def first_holding(paths: List[str], key: RepoKey) -> Optional[int]:
+    """The position of the first links file in ``paths`` that names ``key``, or None.  Runs in a thread."""
+    for n, path in enumerate(paths):
+        if key in read(path):
+            return n
+    return None
+
+
+def record(path: str, data_path: str, key: RepoKey, rewrite: Callable[[str, bytes], None]) -> None:
     """
-    Add one link to its file, if the content is still there: a link never
-    outlives its data.  One small O_APPEND write; runs in a thread.
+    Add one link to its file, if the content is still there (a link never
+    outlives its data) and the file does not name it yet: one small
+    O_APPEND write, or past CAP a ``rewrite`` of the file without its
+    oldest line.  Runs in a thread.
     """
     if not os.path.exists(data_path):
+        return
+    keys = read(path)
+    if key in keys:
+        return
+    if len(keys) >= CAP:
+        rewrite(path, b"".join(line(k) for k in keys[len(keys) - CAP + 1:] + [key]))
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -101,67 +120,39 @@ def append(path: str, data_path: str, key: RepoKey) -> None:
 
 class Links:
     """
-    The links of every digest the store holds, in memory, least recently
-    used first per digest.  Bookkeeping on the reactor; the store writes.
+    The links asked about or written lately, least recently used first:
+    at most ``size`` digests, each with the few repositories it was
+    known under (at most PER_DIGEST).  Bookkeeping on the reactor; what is
+    not here may still be in the files.
     """
 
-    def __init__(self, cap: int = CAP):
-        self.cap = cap
-        self._by_digest: Dict[Digest, "OrderedDict[RepoKey, None]"] = {}
+    #: Digests remembered.
+    SIZE = 16384
+    #: Repositories remembered per digest.
+    PER_DIGEST = 8
+
+    def __init__(self, size: int = SIZE):
+        self.size = size
+        self._known: "OrderedDict[Digest, Tuple[RepoKey, ...]]" = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._by_digest)
-
-    @staticmethod
-    def _intern(key: RepoKey) -> RepoKey:
-        return sys.intern(key[0]), sys.intern(key[1])
+        return len(self._known)
 
     def has(self, digest: Digest, key: RepoKey) -> bool:
-        """Whether ``key`` is linked to ``digest``; a use, for the LRU order."""
-        keys = self._by_digest.get(digest)
+        """Whether ``key`` is known to be linked to ``digest``; a use, for the LRU order."""
+        keys = self._known.get(digest)
         if keys is None or key not in keys:
             return False
-        keys.move_to_end(key)
+        self._known.move_to_end(digest)
         return True
 
-    def keys(self, digest: Digest) -> List[RepoKey]:
-        return list(self._by_digest.get(digest, ()))
-
-    def add(self, digest: Digest, key: RepoKey) -> Optional[bool]:
-        """
-        Link ``key`` to ``digest``.  None if it already was; else whether
-        the oldest link made way for it (the file must then be rewritten
-        rather than appended to).
-        """
-        keys = self._by_digest.setdefault(digest, OrderedDict())
-        if key in keys:
-            keys.move_to_end(key)
-            return None
-        keys[self._intern(key)] = None
-        dropped = False
-        while len(keys) > self.cap:
-            keys.popitem(last=False)
-            dropped = True
-        return dropped
+    def add(self, digest: Digest, key: RepoKey) -> None:
+        """Remember that ``key`` is linked to ``digest``."""
+        keys = tuple(k for k in self._known.pop(digest, ()) if k != key)
+        self._known[digest] = (keys + ((sys.intern(key[0]), sys.intern(key[1])),))[-self.PER_DIGEST:]
+        while len(self._known) > self.size:
+            self._known.popitem(last=False)
 
     def drop(self, digest: Digest) -> None:
         """The content is gone, and its links with it."""
-        self._by_digest.pop(digest, None)
-
-    def merge(self, digest: Digest, keys: Iterable[RepoKey]) -> None:
-        """Links found on disk, older than those in memory: added before them."""
-        live = self._by_digest.pop(digest, OrderedDict())
-        merged: "OrderedDict[RepoKey, None]" = OrderedDict()
-        for key in keys:
-            merged[self._intern(key)] = None
-        for key in live:
-            merged.pop(key, None)
-            merged[key] = None
-        while len(merged) > self.cap:
-            merged.popitem(last=False)
-        if merged:
-            self._by_digest[digest] = merged
-
-    def only(self, digests) -> None:
-        """Keep the links of ``digests`` alone: what a start-up scan found stored."""
-        self._by_digest = {d: keys for d, keys in self._by_digest.items() if d in digests}
+        self._known.pop(digest, None)

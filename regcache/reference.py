@@ -19,6 +19,7 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
+_HEX_RE = re.compile(r"[a-f0-9]+")
 
 MAX_NAME = 255
 
@@ -81,7 +82,7 @@ class Digest:
                 "algorithm",
                 f"digest algorithm {algorithm[:50]!r} is not supported (regcache verifies {', '.join(ALGORITHMS)})",
             )
-        if len(encoded) != ALGORITHMS[algorithm] or not re.fullmatch("[a-f0-9]+", encoded):
+        if len(encoded) != ALGORITHMS[algorithm] or not _HEX_RE.fullmatch(encoded):
             raise InvalidReference("digest", f"invalid {algorithm} digest: {text[:200]!r}")
         return cls(algorithm, encoded)
 

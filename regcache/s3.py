@@ -23,9 +23,6 @@ from typing import Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
-from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 from twisted.web.client import readBody
@@ -104,17 +101,6 @@ class Listed:
     size: int
     #: When it was last written, as the store says it (ISO 8601).
     modified: str
-
-
-class _Signer(S3SigV4Auth):
-    """SigV4 with the payload hash given, not computed: a streamed body's own sha256."""
-
-    def __init__(self, credentials, region: str, payload: str):
-        super().__init__(credentials, "s3", region)
-        self._payload = payload
-
-    def payload(self, request):
-        return self._payload
 
 
 _EMPTY = hashlib.sha256(b"").hexdigest()
@@ -206,7 +192,11 @@ class S3:
         self._reactor = reactor
         self._run = run
         self.timeout = timeout
-        self._credentials = Credentials(settings.access_key, settings.secret_key)
+        # Here, not at the top: only a process with a bucket pays for botocore.
+        from regcache import sigv4
+
+        self._sigv4 = sigv4
+        self._credentials = sigv4.credentials(settings.access_key, settings.secret_key)
         self._base = settings.endpoint.rstrip("/") + "/" + quote(settings.bucket, safe="")
 
     # Keys and URLs
@@ -219,16 +209,13 @@ class S3:
 
     def presign(self, name: str, expires: int = 900) -> str:
         """A GET URL for ``name`` that works without credentials for ``expires`` seconds."""
-        request = AWSRequest(method="GET", url=self.url(self.key(name)))
-        S3SigV4QueryAuth(self._credentials, "s3", self.settings.region, expires=expires).add_auth(request)
-        return request.url
+        return self._sigv4.presign(self._credentials, self.settings.region, self.url(self.key(name)), expires)
 
     # Exchanges
 
     def _signed(self, method: str, url: str, headers: Dict[str, str], payload: str) -> Dict[bytes, List[bytes]]:
-        request = AWSRequest(method=method, url=url, headers=dict(headers))
-        _Signer(self._credentials, self.settings.region, payload).add_auth(request)
-        return {k.encode("latin-1"): [v.encode("latin-1")] for k, v in request.headers.items()}
+        signed = self._sigv4.sign(self._credentials, self.settings.region, method, url, headers, payload)
+        return {k.encode("latin-1"): [v.encode("latin-1")] for k, v in signed.items()}
 
     async def _request(self, method: str, key: str, query: str = "", headers: Optional[Dict[str, str]] = None,
                        body=None, payload: str = _EMPTY):

@@ -37,11 +37,14 @@ asks for an eviction; a manifest that cannot be stored is still answered
 from memory.
 """
 
+import ctypes
 import errno
+import hashlib
 import os
 import re
 import stat
 import uuid
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -51,7 +54,7 @@ from twisted.logger import Logger
 
 from regcache import links
 from regcache.errors import BlobTooLarge
-from regcache.index import BLOB, MANIFEST, Entry, Index, Scan
+from regcache.index import BLOB, MANIFEST, Entry, Index, Scan, add_referrer
 from regcache.links import RepoKey
 from regcache.manifests import MAX_MANIFEST, Manifest, references
 from regcache.reference import ALGORITHMS, Digest
@@ -238,6 +241,8 @@ class Store:
         self._deleting: Dict[Digest, List[Deferred]] = {}
         #: The blob writer of each download under way.
         self._writers: Dict[Digest, BlobWriter] = {}
+        #: The end of the last deletion under way (Store.delete), if any.
+        self._deletion: Optional[Deferred] = None
         #: Digests with link writes under way -> the last one's end.
         self._link_writes: Dict[Digest, Deferred] = {}
         #: Told of each link recorded, to share it (regcache.sharedmeta's
@@ -362,31 +367,42 @@ class Store:
         """
         A Deferred of whether the repository ``key`` is known to hold
         ``digest``: linked to it, or named by a manifest linked to it (a
-        link from then on).  From memory once the start-up index is
-        loaded; until then a link only on disk is read in the runner.
+        link from then on).  From memory for the links used lately;
+        otherwise the links files of the digest and of the manifests that
+        name it (at most Index.MAX_NAMING of them: past that upstream is
+        asked) are read in the runner.
         """
-        if self.index.links.has(digest, key):
+        known = self.index.links
+        if known.has(digest, key):
             return succeed(True)
-        if self.index.named_by(digest, key):
-            self.link(digest, key)
-            return succeed(True)
-        if self.index.ready:
-            return succeed(False)
+        naming = self.index.naming(digest)
+        for manifest in naming:
+            if known.has(manifest, key):
+                self.link(digest, key)
+                return succeed(True)
 
-        def found(keys: List[RepoKey]) -> bool:
-            if key not in keys:
+        def found(holder: Optional[int]) -> bool:
+            if holder is None:
                 return False
-            self.index.links.add(digest, key)
+            if holder == 0:
+                if digest not in self._deleting:
+                    known.add(digest, key)
+                return True
+            if naming[holder - 1] not in self._deleting:
+                known.add(naming[holder - 1], key)
+            self.link(digest, key)
             return True
 
-        return self._run(links.read, self._path("links", digest)).addCallback(found)
+        paths = [self._path("links", d) for d in [digest] + naming]
+        return self._run(links.first_holding, paths, key).addCallback(found)
 
     def link(self, digest: Digest, key: RepoKey) -> None:
         """
         Record that the repository ``key`` holds ``digest``: in memory now,
-        in its links file in the runner.  Only stored content is linked (a
-        blob being downloaded is linked when it lands); a link already
-        known costs nothing.
+        in its links file in the runner (which reads the file first: a
+        link already there is not written twice).  Only stored content is
+        linked (a blob being downloaded is linked when it lands); a link
+        used lately costs nothing.
         """
         if digest in self._deleting:
             return
@@ -398,31 +414,13 @@ class Store:
                 return
             if self.index.ready:
                 return
-            # Perhaps on disk, not yet indexed: the scan's load keeps the
-            # link if it is, and the write below happens only if it is.
-        added = self.index.links.add(digest, key)
-        if added is None:
+            # Perhaps on disk, not yet indexed: the write below happens
+            # only if its data is there.
+        if self.index.links.has(digest, key):
             return
+        self.index.links.add(digest, key)
         if self.on_link is not None:
             self.on_link(digest, key)
-        data, path = self.blob_path(digest), self._path("links", digest)
-        if added:
-            # The oldest link made way: the file is rewritten without it.
-            body = b"".join(links.line(k) for k in self.index.links.keys(digest))
-            self._link_write(digest, self._rewrite_links, path, data, body)
-        else:
-            self._link_write(digest, links.append, path, data, key)
-
-    def _rewrite_links(self, path: str, data: str, body: bytes) -> None:
-        if os.path.exists(data):
-            self._write_atomic(path, body)
-
-    def _link_write(self, digest: Digest, f, *args) -> None:
-        """
-        Run one link write after the digest's earlier ones, so appends and
-        rewrites land in order and an eviction can wait for them all.  A
-        write that fails loses only a link, confirmed again when next used.
-        """
         before = self._link_writes.get(digest)
         done: Deferred = Deferred()
         self._link_writes[digest] = done
@@ -433,7 +431,11 @@ class Store:
             done.callback(None)
 
         def write(_) -> None:
-            d = self._run(f, *args)
+            # After the digest's earlier writes, so that they land in order
+            # and an eviction can wait for them all.  A write that fails
+            # loses only a link, confirmed again when next used.
+            d = self._run(links.record, self._path("links", digest), self.blob_path(digest), key,
+                          self._write_atomic)
             d.addErrback(self._write_failed)
             d.addErrback(lambda failure: self.log.warn("Could not record a link of {digest}: {error}",
                                                        digest=str(digest), error=failure.getErrorMessage()))
@@ -492,6 +494,7 @@ class Store:
         # What the index says now, to tell a stale read from a new copy
         # that landed while the runner read the old one.
         entry = self.index.get(digest)
+        landed = self.index.landed
         status, m, identity = await self._run(
             _read_manifest, self._path("manifests", digest), self.blob_path(digest), digest,
             held.identity if held is not None else None,
@@ -501,7 +504,7 @@ class Store:
         if status == _SAME:
             m = held.manifest
         elif status != _FOUND:
-            if self.index.get(digest) is entry:
+            if self.index.landed == landed:
                 if status == _GONE:
                     self.forget(digest)
                     self.index.remove(digest)
@@ -510,7 +513,7 @@ class Store:
                                   digest=str(digest))
                     # As a manifest, whatever the index knew it as: the
                     # type record goes too.
-                    self._discard(digest, Entry(entry.size if entry else 0, MANIFEST, 0.0, 0.0))
+                    self._discard(digest, Entry(entry.size if entry else 0, MANIFEST))
             return None
         self._remember(m, identity)
         self._used(digest)
@@ -628,10 +631,16 @@ class Store:
         each one's links first (once the link writes under way are done).
         Until that is done the digests read as missing, and a new copy of
         one waits to be committed, so the deletion cannot remove it.
+
+        Deletions run one after another, each after the one before: an
+        eviction pass goes in batches (regcache.expiry), and a layer in a
+        later batch than its manifest must not go first, or a crash in
+        between leaves a manifest naming a deleted blob.
         """
         digests = [d for d, _ in victims]
         for d in digests:
             self._deleting.setdefault(d, [])
+            self.index.links.drop(d)
         size = sum(entry.size for _, entry in victims)
         self.index.deleting += size
         paths = []
@@ -641,14 +650,25 @@ class Store:
                 paths.append(self._path("manifests", d))
             paths.append(self.blob_path(d))
 
+        previous, finished = self._deletion, Deferred()
+        self._deletion = finished
+
         def done(result):
             self.index.deleted(size)
             for d in digests:
                 for waiter in self._deleting.pop(d, []):
                     waiter.callback(None)
+            if self._deletion is finished:
+                self._deletion = None
+            finished.callback(None)
             return result
 
-        d = self._links_written(digests)
+        d: Deferred = Deferred()
+        if previous is None:
+            d.callback(None)
+        else:
+            previous.addCallback(d.callback)
+        d.addCallback(lambda _: self._links_written(digests))
         d.addCallback(lambda _: self._run(_unlink_all, paths))
         return d.addBoth(done)
 
@@ -680,9 +700,10 @@ class Store:
     def scan(self) -> Deferred:
         """
         A Deferred of the Scan of everything under ``blobs/``, made in a
-        thread from ``scandir`` and ``stat``, the manifests' own bytes and
-        the links files of what is there: no blob is hashed, and nothing is deleted (requests are being served
-        meanwhile; ``regcache verify`` removes what cannot be served).
+        thread from ``scandir`` and ``stat`` and the manifests' own bytes:
+        no blob is hashed, and nothing is deleted (requests are being
+        served meanwhile; ``regcache verify`` removes what cannot be
+        served).
         """
         return self._run(self._scan)
 
@@ -699,60 +720,98 @@ class Store:
                         yield _digest(alg.name, sub.name, entry.name), entry
 
     def _scan(self) -> Scan:
-        found: List[Tuple[float, Digest, int]] = []
+        """
+        Built for a store of a million entries, in the index's own form
+        (regcache.index): per entry one key and one int or tuple outlive the
+        scan, and what it needs meanwhile is in arrays, not objects, so that
+        the memory it gives back is whole arenas the process can return.
+        The links files are not read (regcache.links).
+        """
+        keys: List[int] = []
+        mtimes = array("q")
+        sizes = array("q")
         strays = 0
-        for digest, entry in self.walk("blobs"):
-            if digest is None:
-                strays += 1
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            found.append((st.st_mtime, digest, st.st_size))
-        sizes = {digest: size for _, digest, size in found}
-        refs: Dict = {}
+        base = os.path.join(self.root, "blobs")
+        for alg in _scandir(base):
+            for sub in _scandir(alg.path):
+                for entry in _scandir(sub.path):
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if not _is_digest(alg.name, sub.name, entry.name):
+                        strays += 1
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    keys.append(int(entry.name, 16))
+                    mtimes.append(int(st.st_mtime))
+                    sizes.append(st.st_size)
+        # Oldest use first, by one int an entry (its mtime, then its place)
+        # made before the entries' own: when they go, so do their arenas.
+        order = [mtime << 32 | n for n, mtime in enumerate(mtimes)]
+        del mtimes
+        order.sort()
+        entries: Dict[int, object] = {}
+        for o in order:
+            n = o & 0xFFFFFFFF
+            entries[keys[n]] = sizes[n]
+        del order, sizes
+        # Each digest's one int, for the manifests' references: an int made
+        # from a reference's text is another 64 bytes, kept as long as the
+        # entry that names it.  One large block, given back when done.
+        canon = dict(zip(keys, keys))
+        del keys
+        referrers: Dict = {}
         for digest, entry in self.walk("manifests"):
-            if digest is None or digest not in sizes:
+            k = canon.get(int(digest.hex, 16)) if digest is not None else None
+            if k not in entries:
                 # Its body landed after the walk of blobs/ (the live index
                 # has it), or it has none and reads as missing.  Deleting
                 # here, beside requests, could take a record just written.
                 continue
-            try:
-                with open(self.blob_path(digest), "rb") as f:
-                    body = f.read(MAX_MANIFEST + 1)
-            except FileNotFoundError:
+            value = entries[k]
+            body = _read_head(self.blob_path(digest), min(value if type(value) is int else value[0],
+                                                          MAX_MANIFEST) + 1)
+            if body is None:
                 continue
             # Bytes that do not match their digest name nothing: an edited
             # manifest must not make good layers look the wrong size.  It
             # is removed when it is first asked for.
-            refs[digest] = tuple(references(body)) if Digest.of(body, digest.algorithm) == digest else ()
-        linked: Dict = {}
-        for digest, entry in self.walk("links"):
-            # A links file without its data (removed by hand) is left for
-            # ``regcache verify``, as records without bodies are.
-            if digest in sizes:
-                keys = links.read(entry.path)
-                if keys:
-                    linked[digest] = keys
-        declared = {ref: size for rs in refs.values() for ref, size in rs if size is not None}
-        found.sort(key=lambda t: t[0])
-        entries: "OrderedDict[Digest, Entry]" = OrderedDict()
-        for mtime, digest, size in found:
-            kind = MANIFEST if digest in refs else BLOB
-            entries[digest] = Entry(declared.get(digest, size), kind, mtime, mtime)
-        return Scan(entries, refs, strays, linked)
+            named = []
+            if len(body) <= MAX_MANIFEST and hashlib.new(digest.algorithm, body).hexdigest() == digest.hex:
+                for ref, size in references(body):
+                    r = int(ref.hex, 16)
+                    r = canon.setdefault(r, r)
+                    named.append(r)
+                    # A file of another size than a manifest declares is
+                    # treated as missing when opened (Store.open_blob).
+                    held = entries.get(r) if size is not None else None
+                    if held is not None:
+                        entries[r] = size if type(held) is int else (size,) + held[1:]
+            named = tuple(dict.fromkeys(named))
+            for r in named:
+                add_referrer(referrers, r, k)
+            value = entries[k]
+            entries[k] = (value if type(value) is int else value[0],) + named
+        del canon
+        stored = sum(v if type(v) is int else v[0] for v in entries.values())
+        _give_back()
+        return Scan(entries, referrers, stored, strays)
 
 
 _HEX = {alg: re.compile(f"[0-9a-f]{{{n}}}") for alg, n in ALGORITHMS.items()}
 
 
-def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
-    """The digest a file name in the layout stands for (a hot path at start-up)."""
+def _is_digest(algorithm: str, prefix: str, name: str) -> bool:
+    """Whether a file name in the layout stands for a digest (the hottest path at start-up)."""
     pattern = _HEX.get(algorithm)
-    if pattern is None or len(prefix) != 2 or not name.startswith(prefix) or not pattern.fullmatch(name):
-        return None
-    return Digest(algorithm, name)
+    return pattern is not None and len(prefix) == 2 and name.startswith(prefix) and bool(pattern.fullmatch(name))
+
+
+def _digest(algorithm: str, prefix: str, name: str) -> Optional[Digest]:
+    """The digest a file name in the layout stands for."""
+    return Digest(algorithm, name) if _is_digest(algorithm, prefix, name) else None
 
 
 _FOUND, _SAME, _GONE, _CORRUPT, _MISSING = "found", "same", "gone", "corrupt", "missing"
@@ -785,6 +844,46 @@ def _read_manifest(record: str, body: str, digest: Digest, known: Optional[Ident
     if Digest.of(data, digest.algorithm) != digest:
         return _CORRUPT, None, identity
     return _FOUND, Manifest(data, media_type, digest), identity
+
+
+def _give_back() -> None:
+    """
+    Return the free memory of the C heap to the system (glibc's
+    ``malloc_trim``; elsewhere nothing): the scan's large temporaries
+    (the sort, the dicts outgrown as they filled) leave holes there that
+    would otherwise stay resident, 20 MiB at a million entries.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_head(path: str, most: int) -> Optional[bytes]:
+    """
+    At most ``most`` bytes of a file (None if it is missing or no file), read with
+    ``os.read`` into a buffer of what the file holds: a buffered read of
+    MAX_MANIFEST bytes maps and unmaps 4 MiB per file, which made reading
+    a third of a million small manifests at start-up take minutes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        parts = []
+        while most > 0:
+            part = os.read(fd, most)
+            if not part:
+                break
+            parts.append(part)
+            most -= len(part)
+        return b"".join(parts)
+    except IsADirectoryError:
+        # Put there by hand since the walk: no manifest to read.
+        return None
+    finally:
+        os.close(fd)
 
 
 def _scandir(path: str) -> List[os.DirEntry]:

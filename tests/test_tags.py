@@ -173,7 +173,7 @@ class TagBytesTests(TempDirs, SynchronousTestCase):
         self.assertEqual(rig.get("/v2/library/small/manifests/1", headers={"Accept": ALL}).status(), 200)
         layer = image.layers[0].digest
         self.assertEqual(rig.get(f"/v2/library/small/blobs/{layer}").status(), 200)
-        held = set(rig.store.index.entries)
+        held = set(rig.store.index.digests())
         subsets = [c for n in range(1, 7) for c in combinations(MANIFEST_MEDIA_TYPES, n)]
         self.assertEqual(len(subsets), 63)
         for name in ("small", "multi", "large"):
@@ -181,7 +181,7 @@ class TagBytesTests(TempDirs, SynchronousTestCase):
                 rig.get(f"/v2/library/{name}/manifests/1", "HEAD", headers={"Accept": ", ".join(types)})
         rig.reactor.advance(60)
         self.assertGreater(disk_bytes(rig.root), 400 * 1024)
-        self.assertEqual(set(rig.store.index.entries), held)
+        self.assertEqual(set(rig.store.index.digests()), held)
         self.assertEqual(rig.get(f"/v2/library/small/blobs/{layer}").status(), 200)
 
     def test_tag_files_are_bounded_least_recently_used_out(self):
