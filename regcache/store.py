@@ -835,8 +835,11 @@ def _read_manifest(record: str, body: str, digest: Digest, known: Optional[Ident
         with open(record, "r", encoding="utf-8") as f:
             media_type = f.read().strip()
         with open(body, "rb") as f:
-            identity = _identity(os.fstat(f.fileno()))
-            data = f.read(MAX_MANIFEST + 1)
+            st = os.fstat(f.fileno())
+            identity = _identity(st)
+            # At the file's size, not MAX_MANIFEST: a read of 4 MiB maps
+            # and unmaps that much for every manifest (see _read_head).
+            data = f.read(min(st.st_size, MAX_MANIFEST) + 1)
     except FileNotFoundError:
         return _MISSING, None, None
     if len(data) > MAX_MANIFEST:
