@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
-import jsonschema
-import yaml
 from urllib.parse import urlsplit
 
 from regcache.rules import ANONYMOUS, TRUSTED, PatternError, Rule, RuleSet, name_regex, tag_regex
@@ -764,6 +762,8 @@ class _Located:
 
     def key_line(self, path, key: str) -> Optional[int]:
         """The line of ``key`` itself within the mapping at ``path``."""
+        import yaml
+
         parent = self._node(path)
         if isinstance(parent, yaml.MappingNode):
             for k, _ in parent.value:
@@ -777,6 +777,8 @@ class _Located:
 
 
 def _child(node, part):
+    import yaml
+
     if isinstance(node, yaml.MappingNode):
         return next((v for k, v in node.value if k.value == part), None)
     if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
@@ -784,7 +786,7 @@ def _child(node, part):
     return None
 
 
-def _schema_error(where: _Located, error: jsonschema.ValidationError) -> ConfigError:
+def _schema_error(where: _Located, error: "jsonschema.ValidationError") -> ConfigError:
     path = list(error.absolute_path)
     if error.validator == "additionalProperties":
         allowed = error.schema.get("properties", {})
@@ -803,6 +805,12 @@ def read(file: str, environ: Mapping[str, str]) -> Document:
     Parse, validate and type the config file ``file``, or raise a
     ConfigError naming the file, the line and the key at fault.
     """
+    # Imported here, not at the top: a mirror run without a config file
+    # (the embedded defaults) starts a tenth of a second sooner, which is
+    # what a pod waits before /readyz.
+    import jsonschema
+    import yaml
+
     try:
         with open(file, encoding="utf-8") as f:
             text = f.read()
